@@ -1,0 +1,150 @@
+//! What the planner is asked to do: commands, and the executor reports they carry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::PlanSpec;
+use crate::types::{Attachment, TaskId, Timestamp};
+
+/// An input to [`Planner::process`](crate::Planner::process).
+///
+/// Time enters through the `now` fields: the planner never reads a clock. A `now` earlier than
+/// the latest time the planner has seen is treated as that latest time (time never runs back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// A request from the user. The first one starts the session; later ones are follow-ups
+    /// whose tasks run after the current ones, with the conversation so far as context.
+    Initialize {
+        /// The request in plain text; with no `plan`, the rule parser turns it into tasks.
+        input: String,
+        /// Files or URLs that come with the request; every task of the request gets them.
+        #[serde(default)]
+        attachments: Vec<Attachment>,
+        /// A ready-made plan (from an LLM or a caller), used instead of the rule parser.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plan: Option<PlanSpec>,
+        /// When the request arrived.
+        now: Timestamp,
+    },
+    /// A report from an executor about one attempt of one task.
+    HandleExecutorEvent {
+        /// The report.
+        event: ExecutorEvent,
+        /// When it arrived.
+        now: Timestamp,
+    },
+    /// A human's answer to a question the planner asked.
+    AnswerClarification {
+        /// The task that asked.
+        task_id: TaskId,
+        /// The answer.
+        answer: String,
+        /// When it arrived.
+        now: Timestamp,
+    },
+    /// Dispatch whatever is ready, at the latest time seen. A no-op when nothing is.
+    Continue,
+    /// Time has passed: retries whose backoff ended are dispatched, clarification deadlines and
+    /// the wall-time budget are checked. A tick with nothing due is a no-op.
+    Tick {
+        /// The current time.
+        now: Timestamp,
+    },
+    /// Fold older messages of the context into a summary now, whatever its size.
+    CompactContext {
+        /// A summary written outside the core (e.g. by an LLM); the deterministic summary of
+        /// [`compact_thread`](crate::compact_thread) when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        summary: Option<String>,
+        /// When.
+        now: Timestamp,
+    },
+    /// Cancel one task (with everything that depends on it) or the whole plan.
+    Cancel {
+        /// What to cancel.
+        target: CancelTarget,
+        /// Why, for the record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// When.
+        now: Timestamp,
+    },
+}
+
+impl Command {
+    /// The stable snake_case name of the command, as on the wire.
+    pub fn command_type(&self) -> &'static str {
+        match self {
+            Command::Initialize { .. } => "initialize",
+            Command::HandleExecutorEvent { .. } => "handle_executor_event",
+            Command::AnswerClarification { .. } => "answer_clarification",
+            Command::Continue => "continue",
+            Command::Tick { .. } => "tick",
+            Command::CompactContext { .. } => "compact_context",
+            Command::Cancel { .. } => "cancel",
+        }
+    }
+}
+
+/// What a [`Command::Cancel`] cancels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "scope", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CancelTarget {
+    /// Every unfinished task; the plan ends cancelled.
+    Plan,
+    /// One task and every unfinished task that depends on it, directly or not.
+    Task {
+        /// The task.
+        task_id: TaskId,
+    },
+}
+
+/// An executor's report about one attempt of one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorEvent {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt, as dispatched (1 for the first).
+    pub attempt: u32,
+    /// What happened.
+    #[serde(flatten)]
+    pub outcome: ExecutorOutcome,
+}
+
+/// What happened to an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ExecutorOutcome {
+    /// The executor took the task.
+    Started,
+    /// The task finished.
+    Completed {
+        /// What it produced, handed to dependent tasks.
+        output: String,
+        /// Tokens it used, counted against the token budget.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens_used: Option<u64>,
+    },
+    /// The attempt failed.
+    Failed {
+        /// What went wrong; compacted to `error_char_limit`.
+        error: String,
+        /// Whether another attempt may succeed (the retry policy decides if there is one).
+        #[serde(default = "retryable_by_default")]
+        retryable: bool,
+        /// Tokens it used, counted against the token budget.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens_used: Option<u64>,
+    },
+    /// The executor needs a human's answer to go on. The attempt ends; the task is dispatched
+    /// again, as a new attempt, with the answer attached.
+    NeedsClarification {
+        /// The question for the human.
+        question: String,
+    },
+}
+
+fn retryable_by_default() -> bool {
+    true
+}

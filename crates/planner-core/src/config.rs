@@ -1,0 +1,215 @@
+//! How a planner behaves: prompt, profile, limits, retry, failure and clarification policies.
+//!
+//! The config a session started with is recorded in its first event, so a replay decides with the
+//! same limits even if the defaults changed since.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compact::Profile;
+use crate::error::ConfigError;
+
+/// Default token budget for the context handed to executors.
+pub const DEFAULT_TOKEN_BUDGET: u64 = 4_000;
+/// Default longest error message kept, in characters.
+pub const DEFAULT_ERROR_CHAR_LIMIT: usize = 2_000;
+/// Default number of tasks running at once.
+pub const DEFAULT_MAX_PARALLEL: usize = 4;
+/// Default largest plan, in tasks.
+pub const DEFAULT_MAX_PLAN_TASKS: usize = 10_000;
+/// Default longest request, in characters.
+pub const DEFAULT_MAX_INPUT_CHARS: usize = 100_000;
+
+/// The planner's settings. Every field has a default; see [`PlannerConfig::default`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlannerConfig {
+    /// Prepended to the context of processing steps.
+    pub system_prompt: String,
+    /// What compaction keeps of older messages.
+    pub profile: Profile,
+    /// The context (summary + recent messages) is compacted when its estimated tokens pass this.
+    pub token_budget: u64,
+    /// Errors longer than this many characters keep their head and tail only.
+    pub error_char_limit: usize,
+    /// How many tool or processing tasks run at once. 1 reproduces a sequential cursor.
+    pub max_parallel: usize,
+    /// The largest plan accepted, in tasks, per request.
+    pub max_plan_tasks: usize,
+    /// The longest request accepted, in characters.
+    pub max_input_chars: usize,
+    /// When and how failed attempts are retried.
+    pub retry: RetryPolicy,
+    /// What a task that fails for good does to the rest of the plan.
+    pub failure: FailurePolicy,
+    /// How long a human has to answer, and what happens after.
+    pub clarification: ClarificationPolicy,
+    /// Limits that stop the plan when passed.
+    pub budgets: Budgets,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            system_prompt: String::new(),
+            profile: Profile::General,
+            token_budget: DEFAULT_TOKEN_BUDGET,
+            error_char_limit: DEFAULT_ERROR_CHAR_LIMIT,
+            max_parallel: DEFAULT_MAX_PARALLEL,
+            max_plan_tasks: DEFAULT_MAX_PLAN_TASKS,
+            max_input_chars: DEFAULT_MAX_INPUT_CHARS,
+            retry: RetryPolicy::default(),
+            failure: FailurePolicy::FailFast,
+            clarification: ClarificationPolicy::default(),
+            budgets: Budgets::default(),
+        }
+    }
+}
+
+impl PlannerConfig {
+    /// Checks every field and reports all problems together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.max_parallel == 0 {
+            problems.push("max_parallel must be at least 1".to_owned());
+        }
+        if self.max_plan_tasks == 0 {
+            problems.push("max_plan_tasks must be at least 1".to_owned());
+        }
+        if self.max_input_chars == 0 {
+            problems.push("max_input_chars must be at least 1".to_owned());
+        }
+        if self.token_budget < 16 {
+            problems.push("token_budget must be at least 16".to_owned());
+        }
+        if self.error_char_limit < 32 {
+            problems.push("error_char_limit must be at least 32".to_owned());
+        }
+        if self.retry.max_attempts == 0 {
+            problems.push("retry.max_attempts must be at least 1".to_owned());
+        }
+        if self.retry.multiplier_percent < 100 {
+            problems.push("retry.multiplier_percent must be at least 100".to_owned());
+        }
+        if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+            problems
+                .push("retry.max_backoff_ms must be at least retry.initial_backoff_ms".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+/// Exponential backoff between attempts of a task: the n-th retry waits
+/// `min(initial_backoff_ms * (multiplier_percent/100)^(n-1), max_backoff_ms)`.
+///
+/// There is no jitter: the core has no randomness. Executors pools spread load by themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts per task, the first included. 1 means no retry.
+    pub max_attempts: u32,
+    /// Wait before the first retry.
+    pub initial_backoff_ms: u64,
+    /// Growth per retry, in percent (200 doubles).
+    pub multiplier_percent: u32,
+    /// The longest wait.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff_ms: 1_000,
+            multiplier_percent: 200,
+            max_backoff_ms: 60_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry).
+    pub fn backoff_ms(&self, retry: u32) -> u64 {
+        let mut delay = self.initial_backoff_ms as u128;
+        for _ in 1..retry {
+            delay = delay * self.multiplier_percent as u128 / 100;
+            if delay >= self.max_backoff_ms as u128 {
+                return self.max_backoff_ms;
+            }
+        }
+        (delay as u64).min(self.max_backoff_ms)
+    }
+}
+
+/// What a task that fails for good does to the rest of the plan. Its dependents fail either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Stop at once: cancel what runs, fail the plan.
+    FailFast,
+    /// Let independent branches finish, then fail the plan.
+    ContinueOnFailure,
+}
+
+/// How long a human has to answer a question, and what happens when the time passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClarificationPolicy {
+    /// Time to answer; `None` waits for ever.
+    pub timeout_ms: Option<u64>,
+    /// What happens when the time passes.
+    pub on_timeout: OnClarificationTimeout,
+}
+
+impl Default for ClarificationPolicy {
+    fn default() -> Self {
+        ClarificationPolicy {
+            timeout_ms: None,
+            on_timeout: OnClarificationTimeout::Fail,
+        }
+    }
+}
+
+/// What a clarification whose deadline passed turns into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum OnClarificationTimeout {
+    /// The task fails (and the failure policy applies).
+    Fail,
+    /// The task goes on with this answer.
+    UseDefault {
+        /// The answer used.
+        answer: String,
+    },
+}
+
+/// Optional limits; passing one stops the plan in a failed state that names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Budgets {
+    /// Most dispatches (questions included) for the session.
+    pub max_dispatches: Option<u64>,
+    /// Most tool and processing attempts (retries included) for the session.
+    pub max_attempts: Option<u64>,
+    /// Most tokens reported used by executors.
+    pub max_tokens: Option<u64>,
+    /// Longest time from the first request to the plan's end.
+    pub max_wall_time_ms: Option<u64>,
+}
+
+/// Which budget was passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetKind {
+    /// [`Budgets::max_dispatches`].
+    Dispatches,
+    /// [`Budgets::max_attempts`].
+    Attempts,
+    /// [`Budgets::max_tokens`].
+    Tokens,
+    /// [`Budgets::max_wall_time_ms`].
+    WallTime,
+}

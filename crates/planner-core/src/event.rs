@@ -1,0 +1,338 @@
+//! What happened: the events a planner emits and folds, and the commands for executors and UIs
+//! that they carry.
+//!
+//! Events are facts. Each carries everything [`apply`](crate::Planner::apply) needs, so folding
+//! them never recomputes a plan, a backoff, a summary or a deadline.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BudgetKind, PlannerConfig};
+use crate::plan::TaskSpec;
+use crate::types::{Attachment, TaskId, TaskStatus, Timestamp};
+
+/// Something that happened in a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The session started with this config.
+    SessionStarted {
+        /// The config every later decision uses.
+        config: PlannerConfig,
+        /// When.
+        at: Timestamp,
+    },
+    /// A request (the first or a follow-up) arrived.
+    RequestReceived {
+        /// Which request of the session, from 0.
+        turn: u32,
+        /// Its text.
+        input: String,
+        /// Its attachments.
+        attachments: Vec<Attachment>,
+        /// When.
+        at: Timestamp,
+    },
+    /// Tasks were added to the plan.
+    TasksPlanned {
+        /// The request they serve.
+        turn: u32,
+        /// Who made the plan.
+        source: PlanSource,
+        /// The tasks as accepted: ids, dependencies (follow-up ordering included) and attachments
+        /// final.
+        tasks: Vec<TaskSpec>,
+    },
+    /// A task was sent to an executor.
+    TaskDispatched {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt, from 1.
+        attempt: u32,
+        /// What to send, exactly as it will be published (and re-published on recovery).
+        cmd: PlannerCmd,
+        /// When.
+        at: Timestamp,
+    },
+    /// An executor reported on an attempt: started, completed or failed for good.
+    TaskStatusUpdated {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// The new status: `running`, `completed` or `failed`.
+        status: TaskStatus,
+        /// The output, when completed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        /// The error, compacted, when failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// Tokens the attempt used, as reported.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens_used: Option<u64>,
+        /// When.
+        at: Timestamp,
+    },
+    /// A question was put to a human: a clarification task, or an executor asking mid-task.
+    ClarificationRequested {
+        /// The task waiting for the answer.
+        task_id: TaskId,
+        /// The attempt that asked (for a clarification task, its dispatch).
+        attempt: u32,
+        /// What to send to the UI.
+        cmd: PlannerCmd,
+        /// When.
+        at: Timestamp,
+    },
+    /// A question got its answer, from a human or from the timeout default.
+    ClarificationAnswered {
+        /// The task.
+        task_id: TaskId,
+        /// The answer.
+        answer: String,
+        /// Whether the answer is the configured default after the deadline passed.
+        defaulted: bool,
+        /// When.
+        at: Timestamp,
+    },
+    /// An attempt failed and another is scheduled.
+    RetryScheduled {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Its error, compacted.
+        error: String,
+        /// Tokens the attempt used, as reported.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokens_used: Option<u64>,
+        /// The next attempt is not dispatched before this.
+        not_before: Timestamp,
+        /// When.
+        at: Timestamp,
+    },
+    /// A task was cancelled.
+    TaskCancelled {
+        /// The task.
+        task_id: TaskId,
+        /// Why.
+        reason: String,
+        /// For a task in flight, the cancellation to send to its executor or UI.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cmd: Option<PlannerCmd>,
+        /// When.
+        at: Timestamp,
+    },
+    /// Older messages of the context were folded into a summary.
+    ContextCompacted {
+        /// The new summary, replacing the old one and the folded messages.
+        summary: String,
+        /// How many of the oldest messages it replaces.
+        folded_messages: usize,
+        /// Estimated tokens before.
+        tokens_before: u64,
+        /// Estimated tokens after.
+        tokens_after: u64,
+        /// When.
+        at: Timestamp,
+    },
+    /// Every task finished, none failed.
+    PlanCompleted {
+        /// When.
+        at: Timestamp,
+    },
+    /// The plan stopped in failure.
+    PlanFailed {
+        /// Why.
+        reason: FailureReason,
+        /// When.
+        at: Timestamp,
+    },
+    /// The plan was cancelled.
+    PlanCancelled {
+        /// Why, for the record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// The current version of the persisted event schema. See [`crate::codec`].
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+impl Event {
+    /// The stable snake_case name of the event, as in its `type` field.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::SessionStarted { .. } => "session_started",
+            Event::RequestReceived { .. } => "request_received",
+            Event::TasksPlanned { .. } => "tasks_planned",
+            Event::TaskDispatched { .. } => "task_dispatched",
+            Event::TaskStatusUpdated { .. } => "task_status_updated",
+            Event::ClarificationRequested { .. } => "clarification_requested",
+            Event::ClarificationAnswered { .. } => "clarification_answered",
+            Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::TaskCancelled { .. } => "task_cancelled",
+            Event::ContextCompacted { .. } => "context_compacted",
+            Event::PlanCompleted { .. } => "plan_completed",
+            Event::PlanFailed { .. } => "plan_failed",
+            Event::PlanCancelled { .. } => "plan_cancelled",
+        }
+    }
+
+    /// The schema version this event is written in.
+    pub fn event_version(&self) -> u32 {
+        EVENT_SCHEMA_VERSION
+    }
+
+    /// The command for an executor or a UI this event carries, if any: what a shell publishes
+    /// after persisting the event.
+    pub fn planner_cmd(&self) -> Option<&PlannerCmd> {
+        match self {
+            Event::TaskDispatched { cmd, .. } | Event::ClarificationRequested { cmd, .. } => {
+                Some(cmd)
+            }
+            Event::TaskCancelled { cmd, .. } => cmd.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the event ends the plan.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::PlanCompleted { .. } | Event::PlanFailed { .. } | Event::PlanCancelled { .. }
+        )
+    }
+}
+
+/// Who made a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanSource {
+    /// The deterministic rule parser ([`parse_input`](crate::parse_input)).
+    Rules,
+    /// A plan supplied as data with the request (an LLM's or a caller's).
+    Supplied,
+}
+
+/// Why a plan failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FailureReason {
+    /// A task failed for good under the fail-fast policy.
+    TaskFailed {
+        /// The task.
+        task_id: TaskId,
+    },
+    /// Under continue-on-failure, everything that could finish did; these tasks failed.
+    TasksFailed {
+        /// The tasks that failed, in plan order.
+        task_ids: Vec<TaskId>,
+    },
+    /// A budget was passed.
+    BudgetExceeded {
+        /// Which.
+        budget: BudgetKind,
+        /// Its limit.
+        limit: u64,
+        /// What was used (or would have been, had the step gone ahead).
+        used: u64,
+    },
+}
+
+/// A command for an executor or a UI, carried by an event and published by the shell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PlannerCmd {
+    /// Run a tool. Routed to the executors of `dispatch.target`.
+    ExecuteTool(Dispatch),
+    /// Run an LLM or compute step. Routed to the executors of `dispatch.target`.
+    RunProcessing(Dispatch),
+    /// Ask a human. Routed to the session's UI.
+    AskUser {
+        /// The task waiting for the answer.
+        task_id: TaskId,
+        /// The attempt that asked.
+        attempt: u32,
+        /// The question.
+        question: String,
+        /// After this the configured timeout action happens; none when it waits for ever.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<Timestamp>,
+    },
+    /// Stop a running attempt, or withdraw a question.
+    CancelTask {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt to stop.
+        attempt: u32,
+    },
+}
+
+impl PlannerCmd {
+    /// The task the command is about.
+    pub fn task_id(&self) -> &TaskId {
+        match self {
+            PlannerCmd::ExecuteTool(d) | PlannerCmd::RunProcessing(d) => &d.task_id,
+            PlannerCmd::AskUser { task_id, .. } | PlannerCmd::CancelTask { task_id, .. } => task_id,
+        }
+    }
+
+    /// The attempt the command is about.
+    pub fn attempt(&self) -> u32 {
+        match self {
+            PlannerCmd::ExecuteTool(d) | PlannerCmd::RunProcessing(d) => d.attempt,
+            PlannerCmd::AskUser { attempt, .. } | PlannerCmd::CancelTask { attempt, .. } => {
+                *attempt
+            }
+        }
+    }
+}
+
+/// Everything an executor needs to run one attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt, from 1. An executor that sees a (task, attempt) twice ran it already.
+    pub attempt: u32,
+    /// The tool or step to use.
+    pub target: String,
+    /// What to do.
+    pub description: String,
+    /// Files or URLs it needs.
+    pub attachments: Vec<Attachment>,
+    /// Outputs of the tasks it depends on, in dependency order.
+    pub inputs: Vec<TaskOutput>,
+    /// A human's answer to the question this task (or one of its attempts) asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// The conversation so far, compacted.
+    pub context: DispatchContext,
+}
+
+/// The output of a completed dependency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// The dependency.
+    pub task_id: TaskId,
+    /// Its output.
+    pub output: String,
+}
+
+/// The context handed to an executor with a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchContext {
+    /// The request the task serves.
+    pub request: String,
+    /// The summary of older conversation, after compaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// The system prompt (processing steps only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// The compaction profile, a hint for LLM steps.
+    pub profile: crate::compact::Profile,
+}

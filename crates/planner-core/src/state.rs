@@ -1,0 +1,522 @@
+//! The planner's state and `apply`: how each event changes it.
+//!
+//! `apply` holds no business logic and cannot fail: an event is a fact that already happened.
+//! Every decision (what to dispatch, when to retry, what a summary says) was taken by `process`
+//! and written into the event. Besides the public data, the state keeps indexes (ready sets,
+//! dependency counts) that make scheduling O(log n) per step; they are derived by `apply` too, so
+//! a folded state equals the live one field for field.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::compact::{estimate_tokens, message_tokens, MESSAGE_OVERHEAD_TOKENS};
+use crate::config::PlannerConfig;
+use crate::event::{Event, FailureReason, PlannerCmd};
+use crate::plan::TaskSpec;
+use crate::types::{Message, NodeKind, Role, Task, TaskId, TaskStatus, Timestamp};
+
+/// Where the plan as a whole is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum PlanPhase {
+    /// No request yet.
+    #[default]
+    NotStarted,
+    /// Tasks are planned, running or waiting.
+    Running,
+    /// Every task finished and none failed. A follow-up request reopens the plan.
+    Completed,
+    /// The plan failed. A follow-up request reopens it.
+    Failed {
+        /// Why.
+        reason: FailureReason,
+    },
+    /// The plan was cancelled. A follow-up request reopens it.
+    Cancelled,
+}
+
+impl PlanPhase {
+    /// Whether the plan has ended (until a follow-up reopens it).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            PlanPhase::Completed | PlanPhase::Failed { .. } | PlanPhase::Cancelled
+        )
+    }
+}
+
+/// What the session has used, counted against [`Budgets`](crate::Budgets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Dispatches, questions included.
+    pub dispatches: u64,
+    /// Tool and processing attempts.
+    pub attempts: u64,
+    /// Tokens reported by executors.
+    pub tokens: u64,
+}
+
+/// The conversation handed to executors: a summary of older messages and the recent ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    /// The summary of everything compacted so far.
+    pub summary: Option<String>,
+    /// Messages since the last compaction, oldest first.
+    pub messages: Vec<Message>,
+    /// Estimated tokens of the summary and the messages.
+    pub tokens: u64,
+}
+
+impl Context {
+    fn push(&mut self, message: Message) {
+        self.tokens += message_tokens(&message);
+        self.messages.push(message);
+    }
+
+    /// The summary (as a [`Role::Summary`] message, when there is one) followed by the messages:
+    /// the thread compaction works on.
+    pub fn thread(&self) -> Vec<Message> {
+        let mut thread = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(summary) = &self.summary {
+            thread.push(Message::new(Role::Summary, summary.clone()));
+        }
+        thread.extend(self.messages.iter().cloned());
+        thread
+    }
+}
+
+/// A question waiting for a human.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingQuestion {
+    /// The attempt that asked.
+    pub attempt: u32,
+    /// When the timeout action happens; none when it waits for ever.
+    pub deadline: Option<Timestamp>,
+}
+
+/// Everything a planner knows. Rebuilt exactly by folding the session's events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannerState {
+    /// The config the session runs with (recorded by its first event).
+    pub config: PlannerConfig,
+    /// Where the plan is.
+    pub phase: PlanPhase,
+    /// Every task of the session, in plan order.
+    pub tasks: Vec<Task>,
+    /// The first task (in plan order) that has not finished: with `max_parallel = 1` and a
+    /// sequential plan, the task being worked on.
+    pub cursor: usize,
+    /// The text of every request, by turn.
+    pub requests: Vec<String>,
+    /// The context handed to executors.
+    pub context: Context,
+    /// Questions waiting for a human, by task.
+    pub awaiting_answer: BTreeMap<TaskId, PendingQuestion>,
+    /// What the session has used.
+    pub usage: Usage,
+    /// When the first request arrived.
+    pub started_at: Option<Timestamp>,
+    /// The latest time recorded by an event.
+    pub clock: Timestamp,
+    /// How many events have been applied.
+    pub version: u64,
+    /// The number the rule parser gives its next task (`t{n}`).
+    pub next_task_number: u64,
+    /// Index of the first task of the current run (since the plan last (re)opened).
+    pub run_start: usize,
+
+    index: HashMap<TaskId, usize>,
+    dependents: Vec<Vec<usize>>,
+    unmet_dependencies: Vec<u32>,
+    ready_work: BTreeSet<usize>,
+    ready_questions: BTreeSet<usize>,
+    delayed: BTreeSet<(Timestamp, usize)>,
+    running: usize,
+    open: usize,
+}
+
+impl PlannerState {
+    /// An empty state that will run with `config`.
+    pub fn with_config(config: PlannerConfig) -> Self {
+        PlannerState {
+            config,
+            ..PlannerState::default()
+        }
+    }
+
+    /// The task with this id.
+    pub fn task(&self, id: &TaskId) -> Option<&Task> {
+        self.index.get(id).map(|&i| &self.tasks[i])
+    }
+
+    /// Whether some question waits for a human.
+    pub fn is_waiting_for_user(&self) -> bool {
+        !self.awaiting_answer.is_empty()
+    }
+
+    /// Tool and processing tasks dispatched and not finished.
+    pub fn running_count(&self) -> usize {
+        self.running
+    }
+
+    /// Tasks not finished.
+    pub fn open_count(&self) -> usize {
+        self.open
+    }
+
+    pub(crate) fn index_of(&self, id: &TaskId) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    pub(crate) fn dependents_of(&self, i: usize) -> &[usize] {
+        &self.dependents[i]
+    }
+
+    pub(crate) fn ready_work(&self) -> &BTreeSet<usize> {
+        &self.ready_work
+    }
+
+    pub(crate) fn ready_questions(&self) -> &BTreeSet<usize> {
+        &self.ready_questions
+    }
+
+    pub(crate) fn delayed(&self) -> &BTreeSet<(Timestamp, usize)> {
+        &self.delayed
+    }
+
+    /// Changes the state by one event. Never fails: an event that names an unknown task (which
+    /// `process` never emits) is ignored rather than trusted.
+    pub(crate) fn apply(&mut self, event: &Event) {
+        self.version += 1;
+        match event {
+            Event::SessionStarted { config, at } => {
+                self.config = config.clone();
+                self.phase = PlanPhase::Running;
+                self.started_at = Some(*at);
+                self.tick(*at);
+            }
+            Event::RequestReceived {
+                turn: _,
+                input,
+                attachments: _,
+                at,
+            } => {
+                self.requests.push(input.clone());
+                if !input.is_empty() {
+                    self.context.push(Message::new(Role::User, input.clone()));
+                }
+                self.tick(*at);
+            }
+            Event::TasksPlanned { turn, tasks, .. } => self.add_tasks(*turn, tasks),
+            Event::TaskDispatched {
+                task_id,
+                attempt,
+                at,
+                ..
+            } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                self.unschedule(i);
+                let task = &mut self.tasks[i];
+                task.attempts = *attempt;
+                task.status = TaskStatus::Running;
+                task.started = false;
+                self.running += 1;
+                self.usage.dispatches += 1;
+                self.usage.attempts += 1;
+            }
+            Event::ClarificationRequested {
+                task_id,
+                attempt,
+                cmd,
+                at,
+            } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                let (question, deadline) = match cmd {
+                    PlannerCmd::AskUser {
+                        question, deadline, ..
+                    } => (question.clone(), *deadline),
+                    _ => (String::new(), None),
+                };
+                if self.tasks[i].status == TaskStatus::Running {
+                    self.running -= 1;
+                } else {
+                    // A clarification task being asked: that is its dispatch.
+                    self.unschedule(i);
+                    self.usage.dispatches += 1;
+                }
+                let task = &mut self.tasks[i];
+                task.attempts = *attempt;
+                task.status = TaskStatus::NeedsClarification;
+                task.question = Some(question.clone());
+                self.awaiting_answer.insert(
+                    task_id.clone(),
+                    PendingQuestion {
+                        attempt: *attempt,
+                        deadline,
+                    },
+                );
+                self.context.push(Message::new(
+                    Role::Planner,
+                    format!("question ({task_id}): {question}"),
+                ));
+            }
+            Event::ClarificationAnswered {
+                task_id,
+                answer,
+                at,
+                ..
+            } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                self.awaiting_answer.remove(task_id);
+                self.context.push(Message::new(
+                    Role::User,
+                    format!("answer ({task_id}): {answer}"),
+                ));
+                let task = &mut self.tasks[i];
+                task.answer = Some(answer.clone());
+                if task.kind == NodeKind::Clarification {
+                    task.output = Some(answer.clone());
+                    self.complete(i);
+                } else {
+                    task.status = TaskStatus::Planned;
+                    self.ready_work.insert(i);
+                }
+            }
+            Event::TaskStatusUpdated {
+                task_id,
+                attempt,
+                status,
+                output,
+                error,
+                tokens_used,
+                at,
+            } => {
+                self.tick(*at);
+                self.usage.tokens = self.usage.tokens.saturating_add(tokens_used.unwrap_or(0));
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                match status {
+                    TaskStatus::Running => self.tasks[i].started = true,
+                    TaskStatus::Completed => {
+                        self.end_attempt(i);
+                        let task = &mut self.tasks[i];
+                        task.output = output.clone();
+                        let content = format!(
+                            "{task_id} ({}): {}",
+                            task.target,
+                            output.as_deref().unwrap_or("")
+                        );
+                        self.context.push(Message::new(Role::Task, content));
+                        self.complete(i);
+                    }
+                    TaskStatus::Failed => {
+                        if self.tasks[i].attempts == *attempt && *attempt > 0 {
+                            self.tasks[i].failures += 1;
+                        }
+                        self.end_attempt(i);
+                        let task = &mut self.tasks[i];
+                        task.error = error.clone();
+                        let content =
+                            format!("{task_id} failed: {}", error.as_deref().unwrap_or(""));
+                        self.context.push(Message::new(Role::Task, content));
+                        self.finish(i, TaskStatus::Failed);
+                    }
+                    // `process` emits no other status here; ignore rather than trust.
+                    _ => {}
+                }
+            }
+            Event::RetryScheduled {
+                task_id,
+                error,
+                tokens_used,
+                not_before,
+                at,
+                ..
+            } => {
+                self.tick(*at);
+                self.usage.tokens = self.usage.tokens.saturating_add(tokens_used.unwrap_or(0));
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                self.end_attempt(i);
+                let task = &mut self.tasks[i];
+                task.failures += 1;
+                task.status = TaskStatus::Planned;
+                task.error = Some(error.clone());
+                task.not_before = Some(*not_before);
+                self.delayed.insert((*not_before, i));
+            }
+            Event::TaskCancelled { task_id, at, .. } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                if self.tasks[i].status.is_terminal() {
+                    return;
+                }
+                self.end_attempt(i);
+                self.unschedule(i);
+                self.finish(i, TaskStatus::Cancelled);
+            }
+            Event::ContextCompacted {
+                summary,
+                folded_messages,
+                at,
+                ..
+            } => {
+                self.tick(*at);
+                let folded = (*folded_messages).min(self.context.messages.len());
+                self.context.messages.drain(..folded);
+                self.context.summary = Some(summary.clone());
+                self.context.tokens = estimate_tokens(summary)
+                    + MESSAGE_OVERHEAD_TOKENS
+                    + self
+                        .context
+                        .messages
+                        .iter()
+                        .map(message_tokens)
+                        .sum::<u64>();
+            }
+            Event::PlanCompleted { at } => {
+                self.tick(*at);
+                self.phase = PlanPhase::Completed;
+            }
+            Event::PlanFailed { reason, at } => {
+                self.tick(*at);
+                self.phase = PlanPhase::Failed {
+                    reason: reason.clone(),
+                };
+            }
+            Event::PlanCancelled { at, .. } => {
+                self.tick(*at);
+                self.phase = PlanPhase::Cancelled;
+            }
+        }
+    }
+
+    fn tick(&mut self, at: Timestamp) {
+        self.clock = self.clock.max(at);
+    }
+
+    fn add_tasks(&mut self, turn: u32, specs: &[TaskSpec]) {
+        if self.phase.is_terminal() {
+            self.phase = PlanPhase::Running;
+            self.run_start = self.tasks.len();
+        }
+        for spec in specs {
+            let i = self.tasks.len();
+            let mut unmet = 0;
+            let mut seen = BTreeSet::new();
+            for dep in &spec.dependencies {
+                if let Some(d) = self.index.get(dep).copied() {
+                    if seen.insert(d) {
+                        self.dependents[d].push(i);
+                        if self.tasks[d].status != TaskStatus::Completed {
+                            unmet += 1;
+                        }
+                    }
+                }
+            }
+            if let Some(n) = spec
+                .id
+                .as_str()
+                .strip_prefix('t')
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                self.next_task_number = self.next_task_number.max(n.saturating_add(1));
+            }
+            self.tasks.push(Task {
+                id: spec.id.clone(),
+                description: spec.description.clone(),
+                kind: spec.kind,
+                target: spec.target.clone(),
+                status: TaskStatus::Planned,
+                attachments: spec.attachments.clone(),
+                dependencies: spec.dependencies.clone(),
+                turn,
+                attempts: 0,
+                failures: 0,
+                started: false,
+                output: None,
+                error: None,
+                question: spec.question.clone(),
+                answer: None,
+                not_before: None,
+            });
+            self.index.insert(spec.id.clone(), i);
+            self.dependents.push(Vec::new());
+            self.unmet_dependencies.push(unmet);
+            self.open += 1;
+            if unmet == 0 {
+                self.make_ready(i);
+            }
+        }
+        self.advance_cursor();
+    }
+
+    fn make_ready(&mut self, i: usize) {
+        if self.tasks[i].kind == NodeKind::Clarification {
+            self.ready_questions.insert(i);
+        } else {
+            self.ready_work.insert(i);
+        }
+    }
+
+    fn unschedule(&mut self, i: usize) {
+        self.ready_work.remove(&i);
+        self.ready_questions.remove(&i);
+        if let Some(at) = self.tasks[i].not_before.take() {
+            self.delayed.remove(&(at, i));
+        }
+    }
+
+    /// Releases what an attempt in flight held: its parallel slot or its pending question.
+    fn end_attempt(&mut self, i: usize) {
+        match self.tasks[i].status {
+            TaskStatus::Running => self.running -= 1,
+            TaskStatus::NeedsClarification => {
+                let id = self.tasks[i].id.clone();
+                self.awaiting_answer.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self, i: usize) {
+        self.finish(i, TaskStatus::Completed);
+        for k in 0..self.dependents[i].len() {
+            let d = self.dependents[i][k];
+            self.unmet_dependencies[d] = self.unmet_dependencies[d].saturating_sub(1);
+            if self.unmet_dependencies[d] == 0 && self.tasks[d].status == TaskStatus::Planned {
+                self.make_ready(d);
+            }
+        }
+    }
+
+    fn finish(&mut self, i: usize, status: TaskStatus) {
+        if self.tasks[i].status.is_terminal() {
+            return;
+        }
+        self.unschedule(i);
+        self.tasks[i].status = status;
+        self.open -= 1;
+        self.advance_cursor();
+    }
+
+    fn advance_cursor(&mut self) {
+        while self.cursor < self.tasks.len() && self.tasks[self.cursor].status.is_terminal() {
+            self.cursor += 1;
+        }
+    }
+}
