@@ -100,8 +100,10 @@ pub enum CancelTarget {
 }
 
 /// An executor's report about one attempt of one task.
+///
+/// Unknown fields are ignored (serde cannot refuse them next to a flattened enum), which also
+/// lets executors add their own diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ExecutorEvent {
     /// The task.
     pub task_id: TaskId,

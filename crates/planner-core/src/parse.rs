@@ -129,7 +129,7 @@ fn split_items(input: &str) -> (Vec<String>, bool) {
     // asks something.
     let mut result: Vec<String> = preamble
         .into_iter()
-        .flat_map(|l| split_sentences(l))
+        .flat_map(split_sentences)
         .filter(|s| s.ends_with('?'))
         .collect();
     result.extend(items.into_iter().filter(|i| !i.is_empty()));

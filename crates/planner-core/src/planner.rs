@@ -330,11 +330,10 @@ impl Decision<'_> {
         // so it fails or is cancelled with it, as if it had been planned earlier.
         let mut failed_root = None;
         for d in 0..first_new {
-            match self.state.tasks[d].status {
-                TaskStatus::Failed => {
-                    if self.fail_dependents(d, now) && failed_root.is_none() {
-                        failed_root = Some(d);
-                    }
+            let status = self.state.tasks[d].status;
+            match status {
+                TaskStatus::Failed if self.fail_dependents(d, now) => {
+                    failed_root.get_or_insert(d);
                 }
                 TaskStatus::Cancelled => {
                     let why = format!("dependency {} was cancelled", self.state.tasks[d].id);

@@ -16,7 +16,10 @@ use crate::event::Event;
 use crate::planner::Planner;
 
 /// A planner given some history, about to receive one command.
-#[derive(Debug, Default)]
+///
+/// Every `then_*` returns the scenario with the command's events added to the history, so a
+/// story can go on with another `when`.
+#[derive(Debug, Clone, Default)]
 pub struct Scenario {
     planner: Planner,
     history: Vec<Event>,
@@ -27,6 +30,7 @@ pub struct Scenario {
 #[must_use = "a scenario checks nothing until a then_* method is called"]
 pub struct Outcome {
     planner: Planner,
+    before: Planner,
     history: Vec<Event>,
     result: Result<Vec<Event>, Error>,
 }
@@ -79,11 +83,18 @@ impl Scenario {
         &self.planner
     }
 
+    /// Every event so far.
+    pub fn history(&self) -> &[Event] {
+        &self.history
+    }
+
     /// The command under test.
     pub fn when(mut self, command: Command) -> Outcome {
+        let before = self.planner.clone();
         let result = self.planner.process(command);
         Outcome {
             planner: self.planner,
+            before,
             history: self.history,
             result,
         }
@@ -93,7 +104,7 @@ impl Scenario {
 #[allow(clippy::panic)]
 impl Outcome {
     /// Asserts the command emitted exactly these events, and that replay agrees.
-    pub fn then_expect_events(self, expected: &[Event]) -> Planner {
+    pub fn then_expect_events(self, expected: &[Event]) -> Scenario {
         match &self.result {
             Ok(events) => assert_eq!(events.as_slice(), expected, "emitted events"),
             Err(e) => panic!("expected events, got error: {e}"),
@@ -102,7 +113,7 @@ impl Outcome {
     }
 
     /// Asserts the command emitted events of these types, in order, and that replay agrees.
-    pub fn then_expect_types(self, expected: &[&str]) -> Planner {
+    pub fn then_expect_types(self, expected: &[&str]) -> Scenario {
         match &self.result {
             Ok(events) => {
                 let types: Vec<&str> = events.iter().map(Event::event_type).collect();
@@ -114,47 +125,56 @@ impl Outcome {
     }
 
     /// Asserts the command was accepted and emitted nothing.
-    pub fn then_expect_nothing(self) -> Planner {
+    pub fn then_expect_nothing(self) -> Scenario {
         self.then_expect_events(&[])
     }
 
     /// Asserts the command was refused with `expected`, and that the planner did not change.
-    pub fn then_expect_error(self, expected: Error) -> Planner {
+    pub fn then_expect_error(self, expected: Error) -> Scenario {
         match &self.result {
             Ok(events) => panic!("expected error {expected:?}, got events {events:#?}"),
             Err(e) => assert_eq!(e, &expected, "error"),
         }
-        let replayed = Planner::fold(&self.history);
         assert_eq!(
-            replayed.state(),
             self.planner.state(),
+            self.before.state(),
             "a refused command changed the state"
         );
-        self.planner
+        Scenario {
+            planner: self.planner,
+            history: self.history,
+        }
     }
 
     /// Hands the events and the planner to `check`, after asserting replay agrees.
-    pub fn then(self, check: impl FnOnce(&[Event], &Planner)) -> Planner {
+    pub fn then(self, check: impl FnOnce(&[Event], &Planner)) -> Scenario {
         let events = match &self.result {
             Ok(events) => events.clone(),
             Err(e) => panic!("expected events, got error: {e}"),
         };
-        let planner = self.check_replay();
-        check(&events, &planner);
-        planner
+        let scenario = self.check_replay();
+        check(&events, &scenario.planner);
+        scenario
     }
 
-    fn check_replay(self) -> Planner {
-        let mut all = self.history;
+    fn check_replay(self) -> Scenario {
+        let mut history = self.history;
         if let Ok(events) = self.result {
-            all.extend(events);
+            history.extend(events);
         }
-        let replayed = Planner::fold(&all);
-        assert_eq!(
-            replayed.state(),
-            self.planner.state(),
-            "fold(events) differs from live state"
-        );
-        self.planner
+        // Before the first event the config lives only in the live planner; from then on the
+        // first event carries it.
+        if !history.is_empty() {
+            let replayed = Planner::fold(&history);
+            assert_eq!(
+                replayed.state(),
+                self.planner.state(),
+                "fold(events) differs from live state"
+            );
+        }
+        Scenario {
+            planner: self.planner,
+            history,
+        }
     }
 }
