@@ -10,8 +10,10 @@
 //! [`EVENT_SCHEMA_VERSION`], and add to [`UPCASTERS`] a function from the previous version's JSON
 //! to the new one's, with a fixture of the old form in the tests.
 
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -60,11 +62,77 @@ struct EnvelopeOut<'a> {
     event: &'a Event,
 }
 
+/// What the envelope held: an event of the current version decoded in the same pass, or the
+/// JSON of another version (or of an envelope written with `event` before `v`).
+enum Decoded {
+    Current(Event),
+    Raw {
+        version: Option<u32>,
+        event: Option<Value>,
+    },
+}
+
+/// Decodes the envelope in one pass: when `v` comes first (as [`encode`] writes it) and is the
+/// current version, the event is decoded straight into its type, without an intermediate tree.
+struct EnvelopeVisitor {
+    current_version: u32,
+}
+
 #[derive(Deserialize)]
-struct EnvelopeIn<'a> {
-    v: u32,
-    #[serde(borrow)]
-    event: &'a RawValue,
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    V,
+    Event,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = Decoded;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"an event envelope {"v": <version>, "event": {...}}"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Decoded, A::Error> {
+        let mut version: Option<u32> = None;
+        let mut raw: Option<Value> = None;
+        let mut current: Option<Event> = None;
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::V => version = Some(map.next_value()?),
+                Field::Event if version == Some(self.current_version) => {
+                    current = Some(map.next_value()?);
+                }
+                Field::Event => raw = Some(map.next_value()?),
+                Field::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        match (version, current) {
+            (Some(_), Some(event)) => Ok(Decoded::Current(event)),
+            (None, _) => Err(de::Error::missing_field("v")),
+            (version, None) => Ok(Decoded::Raw {
+                version,
+                event: raw,
+            }),
+        }
+    }
+}
+
+struct Envelope {
+    current_version: u32,
+}
+
+impl<'de> DeserializeSeed<'de> for Envelope {
+    type Value = Decoded;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Decoded, D::Error> {
+        deserializer.deserialize_map(EnvelopeVisitor {
+            current_version: self.current_version,
+        })
+    }
 }
 
 /// Encodes `event` in its versioned envelope.
@@ -89,31 +157,38 @@ pub fn decode_with(
     current_version: u32,
     upcasters: &[Upcaster],
 ) -> Result<Event, DecodeError> {
-    let envelope: EnvelopeIn<'_> = serde_json::from_slice(bytes)?;
-    if envelope.v == current_version {
-        return Ok(serde_json::from_str(envelope.event.get())?);
-    }
-    if envelope.v > current_version {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let decoded = Envelope { current_version }.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    let (version, value) = match decoded {
+        Decoded::Current(event) => return Ok(event),
+        Decoded::Raw {
+            version: Some(version),
+            event: Some(value),
+        } => (version, value),
+        Decoded::Raw { .. } => {
+            return Err(DecodeError::Json(de::Error::missing_field("event")));
+        }
+    };
+    if version > current_version {
         return Err(DecodeError::FutureVersion {
-            found: envelope.v,
+            found: version,
             supported: current_version,
         });
     }
-    let mut value: Value = serde_json::from_str(envelope.event.get())?;
-    let mut version = envelope.v;
-    while version < current_version {
+    let mut value = value;
+    let mut at = version;
+    while at < current_version {
         let upcaster = upcasters
             .iter()
-            .find(|u| u.from_version == version)
+            .find(|u| u.from_version == at)
             .ok_or_else(|| DecodeError::Upcast {
-                from: version,
+                from: at,
                 message: "no upcaster for this version".to_owned(),
             })?;
-        value = (upcaster.upcast)(value).map_err(|message| DecodeError::Upcast {
-            from: version,
-            message,
-        })?;
-        version += 1;
+        value = (upcaster.upcast)(value)
+            .map_err(|message| DecodeError::Upcast { from: at, message })?;
+        at += 1;
     }
     Ok(serde_json::from_value(value)?)
 }
@@ -169,6 +244,15 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_written_in_another_key_order_still_decodes() {
+        let bytes = br#"{"event":{"type":"plan_completed","at":9},"extra":[1,2],"v":1}"#;
+        assert_eq!(
+            decode(bytes).expect("decodes"),
+            Event::PlanCompleted { at: Timestamp(9) }
+        );
+    }
+
+    #[test]
     fn bad_bytes_are_errors_not_panics() {
         for bytes in [
             &b""[..],
@@ -177,6 +261,8 @@ mod tests {
             br#"{"v":1}"#,
             br#"{"v":1,"event":{"type":"no_such_event"}}"#,
             br#"{"v":"1","event":{}}"#,
+            br#"{"v":1,"event":{"type":"plan_completed","at":1}} trailing"#,
+            br#"{"event":{"type":"plan_completed","at":1}}"#,
         ] {
             assert!(
                 matches!(decode(bytes), Err(DecodeError::Json(_))),

@@ -291,13 +291,33 @@ impl PlannerCmd {
     }
 }
 
-/// Everything an executor needs to run one attempt of a task.
+/// A dispatch as recorded: which attempt of which task went to which target.
+///
+/// It is a reference, kept small on purpose: the description, attachments, dependency outputs
+/// and context are already in the state (and, except the context summary, never change once a
+/// task is dispatched), so copying them into every dispatch event would store the same bytes
+/// over and over. The shell turns it into the full [`TaskAssignment`] with
+/// [`Planner::assignment`](crate::Planner::assignment) when it publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dispatch {
     /// The task.
     pub task_id: TaskId,
     /// The attempt, from 1. An executor that sees a (task, attempt) twice ran it already.
     pub attempt: u32,
+    /// The tool or step to use: the routing key.
+    pub target: String,
+}
+
+/// Everything an executor needs to run one attempt of a task: what the shell publishes for an
+/// `execute_tool` or `run_processing` command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt, from 1. An executor that sees a (task, attempt) twice ran it already.
+    pub attempt: u32,
+    /// Tool call or processing step.
+    pub kind: crate::types::NodeKind,
     /// The tool or step to use.
     pub target: String,
     /// What to do.
@@ -327,7 +347,8 @@ pub struct TaskOutput {
 pub struct DispatchContext {
     /// The request the task serves.
     pub request: String,
-    /// The summary of older conversation, after compaction.
+    /// The summary of older conversation: the session's latest when the assignment is rendered
+    /// (for a live dispatch, the summary as of the dispatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
     /// The system prompt (processing steps only).

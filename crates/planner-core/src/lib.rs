@@ -36,6 +36,9 @@
 //! # Ok::<(), planner_core::Error>(())
 //! ```
 //!
+//! A dispatch event records a small [`Dispatch`] reference; the shell publishes the full
+//! [`TaskAssignment`] that [`Planner::assignment`] renders from the state.
+//!
 //! # Layout
 //!
 //! - [`handler`]: the `Handler` trait (`process` decides, `fold` rebuilds).
@@ -75,8 +78,8 @@ pub use config::{
 };
 pub use error::{ConfigError, Error};
 pub use event::{
-    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskOutput,
-    EVENT_SCHEMA_VERSION,
+    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskAssignment,
+    TaskOutput, EVENT_SCHEMA_VERSION,
 };
 pub use handler::Handler;
 pub use parse::{parse_input, parse_input_from};

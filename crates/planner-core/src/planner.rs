@@ -30,7 +30,8 @@ use crate::compact::{estimate_tokens, MESSAGE_OVERHEAD_TOKENS};
 use crate::config::{BudgetKind, FailurePolicy, OnClarificationTimeout, PlannerConfig};
 use crate::error::{ConfigError, Error};
 use crate::event::{
-    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskOutput,
+    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskAssignment,
+    TaskOutput,
 };
 use crate::handler::Handler;
 use crate::parse::parse_input_from;
@@ -117,6 +118,48 @@ impl Planner {
     /// Takes the events emitted since the last drain.
     pub fn drain_log(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.log)
+    }
+
+    /// The full assignment an executor gets for `dispatch`, rendered from the state: what a shell
+    /// publishes for an `execute_tool` or `run_processing` command. `None` if the task is unknown.
+    ///
+    /// Everything in it but the context summary is fixed once the task is dispatched, so a
+    /// re-publish after a crash sends the same assignment; the summary is the latest.
+    pub fn assignment(&self, dispatch: &Dispatch) -> Option<TaskAssignment> {
+        let state = &self.state;
+        let task = state.task(&dispatch.task_id)?;
+        let inputs = task
+            .dependencies
+            .iter()
+            .filter_map(|d| state.task(d))
+            .map(|d| TaskOutput {
+                task_id: d.id.clone(),
+                output: d.output.clone().unwrap_or_default(),
+            })
+            .collect();
+        let config = &state.config;
+        let system_prompt = (task.kind == NodeKind::Processing && !config.system_prompt.is_empty())
+            .then(|| config.system_prompt.clone());
+        Some(TaskAssignment {
+            task_id: task.id.clone(),
+            attempt: dispatch.attempt,
+            kind: task.kind,
+            target: task.target.clone(),
+            description: task.description.clone(),
+            attachments: task.attachments.clone(),
+            inputs,
+            answer: task.answer.clone(),
+            context: DispatchContext {
+                request: state
+                    .requests
+                    .get(task.turn as usize)
+                    .cloned()
+                    .unwrap_or_default(),
+                summary: state.context.summary.clone(),
+                system_prompt,
+                profile: config.profile,
+            },
+        })
     }
 
     /// When the planner next needs a [`Command::Tick`]: the earliest retry backoff, question
@@ -907,39 +950,11 @@ impl Decision<'_> {
     }
 
     fn dispatch_event(&self, i: usize, now: Timestamp) -> Event {
-        let state = &*self.state;
-        let task = &state.tasks[i];
-        let attempt = task.attempts + 1;
-        let inputs = task
-            .dependencies
-            .iter()
-            .filter_map(|d| state.task(d))
-            .map(|d| TaskOutput {
-                task_id: d.id.clone(),
-                output: d.output.clone().unwrap_or_default(),
-            })
-            .collect();
-        let config = &state.config;
-        let system_prompt = (task.kind == NodeKind::Processing && !config.system_prompt.is_empty())
-            .then(|| config.system_prompt.clone());
+        let task = &self.state.tasks[i];
         let dispatch = Dispatch {
             task_id: task.id.clone(),
-            attempt,
+            attempt: task.attempts + 1,
             target: task.target.clone(),
-            description: task.description.clone(),
-            attachments: task.attachments.clone(),
-            inputs,
-            answer: task.answer.clone(),
-            context: DispatchContext {
-                request: state
-                    .requests
-                    .get(task.turn as usize)
-                    .cloned()
-                    .unwrap_or_default(),
-                summary: state.context.summary.clone(),
-                system_prompt,
-                profile: config.profile,
-            },
         };
         let cmd = match task.kind {
             NodeKind::ToolCall => PlannerCmd::ExecuteTool(dispatch),
@@ -947,7 +962,7 @@ impl Decision<'_> {
         };
         Event::TaskDispatched {
             task_id: task.id.clone(),
-            attempt,
+            attempt: task.attempts + 1,
             cmd,
             at: now,
         }

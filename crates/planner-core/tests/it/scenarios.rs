@@ -96,7 +96,7 @@ fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
             now: at(0),
         }])
         .when(done("load", 1, 10))
-        .then(|events, _| {
+        .then(|events, planner| {
             let cmd = events
                 .iter()
                 .find_map(Event::planner_cmd)
@@ -104,6 +104,7 @@ fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
             let PlannerCmd::RunProcessing(dispatch) = cmd else {
                 panic!("expected processing, got {cmd:?}")
             };
+            let dispatch = planner.assignment(dispatch).expect("renders");
             assert_eq!(dispatch.task_id.as_str(), "crunch");
             assert_eq!(dispatch.attachments, vec![attachment.clone()]);
             assert_eq!(dispatch.inputs.len(), 1);
@@ -405,6 +406,7 @@ fn a_clarification_task_asks_the_user_and_the_answer_feeds_its_dependents() {
             else {
                 panic!("expected a tool dispatch")
             };
+            let dispatch = planner.assignment(dispatch).expect("renders");
             assert_eq!(dispatch.inputs[0].output, "eu-west-1");
             assert!(!planner.state().is_waiting_for_user());
         });
@@ -451,12 +453,13 @@ fn an_executor_asking_mid_task_frees_its_slot_and_gets_the_answer_on_the_next_at
     let planner = planner
         .given_commands([answer("t1", "eu-west-1", 20)])
         .when(done("t2", 1, 30))
-        .then(|events, _| {
+        .then(|events, planner| {
             let Some(PlannerCmd::ExecuteTool(dispatch)) =
                 events.last().and_then(Event::planner_cmd)
             else {
                 panic!("expected t1 again")
             };
+            let dispatch = planner.assignment(dispatch).expect("renders");
             assert_eq!((dispatch.task_id.as_str(), dispatch.attempt), ("t1", 2));
             assert_eq!(dispatch.answer.as_deref(), Some("eu-west-1"));
         });
@@ -679,11 +682,12 @@ fn a_follow_up_runs_after_the_unfinished_tasks_with_the_conversation_as_context(
             assert_eq!(t2.dependencies, vec![TaskId::from("t1")]);
             assert_eq!(t2.turn, 1);
         });
-    let planner = planner.when(done("t1", 1, 5)).then(|events, _| {
+    let planner = planner.when(done("t1", 1, 5)).then(|events, planner| {
         let Some(PlannerCmd::RunProcessing(dispatch)) = events.last().and_then(Event::planner_cmd)
         else {
             panic!("expected t2")
         };
+        let dispatch = planner.assignment(dispatch).expect("renders");
         assert_eq!(dispatch.task_id.as_str(), "t2");
         assert_eq!(dispatch.context.request, "then book the cheapest");
     });
@@ -766,6 +770,7 @@ fn the_context_is_compacted_when_it_passes_the_budget_and_the_summary_travels() 
             else {
                 panic!("expected t2")
             };
+            let dispatch = planner.assignment(dispatch).expect("renders");
             assert_eq!(dispatch.context.summary, context.summary);
             assert!(context.summary.is_some());
         });
