@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
@@ -160,6 +160,63 @@ pub fn decode_with(
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let decoded = Envelope { current_version }.deserialize(&mut deserializer)?;
     deserializer.end()?;
+    finish(decoded, current_version, upcasters)
+}
+
+/// Encodes the events of one `process()` call as one record: a JSON array of envelopes. Stores
+/// write a batch atomically, so a command's events land together or not at all.
+pub fn encode_batch(events: &[Event]) -> Vec<u8> {
+    let envelopes: Vec<EnvelopeOut<'_>> = events
+        .iter()
+        .map(|event| EnvelopeOut {
+            v: event.event_version(),
+            event,
+        })
+        .collect();
+    // As in `encode`, serializing these types cannot fail.
+    serde_json::to_vec(&envelopes).unwrap_or_default()
+}
+
+/// Decodes a batch written by [`encode_batch`], upcasting older events.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Event>, DecodeError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let decoded = deserializer.deserialize_seq(BatchVisitor {
+        current_version: EVENT_SCHEMA_VERSION,
+    })?;
+    deserializer.end()?;
+    decoded
+        .into_iter()
+        .map(|d| finish(d, EVENT_SCHEMA_VERSION, UPCASTERS))
+        .collect()
+}
+
+struct BatchVisitor {
+    current_version: u32,
+}
+
+impl<'de> Visitor<'de> for BatchVisitor {
+    type Value = Vec<Decoded>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of event envelopes")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Decoded>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4_096));
+        while let Some(decoded) = seq.next_element_seed(Envelope {
+            current_version: self.current_version,
+        })? {
+            out.push(decoded);
+        }
+        Ok(out)
+    }
+}
+
+fn finish(
+    decoded: Decoded,
+    current_version: u32,
+    upcasters: &[Upcaster],
+) -> Result<Event, DecodeError> {
     let (version, value) = match decoded {
         Decoded::Current(event) => return Ok(event),
         Decoded::Raw {
@@ -241,6 +298,17 @@ mod tests {
             decode_with(v1, 2, &[]),
             Err(DecodeError::Upcast { from: 1, .. })
         ));
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_bad_bytes() {
+        let events = vec![completed(), Event::PlanCompleted { at: Timestamp(6) }];
+        let bytes = encode_batch(&events);
+        assert_eq!(decode_batch(&bytes).expect("decodes"), events);
+        assert_eq!(decode_batch(b"[]").expect("empty"), vec![]);
+        for bad in [&b"["[..], b"{}", b"[{\"v\":1}]", b"[1]", b"[] x"] {
+            assert!(decode_batch(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

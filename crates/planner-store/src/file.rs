@@ -1,0 +1,629 @@
+//! The file store: one append-only log of framed, checksummed records, for development and
+//! single-node use.
+//!
+//! # Layout
+//!
+//! A directory holds `events.log`, `LOCK` and `snapshots/<stream>.json`. Every append is one
+//! record of the log:
+//!
+//! ```text
+//! [payload length: u32 LE][crc32 of payload: u32 LE][payload]
+//! payload = [stream id length: u16 LE][stream id][base version: u64 LE][event count: u32 LE][batch JSON]
+//! ```
+//!
+//! # Durability
+//!
+//! Appends are written by one writer thread. With [`FsyncPolicy::Always`] each append is written
+//! and `fdatasync`ed before it is acknowledged; with [`FsyncPolicy::Group`] the appends waiting
+//! when the writer wakes are written together and share one `fdatasync` (group commit), and each
+//! is acknowledged after it; with [`FsyncPolicy::Never`] the OS decides when data reaches the disk
+//! (an acknowledged append survives a process crash but not a power cut).
+//!
+//! # Recovery
+//!
+//! Opening scans the log. A record cut short or failing its checksum *at the end* of the log is a
+//! torn write (a power cut mid-append): the log is truncated to the last good record and the cut
+//! is logged. A bad record *followed by a good one* is corruption, not a torn write: opening fails
+//! with [`StoreError::Corrupt`] naming the offset, and nothing is dropped. A second process
+//! opening the same directory fails with [`StoreError::Locked`].
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use planner_core::codec;
+use planner_core::Event;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
+
+const HEADER_LEN: u64 = 8;
+/// The largest record accepted by default: 64 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+
+/// When appends reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Every append is synced before it is acknowledged.
+    Always,
+    /// Appends waiting together share one sync, each acknowledged after it (group commit).
+    #[default]
+    Group,
+    /// No sync: survives a process crash, not a power cut.
+    Never,
+}
+
+/// Settings of a [`FileStore`].
+#[derive(Debug, Clone)]
+pub struct FileStoreConfig {
+    /// The directory; created if absent.
+    pub dir: PathBuf,
+    /// When appends reach the disk.
+    pub fsync: FsyncPolicy,
+    /// The largest record (one append) accepted, in bytes.
+    pub max_record_bytes: usize,
+}
+
+impl FileStoreConfig {
+    /// Defaults for `dir`: group commit, 64 MiB records.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FileStoreConfig {
+            dir: dir.into(),
+            fsync: FsyncPolicy::default(),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+        }
+    }
+}
+
+/// Where one record of a stream is in the log.
+#[derive(Debug, Clone, Copy)]
+struct RecordRef {
+    offset: u64,
+    len: u32,
+    base_version: u64,
+    count: u32,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    streams: BTreeMap<String, Vec<RecordRef>>,
+}
+
+impl Index {
+    fn version(&self, stream: &str) -> u64 {
+        self.streams
+            .get(stream)
+            .and_then(|r| r.last())
+            .map_or(0, |r| r.base_version + u64::from(r.count))
+    }
+}
+
+struct AppendRequest {
+    stream: String,
+    expected_version: u64,
+    count: u32,
+    batch: Vec<u8>,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// The file store. See the module docs.
+#[derive(Debug)]
+pub struct FileStore {
+    config: FileStoreConfig,
+    log_path: PathBuf,
+    reader: Arc<File>,
+    index: Arc<Mutex<Index>>,
+    writer: mpsc::UnboundedSender<AppendRequest>,
+    /// Held for the store's life: the lock file's handle keeps the OS lock.
+    _lock: File,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendRequest")
+            .field("stream", &self.stream)
+            .field("expected_version", &self.expected_version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+impl FileStore {
+    /// Opens (or creates) the store in `config.dir`, recovering from a torn tail.
+    ///
+    /// Blocking: call it from `spawn_blocking` or before the runtime's hot path.
+    pub fn open(config: FileStoreConfig) -> Result<Self, StoreError> {
+        let dir = &config.dir;
+        fs::create_dir_all(dir.join("snapshots"))
+            .map_err(io(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(format!("opening {}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    path: lock_path.display().to_string(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(io(format!("locking {}", lock_path.display()))(e))
+            }
+        }
+
+        let log_path = dir.join("events.log");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        let index = recover(&mut file, &log_path, config.max_record_bytes)?;
+        let reader =
+            File::open(&log_path).map_err(io(format!("opening {}", log_path.display())))?;
+        let index = Arc::new(Mutex::new(index));
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            file,
+            path: log_path.clone(),
+            index: Arc::clone(&index),
+            fsync: config.fsync,
+            poisoned: false,
+        };
+        std::thread::Builder::new()
+            .name("planner-file-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io("starting the file store's writer thread"))?;
+
+        Ok(FileStore {
+            config,
+            log_path,
+            reader: Arc::new(reader),
+            index,
+            writer: tx,
+            _lock: lock,
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        // The writer updates the index in one step after a successful write; a panic cannot
+        // leave it half-updated.
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn snapshot_path(&self, stream: &str) -> PathBuf {
+        self.config
+            .dir
+            .join("snapshots")
+            .join(format!("{stream}.json"))
+    }
+}
+
+impl EventStore for FileStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: &[Event],
+    ) -> Result<u64, StoreError> {
+        check_stream(stream)?;
+        if events.is_empty() {
+            let current = self.index().version(stream);
+            return if current == expected_version {
+                Ok(current)
+            } else {
+                Err(StoreError::Conflict {
+                    stream: stream.to_owned(),
+                    expected: expected_version,
+                    actual: current,
+                })
+            };
+        }
+        let batch = codec::encode_batch(events);
+        let record_len = 2 + stream.len() + 8 + 4 + batch.len();
+        if record_len > self.config.max_record_bytes {
+            return Err(StoreError::TooLarge {
+                stream: stream.to_owned(),
+                bytes: record_len,
+                limit: self.config.max_record_bytes,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(AppendRequest {
+                stream: stream.to_owned(),
+                expected_version,
+                count: u32::try_from(events.len()).unwrap_or(u32::MAX),
+                batch,
+                reply,
+            })
+            .map_err(|_| StoreError::Poisoned)?;
+        answer.await.map_err(|_| StoreError::Poisoned)?
+    }
+
+    async fn load_from(&self, stream: &str, version: u64) -> Result<Vec<Event>, StoreError> {
+        check_stream(stream)?;
+        let records: Vec<RecordRef> = {
+            let index = self.index();
+            let Some(records) = index.streams.get(stream) else {
+                return Ok(Vec::new());
+            };
+            // The first record that ends after `version`.
+            let start = records.partition_point(|r| r.base_version + u64::from(r.count) <= version);
+            records[start..].to_vec()
+        };
+        let reader = Arc::clone(&self.reader);
+        let path = self.log_path.clone();
+        let stream = stream.to_owned();
+        tokio::task::spawn_blocking(move || {
+            read_records(&reader, &path, &stream, &records, version)
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            context: "reading the event log".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    async fn version(&self, stream: &str) -> Result<u64, StoreError> {
+        check_stream(stream)?;
+        Ok(self.index().version(stream))
+    }
+
+    async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.index().streams.keys().cloned().collect())
+    }
+
+    async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
+        check_stream(stream)?;
+        let path = self.snapshot_path(stream);
+        let bytes = snapshot.encode();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+            .await
+            .map_err(|e| StoreError::Io {
+                context: "writing a snapshot".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        check_stream(stream)?;
+        let path = self.snapshot_path(stream);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+        };
+        match Snapshot::decode(&bytes) {
+            Ok(snapshot) => Ok(Some(snapshot)),
+            Err(reason) => {
+                tracing::warn!(stream, path = %path.display(), %reason, "ignoring a snapshot that does not decode; the session will be replayed in full");
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("json.tmp");
+    let mut file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_data())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
+    if let Some(dir) = path.parent() {
+        // Make the rename itself durable.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(format!("syncing {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+fn read_records(
+    reader: &File,
+    path: &Path,
+    stream: &str,
+    records: &[RecordRef],
+    from: u64,
+) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::new();
+    let mut buf = Vec::new();
+    for record in records {
+        buf.resize(record.len as usize, 0);
+        reader
+            .read_exact_at(&mut buf, record.offset + HEADER_LEN)
+            .map_err(io(format!(
+                "reading {} at {}",
+                path.display(),
+                record.offset
+            )))?;
+        let parsed = parse_payload(&buf).ok_or_else(|| StoreError::Corrupt {
+            path: path.display().to_string(),
+            offset: record.offset,
+            reason: "record changed on disk since it was indexed".into(),
+        })?;
+        let batch = codec::decode_batch(parsed.batch).map_err(|source| StoreError::Decode {
+            stream: stream.to_owned(),
+            version: record.base_version,
+            source,
+        })?;
+        let skip = from.saturating_sub(record.base_version) as usize;
+        events.extend(batch.into_iter().skip(skip));
+    }
+    Ok(events)
+}
+
+struct Payload<'a> {
+    stream: &'a str,
+    base_version: u64,
+    count: u32,
+    batch: &'a [u8],
+}
+
+fn parse_payload(payload: &[u8]) -> Option<Payload<'_>> {
+    let stream_len = u16::from_le_bytes(payload.get(0..2)?.try_into().ok()?) as usize;
+    let stream = std::str::from_utf8(payload.get(2..2 + stream_len)?).ok()?;
+    let rest = payload.get(2 + stream_len..)?;
+    let base_version = u64::from_le_bytes(rest.get(0..8)?.try_into().ok()?);
+    let count = u32::from_le_bytes(rest.get(8..12)?.try_into().ok()?);
+    Some(Payload {
+        stream,
+        base_version,
+        count,
+        batch: rest.get(12..)?,
+    })
+}
+
+fn encode_record(out: &mut Vec<u8>, stream: &str, base_version: u64, count: u32, batch: &[u8]) {
+    let payload_len = 2 + stream.len() + 8 + 4 + batch.len();
+    let start = out.len();
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&(stream.len() as u16).to_le_bytes());
+    out.extend_from_slice(stream.as_bytes());
+    out.extend_from_slice(&base_version.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(batch);
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A record read during recovery, or why there is none at this offset.
+enum Scan {
+    Record { len: u32, payload: Vec<u8> },
+    Bad(&'static str),
+}
+
+fn scan_at(data: &[u8], offset: usize, max_record: usize) -> Scan {
+    let Some(header) = data.get(offset..offset + HEADER_LEN as usize) else {
+        return Scan::Bad("record header cut short");
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len as usize > max_record || len < 14 {
+        return Scan::Bad("implausible record length");
+    }
+    let start = offset + HEADER_LEN as usize;
+    let Some(payload) = data.get(start..start + len as usize) else {
+        return Scan::Bad("record cut short");
+    };
+    if crc32fast::hash(payload) != crc {
+        return Scan::Bad("checksum mismatch");
+    }
+    Scan::Record {
+        len,
+        payload: payload.to_vec(),
+    }
+}
+
+/// Scans the whole log, builds the index, and truncates a torn tail.
+fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, StoreError> {
+    let mut data = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut data))
+        .map_err(io(format!("reading {}", path.display())))?;
+    let corrupt = |offset: usize, reason: String| StoreError::Corrupt {
+        path: path.display().to_string(),
+        offset: offset as u64,
+        reason,
+    };
+    let mut index = Index::default();
+    let mut offset = 0usize;
+    while offset < data.len() {
+        match scan_at(&data, offset, max_record) {
+            Scan::Record { len, payload } => {
+                let parsed = parse_payload(&payload)
+                    .ok_or_else(|| corrupt(offset, "malformed record payload".into()))?;
+                let expected = index.version(parsed.stream);
+                if parsed.base_version != expected || !planner_core::is_valid_token(parsed.stream) {
+                    return Err(corrupt(
+                        offset,
+                        format!(
+                            "record of stream {:?} starts at version {}, expected {}",
+                            parsed.stream, parsed.base_version, expected
+                        ),
+                    ));
+                }
+                index
+                    .streams
+                    .entry(parsed.stream.to_owned())
+                    .or_default()
+                    .push(RecordRef {
+                        offset: offset as u64,
+                        len,
+                        base_version: parsed.base_version,
+                        count: parsed.count,
+                    });
+                offset += HEADER_LEN as usize + len as usize;
+            }
+            Scan::Bad(reason) => {
+                // A torn write leaves garbage only at the end. If any good record follows, this
+                // is damage in the middle of the log: refuse to guess.
+                let later = (offset + 1..data.len())
+                    .find(|&o| matches!(scan_at(&data, o, max_record), Scan::Record { .. }));
+                if let Some(good) = later {
+                    return Err(corrupt(
+                        offset,
+                        format!("{reason}, with a good record at byte {good} after it"),
+                    ));
+                }
+                let cut = data.len() - offset;
+                tracing::warn!(
+                    path = %path.display(),
+                    offset,
+                    bytes = cut,
+                    reason,
+                    "truncating a torn write at the end of the event log"
+                );
+                file.set_len(offset as u64)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io(format!("truncating {}", path.display())))?;
+                break;
+            }
+        }
+    }
+    Ok(index)
+}
+
+struct Writer {
+    file: File,
+    path: PathBuf,
+    index: Arc<Mutex<Index>>,
+    fsync: FsyncPolicy,
+    poisoned: bool,
+}
+
+/// The most appends written under one sync in group commit.
+const MAX_GROUP: usize = 512;
+
+impl Writer {
+    fn run(mut self, mut requests: mpsc::UnboundedReceiver<AppendRequest>) {
+        while let Some(first) = requests.blocking_recv() {
+            let mut group = vec![first];
+            if self.fsync != FsyncPolicy::Always {
+                while group.len() < MAX_GROUP {
+                    match requests.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.write_group(group);
+        }
+    }
+
+    fn write_group(&mut self, group: Vec<AppendRequest>) {
+        if self.poisoned {
+            for request in group {
+                let _ = request.reply.send(Err(StoreError::Poisoned));
+            }
+            return;
+        }
+        let (start, mut versions) = {
+            let index = self
+                .index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let start = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+            let versions: BTreeMap<String, u64> = group
+                .iter()
+                .map(|r| (r.stream.clone(), index.version(&r.stream)))
+                .collect();
+            (start, versions)
+        };
+        let mut buf = Vec::new();
+        let mut accepted = Vec::with_capacity(group.len());
+        for request in group {
+            let current = versions.get(&request.stream).copied().unwrap_or(0);
+            if current != request.expected_version {
+                let _ = request.reply.send(Err(StoreError::Conflict {
+                    stream: request.stream,
+                    expected: request.expected_version,
+                    actual: current,
+                }));
+                continue;
+            }
+            let offset = start + buf.len() as u64;
+            encode_record(
+                &mut buf,
+                &request.stream,
+                current,
+                request.count,
+                &request.batch,
+            );
+            let len = (buf.len() as u64 - (offset - start) - HEADER_LEN) as u32;
+            versions.insert(request.stream.clone(), current + u64::from(request.count));
+            accepted.push((
+                request,
+                RecordRef {
+                    offset,
+                    len,
+                    base_version: current,
+                    count: 0,
+                },
+            ));
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let written = self.file.write_all(&buf).and_then(|()| match self.fsync {
+            FsyncPolicy::Never => Ok(()),
+            _ => self.file.sync_data(),
+        });
+        if let Err(e) = written {
+            // Undo a partial write so the log stays a sequence of whole records; if even that
+            // fails, stop taking writes (a reopen recovers the tail).
+            if self.file.set_len(start).is_err() {
+                self.poisoned = true;
+            }
+            let message = e.to_string();
+            for (request, _) in accepted {
+                let _ = request.reply.send(Err(StoreError::Io {
+                    context: format!("appending to {}", self.path.display()),
+                    source: std::io::Error::new(e.kind(), message.clone()),
+                }));
+            }
+            return;
+        }
+        let mut index = self
+            .index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut replies = Vec::with_capacity(accepted.len());
+        for (request, mut record) in accepted {
+            record.count = request.count;
+            let new_version = record.base_version + u64::from(request.count);
+            index
+                .streams
+                .entry(request.stream)
+                .or_default()
+                .push(record);
+            replies.push((request.reply, new_version));
+        }
+        drop(index);
+        for (reply, version) in replies {
+            let _ = reply.send(Ok(version));
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The JetStream store: one stream, one subject per session, for production.
+//!
+//! # Layout on the server
+//!
+//! - Stream `config.stream_name` captures `{subject_prefix}.*`; session `s` is subject
+//!   `{subject_prefix}.s`, so a session replays through a consumer filtered to its subject,
+//!   without reading the others.
+//! - Each append is **one message** holding the whole batch (a JSON array of versioned events),
+//!   so it is atomic on every server version. Headers: `Planner-Base-Version` and
+//!   `Planner-Version` (the stream's version before and after), and `Nats-Msg-Id`.
+//! - Snapshots are kept in the KV bucket `config.snapshot_bucket`, key = session id.
+//!
+//! # Concurrency and duplicates
+//!
+//! An append sends `Nats-Expected-Last-Subject-Sequence`: the stream sequence of the session's
+//! last message when the caller's version was current. If another writer appended since, the
+//! server refuses it (`WrongLastSequence`) and the append fails with [`StoreError::Conflict`].
+//! The sequence for a version is remembered after each append and load, and read from the
+//! subject's last message otherwise. A new session sends 0 ("the subject must be empty"), so two
+//! concurrent creates cannot both win.
+//!
+//! `Nats-Msg-Id` is `{session}:{expected version}:{crc32 of the batch}`. The server checks the
+//! expected sequence before its duplicate window, so a retried append whose first try landed
+//! (its ack lost) is refused as out of sequence; the store then reads the session's last message
+//! and, if it carries the same `Nats-Msg-Id`, reports the append as the success it was. The id
+//! also makes the server drop a byte-identical re-publish that carries no sequence check.
+//!
+//! # Durability
+//!
+//! An append returns after the server's ack. With file storage and one replica, an ack means the
+//! message is in the server's page cache; the server fsyncs every 2 minutes unless it runs with
+//! `sync_interval: always` (see `deploy/`), or the stream is replicated (R3), in which case an ack
+//! means a quorum has it.
+//!
+//! # Server versions
+//!
+//! nats-server 2.10 or newer. [`JetStreamStore::connect`] refuses an older server with
+//! [`StoreError::UnsupportedServer`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, StorageType};
+use async_nats::jetstream::{self, Context};
+use bytes::Bytes;
+use futures::StreamExt;
+use planner_core::codec;
+use planner_core::Event;
+use serde::{Deserialize, Serialize};
+
+use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
+
+const BASE_VERSION: &str = "Planner-Base-Version";
+const VERSION: &str = "Planner-Version";
+
+/// Settings of a [`JetStreamStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// The stream's name.
+    pub stream_name: String,
+    /// Sessions are subjects `{subject_prefix}.{session}`.
+    pub subject_prefix: String,
+    /// The KV bucket for snapshots.
+    pub snapshot_bucket: String,
+    /// File (durable) or memory storage.
+    pub storage: StorageType,
+    /// Copies kept by the cluster (1, 3 or 5).
+    pub replicas: usize,
+    /// The stream's size limit in bytes (-1: none).
+    pub max_bytes: i64,
+    /// The largest append, in bytes; also limited by the server's `max_payload` (1 MiB by
+    /// default; raise it in the server config for larger plans).
+    pub max_message_bytes: i32,
+    /// How long a `Nats-Msg-Id` is remembered for duplicate suppression.
+    pub duplicate_window: Duration,
+    /// How long to wait for one message while replaying before giving up.
+    pub replay_timeout: Duration,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            stream_name: "PLANNER_EVENTS".into(),
+            subject_prefix: "planner.events".into(),
+            snapshot_bucket: "planner_snapshots".into(),
+            storage: StorageType::File,
+            replicas: 1,
+            max_bytes: -1,
+            max_message_bytes: 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            replay_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a snapshot is kept as in the KV bucket: the snapshot and the stream sequence of the
+/// message that ends at its version, so a load can start right after it.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    sequence: Option<u64>,
+    snapshot: serde_json::Value,
+}
+
+/// The JetStream store. See the module docs.
+#[derive(Debug)]
+pub struct JetStreamStore {
+    context: Context,
+    stream: stream::Stream,
+    snapshots: kv::Store,
+    config: JetStreamConfig,
+    positions: Mutex<Positions>,
+}
+
+/// Per session, a version and the stream sequence of the message that ends there: the latest
+/// known (to append without a round trip), and the one of the last snapshot loaded (to replay
+/// from right after it).
+#[derive(Debug, Default)]
+struct Positions {
+    latest: HashMap<String, (u64, u64)>,
+    snapshot: HashMap<String, (u64, u64)>,
+}
+
+fn nats(operation: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> StoreError {
+    move |e| StoreError::Nats {
+        operation,
+        message: e.to_string(),
+    }
+}
+
+/// Parses "2.10.3" (or "v2.10.3-beta") into (major, minor).
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+impl JetStreamStore {
+    /// Checks the server, then creates (or binds to) the stream and the snapshot bucket.
+    pub async fn connect(
+        client: async_nats::Client,
+        config: JetStreamConfig,
+    ) -> Result<Self, StoreError> {
+        let mut version = client.server_info().version;
+        if version.is_empty() {
+            // A client made with `retry_on_initial_connect` may not have met the server yet.
+            client
+                .flush()
+                .await
+                .map_err(|e| nats("connecting to the server")(&e))?;
+            version = client.server_info().version;
+        }
+        match major_minor(&version) {
+            Some((major, minor)) if (major, minor) >= (2, 10) => {}
+            _ => return Err(StoreError::UnsupportedServer { version }),
+        }
+        let context = jetstream::new(client);
+        let stream = context
+            .get_or_create_stream(stream::Config {
+                name: config.stream_name.clone(),
+                subjects: vec![format!("{}.*", config.subject_prefix)],
+                storage: config.storage,
+                num_replicas: config.replicas,
+                max_bytes: config.max_bytes,
+                max_message_size: config.max_message_bytes,
+                duplicate_window: config.duplicate_window,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("creating the event stream")(&e))?;
+        let snapshots = match context.get_key_value(&config.snapshot_bucket).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: config.snapshot_bucket.clone(),
+                    history: 1,
+                    storage: config.storage,
+                    num_replicas: config.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats("creating the snapshot bucket")(&e))?,
+        };
+        Ok(JetStreamStore {
+            context,
+            stream,
+            snapshots,
+            config,
+            positions: Mutex::new(Positions::default()),
+        })
+    }
+
+    fn subject(&self, stream: &str) -> String {
+        format!("{}.{stream}", self.config.subject_prefix)
+    }
+
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions> {
+        self.positions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remember(&self, stream: &str, version: u64, sequence: u64) {
+        self.positions()
+            .latest
+            .insert(stream.to_owned(), (version, sequence));
+    }
+
+    /// The session's current version and the stream sequence of its last message, read from
+    /// the server.
+    async fn read_position(&self, stream: &str) -> Result<(u64, u64), StoreError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(stream))
+            .await
+        {
+            Ok(message) => {
+                let version = message
+                    .headers
+                    .get(VERSION)
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                    .ok_or_else(|| StoreError::Nats {
+                        operation: "reading a session's last message",
+                        message: format!(
+                            "message {} of {} has no valid {VERSION} header",
+                            message.sequence,
+                            self.subject(stream)
+                        ),
+                    })?;
+                self.remember(stream, version, message.sequence);
+                Ok((version, message.sequence))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                self.remember(stream, 0, 0);
+                Ok((0, 0))
+            }
+            Err(e) => Err(nats("reading a session's last message")(&e)),
+        }
+    }
+
+    /// The stream sequence to expect when appending at `version`, or a conflict.
+    async fn sequence_for(&self, stream: &str, version: u64) -> Result<u64, StoreError> {
+        if let Some(&(v, seq)) = self.positions().latest.get(stream) {
+            if v == version {
+                return Ok(seq);
+            }
+        }
+        let (actual, seq) = self.read_position(stream).await?;
+        if actual == version {
+            Ok(seq)
+        } else {
+            Err(StoreError::Conflict {
+                stream: stream.to_owned(),
+                expected: version,
+                actual,
+            })
+        }
+    }
+}
+
+impl EventStore for JetStreamStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: &[Event],
+    ) -> Result<u64, StoreError> {
+        check_stream(stream)?;
+        if events.is_empty() {
+            self.sequence_for(stream, expected_version).await?;
+            return Ok(expected_version);
+        }
+        let batch = codec::encode_batch(events);
+        let limit = usize::try_from(self.config.max_message_bytes).unwrap_or(usize::MAX);
+        if batch.len() > limit {
+            return Err(StoreError::TooLarge {
+                stream: stream.to_owned(),
+                bytes: batch.len(),
+                limit,
+            });
+        }
+        let sequence = self.sequence_for(stream, expected_version).await?;
+        let new_version = expected_version + events.len() as u64;
+        let id = format!(
+            "{stream}:{expected_version}:{:08x}",
+            crc32fast::hash(&batch)
+        );
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(batch))
+            .message_id(&id)
+            .expected_last_subject_sequence(sequence)
+            .header(BASE_VERSION, expected_version.to_string().as_str())
+            .header(VERSION, new_version.to_string().as_str());
+        let ack = match self
+            .context
+            .send_publish(self.subject(stream), publish)
+            .await
+        {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => {
+                // A duplicate ack means this very batch was stored by an earlier try.
+                self.remember(stream, new_version, ack.sequence);
+                Ok(new_version)
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                self.positions().latest.remove(stream);
+                // The server checks the sequence before the duplicate window, so a retry of an
+                // append that landed (its ack lost) arrives here: if the session's last message
+                // is this very batch, the append succeeded.
+                let last = self
+                    .stream
+                    .get_last_raw_message_by_subject(&self.subject(stream))
+                    .await
+                    .ok();
+                if let Some(last) = last {
+                    let same = last
+                        .headers
+                        .get("Nats-Msg-Id")
+                        .is_some_and(|v| v.as_str() == id);
+                    if same {
+                        self.remember(stream, new_version, last.sequence);
+                        return Ok(new_version);
+                    }
+                }
+                let (actual, _) = self.read_position(stream).await?;
+                Err(StoreError::Conflict {
+                    stream: stream.to_owned(),
+                    expected: expected_version,
+                    actual,
+                })
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                Err(StoreError::TooLarge {
+                    stream: stream.to_owned(),
+                    bytes: 0,
+                    limit,
+                })
+            }
+            Err(e) => Err(nats("appending events")(&e)),
+        }
+    }
+
+    async fn load_from(&self, stream: &str, version: u64) -> Result<Vec<Event>, StoreError> {
+        check_stream(stream)?;
+        let (end, last_sequence) = self.read_position(stream).await?;
+        if version >= end {
+            return Ok(Vec::new());
+        }
+        // Start after a remembered position at or before `version`, if one is known.
+        let start = match self.positions().snapshot.get(stream) {
+            Some(&(v, seq)) if v <= version => seq + 1,
+            _ => 1,
+        };
+        let consumer = self
+            .stream
+            .create_consumer(OrderedConfig {
+                filter_subject: self.subject(stream),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("creating a replay consumer")(&e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats("starting a replay")(&e))?;
+        let mut events = Vec::new();
+        loop {
+            let next = tokio::time::timeout(self.config.replay_timeout, messages.next())
+                .await
+                .map_err(|_| StoreError::Nats {
+                    operation: "replaying a session",
+                    message: format!(
+                        "no message within {:?} while replaying {}",
+                        self.config.replay_timeout,
+                        self.subject(stream)
+                    ),
+                })?;
+            let Some(message) = next else { break };
+            let message = message.map_err(|e| nats("replaying a session")(&e))?;
+            let base = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(BASE_VERSION))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .unwrap_or(0);
+            let info = message
+                .info()
+                .map_err(|e| nats("replaying a session")(&*e))?;
+            let sequence = info.stream_sequence;
+            let batch =
+                codec::decode_batch(&message.payload).map_err(|source| StoreError::Decode {
+                    stream: stream.to_owned(),
+                    version: base,
+                    source,
+                })?;
+            let count = batch.len() as u64;
+            if base + count > version {
+                let skip = version.saturating_sub(base) as usize;
+                events.extend(batch.into_iter().skip(skip));
+            }
+            if sequence >= last_sequence {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    async fn version(&self, stream: &str) -> Result<u64, StoreError> {
+        check_stream(stream)?;
+        Ok(self.read_position(stream).await?.0)
+    }
+
+    async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}.", self.config.subject_prefix);
+        let mut info = self
+            .stream
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(|e| nats("listing sessions")(&e))?;
+        let mut streams = Vec::new();
+        while let Some(subject) = info.next().await {
+            let (subject, _count) = subject.map_err(|e| nats("listing sessions")(&e))?;
+            if let Some(session) = subject.strip_prefix(&prefix) {
+                streams.push(session.to_owned());
+            }
+        }
+        streams.sort();
+        Ok(streams)
+    }
+
+    async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
+        check_stream(stream)?;
+        let sequence = match self.positions().latest.get(stream) {
+            Some(&(v, seq)) if v == snapshot.version => Some(seq),
+            _ => None,
+        };
+        let value = serde_json::to_value(snapshot).map_err(|e| StoreError::Nats {
+            operation: "encoding a snapshot",
+            message: e.to_string(),
+        })?;
+        let bytes = serde_json::to_vec(&StoredSnapshot {
+            sequence,
+            snapshot: value,
+        })
+        .unwrap_or_default();
+        self.snapshots
+            .put(stream, Bytes::from(bytes))
+            .await
+            .map_err(|e| nats("saving a snapshot")(&e))?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        check_stream(stream)?;
+        let Some(bytes) = self
+            .snapshots
+            .get(stream)
+            .await
+            .map_err(|e| nats("loading a snapshot")(&e))?
+        else {
+            return Ok(None);
+        };
+        let decoded = serde_json::from_slice::<StoredSnapshot>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|stored| {
+                let raw = serde_json::to_vec(&stored.snapshot).map_err(|e| e.to_string())?;
+                Snapshot::decode(&raw).map(|s| (stored.sequence, s))
+            });
+        match decoded {
+            Ok((sequence, snapshot)) => {
+                if let Some(sequence) = sequence {
+                    self.positions()
+                        .snapshot
+                        .insert(stream.to_owned(), (snapshot.version, sequence));
+                }
+                Ok(Some(snapshot))
+            }
+            Err(reason) => {
+                tracing::warn!(stream, %reason, "ignoring a snapshot that does not decode; the session will be replayed in full");
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::major_minor;
+
+    #[test]
+    fn server_versions_parse() {
+        assert_eq!(major_minor("2.15.1"), Some((2, 15)));
+        assert_eq!(major_minor("v2.10.0-beta.1"), Some((2, 10)));
+        assert_eq!(major_minor("2.9.10"), Some((2, 9)));
+        assert!((2, 9) < (2, 10));
+        assert_eq!(major_minor("garbage"), None);
+    }
+}

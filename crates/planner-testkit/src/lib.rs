@@ -1,0 +1,8 @@
+//! Test helpers shared by the workspace's integration tests.
+//!
+//! [`NatsServer`] starts a real `nats-server -js` on a free loopback port with its own store
+//! directory, and kills it when dropped. Tests never mock the bus or the store.
+
+pub mod nats_server;
+
+pub use nats_server::{NatsServer, NatsServerError};
