@@ -5,5 +5,6 @@
 
 mod conformance;
 mod file_crash;
+mod fixtures;
 mod jetstream;
 mod support;
