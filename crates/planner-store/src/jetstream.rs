@@ -6,9 +6,11 @@
 //!   `{subject_prefix}.s`, so a session replays through a consumer filtered to its subject,
 //!   without reading the others.
 //! - Each append is **one message** holding the whole batch (a JSON array of versioned events),
-//!   so it is atomic on every server version. Headers: `Planner-Base-Version` and
-//!   `Planner-Version` (the stream's version before and after), and `Nats-Msg-Id`.
-//! - Snapshots are kept in the KV bucket `config.snapshot_bucket`, key = session id.
+//!   so it is atomic on every server version. Headers: `Planner-Version` (the session's version
+//!   after the batch) and `Planner-Batch-Id`.
+//! - Snapshots are kept in the Object Store bucket `config.snapshot_bucket`, one object per
+//!   session (an object store, not a KV bucket, because a large session's state is many MiB
+//!   and the object store chunks it under the server's `max_payload`).
 //!
 //! # Concurrency and duplicates
 //!
@@ -19,11 +21,12 @@
 //! subject's last message otherwise. A new session sends 0 ("the subject must be empty"), so two
 //! concurrent creates cannot both win.
 //!
-//! `Nats-Msg-Id` is `{session}:{expected version}:{crc32 of the batch}`. The server checks the
-//! expected sequence before its duplicate window, so a retried append whose first try landed
-//! (its ack lost) is refused as out of sequence; the store then reads the session's last message
-//! and, if it carries the same `Nats-Msg-Id`, reports the append as the success it was. The id
-//! also makes the server drop a byte-identical re-publish that carries no sequence check.
+//! `Planner-Batch-Id` is `{session}:{expected version}:{crc32 of the batch}`. A retried append
+//! whose first try landed (its ack lost) is refused by the sequence check; the store then reads
+//! the session's last message and, if it carries the same batch id, reports the append as the
+//! success it was. `Nats-Msg-Id` is not used: measured on nats-server 2.15, the server checks the
+//! expected sequence *before* its duplicate window, so for conditional appends the id only cost
+//! the server a dedup-table entry per message.
 //!
 //! # Durability
 //!
@@ -44,7 +47,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::kv;
+use async_nats::jetstream::object_store::{self, GetErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, Context};
@@ -56,8 +59,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
 
-const BASE_VERSION: &str = "Planner-Base-Version";
 const VERSION: &str = "Planner-Version";
+const BATCH_ID: &str = "Planner-Batch-Id";
+/// Messages per pull while replaying.
+const REPLAY_BATCH: i64 = 16;
 
 /// Settings of a [`JetStreamStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +71,7 @@ pub struct JetStreamConfig {
     pub stream_name: String,
     /// Sessions are subjects `{subject_prefix}.{session}`.
     pub subject_prefix: String,
-    /// The KV bucket for snapshots.
+    /// The Object Store bucket for snapshots.
     pub snapshot_bucket: String,
     /// File (durable) or memory storage.
     pub storage: StorageType,
@@ -99,7 +104,7 @@ impl Default for JetStreamConfig {
     }
 }
 
-/// What a snapshot is kept as in the KV bucket: the snapshot and the stream sequence of the
+/// What a snapshot is kept as in the bucket: the snapshot and the stream sequence of the
 /// message that ends at its version, so a load can start right after it.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -108,11 +113,10 @@ struct StoredSnapshot {
 }
 
 /// The JetStream store. See the module docs.
-#[derive(Debug)]
 pub struct JetStreamStore {
     context: Context,
     stream: stream::Stream,
-    snapshots: kv::Store,
+    snapshots: object_store::ObjectStore,
     config: JetStreamConfig,
     positions: Mutex<Positions>,
 }
@@ -124,6 +128,14 @@ pub struct JetStreamStore {
 struct Positions {
     latest: HashMap<String, (u64, u64)>,
     snapshot: HashMap<String, (u64, u64)>,
+}
+
+impl std::fmt::Debug for JetStreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 fn nats(operation: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> StoreError {
@@ -173,12 +185,11 @@ impl JetStreamStore {
             })
             .await
             .map_err(|e| nats("creating the event stream")(&e))?;
-        let snapshots = match context.get_key_value(&config.snapshot_bucket).await {
+        let snapshots = match context.get_object_store(&config.snapshot_bucket).await {
             Ok(store) => store,
             Err(_) => context
-                .create_key_value(kv::Config {
+                .create_object_store(object_store::Config {
                     bucket: config.snapshot_bucket.clone(),
-                    history: 1,
                     storage: config.storage,
                     num_replicas: config.replicas,
                     ..Default::default()
@@ -292,9 +303,8 @@ impl EventStore for JetStreamStore {
         );
         let publish = PublishMessage::build()
             .payload(Bytes::from(batch))
-            .message_id(&id)
             .expected_last_subject_sequence(sequence)
-            .header(BASE_VERSION, expected_version.to_string().as_str())
+            .header(BATCH_ID, id.as_str())
             .header(VERSION, new_version.to_string().as_str());
         let ack = match self
             .context
@@ -323,7 +333,7 @@ impl EventStore for JetStreamStore {
                 if let Some(last) = last {
                     let same = last
                         .headers
-                        .get("Nats-Msg-Id")
+                        .get(BATCH_ID)
                         .is_some_and(|v| v.as_str() == id);
                     if same {
                         self.remember(stream, new_version, last.sequence);
@@ -363,6 +373,9 @@ impl EventStore for JetStreamStore {
             .stream
             .create_consumer(OrderedConfig {
                 filter_subject: self.subject(stream),
+                // A batch message can be up to `max_message_bytes`; small pulls keep what the
+                // server has in flight to this client well under its slow-consumer limit.
+                max_batch: REPLAY_BATCH,
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: start,
                 },
@@ -388,12 +401,11 @@ impl EventStore for JetStreamStore {
                 })?;
             let Some(message) = next else { break };
             let message = message.map_err(|e| nats("replaying a session")(&e))?;
-            let base = message
+            let end_version = message
                 .headers
                 .as_ref()
-                .and_then(|h| h.get(BASE_VERSION))
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-                .unwrap_or(0);
+                .and_then(|h| h.get(VERSION))
+                .and_then(|v| v.as_str().parse::<u64>().ok());
             let info = message
                 .info()
                 .map_err(|e| nats("replaying a session")(&*e))?;
@@ -401,10 +413,16 @@ impl EventStore for JetStreamStore {
             let batch =
                 codec::decode_batch(&message.payload).map_err(|source| StoreError::Decode {
                     stream: stream.to_owned(),
-                    version: base,
+                    version: end_version.unwrap_or(0),
                     source,
                 })?;
             let count = batch.len() as u64;
+            let base = end_version
+                .ok_or_else(|| StoreError::Nats {
+                    operation: "replaying a session",
+                    message: format!("message {sequence} has no valid {VERSION} header"),
+                })?
+                .saturating_sub(count);
             if base + count > version {
                 let skip = version.saturating_sub(base) as usize;
                 events.extend(batch.into_iter().skip(skip));
@@ -455,7 +473,7 @@ impl EventStore for JetStreamStore {
         })
         .unwrap_or_default();
         self.snapshots
-            .put(stream, Bytes::from(bytes))
+            .put(stream, &mut bytes.as_slice())
             .await
             .map_err(|e| nats("saving a snapshot")(&e))?;
         Ok(())
@@ -463,14 +481,15 @@ impl EventStore for JetStreamStore {
 
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
         check_stream(stream)?;
-        let Some(bytes) = self
-            .snapshots
-            .get(stream)
-            .await
-            .map_err(|e| nats("loading a snapshot")(&e))?
-        else {
-            return Ok(None);
+        let mut object = match self.snapshots.get(stream).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(nats("loading a snapshot")(&e)),
         };
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(|e| nats("reading a snapshot")(&e))?;
         let decoded = serde_json::from_slice::<StoredSnapshot>(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|stored| {

@@ -51,7 +51,7 @@ async fn a_retried_append_is_deduplicated_and_a_different_one_conflicts() {
     let batch = events(2, "x");
     assert_eq!(first.append("dup", 0, &batch).await.unwrap(), 2);
     // The same batch sent again at the same position (an append whose ack was lost, retried):
-    // the server recognises its Nats-Msg-Id and nothing is stored twice.
+    // the store recognises its batch as the session's last message and nothing is stored twice.
     assert_eq!(retrying.append("dup", 0, &batch).await.unwrap(), 2);
     assert_eq!(first.load_all("dup").await.unwrap(), batch);
     // A different batch from an instance that has not seen the append is refused by the
@@ -77,11 +77,11 @@ async fn an_undecodable_snapshot_is_ignored() {
     let store = connect(&server).await;
     store.append("s", 0, &events(3, "a")).await.unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
-    let kv = async_nats::jetstream::new(client)
-        .get_key_value("planner_snapshots")
+    let bucket = async_nats::jetstream::new(client)
+        .get_object_store("planner_snapshots")
         .await
         .unwrap();
-    kv.put("s", "not a snapshot".into()).await.unwrap();
+    bucket.put("s", &mut &b"not a snapshot"[..]).await.unwrap();
     assert_eq!(store.load_snapshot("s").await.unwrap(), None);
     assert_eq!(load_planner(&store, "s").await.unwrap().version(), 3);
 }

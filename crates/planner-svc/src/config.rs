@@ -1,0 +1,539 @@
+//! The daemon's settings: `config/planner.toml`, then `PLANNER_*` environment variables, then
+//! command-line flags, each overriding the one before. Every key has a default (see
+//! `config/planner.toml`, which documents them all); problems are reported together, each
+//! naming its key, and the binary exits with status 64.
+//!
+//! Environment variables name a key by its path, upper-cased, sections joined with `__`:
+//! `PLANNER_NATS__URL`, `PLANNER_SESSIONS__MAX_LOADED`, `PLANNER_PLANNER__RETRY__MAX_ATTEMPTS`.
+//! Values are read as TOML (numbers, booleans) and otherwise as strings.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use planner_core::PlannerConfig;
+use serde::{Deserialize, Serialize};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/planner.toml";
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "PLANNER_";
+
+/// Every setting of the daemon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// How to reach NATS.
+    pub nats: NatsConfig,
+    /// Subject names.
+    pub subjects: SubjectsConfig,
+    /// Where events live.
+    pub store: StoreConfig,
+    /// The work-queue stream dispatches go through.
+    pub dispatch: DispatchConfig,
+    /// The stream executor reports are captured in.
+    pub reports: ReportsConfig,
+    /// Sessions held in memory.
+    pub sessions: SessionsConfig,
+    /// Input limits.
+    pub limits: LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Stopping.
+    pub shutdown: ShutdownConfig,
+    /// The planner settings every new session starts with.
+    pub planner: PlannerConfig,
+}
+
+/// How to reach NATS. Empty strings mean "not set".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// The connection's name, shown by the server.
+    pub name: String,
+    /// User name (with `password`).
+    pub user: String,
+    /// Password (with `user`).
+    pub password: String,
+    /// Token authentication.
+    pub token: String,
+    /// A file holding an nkey seed.
+    pub nkey_seed_file: String,
+    /// A `.creds` file (JWT + nkey).
+    pub creds_file: String,
+    /// Require TLS.
+    pub tls_required: bool,
+    /// CA certificate file for TLS.
+    pub tls_ca_file: String,
+    /// Client certificate file for mutual TLS (with `tls_key_file`).
+    pub tls_cert_file: String,
+    /// Client key file for mutual TLS.
+    pub tls_key_file: String,
+    /// Time allowed to connect, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time allowed for a request (and a JetStream ack), in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "planner-svc".into(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            nkey_seed_file: String::new(),
+            creds_file: String::new(),
+            tls_required: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Subject names (see docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubjectsConfig {
+    /// Every subject starts with this (dot-separated tokens).
+    pub prefix: String,
+}
+
+impl Default for SubjectsConfig {
+    fn default() -> Self {
+        SubjectsConfig {
+            prefix: "planner".into(),
+        }
+    }
+}
+
+/// Which store, and its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// JetStream (production; needs NATS).
+    Jetstream,
+    /// The file store in `data_dir` (single node).
+    File,
+    /// In memory (tests; nothing survives).
+    Memory,
+}
+
+/// When the file store syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncSetting {
+    /// Every append.
+    Always,
+    /// Appends waiting together share one sync.
+    Group,
+    /// Never (survives a process crash, not a power cut).
+    Never,
+}
+
+/// Where events live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `jetstream`, `file` or `memory`.
+    pub kind: StoreKind,
+    /// The file store's directory.
+    pub data_dir: PathBuf,
+    /// The file store's sync policy.
+    pub fsync: FsyncSetting,
+    /// The JetStream stream holding events.
+    pub stream_name: String,
+    /// The Object Store bucket holding snapshots.
+    pub snapshot_bucket: String,
+    /// JetStream replicas (1, 3 or 5).
+    pub replicas: usize,
+    /// The event stream's size limit in bytes (-1: none).
+    pub max_bytes: i64,
+    /// The largest append (the events of one command), in bytes.
+    pub max_append_bytes: usize,
+    /// A snapshot every this many events (0: never).
+    pub snapshot_every: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Jetstream,
+            data_dir: PathBuf::from("planner-data"),
+            fsync: FsyncSetting::Group,
+            stream_name: "PLANNER_EVENTS".into(),
+            snapshot_bucket: "planner_snapshots".into(),
+            replicas: 1,
+            max_bytes: -1,
+            max_append_bytes: 1024 * 1024,
+            snapshot_every: 1_000,
+        }
+    }
+}
+
+/// The work-queue stream dispatches go through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Its name.
+    pub stream_name: String,
+    /// How long a dispatch id is remembered, in seconds: a re-published dispatch inside this
+    /// window never reaches an executor twice.
+    pub duplicate_window_s: u64,
+    /// Replicas.
+    pub replicas: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            stream_name: "PLANNER_TASKS".into(),
+            duplicate_window_s: 3_600,
+            replicas: 1,
+        }
+    }
+}
+
+/// The stream executor reports are captured in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReportsConfig {
+    /// Its name.
+    pub stream_name: String,
+    /// The durable consumer every instance shares.
+    pub consumer: String,
+    /// Reports processed at once per instance.
+    pub max_in_flight: usize,
+    /// Seconds before an unacknowledged report is redelivered.
+    pub ack_wait_s: u64,
+    /// Days reports are kept.
+    pub max_age_days: u64,
+    /// Replicas.
+    pub replicas: usize,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        ReportsConfig {
+            stream_name: "PLANNER_REPORTS".into(),
+            consumer: "planner-svc".into(),
+            max_in_flight: 256,
+            ack_wait_s: 30,
+            max_age_days: 7,
+            replicas: 1,
+        }
+    }
+}
+
+/// Sessions held in memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Most sessions held at once; the least recently used idle ones go first.
+    pub max_loaded: usize,
+    /// Seconds after which an idle session is dropped from memory (reloaded on demand).
+    pub idle_timeout_s: u64,
+    /// How often a command is retried after losing an optimistic-concurrency race.
+    pub conflict_retries: u32,
+    /// Seconds between sweeps that re-publish undelivered dispatches and arm timers of
+    /// sessions not in memory.
+    pub recovery_interval_s: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            max_loaded: 10_000,
+            idle_timeout_s: 300,
+            conflict_retries: 5,
+            recovery_interval_s: 30,
+        }
+    }
+}
+
+/// Input limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest command or report accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// For people.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `planner_svc=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Stopping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Seconds to finish in-flight work after SIGTERM before exiting anyway.
+    pub grace_s: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_s: 10 }
+    }
+}
+
+/// Everything wrong with a configuration, each problem naming its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads the file (the default path only if it exists), applies `PLANNER_*` variables from
+    /// `env` and then `overrides` (`key.path=value`), and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut table = match path {
+            Some(path) => read_table(path, &mut problems),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                read_table(Path::new(DEFAULT_CONFIG_PATH), &mut problems)
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = rest.to_lowercase().replace("__", ".");
+            set_path(&mut table, &key, &value, &format!("environment variable {name}"), &mut problems);
+        }
+        for entry in overrides {
+            match entry.split_once('=') {
+                Some((key, value)) => {
+                    set_path(&mut table, key.trim(), value.trim(), &format!("--set {key}"), &mut problems)
+                }
+                None => problems.push(format!("--set {entry:?}: expected key.path=value")),
+            }
+        }
+        unknown_keys(&table, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        // Through text, so that type errors name their key.
+        let text = toml::to_string(&table).unwrap_or_default();
+        let config: Config = match toml::from_str(&text) {
+            Ok(config) => config,
+            Err(e) => {
+                return Err(ConfigError {
+                    problems: vec![e.message().to_owned() + &key_hint(&e, &text)],
+                })
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.nats.url.trim().is_empty() {
+            problems.push("nats.url must not be empty".into());
+        }
+        if !self.nats.user.is_empty() && self.nats.password.is_empty() {
+            problems.push("nats.password must be set with nats.user".into());
+        }
+        if self.nats.tls_cert_file.is_empty() != self.nats.tls_key_file.is_empty() {
+            problems.push("nats.tls_cert_file and nats.tls_key_file go together".into());
+        }
+        for (key, file) in [
+            ("nats.nkey_seed_file", &self.nats.nkey_seed_file),
+            ("nats.creds_file", &self.nats.creds_file),
+            ("nats.tls_ca_file", &self.nats.tls_ca_file),
+            ("nats.tls_cert_file", &self.nats.tls_cert_file),
+            ("nats.tls_key_file", &self.nats.tls_key_file),
+        ] {
+            if !file.is_empty() && !Path::new(file).is_file() {
+                problems.push(format!("{key}: no such file {file:?}"));
+            }
+        }
+        if !self
+            .subjects
+            .prefix
+            .split('.')
+            .all(planner_core::is_valid_token)
+        {
+            problems.push(format!(
+                "subjects.prefix {:?}: use dot-separated tokens of A-Z a-z 0-9 _ -",
+                self.subjects.prefix
+            ));
+        }
+        for (key, name) in [
+            ("store.stream_name", &self.store.stream_name),
+            ("dispatch.stream_name", &self.dispatch.stream_name),
+            ("reports.stream_name", &self.reports.stream_name),
+            ("reports.consumer", &self.reports.consumer),
+            ("store.snapshot_bucket", &self.store.snapshot_bucket),
+        ] {
+            if !planner_core::is_valid_token(name) {
+                problems.push(format!("{key} {name:?}: use 1 to 64 of A-Z a-z 0-9 _ -"));
+            }
+        }
+        for (key, replicas) in [
+            ("store.replicas", self.store.replicas),
+            ("dispatch.replicas", self.dispatch.replicas),
+            ("reports.replicas", self.reports.replicas),
+        ] {
+            if !matches!(replicas, 1 | 3 | 5) {
+                problems.push(format!("{key} must be 1, 3 or 5, not {replicas}"));
+            }
+        }
+        if self.store.max_append_bytes < 1024 {
+            problems.push("store.max_append_bytes must be at least 1024".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            problems.push("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.reports.max_in_flight == 0 {
+            problems.push("reports.max_in_flight must be at least 1".into());
+        }
+        if self.sessions.max_loaded == 0 {
+            problems.push("sessions.max_loaded must be at least 1".into());
+        }
+        if self.sessions.recovery_interval_s == 0 {
+            problems.push("sessions.recovery_interval_s must be at least 1".into());
+        }
+        if let Err(e) = self.planner.validate() {
+            problems.extend(e.problems.into_iter().map(|p| format!("planner.{p}")));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.nats.request_timeout_ms)
+    }
+}
+
+fn read_table(path: &Path, problems: &mut Vec<String>) -> toml::Table {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match text.parse::<toml::Table>() {
+            Ok(table) => table,
+            Err(e) => {
+                problems.push(format!("{}: {}", path.display(), e.message()));
+                toml::Table::new()
+            }
+        },
+        Err(e) => {
+            problems.push(format!("{}: {e}", path.display()));
+            toml::Table::new()
+        }
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, key: &str, raw: &str, source: &str, problems: &mut Vec<String>) {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        problems.push(format!("{source}: malformed key {key:?}"));
+        return;
+    }
+    let mut current = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = current
+            .entry((*part).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => current = t,
+            _ => {
+                problems.push(format!("{source}: {part} is not a section"));
+                return;
+            }
+        }
+    }
+    // A string-typed key keeps a value like "123" as a string: compare with the default.
+    let value = parse_value(raw);
+    current.insert(parts[parts.len() - 1].to_owned(), value);
+}
+
+/// Reports every key the config does not have (outside `planner`, which serde checks itself).
+fn unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
+    let Ok(toml::Value::Table(known)) = toml::Value::try_from(Config::default()) else {
+        return;
+    };
+    for (section, value) in table {
+        match (known.get(section), value) {
+            (None, _) => problems.push(format!("unknown section or key {section:?}")),
+            (Some(_), _) if section == "planner" => {}
+            (Some(toml::Value::Table(known_keys)), toml::Value::Table(keys)) => {
+                for key in keys.keys() {
+                    if !known_keys.contains_key(key) {
+                        problems.push(format!("unknown key {section}.{key}"));
+                    }
+                }
+            }
+            (Some(_), _) => problems.push(format!("{section} must be a section")),
+        }
+    }
+}
+
+fn key_hint(error: &toml::de::Error, text: &str) -> String {
+    error
+        .span()
+        .and_then(|span| {
+            let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
+            text.get(line_start..line_end)
+        })
+        .map(|line| format!(" (at `{}`)", line.trim()))
+        .unwrap_or_default()
+}
