@@ -33,7 +33,9 @@ fn typical_batch(session: usize, i: usize) -> Vec<Event> {
             task_id: task_id.clone(),
             attempt: 1,
             status: TaskStatus::Completed,
-            output: Some(format!("session {session}: 42 rows matched; see report-{i}.csv")),
+            output: Some(format!(
+                "session {session}: 42 rows matched; see report-{i}.csv"
+            )),
             error: None,
             tokens_used: Some(120),
             at: Timestamp(i as u64),
@@ -70,7 +72,12 @@ fn rate(n: usize, elapsed: Duration) -> String {
 }
 
 /// `sessions` concurrent writers, each appending `appends` typical batches in sequence.
-async fn append_load<S: EventStore>(store: Arc<S>, tag: &str, sessions: usize, appends: usize) -> Duration {
+async fn append_load<S: EventStore>(
+    store: Arc<S>,
+    tag: &str,
+    sessions: usize,
+    appends: usize,
+) -> Duration {
     let start = Instant::now();
     let mut handles = Vec::new();
     for s in 0..sessions {
@@ -79,7 +86,10 @@ async fn append_load<S: EventStore>(store: Arc<S>, tag: &str, sessions: usize, a
         handles.push(tokio::spawn(async move {
             let mut version = 0;
             for i in 0..appends {
-                version = store.append(&stream, version, &typical_batch(s, i)).await.unwrap();
+                version = store
+                    .append(&stream, version, &typical_batch(s, i))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -91,7 +101,11 @@ async fn append_load<S: EventStore>(store: Arc<S>, tag: &str, sessions: usize, a
 
 /// A real planner session of at least `events` events, as the batches of its process() calls.
 fn long_real_session(events: usize) -> Vec<Vec<Event>> {
-    let mut planner = Planner::with_config(PlannerConfig { max_parallel: 16, ..PlannerConfig::default() }).unwrap();
+    let mut planner = Planner::with_config(PlannerConfig {
+        max_parallel: 16,
+        ..PlannerConfig::default()
+    })
+    .unwrap();
     let mut batches = Vec::new();
     let mut total = 0;
     let mut now = 0;
@@ -103,13 +117,22 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
                 description: format!("step {i} of request {turn}"),
                 kind: NodeKind::ToolCall,
                 target: "bench".into(),
-                dependencies: if i >= 16 { vec![TaskId(format!("r{turn}_{}", i - 16))] } else { vec![] },
+                dependencies: if i >= 16 {
+                    vec![TaskId(format!("r{turn}_{}", i - 16))]
+                } else {
+                    vec![]
+                },
                 attachments: vec![],
                 question: None,
             })
             .collect();
         let first = planner
-            .process(Command::Initialize { input: format!("request {turn}"), attachments: vec![], plan: Some(PlanSpec { tasks }), now: Timestamp(now) })
+            .process(Command::Initialize {
+                input: format!("request {turn}"),
+                attachments: vec![],
+                plan: Some(PlanSpec { tasks }),
+                now: Timestamp(now),
+            })
             .unwrap();
         total += first.len();
         batches.push(first);
@@ -126,7 +149,14 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
                 now += 1;
                 let batch = planner
                     .process(Command::HandleExecutorEvent {
-                        event: ExecutorEvent { task_id, attempt, outcome: ExecutorOutcome::Completed { output: "ok: 42 rows".into(), tokens_used: Some(10) } },
+                        event: ExecutorEvent {
+                            task_id,
+                            attempt,
+                            outcome: ExecutorOutcome::Completed {
+                                output: "ok: 42 rows".into(),
+                                tokens_used: Some(10),
+                            },
+                        },
                         now: Timestamp(now),
                     })
                     .unwrap();
@@ -142,15 +172,27 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
 async fn bench_file(root: &std::path::Path) {
     let sessions = 64;
     let appends = scale(200);
-    for (name, policy) in [("always", FsyncPolicy::Always), ("group", FsyncPolicy::Group), ("never", FsyncPolicy::Never)] {
+    for (name, policy) in [
+        ("always", FsyncPolicy::Always),
+        ("group", FsyncPolicy::Group),
+        ("never", FsyncPolicy::Never),
+    ] {
         let dir = tempfile::tempdir_in(root).unwrap();
         let mut config = FileStoreConfig::new(dir.path());
         config.fsync = policy;
         let store = Arc::new(FileStore::open(config).unwrap());
         let sequential = append_load(Arc::clone(&store), "seq", 1, scale(500)).await;
-        row("file append", &format!("fsync {name}, 1 session, one at a time"), rate(scale(500), sequential));
+        row(
+            "file append",
+            &format!("fsync {name}, 1 session, one at a time"),
+            rate(scale(500), sequential),
+        );
         let concurrent = append_load(Arc::clone(&store), "par", sessions, appends).await;
-        row("file append", &format!("fsync {name}, {sessions} sessions in flight"), rate(sessions * appends, concurrent));
+        row(
+            "file append",
+            &format!("fsync {name}, {sessions} sessions in flight"),
+            rate(sessions * appends, concurrent),
+        );
     }
 
     // Replay of a 1M-event session.
@@ -161,8 +203,13 @@ async fn bench_file(root: &std::path::Path) {
     let events = scale(1_000_000);
     let batch = 1_000.min(events);
     for b in 0..events / batch {
-        let chunk: Vec<Event> = (0..batch).flat_map(|i| typical_batch(0, b * batch + i).into_iter().take(1)).collect();
-        store.append("million", (b * batch) as u64, &chunk).await.unwrap();
+        let chunk: Vec<Event> = (0..batch)
+            .flat_map(|i| typical_batch(0, b * batch + i).into_iter().take(1))
+            .collect();
+        store
+            .append("million", (b * batch) as u64, &chunk)
+            .await
+            .unwrap();
     }
     let samples: Vec<Duration> = futures_lite_block(3, || async {
         let start = Instant::now();
@@ -171,7 +218,15 @@ async fn bench_file(root: &std::path::Path) {
         start.elapsed()
     })
     .await;
-    row("file replay", &format!("load_all of a {events}-event session (median of 3)"), format!("{:.0} ms, {}", median(samples.clone()).as_secs_f64() * 1e3, rate(events, median(samples))));
+    row(
+        "file replay",
+        &format!("load_all of a {events}-event session (median of 3)"),
+        format!(
+            "{:.0} ms, {}",
+            median(samples.clone()).as_secs_f64() * 1e3,
+            rate(events, median(samples))
+        ),
+    );
 
     // A 100k-event real session with snapshots every 1,000 events.
     let dir = tempfile::tempdir_in(root).unwrap();
@@ -208,8 +263,16 @@ async fn load_with_snapshots<S: EventStore>(store: &S, name: &str) {
         start.elapsed()
     })
     .await;
-    row(&format!("{name} load"), &format!("{events}-event session, snapshot every 1,000 (median of 5)"), format!("{:.1} ms", median(with_snapshot).as_secs_f64() * 1e3));
-    row(&format!("{name} load"), &format!("same session, full replay (median of 3)"), format!("{:.1} ms", median(full).as_secs_f64() * 1e3));
+    row(
+        &format!("{name} load"),
+        &format!("{events}-event session, snapshot every 1,000 (median of 5)"),
+        format!("{:.1} ms", median(with_snapshot).as_secs_f64() * 1e3),
+    );
+    row(
+        &format!("{name} load"),
+        "same session, full replay (median of 3)",
+        format!("{:.1} ms", median(full).as_secs_f64() * 1e3),
+    );
 }
 
 /// Runs `f` `n` times in sequence and collects the results.
@@ -238,10 +301,22 @@ async fn raw_ceiling(client: &async_nats::Client, label: &str) -> f64 {
     let n = scale(2_000);
     let start = Instant::now();
     for _ in 0..n {
-        js.publish("raw.one", payload.clone()).await.unwrap().await.unwrap();
+        js.publish("raw.one", payload.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     let one = start.elapsed();
-    row("JetStream raw publish+ack", &format!("{label}300 B, one at a time"), format!("{} ({:.0} µs each)", rate(n, one), one.as_secs_f64() * 1e6 / n as f64));
+    row(
+        "JetStream raw publish+ack",
+        &format!("{label}300 B, one at a time"),
+        format!(
+            "{} ({:.0} µs each)",
+            rate(n, one),
+            one.as_secs_f64() * 1e6 / n as f64
+        ),
+    );
     let mut best = 0.0f64;
     for window in [64usize, 512] {
         let n = scale(20_000);
@@ -260,7 +335,11 @@ async fn raw_ceiling(client: &async_nats::Client, label: &str) -> f64 {
         let elapsed = start.elapsed();
         let per_sec = n as f64 / elapsed.as_secs_f64();
         best = best.max(per_sec);
-        row("JetStream raw publish+ack", &format!("{label}300 B, {window} acks in flight"), rate(n, elapsed));
+        row(
+            "JetStream raw publish+ack",
+            &format!("{label}300 B, {window} acks in flight"),
+            rate(n, elapsed),
+        );
     }
     js.delete_stream("RAW").await.unwrap();
     best
@@ -269,26 +348,44 @@ async fn raw_ceiling(client: &async_nats::Client, label: &str) -> f64 {
 async fn bench_jetstream(server: &NatsServer, label: &str) {
     let client = async_nats::connect(server.url()).await.unwrap();
     let ceiling = raw_ceiling(&client, label).await;
-    let store = Arc::new(JetStreamStore::connect(client.clone(), JetStreamConfig::default()).await.unwrap());
+    let store = Arc::new(
+        JetStreamStore::connect(client.clone(), JetStreamConfig::default())
+            .await
+            .unwrap(),
+    );
     let appends = scale(500);
     let sequential = append_load(Arc::clone(&store), "seq", 1, appends).await;
-    row("JetStream store append", &format!("{label}1 session, one at a time"), rate(appends, sequential));
+    row(
+        "JetStream store append",
+        &format!("{label}1 session, one at a time"),
+        rate(appends, sequential),
+    );
     for sessions in [64usize, 256, 512] {
         let per = scale(20_000) / sessions;
-        let elapsed = append_load(Arc::clone(&store), &format!("par{sessions}"), sessions, per).await;
+        let elapsed =
+            append_load(Arc::clone(&store), &format!("par{sessions}"), sessions, per).await;
         let per_sec = (sessions * per) as f64 / elapsed.as_secs_f64();
         row(
             "JetStream store append",
             &format!("{label}{sessions} sessions in flight"),
-            format!("{} = {:.0}% of the pipelined ceiling", rate(sessions * per, elapsed), 100.0 * per_sec / ceiling),
+            format!(
+                "{} = {:.0}% of the pipelined ceiling",
+                rate(sessions * per, elapsed),
+                100.0 * per_sec / ceiling
+            ),
         );
     }
 
     let events = scale(1_000_000);
     let batch = 1_000.min(events);
     for b in 0..events / batch {
-        let chunk: Vec<Event> = (0..batch).flat_map(|i| typical_batch(0, b * batch + i).into_iter().take(1)).collect();
-        store.append("million", (b * batch) as u64, &chunk).await.unwrap();
+        let chunk: Vec<Event> = (0..batch)
+            .flat_map(|i| typical_batch(0, b * batch + i).into_iter().take(1))
+            .collect();
+        store
+            .append("million", (b * batch) as u64, &chunk)
+            .await
+            .unwrap();
     }
     let samples = futures_lite_block(3, || async {
         let start = Instant::now();
@@ -298,7 +395,11 @@ async fn bench_jetstream(server: &NatsServer, label: &str) {
     })
     .await;
     let m = median(samples);
-    row("JetStream replay", &format!("{label}load_all of a {events}-event session (median of 3)"), format!("{:.0} ms, {}", m.as_secs_f64() * 1e3, rate(events, m)));
+    row(
+        "JetStream replay",
+        &format!("{label}load_all of a {events}-event session (median of 3)"),
+        format!("{:.0} ms, {}", m.as_secs_f64() * 1e3, rate(events, m)),
+    );
     load_with_snapshots(store.as_ref(), &format!("JetStream {label}")).await;
 }
 

@@ -47,8 +47,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::object_store::{self, GetErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::object_store::{self, GetErrorKind};
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind, StorageType};
 use async_nats::jetstream::{self, Context};
 use bytes::Bytes;
@@ -331,10 +331,7 @@ impl EventStore for JetStreamStore {
                     .await
                     .ok();
                 if let Some(last) = last {
-                    let same = last
-                        .headers
-                        .get(BATCH_ID)
-                        .is_some_and(|v| v.as_str() == id);
+                    let same = last.headers.get(BATCH_ID).is_some_and(|v| v.as_str() == id);
                     if same {
                         self.remember(stream, new_version, last.sequence);
                         return Ok(new_version);

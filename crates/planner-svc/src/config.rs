@@ -344,13 +344,23 @@ impl Config {
                 continue;
             };
             let key = rest.to_lowercase().replace("__", ".");
-            set_path(&mut table, &key, &value, &format!("environment variable {name}"), &mut problems);
+            set_path(
+                &mut table,
+                &key,
+                &value,
+                &format!("environment variable {name}"),
+                &mut problems,
+            );
         }
         for entry in overrides {
             match entry.split_once('=') {
-                Some((key, value)) => {
-                    set_path(&mut table, key.trim(), value.trim(), &format!("--set {key}"), &mut problems)
-                }
+                Some((key, value)) => set_path(
+                    &mut table,
+                    key.trim(),
+                    value.trim(),
+                    &format!("--set {key}"),
+                    &mut problems,
+                ),
                 None => problems.push(format!("--set {entry:?}: expected key.path=value")),
             }
         }
@@ -481,7 +491,13 @@ fn parse_value(raw: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
 }
 
-fn set_path(table: &mut toml::Table, key: &str, raw: &str, source: &str, problems: &mut Vec<String>) {
+fn set_path(
+    table: &mut toml::Table,
+    key: &str,
+    raw: &str,
+    source: &str,
+    problems: &mut Vec<String>,
+) {
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         problems.push(format!("{source}: malformed key {key:?}"));
@@ -531,7 +547,9 @@ fn key_hint(error: &toml::de::Error, text: &str) -> String {
         .span()
         .and_then(|span| {
             let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-            let line_end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
+            let line_end = text[span.start..]
+                .find('\n')
+                .map_or(text.len(), |i| span.start + i);
             text.get(line_start..line_end)
         })
         .map(|line| format!(" (at `{}`)", line.trim()))

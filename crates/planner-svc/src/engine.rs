@@ -146,7 +146,9 @@ pub fn stamp(command: Command, at: Timestamp) -> Command {
             plan,
             now: at,
         },
-        Command::HandleExecutorEvent { event, .. } => Command::HandleExecutorEvent { event, now: at },
+        Command::HandleExecutorEvent { event, .. } => {
+            Command::HandleExecutorEvent { event, now: at }
+        }
         Command::AnswerClarification {
             task_id, answer, ..
         } => Command::AnswerClarification {
@@ -188,7 +190,16 @@ pub struct Engine<S, P> {
     timers: mpsc::UnboundedSender<(String, Option<Timestamp>)>,
 }
 
+impl<S, P> std::fmt::Debug for Engine<S, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Fires ticks at sessions' deadlines; run it with [`TimerLoop::run`].
+#[derive(Debug)]
 pub struct TimerLoop {
     updates: mpsc::UnboundedReceiver<(String, Option<Timestamp>)>,
 }
@@ -230,7 +241,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 })
             })
             .clone();
-        slot.last_used_ms.store(now().as_millis(), Ordering::Relaxed);
+        slot.last_used_ms
+            .store(now().as_millis(), Ordering::Relaxed);
         slot
     }
 
@@ -258,7 +270,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         self.handle_in_span(session, command).instrument(span).await
     }
 
-    async fn handle_in_span(&self, session: &str, command: Command) -> Result<Handled, EngineError> {
+    async fn handle_in_span(
+        &self,
+        session: &str,
+        command: Command,
+    ) -> Result<Handled, EngineError> {
         let retries = self.config.conflict_retries;
         for attempt in 0..=retries {
             let slot = self.slot(session);
@@ -399,8 +415,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             };
             // Only a session nobody is using, with nothing left to publish, is dropped; its
             // timer stays armed and reloads it when it fires.
-            let evictable = slot.state.try_lock().is_ok_and(|s| !s.unpublished)
-                && Arc::strong_count(slot) == 2;
+            let evictable =
+                slot.state.try_lock().is_ok_and(|s| !s.unpublished) && Arc::strong_count(slot) == 2;
             if evictable {
                 sessions.remove(session);
             }
@@ -515,7 +531,10 @@ pub fn in_flight(session: &str, planner: &Planner) -> Vec<Outgoing> {
                     session: session.to_owned(),
                     task_id: task.id.clone(),
                     attempt: pending.map_or(task.attempts, |p| p.attempt),
-                    question: task.question.clone().unwrap_or_else(|| task.description.clone()),
+                    question: task
+                        .question
+                        .clone()
+                        .unwrap_or_else(|| task.description.clone()),
                     deadline: pending.and_then(|p| p.deadline),
                 }));
             }

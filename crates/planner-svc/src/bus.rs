@@ -1,0 +1,95 @@
+//! Publishers: where outgoing messages go.
+
+use async_nats::jetstream;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::engine::{Outgoing, Publisher};
+use crate::protocol::{dispatch_id, Subjects};
+
+/// Publishes to NATS: dispatches through the JetStream work-queue stream (acknowledged, with
+/// `Nats-Msg-Id` = session.task.attempt), questions and cancellations on core subjects.
+#[derive(Debug, Clone)]
+pub struct NatsPublisher {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+}
+
+impl NatsPublisher {
+    /// A publisher on `client`.
+    pub fn new(client: async_nats::Client, subjects: Subjects) -> Self {
+        NatsPublisher {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            subjects,
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Bytes {
+    // These message types serialize infallibly (string keys, no floats).
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+impl Publisher for NatsPublisher {
+    async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        // Dispatches go out together and their acks are awaited together.
+        let mut acks = Vec::new();
+        for message in messages {
+            match message {
+                Outgoing::Task(task) => {
+                    let a = &task.assignment;
+                    let subject = self.subjects.task(a.kind, &a.target);
+                    let publish = PublishMessage::build()
+                        .payload(json(task))
+                        .message_id(dispatch_id(&task.session, &a.task_id, a.attempt));
+                    acks.push(self.jetstream.send_publish(subject, publish).await?);
+                }
+                Outgoing::Question(question) => {
+                    self.client
+                        .publish(self.subjects.question(&question.session), json(question))
+                        .await?;
+                }
+                Outgoing::Cancel(cancel) => {
+                    self.client
+                        .publish(
+                            self.subjects.cancel(&cancel.session, &cancel.task_id),
+                            json(cancel),
+                        )
+                        .await?;
+                }
+            }
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes into a channel: the embedded run's in-process bus.
+#[derive(Debug, Clone)]
+pub struct ChannelPublisher {
+    sender: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl ChannelPublisher {
+    /// A publisher and the receiving end of its bus.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<Outgoing>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (ChannelPublisher { sender }, receiver)
+    }
+}
+
+impl Publisher for ChannelPublisher {
+    async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        for message in messages {
+            self.sender
+                .send(message.clone())
+                .map_err(|_| anyhow::anyhow!("the in-process bus is closed"))?;
+        }
+        Ok(())
+    }
+}

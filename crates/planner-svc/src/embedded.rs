@@ -1,0 +1,242 @@
+//! `planner-svc run`: the same engine on an in-process bus, with the file store under a data
+//! directory, simulated executors, and questions asked on the terminal. No NATS needed.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use planner_core::{Command, Event, PlanPhase, PlannerConfig, TaskStatus};
+use planner_store::{FileStore, FileStoreConfig, SnapshotPolicy};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::ChannelPublisher;
+use crate::engine::{now, Engine, EngineConfig, Outgoing};
+use crate::sim::{SimBehaviour, SimExecutor};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The request.
+    pub request: String,
+    /// Where the file store lives.
+    pub data_dir: PathBuf,
+    /// The session id; a new one when absent.
+    pub session: Option<String>,
+    /// Answer questions "yes" instead of asking (also when stdin is not a terminal).
+    pub auto_answer: bool,
+    /// How the simulated executors behave.
+    pub behaviour: SimBehaviour,
+    /// The planner settings of a new session.
+    pub planner: PlannerConfig,
+}
+
+/// Runs the request to its end, printing progress to `out`; returns how the plan ended.
+pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<PlanPhase> {
+    let data_dir = options.data_dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || FileStore::open(FileStoreConfig::new(data_dir)))
+            .await?
+            .with_context(|| {
+                format!("opening the event store in {}", options.data_dir.display())
+            })?;
+    let (publisher, mut bus) = ChannelPublisher::new();
+    let (engine, timers) = Engine::new(
+        Arc::new(store),
+        Arc::new(publisher),
+        EngineConfig {
+            planner: options.planner.clone(),
+            snapshot: SnapshotPolicy::default(),
+            ..EngineConfig::default()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(timers.run(Arc::clone(&engine), shutdown.clone()));
+    let _stop_timers = shutdown.clone().drop_guard();
+
+    let session = options
+        .session
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    writeln!(
+        out,
+        "session {session} (events in {})",
+        options.data_dir.display()
+    )?;
+
+    // Every handled command's events come back here to be printed, in order.
+    let (progress_tx, mut progress) = mpsc::unbounded_channel::<Vec<Event>>();
+    let handled = engine
+        .handle(
+            &session,
+            Command::Initialize {
+                input: options.request.clone(),
+                attachments: vec![],
+                plan: None,
+                now: now(),
+            },
+        )
+        .await?;
+    let _ = progress_tx.send(handled.events);
+
+    let auto_answer = options.auto_answer || !std::io::stdin().is_terminal();
+    let mut seed = 1;
+    loop {
+        tokio::select! {
+            // Print what happened before acting on what it published.
+            biased;
+            Some(events) = progress.recv() => {
+                print_events(out, &events)?;
+                if let Some(phase) = ended(&events) {
+                    return Ok(phase);
+                }
+            }
+            Some(message) = bus.recv() => match message {
+                Outgoing::Task(task) => {
+                    writeln!(out, "-> {} attempt {} to {}", task.assignment.task_id, task.assignment.attempt, task.assignment.target)?;
+                    let engine = Arc::clone(&engine);
+                    let progress = progress_tx.clone();
+                    let session = session.clone();
+                    seed += 1;
+                    let mut executor = SimExecutor::new(options.behaviour, seed);
+                    tokio::spawn(async move {
+                        for event in [SimExecutor::started(&task), executor.outcome(&task)] {
+                            tokio::time::sleep(executor.latency() / 2).await;
+                            match engine.handle(&session, Command::HandleExecutorEvent { event, now: now() }).await {
+                                Ok(handled) => { let _ = progress.send(handled.events); }
+                                Err(error) => tracing::warn!(%error, "report refused"),
+                            }
+                        }
+                    });
+                }
+                Outgoing::Question(question) => {
+                    let answer = ask(out, &question.question, auto_answer).await?;
+                    let handled = engine
+                        .handle(&session, Command::AnswerClarification { task_id: question.task_id, answer, now: now() })
+                        .await?;
+                    let _ = progress_tx.send(handled.events);
+                }
+                Outgoing::Cancel(cancel) => {
+                    writeln!(out, "x  {} attempt {} cancelled", cancel.task_id, cancel.attempt)?;
+                }
+            },
+        }
+    }
+}
+
+fn ended(events: &[Event]) -> Option<PlanPhase> {
+    events.iter().find_map(|e| match e {
+        Event::PlanCompleted { .. } => Some(PlanPhase::Completed),
+        Event::PlanFailed { reason, .. } => Some(PlanPhase::Failed {
+            reason: reason.clone(),
+        }),
+        Event::PlanCancelled { .. } => Some(PlanPhase::Cancelled),
+        _ => None,
+    })
+}
+
+async fn ask(
+    out: &mut (dyn Write + Send),
+    question: &str,
+    auto_answer: bool,
+) -> anyhow::Result<String> {
+    if auto_answer {
+        writeln!(out, "?  {question} -> yes (auto)")?;
+        return Ok("yes".to_owned());
+    }
+    write!(out, "?  {question} > ")?;
+    out.flush()?;
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let line = line.trim();
+    Ok(if line.is_empty() {
+        "yes".to_owned()
+    } else {
+        line.to_owned()
+    })
+}
+
+/// Prints what a person following the plan wants to see.
+pub fn print_events(out: &mut (dyn Write + Send), events: &[Event]) -> std::io::Result<()> {
+    for event in events {
+        match event {
+            Event::TasksPlanned { tasks, source, .. } => {
+                writeln!(out, "planned {} tasks ({source:?}):", tasks.len())?;
+                for t in tasks {
+                    let deps: Vec<&str> = t.dependencies.iter().map(|d| d.as_str()).collect();
+                    let after = if deps.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  (after {})", deps.join(", "))
+                    };
+                    writeln!(
+                        out,
+                        "   {:<4} {:<13} {:<11} {}{after}",
+                        t.id.as_str(),
+                        t.kind.as_str(),
+                        t.target,
+                        t.description
+                    )?;
+                }
+            }
+            Event::TaskStatusUpdated {
+                task_id,
+                status: TaskStatus::Completed,
+                output,
+                ..
+            } => {
+                writeln!(
+                    out,
+                    "<- {task_id} completed: {}",
+                    output.as_deref().unwrap_or("")
+                )?;
+            }
+            Event::TaskStatusUpdated {
+                task_id,
+                status: TaskStatus::Failed,
+                error,
+                ..
+            } => {
+                writeln!(
+                    out,
+                    "<- {task_id} failed: {}",
+                    error.as_deref().unwrap_or("")
+                )?;
+            }
+            Event::RetryScheduled {
+                task_id,
+                error,
+                not_before,
+                at,
+                ..
+            } => {
+                let wait = not_before.as_millis().saturating_sub(at.as_millis());
+                writeln!(out, "<- {task_id} failed ({error}); retry in {wait} ms")?;
+            }
+            Event::ClarificationAnswered {
+                task_id, answer, ..
+            } => {
+                writeln!(out, "<- {task_id} answered: {answer}")?;
+            }
+            Event::ContextCompacted {
+                tokens_before,
+                tokens_after,
+                ..
+            } => {
+                writeln!(
+                    out,
+                    "   context compacted: {tokens_before} -> {tokens_after} tokens"
+                )?;
+            }
+            Event::PlanCompleted { .. } => writeln!(out, "plan completed")?,
+            Event::PlanFailed { reason, .. } => writeln!(out, "plan failed: {reason:?}")?,
+            Event::PlanCancelled { .. } => writeln!(out, "plan cancelled")?,
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The planner daemon: the thin shell that runs `planner-core` planners for many sessions, keeps
+//! their events in a `planner-store` store, and talks NATS.
+//!
+//! # Layout
+//!
+//! - `config.rs`: settings from `config/planner.toml`, `PLANNER_*` variables and flags.
+//! - `protocol.rs`: subjects and wire messages (the code behind `docs/protocol.md`).
+//! - `engine.rs`: sessions, the persist-then-publish loop, timers, the outbox. No transport.
+//! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
+//! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
+//! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
+//! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
+
+pub mod bus;
+pub mod config;
+pub mod embedded;
+pub mod engine;
+pub mod protocol;
+pub mod serve;
+pub mod sim;

@@ -1,0 +1,335 @@
+//! `planner-svc`: the planner daemon and its tools. See `--help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use planner_core::{PlanPhase, Planner};
+use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
+use planner_svc::config::{Config, LogFormat, StoreKind};
+use planner_svc::embedded::{print_events, run, RunOptions};
+use planner_svc::protocol::Subjects;
+use planner_svc::serve::{connect, serve};
+use planner_svc::sim::SimBehaviour;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a bad configuration (EX_CONFIG is 78; 64, EX_USAGE, is what operators
+/// script against for "fix your settings").
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "planner-svc",
+    version,
+    about = "Event-sourced task planner for agent clusters, on NATS"
+)]
+struct Cli {
+    /// The config file (default: config/planner.toml if it exists).
+    #[arg(long, global = true, env = "PLANNER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override a setting: `--set sessions.max_loaded=500` (repeatable; wins over env and file).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon on NATS.
+    Serve {
+        /// NATS server URL(s), comma-separated (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Plan and run a request in-process with simulated executors: no NATS needed.
+    Run {
+        /// The request (words are joined); a demo request when empty.
+        request: Vec<String>,
+        /// Where the file store keeps events (overrides store.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Continue an existing session with a follow-up request.
+        #[arg(long)]
+        session: Option<String>,
+        /// Answer every question "yes" instead of asking.
+        #[arg(long)]
+        yes: bool,
+        /// Simulated task duration in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Percent of simulated attempts that fail (and are retried).
+        #[arg(long, default_value_t = 0)]
+        fail_percent: u8,
+    },
+    /// Print a session's events and folded state, from the configured store.
+    Replay {
+        /// The session id.
+        session: String,
+        /// Print events as JSON lines instead of a summary.
+        #[arg(long)]
+        json: bool,
+        /// Read the file store in this directory (overrides the configured store).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// List the sessions in the configured store.
+    Sessions {
+        /// Read the file store in this directory (overrides the configured store).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+const DEMO_REQUEST: &str = "1. Search for direct flights from Lisbon to Oslo\n2. Which dates suit you?\n3. Compare the prices and summarize the best three options\n4. Email the summary to <address>";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut overrides = cli.set.clone();
+    match &cli.command {
+        Cmd::Serve {
+            nats_url: Some(url),
+        } => overrides.push(format!("nats.url=\"{url}\"")),
+        Cmd::Run {
+            data_dir: Some(dir),
+            ..
+        }
+        | Cmd::Replay {
+            data_dir: Some(dir),
+            ..
+        }
+        | Cmd::Sessions {
+            data_dir: Some(dir),
+        } => {
+            overrides.push(format!("store.data_dir=\"{}\"", dir.display()));
+            overrides.push("store.kind=\"file\"".into());
+        }
+        _ => {}
+    }
+    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("planner-svc: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let quiet = !matches!(cli.command, Cmd::Serve { .. });
+    init_logging(&config, quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("planner-svc: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("planner-svc: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config, quiet: bool) {
+    let default = if quiet {
+        "warn"
+    } else {
+        config.log.level.as_str()
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Cmd::Serve { .. } => {
+            tracing::info!(config = ?config, version = env!("CARGO_PKG_VERSION"), "effective configuration");
+            serve(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            request,
+            yes,
+            latency_ms,
+            fail_percent,
+            session,
+            ..
+        } => {
+            let request = request.join(" ");
+            let request = if request.trim().is_empty() {
+                DEMO_REQUEST.to_owned()
+            } else {
+                request
+            };
+            let options = RunOptions {
+                request,
+                data_dir: config.store.data_dir.clone(),
+                session,
+                auto_answer: yes,
+                behaviour: SimBehaviour {
+                    latency: Duration::from_millis(latency_ms),
+                    fail_percent,
+                    ..SimBehaviour::default()
+                },
+                planner: config.planner.clone(),
+            };
+            let mut out = std::io::stdout();
+            let phase = run(options, &mut out).await?;
+            Ok(if phase == PlanPhase::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Replay { session, json, .. } => {
+            with_store(&config, |store| async move {
+                replay(&store, &session, json).await
+            })
+            .await
+        }
+        Cmd::Sessions { .. } => {
+            with_store(&config, |store| async move {
+                for session in store.list_streams().await? {
+                    println!("{session}");
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+            .await
+        }
+    }
+}
+
+async fn with_store<F, Fut>(config: &Config, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(AnyStore) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let store = match config.store.kind {
+        StoreKind::File => {
+            let dir = config.store.data_dir.clone();
+            AnyStore::File(
+                tokio::task::spawn_blocking(move || FileStore::open(FileStoreConfig::new(dir)))
+                    .await?
+                    .context("opening the file store")?,
+            )
+        }
+        StoreKind::Jetstream => {
+            let client = connect(config).await?;
+            AnyStore::JetStream(Box::new(
+                JetStreamStore::connect(
+                    client,
+                    JetStreamConfig {
+                        stream_name: config.store.stream_name.clone(),
+                        subject_prefix: Subjects::new(&config.subjects.prefix).events_prefix(),
+                        snapshot_bucket: config.store.snapshot_bucket.clone(),
+                        ..JetStreamConfig::default()
+                    },
+                )
+                .await?,
+            ))
+        }
+        StoreKind::Memory => anyhow::bail!(
+            "the memory store holds nothing to inspect; use --data-dir or store.kind=jetstream"
+        ),
+    };
+    f(store).await
+}
+
+/// The stores an operator command can read.
+enum AnyStore {
+    File(FileStore),
+    JetStream(Box<JetStreamStore>),
+}
+
+impl AnyStore {
+    async fn list_streams(&self) -> Result<Vec<String>, planner_store::StoreError> {
+        match self {
+            AnyStore::File(s) => s.list_streams().await,
+            AnyStore::JetStream(s) => s.list_streams().await,
+        }
+    }
+
+    async fn load_all(
+        &self,
+        session: &str,
+    ) -> Result<Vec<planner_core::Event>, planner_store::StoreError> {
+        match self {
+            AnyStore::File(s) => s.load_all(session).await,
+            AnyStore::JetStream(s) => s.load_all(session).await,
+        }
+    }
+}
+
+async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let events = store.load_all(session).await?;
+    if events.is_empty() {
+        eprintln!("no events for session {session}");
+        return Ok(ExitCode::from(1));
+    }
+    if json {
+        for event in &events {
+            println!("{}", serde_json::to_string(event)?);
+        }
+    } else {
+        let mut out = std::io::stdout();
+        for (version, event) in events.iter().enumerate() {
+            println!("{version:>6} {}", event.event_type());
+            print_events(&mut out, std::slice::from_ref(event))?;
+        }
+    }
+    let planner = Planner::fold(&events);
+    let state = planner.state();
+    let open: Vec<&str> = state
+        .tasks
+        .iter()
+        .filter(|t| !t.status.is_terminal())
+        .map(|t| t.id.as_str())
+        .collect();
+    eprintln!(
+        "session {session}: version {}, phase {:?}, {} tasks ({} open: {}), {} dispatches, {} tokens",
+        state.version,
+        state.phase,
+        state.tasks.len(),
+        open.len(),
+        open.join(" "),
+        state.usage.dispatches,
+        state.usage.tokens
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,409 @@
+//! `planner-svc serve`: the daemon on NATS.
+//!
+//! - Commands: the micro-service `planner`, endpoint `command` on `{p}.cmd.*` (queue group
+//!   `planner`, so several instances share them; `$SRV.PING|INFO|STATS` work).
+//! - Executor reports: captured by the JetStream stream `PLANNER_REPORTS` on `{p}.report.*`,
+//!   consumed through one durable pull consumer every instance shares, acknowledged only after
+//!   the events they cause are persisted (and what those carry published).
+//! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
+//!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
+//!   reaches one executor of a pool, and waits while none is online.
+//! - Questions and cancellations on core subjects; the event log is the JetStream store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::AckPolicy;
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use planner_core::{Command, ExecutorEvent};
+use planner_store::{
+    EventStore, FileStore, FileStoreConfig, FsyncPolicy, JetStreamConfig, JetStreamStore,
+    MemoryStore, SnapshotPolicy,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::NatsPublisher;
+use crate::config::{Config, FsyncSetting, StoreKind};
+use crate::engine::{now, Engine, EngineConfig, EngineError};
+use crate::protocol::{CommandReply, CommandRequest, ErrorBody, ErrorNotice, Subjects};
+
+/// The daemon's version, reported to `$SRV.INFO`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Connects to NATS as configured.
+pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
+    let nats = &config.nats;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&nats.name)
+        .connection_timeout(Duration::from_millis(nats.connect_timeout_ms))
+        .request_timeout(Some(config.request_timeout()))
+        .event_callback(|event| async move {
+            tracing::info!(%event, "nats connection event");
+        });
+    if !nats.user.is_empty() {
+        options = options.user_and_password(nats.user.clone(), nats.password.clone());
+    }
+    if !nats.token.is_empty() {
+        options = options.token(nats.token.clone());
+    }
+    if !nats.nkey_seed_file.is_empty() {
+        let seed = std::fs::read_to_string(&nats.nkey_seed_file)
+            .with_context(|| format!("reading nats.nkey_seed_file {}", nats.nkey_seed_file))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if !nats.creds_file.is_empty() {
+        options = options
+            .credentials_file(&nats.creds_file)
+            .await
+            .with_context(|| format!("reading nats.creds_file {}", nats.creds_file))?;
+    }
+    if nats.tls_required {
+        options = options.require_tls(true);
+    }
+    if !nats.tls_ca_file.is_empty() {
+        options = options.add_root_certificates(nats.tls_ca_file.clone().into());
+    }
+    if !nats.tls_cert_file.is_empty() {
+        options = options.add_client_certificate(
+            nats.tls_cert_file.clone().into(),
+            nats.tls_key_file.clone().into(),
+        );
+    }
+    let urls: Vec<async_nats::ServerAddr> = nats
+        .url
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing nats.url {:?}", nats.url))?;
+    options
+        .connect(urls)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", nats.url))
+}
+
+fn engine_config(config: &Config) -> EngineConfig {
+    EngineConfig {
+        planner: config.planner.clone(),
+        snapshot: SnapshotPolicy {
+            every: config.store.snapshot_every,
+        },
+        conflict_retries: config.sessions.conflict_retries,
+        max_loaded: config.sessions.max_loaded,
+        idle_timeout: Duration::from_secs(config.sessions.idle_timeout_s),
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops intake, finishes in-flight work within
+/// `shutdown.grace_s`, drains the connection and returns.
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let client = connect(&config).await?;
+    match config.store.kind {
+        StoreKind::Jetstream => {
+            let store = JetStreamStore::connect(
+                client.clone(),
+                JetStreamConfig {
+                    stream_name: config.store.stream_name.clone(),
+                    subject_prefix: Subjects::new(&config.subjects.prefix).events_prefix(),
+                    snapshot_bucket: config.store.snapshot_bucket.clone(),
+                    storage: StorageType::File,
+                    replicas: config.store.replicas,
+                    max_bytes: config.store.max_bytes,
+                    max_message_bytes: i32::try_from(config.store.max_append_bytes)
+                        .unwrap_or(i32::MAX),
+                    ..JetStreamConfig::default()
+                },
+            )
+            .await
+            .context("opening the JetStream event store")?;
+            run_with(config, client, store, shutdown).await
+        }
+        StoreKind::File => {
+            let mut file = FileStoreConfig::new(&config.store.data_dir);
+            file.fsync = match config.store.fsync {
+                FsyncSetting::Always => FsyncPolicy::Always,
+                FsyncSetting::Group => FsyncPolicy::Group,
+                FsyncSetting::Never => FsyncPolicy::Never,
+            };
+            file.max_record_bytes = config.store.max_append_bytes;
+            let store = tokio::task::spawn_blocking(move || FileStore::open(file))
+                .await?
+                .context("opening the file event store")?;
+            run_with(config, client, store, shutdown).await
+        }
+        StoreKind::Memory => run_with(config, client, MemoryStore::new(), shutdown).await,
+    }
+}
+
+async fn ensure_streams(
+    config: &Config,
+    client: &async_nats::Client,
+) -> anyhow::Result<pull::Stream> {
+    let subjects = Subjects::new(&config.subjects.prefix);
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_or_create_stream(stream::Config {
+        name: config.dispatch.stream_name.clone(),
+        subjects: vec![subjects.tasks()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        num_replicas: config.dispatch.replicas,
+        duplicate_window: Duration::from_secs(config.dispatch.duplicate_window_s),
+        ..Default::default()
+    })
+    .await
+    .context("creating the dispatch stream")?;
+    let reports = js
+        .get_or_create_stream(stream::Config {
+            name: config.reports.stream_name.clone(),
+            subjects: vec![subjects.reports()],
+            storage: StorageType::File,
+            num_replicas: config.reports.replicas,
+            max_age: Duration::from_secs(config.reports.max_age_days * 86_400),
+            max_message_size: i32::try_from(config.limits.max_message_bytes).unwrap_or(i32::MAX),
+            ..Default::default()
+        })
+        .await
+        .context("creating the reports stream")?;
+    let consumer = reports
+        .get_or_create_consumer(
+            &config.reports.consumer,
+            pull::Config {
+                durable_name: Some(config.reports.consumer.clone()),
+                filter_subject: subjects.reports(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(config.reports.ack_wait_s),
+                max_ack_pending: i64::try_from(config.reports.max_in_flight * 4)
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("creating the reports consumer")?;
+    consumer
+        .messages()
+        .await
+        .context("subscribing to executor reports")
+}
+
+async fn run_with<S: EventStore>(
+    config: Config,
+    client: async_nats::Client,
+    store: S,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let subjects = Subjects::new(&config.subjects.prefix);
+    let publisher = NatsPublisher::new(client.clone(), subjects.clone());
+    let (engine, timers) =
+        Engine::new(Arc::new(store), Arc::new(publisher), engine_config(&config));
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let mut reports = ensure_streams(&config, &client).await?;
+    let service = client
+        .service_builder()
+        .description("event-sourced task planner")
+        .queue_group("planner")
+        .start("planner", VERSION)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering the micro-service: {e}"))?;
+    let mut commands = service
+        .endpoint_builder()
+        .name("command")
+        .add(subjects.commands())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the command endpoint: {e}"))?;
+
+    let recovered = engine
+        .recover()
+        .await
+        .context("recovering unfinished sessions")?;
+    tracing::info!(recovered, prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
+
+    tracker.spawn(timers.run(Arc::clone(&engine), token.clone()));
+    {
+        let engine = Arc::clone(&engine);
+        let token = token.clone();
+        let every = Duration::from_secs(config.sessions.recovery_interval_s);
+        tracker.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => engine.sweep().await,
+                }
+            }
+        });
+    }
+
+    let limits = Arc::new(Semaphore::new(config.reports.max_in_flight));
+    let max_bytes = config.limits.max_message_bytes;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            request = commands.next() => {
+                let Some(request) = request else { break };
+                let engine = Arc::clone(&engine);
+                let subjects = subjects.clone();
+                tracker.spawn(async move {
+                    let reply = command_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes).await;
+                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                    if let Err(error) = request.respond(Ok(body)).await {
+                        tracing::warn!(%error, "could not send a command reply");
+                    }
+                });
+            }
+            message = reports.next() => {
+                let Some(message) = message else { break };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        // Missed heartbeats while the server restarts; the stream recovers.
+                        tracing::warn!(%error, "executor report stream error");
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&limits).acquire_owned().await else { break };
+                let engine = Arc::clone(&engine);
+                let subjects = subjects.clone();
+                let client = client.clone();
+                tracker.spawn(async move {
+                    handle_report(&engine, &subjects, &client, message, max_bytes).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    tracing::info!("shutting down: intake stopped, finishing in-flight work");
+    let _ = commands.stop().await;
+    token.cancel();
+    tracker.close();
+    let grace = Duration::from_secs(config.shutdown.grace_s);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "in-flight work did not finish within the grace period"
+        );
+    }
+    let _ = service.stop().await;
+    client
+        .drain()
+        .await
+        .context("draining the NATS connection")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn error(kind: &str, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        kind: kind.to_owned(),
+        message: message.into(),
+    }
+}
+
+async fn command_reply<S: EventStore>(
+    engine: &Engine<S, NatsPublisher>,
+    subjects: &Subjects,
+    subject: &str,
+    payload: &[u8],
+    max_bytes: usize,
+) -> CommandReply {
+    if payload.len() > max_bytes {
+        return CommandReply::Error(error(
+            "too_large",
+            format!(
+                "the command is {} bytes, more than the limit of {max_bytes}",
+                payload.len()
+            ),
+        ));
+    }
+    let Some(session) = subjects.session_of(subject, "cmd") else {
+        return CommandReply::Error(error(
+            "bad_session",
+            format!("no session in subject {subject}"),
+        ));
+    };
+    let command = match serde_json::from_slice::<CommandRequest>(payload) {
+        Ok(CommandRequest(command)) => command,
+        Err(e) => {
+            tracing::warn!(session, error = %e, "malformed command");
+            return CommandReply::Error(error("malformed", format!("not a command: {e}")));
+        }
+    };
+    match engine.handle(session, command).await {
+        Ok(handled) => CommandReply::Ok {
+            version: handled.version,
+            events: handled.events,
+        },
+        Err(e) => {
+            tracing::warn!(session, error = %e, kind = e.kind(), "command refused");
+            CommandReply::Error(error(e.kind(), e.to_string()))
+        }
+    }
+}
+
+async fn handle_report<S: EventStore>(
+    engine: &Engine<S, NatsPublisher>,
+    subjects: &Subjects,
+    client: &async_nats::Client,
+    message: async_nats::jetstream::Message,
+    max_bytes: usize,
+) {
+    let subject = message.subject.to_string();
+    let session = subjects.session_of(&subject, "report").map(str::to_owned);
+    let refuse = |kind: &str, text: String| ErrorNotice {
+        subject: subject.clone(),
+        session: session.clone(),
+        error: error(kind, text),
+    };
+    let outcome: Result<(), ErrorNotice> = async {
+        if message.payload.len() > max_bytes {
+            return Err(refuse("too_large", format!("report of {} bytes, limit {max_bytes}", message.payload.len())));
+        }
+        let Some(session) = session.as_deref() else {
+            return Err(refuse("bad_session", "no session in subject".into()));
+        };
+        let event: ExecutorEvent = serde_json::from_slice(&message.payload)
+            .map_err(|e| refuse("malformed", format!("not an executor report: {e}")))?;
+        let task = event.task_id.clone();
+        match engine.handle(session, Command::HandleExecutorEvent { event, now: now() }).await {
+            Ok(_) => Ok(()),
+            Err(e @ (EngineError::Rejected(_) | EngineError::BadSession(_))) => {
+                tracing::warn!(session, task = %task, error = %e, "executor report refused");
+                Err(refuse(e.kind(), e.to_string()))
+            }
+            Err(e) => {
+                // Transient (store down, lost races): leave it for redelivery.
+                tracing::warn!(session, task = %task, error = %e, "executor report not processed; will be redelivered");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                Err(ErrorNotice { subject: String::new(), session: None, error: error("retry", String::new()) })
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            if let Err(error) = message.ack().await {
+                tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
+            }
+        }
+        Err(notice) if notice.error.kind == "retry" => {}
+        Err(notice) => {
+            // Bad input is terminated, not redelivered: it would fail the same way again.
+            let _ = message.ack_with(AckKind::Term).await;
+            let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+            let _ = client.publish(subjects.errors(), body).await;
+        }
+    }
+}
