@@ -9,6 +9,8 @@ use crate::types::{Attachment, TaskId, Timestamp};
 ///
 /// Time enters through the `now` fields: the planner never reads a clock. A `now` earlier than
 /// the latest time the planner has seen is treated as that latest time (time never runs back).
+/// On the wire `now` may be left out (it reads as 0, "no later than what was seen"); the daemon
+/// sets it from its own clock in any case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
@@ -24,6 +26,7 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         plan: Option<PlanSpec>,
         /// When the request arrived.
+        #[serde(default)]
         now: Timestamp,
     },
     /// A report from an executor about one attempt of one task.
@@ -31,6 +34,7 @@ pub enum Command {
         /// The report.
         event: ExecutorEvent,
         /// When it arrived.
+        #[serde(default)]
         now: Timestamp,
     },
     /// A human's answer to a question the planner asked.
@@ -40,6 +44,7 @@ pub enum Command {
         /// The answer.
         answer: String,
         /// When it arrived.
+        #[serde(default)]
         now: Timestamp,
     },
     /// Dispatch whatever is ready, at the latest time seen. A no-op when nothing is.
@@ -48,6 +53,7 @@ pub enum Command {
     /// the wall-time budget are checked. A tick with nothing due is a no-op.
     Tick {
         /// The current time.
+        #[serde(default)]
         now: Timestamp,
     },
     /// Fold older messages of the context into a summary now, whatever its size.
@@ -57,6 +63,7 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         summary: Option<String>,
         /// When.
+        #[serde(default)]
         now: Timestamp,
     },
     /// Cancel one task (with everything that depends on it) or the whole plan.
@@ -67,6 +74,7 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
         /// When.
+        #[serde(default)]
         now: Timestamp,
     },
 }

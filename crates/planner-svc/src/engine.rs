@@ -8,7 +8,9 @@
 //! (snapshot + tail), `process`, **append the events** (optimistic concurrency at the version the
 //! planner was at), then publish the dispatches, questions and cancellations they carry, then arm
 //! the session's timer. Nothing is published before its events are persisted. On a concurrency
-//! conflict (another instance appended first) the session is reloaded and the command retried.
+//! conflict (another instance appended first) the session is reloaded and the command retried;
+//! a command the planner refuses is retried the same way when the store shows the session moved
+//! on, so an instance never judges input against a stale copy.
 //!
 //! # The outbox
 //!
@@ -286,7 +288,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 continue;
             };
             let before = planner.version();
-            let events = planner.process(stamp(command.clone(), now()))?;
+            let events = match planner.process(stamp(command.clone(), now())) {
+                Ok(events) => events,
+                Err(refused) => {
+                    // Another instance may have moved the session on (a report for a task it
+                    // dispatched, say): judge the command against the latest state, not ours.
+                    if self.store.version(session).await? != before {
+                        state.planner = None;
+                        continue;
+                    }
+                    return Err(refused.into());
+                }
+            };
             planner.drain_log();
             if events.is_empty() {
                 return Ok(Handled {

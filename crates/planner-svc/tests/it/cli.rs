@@ -1,0 +1,127 @@
+//! The binary, spawned as a user would run it.
+
+use std::process::Command;
+
+fn planner_svc() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
+    // Tests must not pick up the repository's config or the caller's overrides.
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+#[test]
+fn run_plans_and_finishes_a_request_with_simulated_executors() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "2",
+            "1. search for hotels in Porto\n2. Which dates?\n3. then summarize the options",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "planned 3 tasks",
+        "-> t1 attempt 1 to web_search",
+        "?  Which dates? -> yes (auto)",
+        "<- t3 completed",
+        "plan completed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    // The session is on disk: replay reads it back.
+    let session = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let replay = planner_svc()
+        .current_dir(dir.path())
+        .args(["replay", "--data-dir", "data", &session])
+        .output()
+        .unwrap();
+    assert!(replay.status.success());
+    let summary = String::from_utf8_lossy(&replay.stderr);
+    assert!(
+        summary.contains("phase Completed") && summary.contains("3 tasks"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn retried_failures_still_finish_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "--set",
+            "planner.retry.initial_backoff_ms=5",
+            "--set",
+            "planner.retry.max_attempts=20",
+        ])
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+            "--fail-percent",
+            "40",
+            "--",
+            "- fetch a\n- fetch b\n- fetch c\n- fetch d",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("retry in"),
+        "40% failures should cause a retry:\n{stdout}"
+    );
+    assert!(stdout.contains("plan completed"), "{stdout}");
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_every_problem() {
+    let output = planner_svc()
+        .env("PLANNER_SESSIONS__BOGUS", "1")
+        .args(["--set", "nats.nope=2", "serve"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown key sessions.bogus"), "{stderr}");
+    assert!(stderr.contains("unknown key nats.nope"), "{stderr}");
+}
+
+#[test]
+fn replay_of_an_unknown_session_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = planner_svc()
+        .current_dir(dir.path())
+        .args(["replay", "--data-dir", "data", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no events for session nobody"));
+}

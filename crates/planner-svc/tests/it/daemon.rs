@@ -1,0 +1,346 @@
+//! The daemon end to end on a real nats-server.
+
+use std::time::Duration;
+
+use planner_core::{Event, PlanPhase, Planner};
+use planner_store::EventStore;
+use planner_svc::protocol::{CommandReply, ErrorNotice};
+use planner_testkit::NatsServer;
+use serde_json::json;
+
+use crate::harness::*;
+
+fn plan(tasks: &[(&str, &str, &[&str])]) -> serde_json::Value {
+    let tasks: Vec<_> = tasks
+        .iter()
+        .map(|(id, target, deps)| json!({"id": id, "description": format!("do {id}"), "kind": "tool_call", "target": target, "dependencies": deps}))
+        .collect();
+    json!({"type": "initialize", "input": "planned", "plan": {"tasks": tasks}})
+}
+
+fn ended_completed(events: &[Event]) -> bool {
+    Planner::fold(events).state().phase == PlanPhase::Completed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_plan_runs_with_parallel_branches_and_a_question_answered_by_the_ui() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let questions = start_ui(&server.url(), "blue").await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+
+    let reply = command(&client, "s-e2e", json!({"type": "initialize", "input": "- fetch a.txt\n- search the web for b\n- Which color?"})).await;
+    let CommandReply::Ok { events, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type() == "task_dispatched")
+            .count(),
+        2,
+        "two branches at once"
+    );
+
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "s-e2e").await;
+    assert!(
+        ended_completed(&events),
+        "{:?}",
+        Planner::fold(&events).state().phase
+    );
+    assert_eq!(questions.lock().unwrap().len(), 1);
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    let subjects = executors.subjects_seen.lock().unwrap().clone();
+    assert!(
+        subjects.contains("planner.task.tool_call.http_fetch"),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.contains("planner.task.tool_call.web_search"),
+        "{subjects:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_retried_after_its_backoff() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        fail_first: ["a".to_owned()].into(),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(
+        &client,
+        "s-retry",
+        plan(&[("a", "tool", &[]), ("b", "tool", &["a"])]),
+    )
+    .await;
+    let events = wait_for_end(&store(&server.url()).await, "s-retry").await;
+    assert!(ended_completed(&events));
+    assert!(events.iter().any(|e| e.event_type() == "retry_scheduled"));
+    let runs = executors.executions.lock().unwrap().clone();
+    assert_eq!(runs.get(&("s-retry".into(), "a".into(), 1)), Some(&1));
+    assert_eq!(
+        runs.get(&("s-retry".into(), "a".into(), 2)),
+        Some(&1),
+        "{runs:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_mid_plan_stops_the_running_task_on_the_cancel_subject() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        stall_targets: ["slow".to_owned()].into(),
+        ..Default::default()
+    };
+    let _executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut cancels = client.subscribe("planner.cancel.s-cancel.*").await.unwrap();
+    command(
+        &client,
+        "s-cancel",
+        plan(&[("a", "slow", &[]), ("b", "tool", &["a"])]),
+    )
+    .await;
+    let reply = command(
+        &client,
+        "s-cancel",
+        json!({"type": "cancel", "target": {"scope": "plan"}, "reason": "user left"}),
+    )
+    .await;
+    let CommandReply::Ok { events, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(events.last().map(Event::event_type), Some("plan_cancelled"));
+    let cancel = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut cancels),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(cancel.subject.as_str(), "planner.cancel.s-cancel.a");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_errors_and_changes_nothing() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-bad", plan(&[("a", "tool", &[])])).await;
+    let store = store(&server.url()).await;
+    let before = store.version("s-bad").await.unwrap();
+
+    let raw = |payload: Vec<u8>, session: &str| {
+        let client = client.clone();
+        let subject = format!("planner.cmd.{session}");
+        async move {
+            let reply = client.request(subject, payload.into()).await.unwrap();
+            serde_json::from_slice::<CommandReply>(&reply.payload).unwrap()
+        }
+    };
+    let kind = |reply: CommandReply| match reply {
+        CommandReply::Error(body) => body.kind,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert_eq!(kind(raw(b"{not json".to_vec(), "s-bad").await), "malformed");
+    assert_eq!(
+        kind(raw(br#"{"type":"explode"}"#.to_vec(), "s-bad").await),
+        "malformed"
+    );
+    assert_eq!(
+        kind(raw(vec![b' '; 300 * 1024], "s-bad").await),
+        "too_large"
+    );
+    assert_eq!(
+        kind(raw(br#"{"type":"continue"}"#.to_vec(), &"x".repeat(65)).await),
+        "bad_session"
+    );
+    assert_eq!(
+        kind(
+            command(
+                &client,
+                "s-bad",
+                json!({"type": "answer_clarification", "task_id": "zz", "answer": "x"})
+            )
+            .await
+        ),
+        "rejected"
+    );
+    assert_eq!(
+        kind(command(&client, "s-nobody", json!({"type": "continue"})).await),
+        "rejected"
+    );
+
+    // A report for an unknown task: no reply subject, so a notice on planner.errors.
+    let mut errors = client.subscribe("planner.errors").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        "planner.report.s-bad",
+        br#"{"task_id":"ghost","attempt":1,"status":"completed","output":"x"}"#
+            .to_vec()
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    js.publish("planner.report.s-bad", b"garbage".to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let notice = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut errors),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+        assert_eq!(notice.session.as_deref(), Some("s-bad"));
+        kinds.push(notice.error.kind);
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["malformed", "rejected"]);
+    assert_eq!(
+        store.version("s-bad").await.unwrap(),
+        before,
+        "nothing stored changed"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_plan_is_replaced_and_the_plan_completes_with_nothing_run_twice() {
+    let server = NatsServer::start().unwrap();
+    let first = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(40),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let chain: Vec<(String, String, Vec<String>)> = (0..8)
+        .map(|i| {
+            (
+                format!("t{i}"),
+                "tool".to_owned(),
+                if i == 0 {
+                    vec![]
+                } else {
+                    vec![format!("t{}", i - 1)]
+                },
+            )
+        })
+        .collect();
+    let tasks: Vec<_> = chain.iter().map(|(id, t, d)| json!({"id": id, "description": "step", "kind": "tool_call", "target": t, "dependencies": d})).collect();
+    command(
+        &client,
+        "s-crash",
+        json!({"type": "initialize", "input": "chain", "plan": {"tasks": tasks}}),
+    )
+    .await;
+    let store = store(&server.url()).await;
+    // Let a few steps happen, then crash the daemon.
+    for _ in 0..100 {
+        let done = store
+            .load_all("s-crash")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type() == "task_status_updated")
+            .count();
+        if done >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = Daemon::start(config(&server)).await;
+    let events = wait_for_end(&store, "s-crash").await;
+    assert!(ended_completed(&events));
+    assert_eq!(
+        executors.max_runs_of_one_attempt(),
+        1,
+        "{:?}",
+        executors.executions.lock().unwrap()
+    );
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_sessions_without_double_dispatch() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let b = Daemon::start(config(&server)).await;
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let sessions: Vec<String> = (0..6).map(|i| format!("s-two-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, json!({"type": "initialize", "input": "- fetch a\n- fetch b\n- fetch c. then summarize"})).await;
+    }
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        let events = wait_for_end(&store, session).await;
+        assert!(ended_completed(&events), "{session}");
+        let dispatches: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::TaskDispatched {
+                    task_id, attempt, ..
+                } => Some((task_id.clone(), *attempt)),
+                _ => None,
+            })
+            .collect();
+        let unique: std::collections::BTreeSet<_> = dispatches.iter().collect();
+        assert_eq!(
+            unique.len(),
+            dispatches.len(),
+            "{session}: a double dispatch"
+        );
+    }
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_completes_across_a_nats_server_restart() {
+    let mut server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(30),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| json!({"id": format!("t{i}"), "description": "step", "kind": "tool_call", "target": "tool", "dependencies": if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] }}))
+        .collect();
+    command(
+        &client,
+        "s-restart",
+        json!({"type": "initialize", "input": "chain", "plan": {"tasks": tasks}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.restart().unwrap();
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "s-restart").await;
+    assert!(ended_completed(&events));
+    assert!(executors.max_runs_of_one_attempt() <= 1);
+    daemon.stop().await;
+}

@@ -1,0 +1,255 @@
+//! A daemon, executors and a UI on a real nats-server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use planner_core::{Event, ExecutorEvent, ExecutorOutcome};
+use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
+use planner_svc::config::Config;
+use planner_svc::protocol::{CommandReply, QuestionMessage, TaskMessage};
+use planner_testkit::NatsServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn config(server: &NatsServer) -> Config {
+    let mut config = Config::default();
+    config.nats.url = server.url();
+    config.planner.retry.initial_backoff_ms = 50;
+    config.sessions.recovery_interval_s = 1;
+    config.shutdown.grace_s = 5;
+    config
+}
+
+pub struct Daemon {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub async fn start(config: Config) -> Daemon {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let url = config.nats.url.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(planner_svc::serve::serve(config, async move {
+            let _ = stopped.await;
+        }));
+        // Ready when the micro-service answers a ping.
+        let client = async_nats::connect(url).await.unwrap();
+        for _ in 0..200 {
+            if let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                client.request("$SRV.PING.planner", "".into()),
+            )
+            .await
+            {
+                return Daemon {
+                    stop: Some(stop),
+                    handle,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the daemon did not answer $SRV.PING.planner");
+    }
+
+    /// SIGTERM-like: stop intake, finish, drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(15), &mut self.handle).await;
+        result
+            .expect("stopped within the grace bound")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A crash: the task is dropped mid-flight.
+    pub fn kill(self) {
+        self.handle.abort();
+    }
+}
+
+/// (session, task, attempt) -> times executed.
+pub type Executions = Arc<Mutex<BTreeMap<(String, String, u32), u32>>>;
+
+#[derive(Clone, Default)]
+pub struct ExecutorBehaviour {
+    /// Tasks whose first attempt fails (retryably).
+    pub fail_first: BTreeSet<String>,
+    /// Targets never answered (the executor takes the task and stalls).
+    pub stall_targets: BTreeSet<String>,
+    pub delay: Duration,
+}
+
+pub struct Executors {
+    pub executions: Executions,
+    pub subjects_seen: Arc<Mutex<BTreeSet<String>>>,
+    token: CancellationToken,
+}
+
+impl Drop for Executors {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+impl Executors {
+    /// A pool pulling every dispatch (`planner.task.>`) through one durable consumer.
+    pub async fn start(url: &str, behaviour: ExecutorBehaviour) -> Executors {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream("PLANNER_TASKS").await.unwrap();
+        let consumer = stream
+            .get_or_create_consumer(
+                "test-pool",
+                pull::Config {
+                    durable_name: Some("test-pool".into()),
+                    filter_subject: "planner.task.>".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let executions: Executions = Arc::default();
+        let subjects_seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let token = CancellationToken::new();
+        let (ex, seen, stop) = (executions.clone(), subjects_seen.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut messages = consumer.messages().await.unwrap();
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return,
+                    m = messages.next() => match m { Some(Ok(m)) => m, Some(Err(_)) => continue, None => return },
+                };
+                let task: TaskMessage = serde_json::from_slice(&message.payload).unwrap();
+                seen.lock().unwrap().insert(message.subject.to_string());
+                let a = &task.assignment;
+                *ex.lock()
+                    .unwrap()
+                    .entry((task.session.clone(), a.task_id.0.clone(), a.attempt))
+                    .or_default() += 1;
+                message.ack().await.unwrap();
+                if behaviour.stall_targets.contains(&a.target) {
+                    continue;
+                }
+                let outcome = if a.attempt == 1 && behaviour.fail_first.contains(a.task_id.as_str())
+                {
+                    ExecutorOutcome::Failed {
+                        error: "first try fails".into(),
+                        retryable: true,
+                        tokens_used: None,
+                    }
+                } else {
+                    ExecutorOutcome::Completed {
+                        output: format!("done {}", a.task_id),
+                        tokens_used: Some(3),
+                    }
+                };
+                let js = js.clone();
+                let delay = behaviour.delay;
+                let report = ExecutorEvent {
+                    task_id: a.task_id.clone(),
+                    attempt: a.attempt,
+                    outcome,
+                };
+                let subject = format!("planner.report.{}", task.session);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let body = serde_json::to_vec(&report).unwrap();
+                    // Retry through a server restart.
+                    for _ in 0..100 {
+                        if let Ok(ack) = js.publish(subject.clone(), body.clone().into()).await {
+                            if ack.await.is_ok() {
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                });
+            }
+        });
+        Executors {
+            executions,
+            subjects_seen,
+            token,
+        }
+    }
+
+    pub fn max_runs_of_one_attempt(&self) -> u32 {
+        self.executions
+            .lock()
+            .unwrap()
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A UI answering every question on `planner.ui.*.question` with `answer`.
+pub async fn start_ui(url: &str, answer: &'static str) -> Arc<Mutex<Vec<QuestionMessage>>> {
+    let client = async_nats::connect(url).await.unwrap();
+    let mut questions = client.subscribe("planner.ui.*.question").await.unwrap();
+    let seen: Arc<Mutex<Vec<QuestionMessage>>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Some(message) = questions.next().await {
+            let question: QuestionMessage = serde_json::from_slice(&message.payload).unwrap();
+            record.lock().unwrap().push(question.clone());
+            let body = serde_json::json!({"type": "answer_clarification", "task_id": question.task_id, "answer": answer});
+            let _ = command(&client, &question.session, body).await;
+        }
+    });
+    seen
+}
+
+pub async fn command(
+    client: &async_nats::Client,
+    session: &str,
+    body: serde_json::Value,
+) -> CommandReply {
+    let reply = client
+        .request(
+            format!("planner.cmd.{session}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+pub async fn store(url: &str) -> JetStreamStore {
+    let client = async_nats::connect(url).await.unwrap();
+    JetStreamStore::connect(client, JetStreamConfig::default())
+        .await
+        .unwrap()
+}
+
+/// Polls the session's log until the plan ends; returns every event.
+pub async fn wait_for_end(store: &JetStreamStore, session: &str) -> Vec<Event> {
+    for _ in 0..400 {
+        if let Ok(events) = store.load_all(session).await {
+            if events.iter().any(Event::is_terminal) {
+                return events;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = store.load_all(session).await.unwrap_or_default();
+    let types: Vec<&str> = events.iter().map(Event::event_type).collect();
+    let planner = planner_core::Planner::fold(&events);
+    let tasks: Vec<String> = planner
+        .state()
+        .tasks
+        .iter()
+        .map(|t| format!("{}:{:?}#{}", t.id, t.status, t.attempts))
+        .collect();
+    panic!("session {session} did not end: events {types:?}, tasks {tasks:?}");
+}

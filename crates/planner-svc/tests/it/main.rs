@@ -1,0 +1,9 @@
+//! Integration tests of planner-svc: the CLI as a user runs it, the config, and the daemon on a
+//! real nats-server with executors and a UI on the bus.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cli;
+mod config;
+mod daemon;
+mod harness;
