@@ -6,4 +6,6 @@
 mod cli;
 mod config;
 mod daemon;
+mod deploy;
 mod harness;
+mod protocol;

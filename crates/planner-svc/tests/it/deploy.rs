@@ -1,0 +1,103 @@
+//! What can be checked offline of deploy/: the nats-server config parses with the pinned
+//! server and its roles work, the YAML parses, the daemon's config in k8s loads.
+
+use std::process::Command;
+
+use planner_testkit::NatsServer;
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_config_starts_and_each_role_can_do_its_job() {
+    let conf = repo("deploy/nats/nats-server.conf");
+    // Ports and the store directory come from the test server's flags, as in docker-compose.
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]).unwrap();
+    let connect = |user: &'static str, password: &'static str| {
+        let url = server.url();
+        async move {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(url)
+                .await
+                .unwrap()
+        }
+    };
+    let planner = connect("planner", "change-me-planner").await;
+    let ui = connect("ui", "change-me-ui").await;
+    // The planner may serve commands; the UI may send them.
+    let mut commands = planner.subscribe("planner.cmd.*").await.unwrap();
+    planner.flush().await.unwrap();
+    ui.publish("planner.cmd.s1", "{}".into()).await.unwrap();
+    ui.flush().await.unwrap();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        futures::StreamExt::next(&mut commands),
+    )
+    .await;
+    assert!(
+        matches!(got, Ok(Some(_))),
+        "the planner did not receive the UI's command"
+    );
+    // A UI may not publish executor reports: the server refuses with a permissions error.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let restricted =
+        async_nats::ConnectOptions::with_user_and_password("ui".into(), "change-me-ui".into())
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(event.to_string());
+                }
+            })
+            .connect(server.url())
+            .await
+            .unwrap();
+    restricted
+        .publish("planner.report.s1", "{}".into())
+        .await
+        .unwrap();
+    restricted.flush().await.unwrap();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if event.to_lowercase().contains("permission") {
+            return;
+        }
+        events.push(event);
+    }
+    panic!("no permissions violation reported; events: {events:?}");
+}
+
+#[test]
+fn the_yaml_files_parse() {
+    for file in ["docker-compose.yml", "deploy/k8s/planner-svc.yaml"] {
+        let status = Command::new("python3")
+            .args([
+                "-c",
+                "import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))",
+            ])
+            .arg(repo(file))
+            .status();
+        match status {
+            Ok(status) => assert!(status.success(), "{file} does not parse as YAML"),
+            Err(e) => panic!("python3 is needed to check {file}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_nats_config_passes_the_servers_own_check() {
+    let binary = std::env::var_os("NATS_SERVER_BIN").unwrap_or_else(|| "nats-server".into());
+    let output = Command::new(binary)
+        .args(["-t", "-c"])
+        .arg(repo("deploy/nats/nats-server.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

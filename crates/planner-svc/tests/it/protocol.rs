@@ -1,0 +1,67 @@
+//! docs/protocol.md's examples decode as the types they claim to be: the doc cannot drift from
+//! the code without this failing.
+
+use planner_core::{codec, Command, ExecutorEvent};
+use planner_svc::protocol::{
+    CancelMessage, CommandReply, ErrorNotice, QuestionMessage, TaskMessage,
+};
+
+#[test]
+fn every_example_in_the_protocol_doc_decodes_as_its_type() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/protocol.md"
+    ))
+    .unwrap();
+    let mut checked = std::collections::BTreeMap::<String, usize>::new();
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        let Some(kind) = line.strip_prefix("```json ") else {
+            continue;
+        };
+        let body: String = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let result: Result<(), String> = match kind {
+            "command" => serde_json::from_str::<Command>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "reply" => serde_json::from_str::<CommandReply>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "task" => serde_json::from_str::<TaskMessage>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "report" => serde_json::from_str::<ExecutorEvent>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "notice" => serde_json::from_str::<ErrorNotice>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "question" => serde_json::from_str::<QuestionMessage>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "cancel" => serde_json::from_str::<CancelMessage>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "batch" => codec::decode_batch(body.as_bytes())
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            other => Err(format!("unknown example type {other}")),
+        };
+        if let Err(e) = result {
+            panic!("docs/protocol.md example `{kind}` does not decode: {e}\n{body}");
+        }
+        *checked.entry(kind.to_owned()).or_default() += 1;
+    }
+    for kind in [
+        "command", "reply", "task", "report", "notice", "question", "cancel", "batch",
+    ] {
+        assert!(
+            checked.contains_key(kind),
+            "no `{kind}` example checked: {checked:?}"
+        );
+    }
+}
