@@ -182,6 +182,8 @@ impl Executors {
         }
     }
 
+    /// Deliveries of one (session, task, attempt) to this pool. Without a server restart (no lost
+    /// acks) anything above 1 means the planner published a dispatch twice past its dedup.
     pub fn max_runs_of_one_attempt(&self) -> u32 {
         self.executions
             .lock()
