@@ -10,11 +10,13 @@
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
+//! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
 pub mod bus;
 pub mod config;
 pub mod embedded;
 pub mod engine;
+pub mod executor;
 pub mod protocol;
 pub mod serve;
 pub mod sim;

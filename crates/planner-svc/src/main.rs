@@ -75,6 +75,27 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run a simulated executor pool on NATS (a demo executor; the load generator's executors).
+    Executor {
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+        /// The subjects to serve (default: every dispatch, `{prefix}.task.>`).
+        #[arg(long)]
+        filter: Option<String>,
+        /// The durable consumer name (one per pool).
+        #[arg(long, default_value = "demo-executors")]
+        consumer: String,
+        /// Tasks run at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Simulated task duration in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Percent of simulated attempts that fail (and are retried).
+        #[arg(long, default_value_t = 0)]
+        fail_percent: u8,
+    },
     /// List the sessions in the configured store.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -115,7 +136,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let quiet = !matches!(cli.command, Cmd::Serve { .. });
+    let quiet = !matches!(cli.command, Cmd::Serve { .. } | Cmd::Executor { .. });
     init_logging(&config, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -194,6 +215,47 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Executor {
+            filter,
+            consumer,
+            concurrency,
+            latency_ms,
+            fail_percent,
+            ..
+        } => {
+            let client = connect(&config).await?;
+            let subjects = Subjects::new(&config.subjects.prefix);
+            let options = planner_svc::executor::PoolOptions {
+                stream: config.dispatch.stream_name.clone(),
+                consumer,
+                filter: filter.unwrap_or_else(|| subjects.tasks()),
+                concurrency: concurrency.max(1),
+                report_started: true,
+                behaviour: SimBehaviour {
+                    latency: Duration::from_millis(latency_ms),
+                    jitter_percent: 50,
+                    fail_percent,
+                    ..SimBehaviour::default()
+                },
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            tracing::info!(filter = %options.filter, "simulated executor pool running");
+            planner_svc::executor::run_pool(
+                client.clone(),
+                subjects,
+                options,
+                std::sync::Arc::new(planner_svc::executor::NoObserver),
+                shutdown,
+            )
+            .await?;
+            client.drain().await?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {

@@ -14,8 +14,10 @@ use crate::protocol::TaskMessage;
 /// How simulated executors behave.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SimBehaviour {
-    /// How long a task takes.
+    /// How long a task takes, on average.
     pub latency: Duration,
+    /// Spread of the latency, in percent: 50 means uniformly between 0.5× and 1.5× `latency`.
+    pub jitter_percent: u8,
     /// Percent of attempts that fail (retryably).
     pub fail_percent: u8,
     /// Tokens reported per completed task.
@@ -26,6 +28,7 @@ impl Default for SimBehaviour {
     fn default() -> Self {
         SimBehaviour {
             latency: Duration::from_millis(20),
+            jitter_percent: 0,
             fail_percent: 0,
             tokens: 25,
         }
@@ -55,9 +58,15 @@ impl SimExecutor {
         (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) % 100) as u8
     }
 
-    /// The delay before the outcome.
-    pub fn latency(&self) -> Duration {
-        self.behaviour.latency
+    /// The delay before the outcome (drawn anew each call when there is jitter).
+    pub fn latency(&mut self) -> Duration {
+        let jitter = u32::from(self.behaviour.jitter_percent.min(100));
+        if jitter == 0 {
+            return self.behaviour.latency;
+        }
+        // A factor between (100 - jitter)% and (100 + jitter)%.
+        let roll = u32::from(self.roll()) * 2 * jitter / 99;
+        self.behaviour.latency * (100 - jitter + roll) / 100
     }
 
     /// The final report for `task`: what the simulated tool "did".

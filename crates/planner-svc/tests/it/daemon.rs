@@ -354,3 +354,50 @@ async fn the_plan_completes_across_a_nats_server_restart() {
     assert_eq!(executors.executions.lock().unwrap().len(), 6);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
+    use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
+    use planner_svc::sim::SimBehaviour;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "shipped-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 8,
+            report_started: true,
+            behaviour: SimBehaviour {
+                latency: Duration::from_millis(5),
+                jitter_percent: 50,
+                fail_percent: 30,
+                tokens: 1,
+            },
+        },
+        std::sync::Arc::new(NoObserver),
+        stop.clone(),
+    ));
+    for s in 0..3 {
+        command(&client, &format!("s-pool-{s}"), json!({"type": "initialize", "input": "- fetch a\n- fetch b\n- fetch c. then summarize the results"})).await;
+    }
+    let store = store(&server.url()).await;
+    let mut retries = 0;
+    for s in 0..3 {
+        let events = wait_for_end(&store, &format!("s-pool-{s}")).await;
+        retries += events
+            .iter()
+            .filter(|e| e.event_type() == "retry_scheduled")
+            .count();
+        // Failures may exhaust a task's three attempts; either way the plan ended cleanly.
+        assert!(Planner::fold(&events).state().phase.is_terminal());
+    }
+    assert!(retries > 0, "30% failures should cause retries");
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}

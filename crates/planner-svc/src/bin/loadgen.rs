@@ -1,0 +1,321 @@
+//! Load generator: drives S concurrent sessions of T chained tasks through a running daemon
+//! with simulated executors on NATS, and reports task completions per second, the latency from
+//! an executor's result to the next dispatch (p50, p99), the daemon's peak RSS, and the raw
+//! JetStream publish-with-ack ceiling measured in the same run on the same server.
+//!
+//! ```text
+//! cargo build --release -p planner-svc && target/release/loadgen --sessions 1000 --tasks 20
+//! ```
+//!
+//! It starts its own nats-server (2.10+, found like the tests find it) unless `--nats-url` is
+//! given, and spawns the `planner-svc` binary next to it as the daemon.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream;
+use bytes::Bytes;
+use clap::Parser;
+use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
+use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+use planner_svc::protocol::{Subjects, TaskMessage};
+use planner_svc::sim::SimBehaviour;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "Drive concurrent sessions through a planner-svc daemon and measure it")]
+struct Args {
+    /// Concurrent sessions.
+    #[arg(long, default_value_t = 1000)]
+    sessions: usize,
+    /// Tasks per session, each depending on the one before.
+    #[arg(long, default_value_t = 20)]
+    tasks: usize,
+    /// Simulated task duration, in milliseconds (raise it to offer less load).
+    #[arg(long, default_value_t = 0)]
+    executor_latency_ms: u64,
+    /// Spread of the simulated duration, in percent (50: between 0.5× and 1.5×).
+    #[arg(long, default_value_t = 50)]
+    jitter_percent: u8,
+    /// Sessions start evenly over this many milliseconds (0: all at once).
+    #[arg(long, default_value_t = 1000)]
+    ramp_ms: u64,
+    /// Use this NATS server instead of starting one.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// The daemon binary (default: planner-svc next to this one).
+    #[arg(long)]
+    daemon: Option<PathBuf>,
+}
+
+#[derive(Default)]
+struct Observer {
+    dispatched: AtomicU64,
+    reported: AtomicU64,
+    last_report: Mutex<HashMap<String, Instant>>,
+    latencies_us: Mutex<Vec<u64>>,
+}
+
+impl PoolObserver for Observer {
+    fn dispatched(&self, task: &TaskMessage, at: Instant) {
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .last_report
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&task.session).copied());
+        if let Some(previous) = previous {
+            let micros = u64::try_from(at.duration_since(previous).as_micros()).unwrap_or(u64::MAX);
+            if let Ok(mut l) = self.latencies_us.lock() {
+                l.push(micros);
+            }
+        }
+    }
+    fn reported(&self, task: &TaskMessage, at: Instant) {
+        self.reported.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.last_report.lock() {
+            m.insert(task.session.clone(), at);
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+async fn ceiling(client: &async_nats::Client) -> anyhow::Result<f64> {
+    let js = jetstream::new(client.clone());
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "LOADGEN_RAW".into(),
+        subjects: vec!["loadgen.raw".into()],
+        ..Default::default()
+    })
+    .await?;
+    let payload = Bytes::from(vec![b'x'; 300]);
+    let n = 20_000;
+    let start = Instant::now();
+    let mut in_flight = VecDeque::new();
+    for _ in 0..n {
+        if in_flight.len() == 512 {
+            let ack: jetstream::context::PublishAckFuture =
+                in_flight.pop_front().context("window")?;
+            ack.await?;
+        }
+        in_flight.push_back(js.publish("loadgen.raw", payload.clone()).await?);
+    }
+    for ack in in_flight {
+        ack.await?;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream("LOADGEN_RAW").await?;
+    Ok(rate)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _server;
+    let url = match &args.nats_url {
+        Some(url) => url.clone(),
+        None => {
+            let server =
+                planner_testkit::NatsServer::start().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let url = server.url();
+            _server = server;
+            url
+        }
+    };
+    let client = async_nats::connect(&url).await?;
+    let raw = ceiling(&client).await?;
+
+    let daemon_bin = match &args.daemon {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("planner-svc"),
+    };
+    if !daemon_bin.is_file() {
+        bail!(
+            "no daemon binary at {}: build it with `cargo build --release -p planner-svc`",
+            daemon_bin.display()
+        );
+    }
+    let workdir = tempfile::tempdir()?;
+    let mut daemon = Command::new(&daemon_bin)
+        .arg("serve")
+        .current_dir(workdir.path())
+        .env("PLANNER_NATS__URL", &url)
+        .env("PLANNER_LOG__LEVEL", "warn")
+        .env("PLANNER_REPORTS__MAX_IN_FLIGHT", "1024")
+        .env("PLANNER_SESSIONS__MAX_LOADED", "100000")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", daemon_bin.display()))?;
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            client.request("$SRV.PING.planner", "".into()),
+        )
+        .await
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    if !ready {
+        let _ = daemon.kill();
+        bail!("the daemon did not answer $SRV.PING.planner");
+    }
+
+    let observer = Arc::new(Observer::default());
+    let shutdown = CancellationToken::new();
+    let subjects = Subjects::new("planner");
+    let pool = tokio::spawn(run_pool(
+        client.clone(),
+        subjects.clone(),
+        PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "loadgen-pool".into(),
+            filter: subjects.tasks(),
+            concurrency: args.sessions.max(64),
+            report_started: false,
+            behaviour: SimBehaviour {
+                latency: Duration::from_millis(args.executor_latency_ms),
+                jitter_percent: args.jitter_percent,
+                fail_percent: 0,
+                tokens: 10,
+            },
+        },
+        observer.clone() as Arc<dyn PoolObserver>,
+        shutdown.clone(),
+    ));
+
+    let total = (args.sessions * args.tasks) as u64;
+    let plan = |_: usize| {
+        let tasks: Vec<_> = (0..args.tasks)
+            .map(|i| {
+                let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] };
+                json!({"id": format!("t{i}"), "description": format!("step {i}"), "kind": "tool_call", "target": "load", "dependencies": deps})
+            })
+            .collect();
+        json!({"type": "initialize", "input": "load test", "plan": {"tasks": tasks}})
+    };
+    let start = Instant::now();
+    let mut requests = Vec::new();
+    for s in 0..args.sessions {
+        let client = client.clone();
+        let body = serde_json::to_vec(&plan(s))?;
+        let offset = Duration::from_millis(args.ramp_ms) * u32::try_from(s).unwrap_or(u32::MAX)
+            / u32::try_from(args.sessions.max(1)).unwrap_or(1);
+        requests.push(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(start) + offset).await;
+            client
+                .request(format!("planner.cmd.load-{s}"), body.into())
+                .await
+        }));
+    }
+    for r in requests {
+        r.await??;
+    }
+    // Done when every task was reported and the daemon has processed every report.
+    let js = jetstream::new(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if observer.reported.load(Ordering::Relaxed) >= total {
+            let mut consumer: jetstream::consumer::PullConsumer = js
+                .get_stream("PLANNER_REPORTS")
+                .await?
+                .get_consumer("planner-svc")
+                .await
+                .map_err(|e| anyhow::anyhow!("binding to the daemon's report consumer: {e}"))?;
+            let info = consumer.info().await?;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "timed out: {} of {total} tasks reported",
+                observer.reported.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    let rss = peak_rss_mib(daemon.id());
+
+    // Check a sample of sessions really completed, from the event store.
+    let store = JetStreamStore::connect(client.clone(), JetStreamConfig::default()).await?;
+    let mut completed = 0;
+    let sample: Vec<usize> = (0..args.sessions)
+        .step_by((args.sessions / 20).max(1))
+        .collect();
+    for s in &sample {
+        let events = store.load_all(&format!("load-{s}")).await?;
+        if events.iter().any(|e| e.event_type() == "plan_completed") {
+            completed += 1;
+        }
+    }
+    shutdown.cancel();
+    let _ = pool.await;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
+    let _ = daemon.wait();
+
+    let mut latencies = observer
+        .latencies_us
+        .lock()
+        .map(|l| l.clone())
+        .unwrap_or_default();
+    latencies.sort_unstable();
+    println!("| sessions | tasks each | ramp | executor latency (± jitter) | task completions/s | result → next dispatch p50 / p99 | daemon peak RSS | raw JetStream ceiling (512 in flight) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} ms | {} ms (± {}%) | {:.0} | {:.2} ms / {:.2} ms | {} | {:.0} msgs/s |",
+        args.sessions,
+        args.tasks,
+        args.ramp_ms,
+        args.executor_latency_ms,
+        args.jitter_percent,
+        total as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        rss.map_or("n/a".to_owned(), |r| format!("{r:.0} MiB")),
+        raw
+    );
+    println!(
+        "({completed} of {} sampled sessions completed; {total} tasks in {:.2} s)",
+        sample.len(),
+        elapsed.as_secs_f64()
+    );
+    if completed != sample.len() {
+        bail!("some sampled sessions did not complete");
+    }
+    Ok(())
+}
