@@ -12,6 +12,7 @@ use crate::types::{Attachment, TaskId, Timestamp};
 /// On the wire `now` may be left out (it reads as 0, "no later than what was seen"); the daemon
 /// sets it from its own clock in any case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// A request from the user. The first one starts the session; later ones are follow-ups
@@ -96,6 +97,7 @@ impl Command {
 
 /// What a [`Command::Cancel`] cancels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "scope", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CancelTarget {
     /// Every unfinished task; the plan ends cancelled.
@@ -112,6 +114,7 @@ pub enum CancelTarget {
 /// Unknown fields are ignored (serde cannot refuse them next to a flattened enum), which also
 /// lets executors add their own diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecutorEvent {
     /// The task.
     pub task_id: TaskId,
@@ -124,6 +127,7 @@ pub struct ExecutorEvent {
 
 /// What happened to an attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ExecutorOutcome {
     /// The executor took the task.

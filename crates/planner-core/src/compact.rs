@@ -10,6 +10,7 @@ use crate::types::{Message, Role};
 
 /// What compaction values in older messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
     /// The first line of each message.

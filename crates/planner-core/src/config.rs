@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_INPUT_CHARS: usize = 100_000;
 
 /// The planner's settings. Every field has a default; see [`PlannerConfig::default`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct PlannerConfig {
     /// Prepended to the context of processing steps.
@@ -107,6 +108,7 @@ impl PlannerConfig {
 ///
 /// There is no jitter: the core has no randomness. Executors pools spread load by themselves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts per task, the first included. 1 means no retry.
@@ -146,6 +148,7 @@ impl RetryPolicy {
 
 /// What a task that fails for good does to the rest of the plan. Its dependents fail either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Stop at once: cancel what runs, fail the plan.
@@ -156,6 +159,7 @@ pub enum FailurePolicy {
 
 /// How long a human has to answer a question, and what happens when the time passes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ClarificationPolicy {
     /// Time to answer; `None` waits for ever.
@@ -175,6 +179,7 @@ impl Default for ClarificationPolicy {
 
 /// What a clarification whose deadline passed turns into.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum OnClarificationTimeout {
     /// The task fails (and the failure policy applies).
@@ -188,6 +193,7 @@ pub enum OnClarificationTimeout {
 
 /// Optional limits; passing one stops the plan in a failed state that names it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Budgets {
     /// Most dispatches (questions included) for the session.
@@ -202,6 +208,7 @@ pub struct Budgets {
 
 /// Which budget was passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetKind {
     /// [`Budgets::max_dispatches`].

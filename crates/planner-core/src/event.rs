@@ -12,6 +12,7 @@ use crate::types::{Attachment, TaskId, TaskStatus, Timestamp};
 
 /// Something that happened in a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// The session started with this config.
@@ -209,6 +210,7 @@ impl Event {
 
 /// Who made a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PlanSource {
     /// The deterministic rule parser ([`parse_input`](crate::parse_input)).
@@ -219,6 +221,7 @@ pub enum PlanSource {
 
 /// Why a plan failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FailureReason {
     /// A task failed for good under the fail-fast policy.
@@ -244,6 +247,7 @@ pub enum FailureReason {
 
 /// A command for an executor or a UI, carried by an event and published by the shell.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PlannerCmd {
     /// Run a tool. Routed to the executors of `dispatch.target`.
@@ -299,6 +303,7 @@ impl PlannerCmd {
 /// over and over. The shell turns it into the full [`TaskAssignment`] with
 /// [`Planner::assignment`](crate::Planner::assignment) when it publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Dispatch {
     /// The task.
     pub task_id: TaskId,
@@ -311,6 +316,7 @@ pub struct Dispatch {
 /// Everything an executor needs to run one attempt of a task: what the shell publishes for an
 /// `execute_tool` or `run_processing` command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskAssignment {
     /// The task.
     pub task_id: TaskId,
@@ -335,6 +341,7 @@ pub struct TaskAssignment {
 
 /// The output of a completed dependency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskOutput {
     /// The dependency.
     pub task_id: TaskId,
@@ -344,6 +351,7 @@ pub struct TaskOutput {
 
 /// The context handed to an executor with a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DispatchContext {
     /// The request the task serves.
     pub request: String,

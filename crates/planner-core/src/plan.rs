@@ -14,6 +14,7 @@ pub const MAX_DEPENDENCIES: usize = 10_000;
 
 /// A plan: tasks with their dependencies, before the planner accepts it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PlanSpec {
     /// The tasks, in the order ties are broken when several are ready.
@@ -22,6 +23,7 @@ pub struct PlanSpec {
 
 /// One task of a [`PlanSpec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// Unique in the session; a valid subject token (see [`is_valid_token`]).

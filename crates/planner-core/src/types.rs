@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -56,6 +57,7 @@ pub fn is_valid_token(s: &str) -> bool {
 /// A task's id, unique within its session. Ids from the rule parser are `t1`, `t2`, ...; ids in a
 /// plan supplied as data are the plan's own, validated with [`is_valid_token`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
 pub struct TaskId(pub String);
 
@@ -85,6 +87,7 @@ impl From<&str> for TaskId {
 
 /// What kind of work a task is, which decides who carries it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeKind {
     /// A question for a human, routed to a UI.
@@ -110,6 +113,7 @@ impl NodeKind {
 ///
 /// `Completed`, `Failed` and `Cancelled` are terminal: once there, a task never leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     /// Not dispatched yet: waiting for dependencies, a free slot, or a retry backoff.
@@ -139,6 +143,7 @@ impl TaskStatus {
 /// A file, URL or blob a request or task refers to. The planner passes attachments through to
 /// executors; it never reads them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Attachment {
     /// A short human-readable name, e.g. `report.csv`.
     pub name: String,
@@ -151,6 +156,7 @@ pub struct Attachment {
 
 /// Who said a message of the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The user's request or answer.
@@ -165,6 +171,7 @@ pub enum Role {
 
 /// One message of the session's conversation, the context handed to executors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Message {
     /// Who said it.
     pub role: Role,
@@ -184,6 +191,7 @@ impl Message {
 
 /// One task of a plan, as the planner tracks it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Task {
     /// Unique within the session.
     pub id: TaskId,

@@ -86,12 +86,12 @@ impl Subjects {
 
 /// A command request on `{p}.cmd.{session}`. The planner sets every `now` itself: clients do
 /// not control its clock.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct CommandRequest(pub Command);
 
 /// The reply to a command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum CommandReply {
     /// Accepted: the events it caused, already persisted.
@@ -106,7 +106,7 @@ pub enum CommandReply {
 }
 
 /// Why a request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorBody {
     /// A stable snake_case kind: `malformed`, `too_large`, `bad_session`, `rejected`,
     /// `conflict`, `unavailable`.
@@ -116,7 +116,7 @@ pub struct ErrorBody {
 }
 
 /// A report that could not be processed and had no reply subject, on `{p}.errors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorNotice {
     /// The subject the input came in on.
     pub subject: String,
@@ -129,7 +129,7 @@ pub struct ErrorNotice {
 }
 
 /// A dispatch on `{p}.task.{kind}.{target}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskMessage {
     /// The session: report back on `{p}.report.{session}`.
     pub session: String,
@@ -139,7 +139,7 @@ pub struct TaskMessage {
 }
 
 /// A question on `{p}.ui.{session}.question`. Answer it with an `answer_clarification` command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QuestionMessage {
     /// The session.
     pub session: String,
@@ -155,7 +155,7 @@ pub struct QuestionMessage {
 }
 
 /// A cancellation on `{p}.cancel.{session}.{task}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CancelMessage {
     /// The session.
     pub session: String,
@@ -169,4 +169,40 @@ pub struct CancelMessage {
 /// within the dispatch stream's duplicate window.
 pub fn dispatch_id(session: &str, task: &TaskId, attempt: u32) -> String {
     format!("{session}.{task}.{attempt}")
+}
+
+/// The JSON Schema of every message on the wire, by file name: what `docs/schemas/` holds
+/// (a test keeps the two equal).
+pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
+    fn json(schema: schemars::Schema) -> serde_json::Value {
+        serde_json::to_value(schema).unwrap_or_default()
+    }
+    vec![
+        ("command.json", json(schemars::schema_for!(Command))),
+        (
+            "command_reply.json",
+            json(schemars::schema_for!(CommandReply)),
+        ),
+        (
+            "executor_report.json",
+            json(schemars::schema_for!(planner_core::ExecutorEvent)),
+        ),
+        (
+            "task_message.json",
+            json(schemars::schema_for!(TaskMessage)),
+        ),
+        (
+            "question_message.json",
+            json(schemars::schema_for!(QuestionMessage)),
+        ),
+        (
+            "cancel_message.json",
+            json(schemars::schema_for!(CancelMessage)),
+        ),
+        (
+            "error_notice.json",
+            json(schemars::schema_for!(ErrorNotice)),
+        ),
+        ("event.json", json(schemars::schema_for!(Event))),
+    ]
 }

@@ -65,3 +65,26 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
         );
     }
 }
+
+/// docs/schemas/ holds the JSON Schemas generated from the Rust types; this fails when they
+/// drift. Regenerate with `PLANNER_WRITE_SCHEMAS=1 cargo test -p planner-svc --test it schemas`.
+#[test]
+fn the_published_json_schemas_match_the_types() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/schemas");
+    let write = std::env::var_os("PLANNER_WRITE_SCHEMAS").is_some();
+    if write {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, schema) in planner_svc::protocol::schemas() {
+        let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+        let path = dir.join(name);
+        if write {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == text,
+            "docs/schemas/{name} differs from the types; regenerate with PLANNER_WRITE_SCHEMAS=1 cargo test -p planner-svc --test it schemas"
+        );
+    }
+}
