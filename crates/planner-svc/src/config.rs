@@ -240,8 +240,8 @@ pub struct SessionsConfig {
     pub idle_timeout_s: u64,
     /// How often a command is retried after losing an optimistic-concurrency race.
     pub conflict_retries: u32,
-    /// Seconds between sweeps that re-publish undelivered dispatches and arm timers of
-    /// sessions not in memory.
+    /// Seconds between sweeps that re-publish undelivered dispatches, drop idle sessions, and
+    /// pick up unfinished sessions not in memory (those of an instance that died).
     pub recovery_interval_s: u64,
 }
 

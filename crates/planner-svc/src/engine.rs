@@ -16,7 +16,9 @@
 //!
 //! The event log is the outbox. A session whose publish failed is marked; the sweep re-publishes
 //! the current attempt of every running task and every open question of marked sessions, and
-//! recovery at start-up does the same for every unfinished session. Dispatches carry
+//! recovery (at start-up, then every `sessions.recovery_interval_s`) does the same for every
+//! unfinished session not in memory, so an instance that dies leaves no retry or deadline
+//! unfired for long. Dispatches carry
 //! `Nats-Msg-Id = session.task.attempt`, so a re-publish inside the dispatch stream's duplicate
 //! window never reaches an executor twice.
 
@@ -190,6 +192,9 @@ pub struct Engine<S, P> {
     config: EngineConfig,
     sessions: Mutex<HashMap<String, Arc<Slot>>>,
     timers: mpsc::UnboundedSender<(String, Option<Timestamp>)>,
+    /// Sessions seen ended, with the version they ended at: recovery skips them until their
+    /// version moves (a follow-up reopened them).
+    ended: Mutex<HashMap<String, u64>>,
 }
 
 impl<S, P> std::fmt::Debug for Engine<S, P> {
@@ -216,6 +221,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             config,
             sessions: Mutex::new(HashMap::new()),
             timers: tx,
+            ended: Mutex::new(HashMap::new()),
         });
         (engine, TimerLoop { updates: rx })
     }
@@ -370,13 +376,31 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         Ok(())
     }
 
-    /// At start-up: every session in the store that has not ended gets its in-flight work
-    /// re-published and its timer armed. Returns how many were recovered.
+    /// Every session in the store that has not ended and is not in memory gets its in-flight
+    /// work re-published and its timer armed: at start-up, and periodically, so that the retries
+    /// and deadlines of sessions whose instance died are picked up by the survivors. Sessions
+    /// seen ended are skipped until their version moves. Returns how many were recovered.
     pub async fn recover(&self) -> Result<usize, EngineError> {
         let mut recovered = 0;
         for session in self.store.list_streams().await? {
+            if self.sessions().contains_key(&session) {
+                continue;
+            }
+            let ended_at = self
+                .ended
+                .lock()
+                .ok()
+                .and_then(|e| e.get(&session).copied());
+            if let Some(version) = ended_at {
+                if self.store.version(&session).await? == version {
+                    continue;
+                }
+            }
             let planner = self.load(&session).await?;
             if planner.state().phase != PlanPhase::Running {
+                if let Ok(mut ended) = self.ended.lock() {
+                    ended.insert(session.clone(), planner.version());
+                }
                 continue;
             }
             {

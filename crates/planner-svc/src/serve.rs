@@ -239,7 +239,14 @@ async fn run_with<S: EventStore>(
             loop {
                 tokio::select! {
                     () = token.cancelled() => return,
-                    _ = interval.tick() => engine.sweep().await,
+                    _ = interval.tick() => {
+                        engine.sweep().await;
+                        match engine.recover().await {
+                            Ok(0) => {}
+                            Ok(recovered) => tracing::info!(recovered, "picked up unfinished sessions not held here"),
+                            Err(error) => tracing::warn!(%error, "recovery sweep failed"),
+                        }
+                    }
                 }
             }
         });

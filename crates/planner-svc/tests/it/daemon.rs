@@ -401,3 +401,45 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
     pool.await.unwrap().unwrap();
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_armed_by_a_dead_instance_is_fired_by_a_survivor() {
+    let server = NatsServer::start().unwrap();
+    let mut cfg = config(&server);
+    cfg.planner.retry.initial_backoff_ms = 1_500;
+    let doomed = Daemon::start(cfg.clone()).await;
+    let survivor = Daemon::start(cfg).await;
+    let behaviour = ExecutorBehaviour {
+        fail_first: ["a".to_owned()].into(),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-orphan", plan(&[("a", "tool", &[])])).await;
+    let store = store(&server.url()).await;
+    // Wait for the retry to be scheduled, then kill an instance (either may hold the timer).
+    for _ in 0..100 {
+        if store
+            .load_all("s-orphan")
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.event_type() == "retry_scheduled")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill();
+    let events = wait_for_end(&store, "s-orphan").await;
+    assert!(ended_completed(&events));
+    assert_eq!(
+        executors
+            .executions
+            .lock()
+            .unwrap()
+            .get(&("s-orphan".into(), "a".into(), 2)),
+        Some(&1)
+    );
+    survivor.stop().await;
+}
