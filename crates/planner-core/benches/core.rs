@@ -46,6 +46,7 @@ fn started(plan: PlanSpec) -> (Planner, Vec<(TaskId, u32)>) {
     let mut planner = Planner::with_config(config()).unwrap();
     let events = planner
         .process(Command::Initialize {
+            request_id: None,
             input: "run the benchmark graph".into(),
             attachments: vec![],
             plan: Some(plan),
@@ -132,6 +133,7 @@ fn long_session(target: usize) -> Vec<Event> {
     while all.len() < target {
         let events = planner
             .process(Command::Initialize {
+                request_id: None,
                 input: format!("request {turn}"),
                 attachments: vec![],
                 plan: Some(graph(10_000, &format!("r{turn}_"))),

@@ -18,6 +18,10 @@ pub enum Command {
     /// A request from the user. The first one starts the session; later ones are follow-ups
     /// whose tasks run after the current ones, with the conversation so far as context.
     Initialize {
+        /// An id the client chose for this request: a second `initialize` with an id the session
+        /// has already seen is a retry and changes nothing. At most 128 characters.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
         /// The request in plain text; with no `plan`, the rule parser turns it into tasks.
         input: String,
         /// Files or URLs that come with the request; every task of the request gets them.

@@ -26,6 +26,9 @@ pub enum Event {
     RequestReceived {
         /// Which request of the session, from 0.
         turn: u32,
+        /// The client's id for the request, if it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
         /// Its text.
         input: String,
         /// Its attachments.

@@ -12,6 +12,7 @@
 //!
 //! let mut planner = Planner::new();
 //! let events = planner.process(Command::Initialize {
+//!     request_id: None,
 //!     input: "Search for the release notes, then summarize them".into(),
 //!     attachments: vec![],
 //!     plan: None,

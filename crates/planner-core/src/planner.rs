@@ -39,6 +39,9 @@ use crate::plan::{validate_plan, PlanSpec};
 use crate::state::{PlanPhase, PlannerState};
 use crate::types::{Message, NodeKind, Role, TaskId, TaskStatus, Timestamp};
 
+/// The longest client request id accepted, in characters.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
 /// An event-sourced planner for one session.
 ///
 /// ```
@@ -47,6 +50,7 @@ use crate::types::{Message, NodeKind, Role, TaskId, TaskStatus, Timestamp};
 /// let mut planner = Planner::new();
 /// let events = planner
 ///     .process(Command::Initialize {
+///         request_id: None,
 ///         input: "1. search for flights\n2. summarize the options".into(),
 ///         attachments: vec![],
 ///         plan: None,
@@ -229,11 +233,26 @@ impl Decision<'_> {
     fn decide(&mut self, command: Command) -> Result<(), Error> {
         match command {
             Command::Initialize {
+                request_id,
                 input,
                 attachments,
                 plan,
                 now,
-            } => self.initialize(input, attachments, plan, self.at(now)),
+            } => {
+                if let Some(id) = &request_id {
+                    let chars = id.chars().count();
+                    if chars > MAX_REQUEST_ID_CHARS {
+                        return Err(Error::InputTooLarge {
+                            chars,
+                            limit: MAX_REQUEST_ID_CHARS,
+                        });
+                    }
+                    if self.state.request_ids.contains(id) {
+                        return Ok(());
+                    }
+                }
+                self.initialize(request_id, input, attachments, plan, self.at(now))
+            }
             Command::HandleExecutorEvent { event, now } => {
                 self.require_started()?;
                 self.executor_event(event, self.at(now))
@@ -298,6 +317,7 @@ impl Decision<'_> {
 
     fn initialize(
         &mut self,
+        request_id: Option<String>,
         input: String,
         attachments: Vec<crate::types::Attachment>,
         plan: Option<PlanSpec>,
@@ -359,6 +379,7 @@ impl Decision<'_> {
         }
         self.emit(Event::RequestReceived {
             turn,
+            request_id,
             input,
             attachments,
             at: now,

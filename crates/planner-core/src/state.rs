@@ -125,6 +125,9 @@ pub struct PlannerState {
     pub next_task_number: u64,
     /// Index of the first task of the current run (since the plan last (re)opened).
     pub run_start: usize,
+    /// The client ids of the requests received, so that a retried request is recognised.
+    #[serde(default)]
+    pub request_ids: BTreeSet<String>,
 
     index: HashMap<TaskId, usize>,
     dependents: Vec<Vec<usize>>,
@@ -198,11 +201,15 @@ impl PlannerState {
             }
             Event::RequestReceived {
                 turn: _,
+                request_id,
                 input,
                 attachments: _,
                 at,
             } => {
                 self.requests.push(input.clone());
+                if let Some(id) = request_id {
+                    self.request_ids.insert(id.clone());
+                }
                 if !input.is_empty() {
                     self.context.push(Message::new(Role::User, input.clone()));
                 }

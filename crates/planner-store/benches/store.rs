@@ -128,6 +128,7 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
             .collect();
         let first = planner
             .process(Command::Initialize {
+                request_id: None,
                 input: format!("request {turn}"),
                 attachments: vec![],
                 plan: Some(PlanSpec { tasks }),

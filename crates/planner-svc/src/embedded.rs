@@ -71,6 +71,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         .handle(
             &session,
             Command::Initialize {
+                request_id: None,
                 input: options.request.clone(),
                 attachments: vec![],
                 plan: None,

@@ -140,11 +140,13 @@ pub fn now() -> Timestamp {
 pub fn stamp(command: Command, at: Timestamp) -> Command {
     match command {
         Command::Initialize {
+            request_id,
             input,
             attachments,
             plan,
             ..
         } => Command::Initialize {
+            request_id,
             input,
             attachments,
             plan,

@@ -144,6 +144,7 @@ impl Runner {
         let now = Timestamp(self.now);
         match op {
             Op::Request { text } => Command::Initialize {
+                request_id: None,
                 input: REQUESTS[*text].into(),
                 attachments: vec![],
                 plan: None,
@@ -192,6 +193,7 @@ impl Runner {
                     })
                     .collect();
                 Command::Initialize {
+                    request_id: None,
                     input: String::new(),
                     attachments: vec![],
                     plan: Some(PlanSpec { tasks: specs }),

@@ -88,6 +88,7 @@ fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
     };
     let planner = Scenario::new()
         .given_commands([Command::Initialize {
+            request_id: None,
             input: "analyze".into(),
             attachments: vec![attachment.clone()],
             plan: Some(PlanSpec {
@@ -853,4 +854,26 @@ fn executor_reports_decode_from_the_documented_json() {
     .is_err());
     let _ = Clarification;
     let _ = ToolCall;
+}
+
+#[test]
+fn a_retried_request_with_the_same_id_changes_nothing() {
+    let request = |id: &str, text: &str| Command::Initialize {
+        request_id: Some(id.into()),
+        input: text.into(),
+        attachments: vec![],
+        plan: None,
+        now: at(0),
+    };
+    Scenario::new()
+        .given_commands([request("req-1", "fetch the report")])
+        .when(request("req-1", "fetch the report"))
+        .then_expect_nothing()
+        .when(request("req-2", "then summarize it"))
+        .then(|_, planner| assert_eq!(planner.state().requests.len(), 2))
+        .when(request(&"x".repeat(129), "too long an id"))
+        .then_expect_error(Error::InputTooLarge {
+            chars: 129,
+            limit: 128,
+        });
 }

@@ -186,6 +186,7 @@ impl Sim {
     fn run(&mut self) -> Result<(), String> {
         let plan = self.random_plan();
         self.drive(Command::Initialize {
+            request_id: None,
             input: "simulated".into(),
             attachments: vec![],
             plan: Some(plan),

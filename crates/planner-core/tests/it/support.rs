@@ -8,6 +8,7 @@ pub fn at(ms: u64) -> Timestamp {
 
 pub fn init(input: &str) -> Command {
     Command::Initialize {
+        request_id: None,
         input: input.into(),
         attachments: vec![],
         plan: None,
@@ -17,6 +18,7 @@ pub fn init(input: &str) -> Command {
 
 pub fn init_plan(tasks: Vec<TaskSpec>) -> Command {
     Command::Initialize {
+        request_id: None,
         input: "planned request".into(),
         attachments: vec![],
         plan: Some(PlanSpec { tasks }),

@@ -31,6 +31,7 @@ pub fn real_session() -> Vec<Vec<Event>> {
     .unwrap();
     let mut batches = vec![planner
         .process(Command::Initialize {
+            request_id: None,
             input: "- fetch a\n- fetch b\n- fetch c\n- summarize\n- analyze d\n- translate e"
                 .into(),
             attachments: vec![],
