@@ -364,22 +364,23 @@ impl Config {
                 None => problems.push(format!("--set {entry:?}: expected key.path=value")),
             }
         }
-        unknown_keys(&table, &mut problems);
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
+        // Unknown keys are reported and set aside, so that type and value problems in the rest
+        // are reported in the same run.
+        unknown_keys(&mut table, &mut problems);
         // Through text, so that type errors name their key.
         let text = toml::to_string(&table).unwrap_or_default();
-        let config: Config = match toml::from_str(&text) {
-            Ok(config) => config,
-            Err(e) => {
-                return Err(ConfigError {
-                    problems: vec![e.message().to_owned() + &key_hint(&e, &text)],
-                })
+        match toml::from_str::<Config>(&text) {
+            Ok(config) => {
+                if let Err(e) = config.validate() {
+                    problems.extend(e.problems);
+                }
+                if problems.is_empty() {
+                    return Ok(config);
+                }
             }
-        };
-        config.validate()?;
-        Ok(config)
+            Err(e) => problems.push(e.message().to_owned() + &key_hint(&e, &text)),
+        }
+        Err(ConfigError { problems })
     }
 
     /// Checks values that parse but make no sense.
@@ -521,24 +522,39 @@ fn set_path(
     current.insert(parts[parts.len() - 1].to_owned(), value);
 }
 
-/// Reports every key the config does not have (outside `planner`, which serde checks itself).
-fn unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
+/// Reports and removes every key the config does not have (outside `planner`, which serde
+/// checks itself).
+fn unknown_keys(table: &mut toml::Table, problems: &mut Vec<String>) {
     let Ok(toml::Value::Table(known)) = toml::Value::try_from(Config::default()) else {
         return;
     };
-    for (section, value) in table {
+    let mut unknown_sections = Vec::new();
+    for (section, value) in table.iter_mut() {
         match (known.get(section), value) {
-            (None, _) => problems.push(format!("unknown section or key {section:?}")),
+            (None, _) => {
+                problems.push(format!("unknown section or key {section:?}"));
+                unknown_sections.push(section.clone());
+            }
             (Some(_), _) if section == "planner" => {}
             (Some(toml::Value::Table(known_keys)), toml::Value::Table(keys)) => {
-                for key in keys.keys() {
-                    if !known_keys.contains_key(key) {
-                        problems.push(format!("unknown key {section}.{key}"));
-                    }
+                let unknown: Vec<String> = keys
+                    .keys()
+                    .filter(|key| !known_keys.contains_key(*key))
+                    .cloned()
+                    .collect();
+                for key in unknown {
+                    problems.push(format!("unknown key {section}.{key}"));
+                    keys.remove(&key);
                 }
             }
-            (Some(_), _) => problems.push(format!("{section} must be a section")),
+            (Some(_), _) => {
+                problems.push(format!("{section} must be a section"));
+                unknown_sections.push(section.clone());
+            }
         }
+    }
+    for section in unknown_sections {
+        table.remove(&section);
     }
 }
 

@@ -66,6 +66,24 @@ fn problems_name_their_keys() {
         "{err}"
     );
     assert!(err.to_string().contains("planner.max_parallel"), "{err}");
+    // Unknown keys, a bad type and a bad value, all in one report.
+    let err = Config::load(
+        None,
+        env(&[("PLANNER_NATS__BOGUS", "1")]),
+        &["store.replicas=2".to_owned(), "nope.x=1".to_owned()],
+    )
+    .unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("unknown key nats.bogus")),
+        "{err}"
+    );
+    assert!(err.problems.iter().any(|p| p.contains("\"nope\"")), "{err}");
+    assert!(
+        err.problems.iter().any(|p| p.contains("store.replicas")),
+        "{err}"
+    );
     let err = Config::load(None, env(&[]), &["nats.user=\"me\"".to_owned()]).unwrap_err();
     assert!(err.to_string().contains("nats.password"), "{err}");
 }
