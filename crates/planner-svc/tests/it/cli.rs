@@ -125,3 +125,55 @@ fn replay_of_an_unknown_session_says_so() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no events for session nobody"));
 }
+
+#[test]
+fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
+    let server = planner_testkit::NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = planner_svc()
+        .current_dir(dir.path())
+        .args(["serve", "--nats-url", &server.url()])
+        .env("PLANNER_SHUTDOWN__GRACE_S", "5")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Serving once it answers the micro-service ping.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let serving = runtime.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        for _ in 0..200 {
+            let ping = client.request("$SRV.PING.planner", "".into());
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        false
+    });
+    assert!(serving, "planner-svc serve did not start");
+    let started = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "did not exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "exit {status:?}\n{stderr}");
+    assert!(
+        stderr.contains("shutting down") && stderr.contains("stopped"),
+        "{stderr}"
+    );
+}
