@@ -47,6 +47,7 @@ fn started(plan: PlanSpec) -> (Planner, Vec<(TaskId, u32)>) {
     let events = planner
         .process(Command::Initialize {
             request_id: None,
+            planning: None,
             input: "run the benchmark graph".into(),
             attachments: vec![],
             plan: Some(plan),
@@ -134,6 +135,7 @@ fn long_session(target: usize) -> Vec<Event> {
         let events = planner
             .process(Command::Initialize {
                 request_id: None,
+                planning: None,
                 input: format!("request {turn}"),
                 attachments: vec![],
                 plan: Some(graph(10_000, &format!("r{turn}_"))),

@@ -53,6 +53,7 @@ fn run(request: &str, auto_answer: bool) -> Result<PlanPhase, Error> {
     println!("request: {}", request.replace('\n', " / "));
     let events = planner.process(Command::Initialize {
         request_id: None,
+        planning: None,
         input: request.to_owned(),
         attachments: vec![],
         plan: None,

@@ -30,6 +30,10 @@ pub enum Command {
         /// A ready-made plan (from an LLM or a caller), used instead of the rule parser.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         plan: Option<PlanSpec>,
+        /// How the plan was made, when a planner outside the core made (or failed to make) it:
+        /// recorded with the tasks so that a UI can show it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        planning: Option<Planning>,
         /// When the request arrived.
         #[serde(default)]
         now: Timestamp,
@@ -97,6 +101,18 @@ impl Command {
             Command::Cancel { .. } => "cancel",
         }
     }
+}
+
+/// How a plan was made outside the core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Planning {
+    /// Who made it: `llm` with a plan, `rules_fallback` without one (the rule parser runs).
+    pub source: crate::event::PlanSource,
+    /// Details for people: the model, or why the LLM's plan was not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What a [`Command::Cancel`] cancels.

@@ -42,6 +42,9 @@ pub enum Event {
         turn: u32,
         /// Who made the plan.
         source: PlanSource,
+        /// Details of how it was made (the model, or why an LLM plan was not used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
         /// The tasks as accepted: ids, dependencies (follow-up ordering included) and attachments
         /// final.
         tasks: Vec<TaskSpec>,
@@ -218,8 +221,12 @@ impl Event {
 pub enum PlanSource {
     /// The deterministic rule parser ([`parse_input`](crate::parse_input)).
     Rules,
-    /// A plan supplied as data with the request (an LLM's or a caller's).
+    /// A plan supplied as data with the request by a caller.
     Supplied,
+    /// A plan made by an LLM and validated.
+    Llm,
+    /// The rule parser, because the LLM's plan failed (the note says why).
+    RulesFallback,
 }
 
 /// Why a plan failed.

@@ -13,6 +13,7 @@
 //! let mut planner = Planner::new();
 //! let events = planner.process(Command::Initialize {
 //!     request_id: None,
+//!     planning: None,
 //!     input: "Search for the release notes, then summarize them".into(),
 //!     attachments: vec![],
 //!     plan: None,
@@ -69,7 +70,7 @@ pub mod state;
 pub mod testing;
 pub mod types;
 
-pub use command::{CancelTarget, Command, ExecutorEvent, ExecutorOutcome};
+pub use command::{CancelTarget, Command, ExecutorEvent, ExecutorOutcome, Planning};
 pub use compact::{
     compact_error_message, compact_thread, estimate_tokens, summarize_messages, Profile,
 };

@@ -51,6 +51,7 @@ pub const MAX_REQUEST_ID_CHARS: usize = 128;
 /// let events = planner
 ///     .process(Command::Initialize {
 ///         request_id: None,
+///         planning: None,
 ///         input: "1. search for flights\n2. summarize the options".into(),
 ///         attachments: vec![],
 ///         plan: None,
@@ -237,6 +238,7 @@ impl Decision<'_> {
                 input,
                 attachments,
                 plan,
+                planning,
                 now,
             } => {
                 if let Some(id) = &request_id {
@@ -251,7 +253,7 @@ impl Decision<'_> {
                         return Ok(());
                     }
                 }
-                self.initialize(request_id, input, attachments, plan, self.at(now))
+                self.initialize(request_id, input, attachments, plan, planning, self.at(now))
             }
             Command::HandleExecutorEvent { event, now } => {
                 self.require_started()?;
@@ -321,6 +323,7 @@ impl Decision<'_> {
         input: String,
         attachments: Vec<crate::types::Attachment>,
         plan: Option<PlanSpec>,
+        planning: Option<crate::command::Planning>,
         now: Timestamp,
     ) -> Result<(), Error> {
         let config = &self.state.config;
@@ -331,8 +334,17 @@ impl Decision<'_> {
                 limit: config.max_input_chars,
             });
         }
+        let claimed = planning.as_ref().map(|p| p.source);
+        let note = planning.and_then(|p| p.note);
         let (source, mut plan) = match plan {
-            Some(plan) => (PlanSource::Supplied, plan),
+            Some(plan) => {
+                let source = if claimed == Some(PlanSource::Llm) {
+                    PlanSource::Llm
+                } else {
+                    PlanSource::Supplied
+                };
+                (source, plan)
+            }
             None => {
                 if input.trim().is_empty() {
                     return Err(Error::EmptyRequest);
@@ -341,7 +353,12 @@ impl Decision<'_> {
                 if parsed.tasks.is_empty() {
                     return Err(Error::EmptyRequest);
                 }
-                (PlanSource::Rules, parsed)
+                let source = if claimed == Some(PlanSource::RulesFallback) {
+                    PlanSource::RulesFallback
+                } else {
+                    PlanSource::Rules
+                };
+                (source, parsed)
             }
         };
         let state = &*self.state;
@@ -387,6 +404,7 @@ impl Decision<'_> {
         self.emit(Event::TasksPlanned {
             turn,
             source,
+            note,
             tasks: plan.tasks,
         });
 

@@ -129,6 +129,7 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
         let first = planner
             .process(Command::Initialize {
                 request_id: None,
+                planning: None,
                 input: format!("request {turn}"),
                 attachments: vec![],
                 plan: Some(PlanSpec { tasks }),

@@ -72,6 +72,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
             &session,
             Command::Initialize {
                 request_id: None,
+                planning: None,
                 input: options.request.clone(),
                 attachments: vec![],
                 plan: None,

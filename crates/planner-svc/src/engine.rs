@@ -144,12 +144,14 @@ pub fn stamp(command: Command, at: Timestamp) -> Command {
             input,
             attachments,
             plan,
+            planning,
             ..
         } => Command::Initialize {
             request_id,
             input,
             attachments,
             plan,
+            planning,
             now: at,
         },
         Command::HandleExecutorEvent { event, .. } => {

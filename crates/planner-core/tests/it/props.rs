@@ -145,6 +145,7 @@ impl Runner {
         match op {
             Op::Request { text } => Command::Initialize {
                 request_id: None,
+                planning: None,
                 input: REQUESTS[*text].into(),
                 attachments: vec![],
                 plan: None,
@@ -194,6 +195,7 @@ impl Runner {
                     .collect();
                 Command::Initialize {
                     request_id: None,
+                    planning: None,
                     input: String::new(),
                     attachments: vec![],
                     plan: Some(PlanSpec { tasks: specs }),

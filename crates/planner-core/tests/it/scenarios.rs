@@ -89,6 +89,7 @@ fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
     let planner = Scenario::new()
         .given_commands([Command::Initialize {
             request_id: None,
+            planning: None,
             input: "analyze".into(),
             attachments: vec![attachment.clone()],
             plan: Some(PlanSpec {
@@ -860,6 +861,7 @@ fn executor_reports_decode_from_the_documented_json() {
 fn a_retried_request_with_the_same_id_changes_nothing() {
     let request = |id: &str, text: &str| Command::Initialize {
         request_id: Some(id.into()),
+        planning: None,
         input: text.into(),
         attachments: vec![],
         plan: None,

@@ -187,6 +187,7 @@ impl Sim {
         let plan = self.random_plan();
         self.drive(Command::Initialize {
             request_id: None,
+            planning: None,
             input: "simulated".into(),
             attachments: vec![],
             plan: Some(plan),

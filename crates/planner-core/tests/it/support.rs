@@ -9,6 +9,7 @@ pub fn at(ms: u64) -> Timestamp {
 pub fn init(input: &str) -> Command {
     Command::Initialize {
         request_id: None,
+        planning: None,
         input: input.into(),
         attachments: vec![],
         plan: None,
@@ -19,6 +20,7 @@ pub fn init(input: &str) -> Command {
 pub fn init_plan(tasks: Vec<TaskSpec>) -> Command {
     Command::Initialize {
         request_id: None,
+        planning: None,
         input: "planned request".into(),
         attachments: vec![],
         plan: Some(PlanSpec { tasks }),

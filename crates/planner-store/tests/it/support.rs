@@ -32,6 +32,7 @@ pub fn real_session() -> Vec<Vec<Event>> {
     let mut batches = vec![planner
         .process(Command::Initialize {
             request_id: None,
+            planning: None,
             input: "- fetch a\n- fetch b\n- fetch c\n- summarize\n- analyze d\n- translate e"
                 .into(),
             attachments: vec![],
