@@ -25,8 +25,10 @@ fn overhead(c: &mut Criterion) {
         ..PlanContext::default()
     };
     let text = answer(50);
-    c.bench_function("llm_overhead/parse_validate_record_50_tasks", |b| {
+    c.bench_function("llm_overhead/prompt_parse_validate_record_50_tasks", |b| {
         b.iter(|| {
+            let prompt = LlmPlanner::prompt(&context);
+            assert_eq!(prompt.len(), 2);
             let plan = LlmPlanner::parse(&text, &context).unwrap();
             let mut planner = Planner::new();
             planner

@@ -124,7 +124,8 @@ impl LlmPlanner {
         &self.client
     }
 
-    fn prompt(context: &PlanContext) -> Vec<ChatMessage> {
+    /// The chat that asks for a plan.
+    pub fn prompt(context: &PlanContext) -> Vec<ChatMessage> {
         let mut system = String::new();
         if !context.system_prompt.is_empty() {
             system.push_str(&context.system_prompt);

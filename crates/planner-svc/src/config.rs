@@ -42,6 +42,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The planner settings every new session starts with.
     pub planner: PlannerConfig,
+    /// LLM planning and summaries (off by default: the rule parser plans).
+    pub llm: planner_llm::LlmConfig,
 }
 
 /// How to reach NATS. Empty strings mean "not set".
@@ -452,6 +454,17 @@ impl Config {
         if self.sessions.recovery_interval_s == 0 {
             problems.push("sessions.recovery_interval_s must be at least 1".into());
         }
+        if self.llm.enabled {
+            if self.llm.base_url.trim().is_empty() {
+                problems.push("llm.base_url must be set when llm.enabled".into());
+            }
+            if self.llm.model.trim().is_empty() {
+                problems.push("llm.model must be set when llm.enabled".into());
+            }
+            if self.llm.max_concurrency == 0 {
+                problems.push("llm.max_concurrency must be at least 1".into());
+            }
+        }
         if let Err(e) = self.planner.validate() {
             problems.extend(e.problems.into_iter().map(|p| format!("planner.{p}")));
         }
@@ -459,6 +472,22 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError { problems })
+        }
+    }
+
+    /// The LLM planner, when `llm.enabled`; the API key is read from the variable named by
+    /// `llm.api_key_env`.
+    pub fn llm_planner(&self) -> Option<std::sync::Arc<planner_llm::LlmPlanner>> {
+        if !self.llm.enabled {
+            return None;
+        }
+        let key = std::env::var(&self.llm.api_key_env).ok();
+        match planner_llm::LlmClient::new(self.llm.clone(), key) {
+            Ok(client) => Some(std::sync::Arc::new(planner_llm::LlmPlanner::new(client))),
+            Err(error) => {
+                tracing::error!(%error, "cannot build the LLM client; planning with the rules");
+                None
+            }
         }
     }
 

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub behaviour: SimBehaviour,
     /// The planner settings of a new session.
     pub planner: PlannerConfig,
+    /// The LLM planner, if configured.
+    pub llm: Option<Arc<planner_llm::LlmPlanner>>,
 }
 
 /// Runs the request to its end, printing progress to `out`; returns how the plan ended.
@@ -48,6 +50,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         EngineConfig {
             planner: options.planner.clone(),
             snapshot: SnapshotPolicy::default(),
+            llm: options.llm.clone(),
             ..EngineConfig::default()
         },
     );

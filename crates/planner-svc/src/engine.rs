@@ -70,6 +70,8 @@ pub struct EngineConfig {
     pub max_loaded: usize,
     /// Idle time after which a session is dropped from memory.
     pub idle_timeout: Duration,
+    /// Plans requests (and writes summaries) with an LLM; the rule parser when absent.
+    pub llm: Option<Arc<planner_llm::LlmPlanner>>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +82,7 @@ impl Default for EngineConfig {
             conflict_retries: 5,
             max_loaded: 10_000,
             idle_timeout: Duration::from_secs(300),
+            llm: None,
         }
     }
 }
@@ -274,12 +277,124 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 
     /// Processes `command` for `session`: decide, persist, publish. See the module docs.
-    pub async fn handle(&self, session: &str, command: Command) -> Result<Handled, EngineError> {
+    ///
+    /// With an LLM configured, a request without a plan is planned by the LLM first, outside the
+    /// session's lock; after a command whose events compacted the context, the LLM rewrites the
+    /// summary in the background (a `CompactContext` of its own).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &str,
+        command: Command,
+    ) -> Result<Handled, EngineError> {
         if !planner_core::is_valid_token(session) {
             return Err(EngineError::BadSession(session.to_owned()));
         }
         let span = tracing::info_span!("session", id = session, command = command.command_type());
-        self.handle_in_span(session, command).instrument(span).await
+        async {
+            let command = self.plan_with_llm(session, command).await?;
+            let rewrite_summary = !matches!(command, Command::CompactContext { .. });
+            let handled = self.handle_in_span(session, command).await?;
+            if rewrite_summary
+                && handled
+                    .events
+                    .iter()
+                    .any(|e| e.event_type() == "context_compacted")
+            {
+                self.rewrite_summary(session);
+            }
+            Ok(handled)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn plan_with_llm(&self, session: &str, command: Command) -> Result<Command, EngineError> {
+        let Some(llm) = self.config.llm.clone() else {
+            return Ok(command);
+        };
+        let Command::Initialize {
+            request_id,
+            input,
+            attachments,
+            plan: None,
+            planning: None,
+            now,
+        } = command
+        else {
+            return Ok(command);
+        };
+        let rebuilt = |plan, planning| Command::Initialize {
+            request_id: request_id.clone(),
+            input: input.clone(),
+            attachments: attachments.clone(),
+            plan,
+            planning,
+            now,
+        };
+        if input.trim().is_empty() {
+            return Ok(rebuilt(None, None));
+        }
+        // Read what the prompt needs, then let go of the session: the call holds no lock.
+        let context = {
+            let slot = self.slot(session);
+            let mut state = slot.state.lock().await;
+            if state.planner.is_none() {
+                state.planner = Some(self.load(session).await?);
+            }
+            let Some(planner) = state.planner.as_ref() else {
+                return Ok(rebuilt(None, None));
+            };
+            let s = planner.state();
+            if request_id
+                .as_ref()
+                .is_some_and(|id| s.request_ids.contains(id))
+            {
+                return Ok(rebuilt(None, None)); // a retry: the core ignores it
+            }
+            planner_llm::PlanContext {
+                request: input.clone(),
+                attachments: attachments.clone(),
+                summary: s.context.summary.clone(),
+                system_prompt: s.config.system_prompt.clone(),
+                profile: s.config.profile,
+                existing_ids: s.tasks.iter().map(|t| t.id.clone()).collect(),
+                max_tasks: s.config.max_plan_tasks,
+            }
+        };
+        let planned = planner_llm::TaskPlanner::plan(llm.as_ref(), &context).await;
+        Ok(rebuilt(planned.plan, planned.planning))
+    }
+
+    fn rewrite_summary(self: &Arc<Self>, session: &str) {
+        let Some(llm) = self.config.llm.clone() else {
+            return;
+        };
+        if !llm.client().config().summarize {
+            return;
+        }
+        let engine = Arc::clone(self);
+        let session = session.to_owned();
+        tokio::spawn(async move {
+            let thread = {
+                let slot = engine.slot(&session);
+                let state = slot.state.lock().await;
+                state.planner.as_ref().map(|p| {
+                    let s = p.state();
+                    (s.context.thread(), s.config.token_budget, s.config.profile)
+                })
+            };
+            let Some((thread, budget, profile)) = thread else {
+                return;
+            };
+            let summary = planner_llm::summarize(llm.client(), &thread, budget / 2, profile).await;
+            let command = Command::CompactContext {
+                summary: Some(summary),
+                now: now(),
+            };
+            if let Err(error) = Box::pin(engine.handle(&session, command)).await {
+                tracing::warn!(session, %error, "could not record the LLM summary");
+            }
+        });
     }
 
     async fn handle_in_span(

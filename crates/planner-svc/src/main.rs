@@ -207,6 +207,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                     ..SimBehaviour::default()
                 },
                 planner: config.planner.clone(),
+                llm: config.llm_planner(),
             };
             let mut out = std::io::stdout();
             let phase = run(options, &mut out).await?;

@@ -98,6 +98,7 @@ fn engine_config(config: &Config) -> EngineConfig {
         conflict_retries: config.sessions.conflict_retries,
         max_loaded: config.sessions.max_loaded,
         idle_timeout: Duration::from_secs(config.sessions.idle_timeout_s),
+        llm: config.llm_planner(),
     }
 }
 
@@ -320,7 +321,7 @@ fn error(kind: &str, message: impl Into<String>) -> ErrorBody {
 }
 
 async fn command_reply<S: EventStore>(
-    engine: &Engine<S, NatsPublisher>,
+    engine: &Arc<Engine<S, NatsPublisher>>,
     subjects: &Subjects,
     subject: &str,
     payload: &[u8],
@@ -361,7 +362,7 @@ async fn command_reply<S: EventStore>(
 }
 
 async fn handle_report<S: EventStore>(
-    engine: &Engine<S, NatsPublisher>,
+    engine: &Arc<Engine<S, NatsPublisher>>,
     subjects: &Subjects,
     client: &async_nats::Client,
     message: async_nats::jetstream::Message,

@@ -2,7 +2,9 @@
 //!
 //! [`NatsServer`] starts a real `nats-server -js` on a free loopback port with its own store
 //! directory, and kills it when dropped. Tests never mock the bus or the store.
+//! [`llm_server::ScriptedServer`] is a scripted chat-completions endpoint for LLM tests.
 
+pub mod llm_server;
 pub mod nats_server;
 
 pub use nats_server::{NatsServer, NatsServerError};

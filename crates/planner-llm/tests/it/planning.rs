@@ -6,7 +6,7 @@ use planner_core::*;
 use planner_llm::*;
 use serde_json::json;
 
-use crate::server::{Reply, ScriptedServer};
+use planner_testkit::llm_server::{Reply, ScriptedServer};
 
 fn client(server: &ScriptedServer, tweak: impl FnOnce(&mut LlmConfig)) -> LlmClient {
     let mut config = LlmConfig {

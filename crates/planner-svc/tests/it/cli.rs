@@ -177,3 +177,75 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
         "{stderr}"
     );
 }
+
+async fn run_with_llm(
+    replies: Vec<planner_testkit::llm_server::Reply>,
+) -> (std::process::Output, usize) {
+    let server = planner_testkit::llm_server::ScriptedServer::start(replies).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = planner_svc();
+    command
+        .current_dir(dir.path())
+        .args([
+            "--set",
+            "llm.enabled=true",
+            "--set",
+            &format!("llm.base_url=\"{}\"", server.url),
+            "--set",
+            "llm.initial_backoff_ms=10",
+        ])
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+            "compare the vendors and email me",
+        ]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let requests = server.requests.lock().unwrap().len();
+    (output, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_plans_with_the_configured_llm() {
+    use planner_testkit::llm_server::Reply;
+    let plan = serde_json::json!({"tasks": [
+        {"id": "fetch", "description": "fetch the vendor prices", "kind": "tool_call", "target": "http_fetch", "dependencies": []},
+        {"id": "compare", "description": "compare them", "kind": "processing", "target": "analyze", "dependencies": ["fetch"]},
+        {"id": "send", "description": "email the result", "kind": "tool_call", "target": "email", "dependencies": ["compare"]}
+    ]});
+    let (output, requests) = run_with_llm(vec![Reply::completion(&plan.to_string())]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("planned 3 tasks (Llm)"), "{stdout}");
+    assert!(
+        stdout.contains("-> fetch attempt 1 to http_fetch"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("plan completed"), "{stdout}");
+    assert!(requests >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_falls_back_to_the_rules_when_the_llm_answers_nonsense() {
+    use planner_testkit::llm_server::Reply;
+    let (output, requests) = run_with_llm(vec![
+        Reply::completion("no idea"),
+        Reply::completion("still no idea"),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("(RulesFallback)"), "{stdout}");
+    assert!(stdout.contains("plan completed"), "{stdout}");
+    assert_eq!(requests, 2, "one try and one repair request");
+}

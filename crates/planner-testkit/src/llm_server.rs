@@ -1,4 +1,5 @@
-//! A scripted chat-completions endpoint on 127.0.0.1.
+//! A scripted OpenAI-compatible chat-completions endpoint on 127.0.0.1: each request gets the
+//! next scripted reply (status, headers, body, delay), and every request is recorded.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -8,10 +9,16 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// One scripted reply.
+#[derive(Debug)]
 pub struct Reply {
+    /// HTTP status.
     pub status: u16,
+    /// Extra headers.
     pub headers: Vec<(&'static str, String)>,
+    /// The body.
     pub body: String,
+    /// Wait before answering.
     pub delay: Duration,
 }
 
@@ -26,6 +33,7 @@ impl Reply {
         }
     }
 
+    /// A reply with `status` and `body`.
     pub fn status(status: u16, body: &str) -> Reply {
         Reply {
             status,
@@ -36,17 +44,27 @@ impl Reply {
     }
 }
 
+/// A request the server received.
+#[derive(Debug)]
 pub struct Recorded {
+    /// The `Authorization` header.
     pub authorization: Option<String>,
+    /// The JSON body.
     pub body: Value,
 }
 
+/// The server; it runs until the runtime stops.
+#[derive(Debug)]
 pub struct ScriptedServer {
+    /// The base URL, ending in `/v1`.
     pub url: String,
+    /// Every request received.
     pub requests: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl ScriptedServer {
+    /// Starts serving `replies` in order (then 500s).
+    #[allow(clippy::unwrap_used)]
     pub async fn start(replies: Vec<Reply>) -> ScriptedServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -91,10 +109,13 @@ impl ScriptedServer {
                     }
                     let body: Value =
                         serde_json::from_slice(&buf[header_end..]).unwrap_or(Value::Null);
-                    recorded.lock().unwrap().push(Recorded {
-                        authorization: header("authorization"),
-                        body,
-                    });
+                    recorded
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(Recorded {
+                            authorization: header("authorization"),
+                            body,
+                        });
                     let reply = replies
                         .lock()
                         .unwrap()
