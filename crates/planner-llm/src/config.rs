@@ -42,6 +42,9 @@ pub struct LlmConfig {
     pub temperature: f32,
     /// Also write context summaries with the LLM (the deterministic summary is the fallback).
     pub summarize: bool,
+    /// When a plan fails because a task failed for good, ask the LLM for a revised plan for
+    /// what is left, at most this many times per session (0: never).
+    pub max_revisions: u32,
 }
 
 impl Default for LlmConfig {
@@ -58,6 +61,7 @@ impl Default for LlmConfig {
             structured_output: StructuredOutput::JsonSchema,
             temperature: 0.0,
             summarize: true,
+            max_revisions: 0,
         }
     }
 }

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use planner_core::{
-    Command, Dispatch, Event, NodeKind, PlanPhase, Planner, PlannerCmd, PlannerConfig, TaskStatus,
-    Timestamp,
+    Command, Dispatch, Event, FailureReason, NodeKind, PlanPhase, Planner, PlannerCmd,
+    PlannerConfig, TaskStatus, Timestamp,
 };
 use planner_store::{load_planner, EventStore, SnapshotPolicy, StoreError};
 use tokio::sync::mpsc;
@@ -130,6 +130,9 @@ impl EngineError {
         }
     }
 }
+
+/// How a revision request starts (`[revision N] ...`): counted to cap revisions per session.
+pub const REVISION_MARK: &str = "[revision";
 
 /// The current time as the core counts it. The only clock the planner's time comes from.
 pub fn now() -> Timestamp {
@@ -302,6 +305,16 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             {
                 self.rewrite_summary(session);
             }
+            let failed = handled.events.iter().find_map(|e| match e {
+                Event::PlanFailed {
+                    reason: FailureReason::TaskFailed { task_id },
+                    ..
+                } => Some(task_id.clone()),
+                _ => None,
+            });
+            if let Some(task_id) = failed {
+                self.revise(session, task_id);
+            }
             Ok(handled)
         }
         .instrument(span)
@@ -363,6 +376,91 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         };
         let planned = planner_llm::TaskPlanner::plan(llm.as_ref(), &context).await;
         Ok(rebuilt(planned.plan, planned.planning))
+    }
+
+    /// After a task failed for good, asks the LLM for a revised plan for what is left and, if it
+    /// gives a valid one, sends it as a follow-up request marked as a revision (recorded like any
+    /// plan, with its note). At most `llm.max_revisions` per session; a failed revision changes
+    /// nothing (the plan stays failed).
+    fn revise(self: &Arc<Self>, session: &str, failed: planner_core::TaskId) {
+        let Some(llm) = self.config.llm.clone() else {
+            return;
+        };
+        let limit = llm.client().config().max_revisions;
+        if limit == 0 {
+            return;
+        }
+        let engine = Arc::clone(self);
+        let session = session.to_owned();
+        tokio::spawn(async move {
+            let context = {
+                let slot = engine.slot(&session);
+                let state = slot.state.lock().await;
+                let Some(planner) = state.planner.as_ref() else {
+                    return;
+                };
+                let s = planner.state();
+                let done = s
+                    .requests
+                    .iter()
+                    .filter(|r| r.starts_with(REVISION_MARK))
+                    .count();
+                if done >= limit as usize {
+                    return;
+                }
+                let error = s
+                    .task(&failed)
+                    .and_then(|t| t.error.clone())
+                    .unwrap_or_default();
+                let completed: Vec<String> = s
+                    .tasks
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Completed)
+                    .map(|t| format!("{} ({})", t.id, t.description))
+                    .collect();
+                let original = s
+                    .requests
+                    .iter()
+                    .rev()
+                    .find(|r| !r.starts_with(REVISION_MARK))
+                    .cloned()
+                    .unwrap_or_default();
+                let request = format!(
+                    "{REVISION_MARK} {}] The request was: {original}\nTask {failed} failed for good: {error}\nCompleted so far: {}\nPlan what is left to fulfil the request without repeating the failed approach. New tasks may depend on completed ones.",
+                    done + 1,
+                    if completed.is_empty() { "nothing".to_owned() } else { completed.join("; ") },
+                );
+                planner_llm::PlanContext {
+                    request,
+                    attachments: vec![],
+                    summary: s.context.summary.clone(),
+                    system_prompt: s.config.system_prompt.clone(),
+                    profile: s.config.profile,
+                    existing_ids: s.tasks.iter().map(|t| t.id.clone()).collect(),
+                    max_tasks: s.config.max_plan_tasks,
+                }
+            };
+            let planned = planner_llm::TaskPlanner::plan(llm.as_ref(), &context).await;
+            let Some(plan) = planned.plan else {
+                tracing::warn!(session, failed = %failed, "no usable revised plan; the plan stays failed");
+                return;
+            };
+            let note = format!("revision after {failed} failed");
+            let command = Command::Initialize {
+                request_id: None,
+                input: context.request,
+                attachments: vec![],
+                plan: Some(plan),
+                planning: Some(planner_core::Planning {
+                    source: planner_core::PlanSource::Llm,
+                    note: Some(note),
+                }),
+                now: now(),
+            };
+            if let Err(error) = Box::pin(engine.handle(&session, command)).await {
+                tracing::warn!(session, %error, "could not record the revised plan");
+            }
+        });
     }
 
     fn rewrite_summary(self: &Arc<Self>, session: &str) {

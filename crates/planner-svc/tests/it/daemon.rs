@@ -443,3 +443,56 @@ async fn a_retry_armed_by_a_dead_instance_is_fired_by_a_survivor() {
     );
     survivor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_fails_for_good_gets_a_revised_plan_from_the_llm() {
+    use planner_testkit::llm_server::{Reply, ScriptedServer};
+    let revision = json!({"tasks": [
+        {"id": "a2", "description": "do a another way", "kind": "tool_call", "target": "tool", "dependencies": []}
+    ]});
+    let llm = ScriptedServer::start(vec![Reply::completion(&revision.to_string())]).await;
+    let server = NatsServer::start().unwrap();
+    let mut cfg = config(&server);
+    cfg.planner.retry.max_attempts = 1;
+    cfg.llm.enabled = true;
+    cfg.llm.base_url = llm.url.clone();
+    cfg.llm.max_revisions = 1;
+    let daemon = Daemon::start(cfg).await;
+    let behaviour = ExecutorBehaviour {
+        fail_first: ["a".to_owned()].into(),
+        ..Default::default()
+    };
+    let _executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-revise", plan(&[("a", "tool", &[])])).await;
+    let store = store(&server.url()).await;
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events = store.load_all("s-revise").await.unwrap();
+        if events.iter().any(|e| e.event_type() == "plan_completed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let types: Vec<&str> = events.iter().map(Event::event_type).collect();
+    assert!(
+        types.contains(&"plan_failed") && types.contains(&"plan_completed"),
+        "{types:?}"
+    );
+    let revised = events.iter().find_map(|e| match e {
+        Event::TasksPlanned {
+            source: planner_core::PlanSource::Llm,
+            note,
+            ..
+        } => note.clone(),
+        _ => None,
+    });
+    assert_eq!(revised.as_deref(), Some("revision after a failed"));
+    // The revision prompt told the LLM what failed.
+    let prompt = llm.requests.lock().unwrap()[0].body["messages"][1]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(prompt.contains("Task a failed for good"), "{prompt}");
+    daemon.stop().await;
+}
