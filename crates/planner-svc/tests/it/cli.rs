@@ -249,3 +249,70 @@ async fn run_falls_back_to_the_rules_when_the_llm_answers_nonsense() {
     assert!(stdout.contains("plan completed"), "{stdout}");
     assert_eq!(requests, 2, "one try and one repair request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_over_budget_gets_an_llm_summary_recorded_in_the_log() {
+    use planner_testkit::llm_server::{Reply, ScriptedServer};
+    let plan = serde_json::json!({"tasks": [
+        {"id": "a", "description": "first step with a long enough description to fill the context", "kind": "processing", "target": "llm", "dependencies": []},
+        {"id": "b", "description": "second step with a long enough description to fill the context", "kind": "processing", "target": "llm", "dependencies": ["a"]},
+        {"id": "c", "description": "third step with a long enough description to fill the context", "kind": "processing", "target": "llm", "dependencies": ["b"]}
+    ]});
+    let mut replies = vec![Reply::completion(&plan.to_string())];
+    replies.extend((0..20).map(|_| Reply::completion("LLM SUMMARY: three steps, going well")));
+    let server = ScriptedServer::start(replies).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = planner_svc();
+    run.current_dir(dir.path())
+        .args([
+            "--set",
+            "llm.enabled=true",
+            "--set",
+            &format!("llm.base_url=\"{}\"", server.url),
+            "--set",
+            "planner.token_budget=24",
+        ])
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "300",
+            "do the three steps",
+        ]);
+    let output = tokio::task::spawn_blocking(move || run.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{stdout}");
+    let session = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let mut replay = planner_svc();
+    replay
+        .current_dir(dir.path())
+        .args(["replay", "--json", "--data-dir", "data", &session]);
+    let log = tokio::task::spawn_blocking(move || replay.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    let compactions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"context_compacted\""))
+        .collect();
+    assert!(
+        compactions.iter().any(|l| l.contains("[summary of")),
+        "the deterministic summary goes in first:\n{log}"
+    );
+    assert!(
+        compactions.iter().any(|l| l.contains("LLM SUMMARY")),
+        "then the LLM's:\n{log}"
+    );
+}
