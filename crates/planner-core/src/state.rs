@@ -252,7 +252,7 @@ impl PlannerState {
                     _ => (String::new(), None),
                 };
                 if self.tasks[i].status == TaskStatus::Running {
-                    self.running -= 1;
+                    self.running = self.running.saturating_sub(1);
                 } else {
                     // A clarification task being asked: that is its dispatch.
                     self.unschedule(i);
@@ -491,7 +491,7 @@ impl PlannerState {
     /// Releases what an attempt in flight held: its parallel slot or its pending question.
     fn end_attempt(&mut self, i: usize) {
         match self.tasks[i].status {
-            TaskStatus::Running => self.running -= 1,
+            TaskStatus::Running => self.running = self.running.saturating_sub(1),
             TaskStatus::NeedsClarification => {
                 let id = self.tasks[i].id.clone();
                 self.awaiting_answer.remove(&id);
@@ -517,7 +517,7 @@ impl PlannerState {
         }
         self.unschedule(i);
         self.tasks[i].status = status;
-        self.open -= 1;
+        self.open = self.open.saturating_sub(1);
         self.advance_cursor();
     }
 

@@ -879,3 +879,56 @@ fn a_retried_request_with_the_same_id_changes_nothing() {
             limit: 128,
         });
 }
+
+#[test]
+fn folding_an_inconsistent_history_does_not_panic() {
+    // Histories are written by `process`, but stored bytes can be edited or damaged: `apply`
+    // must stay total. Reports for tasks that never ran, unknown ids, double completions.
+    let planned = init_plan(vec![work("a", &[]), work("b", &["a"])]);
+    let mut planner = Planner::new();
+    let mut history = planner.process(planned).unwrap();
+    let done = |task: &str| Event::TaskStatusUpdated {
+        task_id: task.into(),
+        attempt: 1,
+        status: TaskStatus::Completed,
+        output: None,
+        error: None,
+        tokens_used: Some(u64::MAX),
+        at: at(1),
+    };
+    history.extend([
+        done("b"),
+        done("b"),
+        done("ghost"),
+        Event::TaskCancelled {
+            task_id: "a".into(),
+            reason: "x".into(),
+            cmd: None,
+            at: at(2),
+        },
+        Event::RetryScheduled {
+            task_id: "a".into(),
+            attempt: 9,
+            error: "e".into(),
+            tokens_used: Some(u64::MAX),
+            not_before: at(3),
+            at: at(3),
+        },
+        Event::ClarificationAnswered {
+            task_id: "nobody".into(),
+            answer: "x".into(),
+            defaulted: false,
+            at: at(4),
+        },
+        Event::ContextCompacted {
+            summary: "s".into(),
+            folded_messages: 999,
+            tokens_before: 0,
+            tokens_after: 0,
+            at: at(5),
+        },
+        Event::PlanCompleted { at: at(6) },
+    ]);
+    let folded = Planner::fold(&history);
+    assert_eq!(folded.version(), history.len() as u64);
+}
