@@ -84,7 +84,9 @@ impl Planner {
     }
 
     /// A planner resumed from a snapshot of its state; apply the events after it to catch up.
-    pub fn from_state(state: PlannerState) -> Self {
+    /// The state's derived indexes (not serialized) are rebuilt here.
+    pub fn from_state(mut state: PlannerState) -> Self {
+        state.rebuild_indexes();
         Planner {
             state,
             log: Vec::new(),

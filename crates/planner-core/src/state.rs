@@ -129,13 +129,23 @@ pub struct PlannerState {
     #[serde(default)]
     pub request_ids: BTreeSet<String>,
 
+    // Derived from `tasks`: not serialized (snapshots stay smaller), rebuilt by
+    // `rebuild_indexes` when a state is deserialized.
+    #[serde(skip)]
     index: HashMap<TaskId, usize>,
+    #[serde(skip)]
     dependents: Vec<Vec<usize>>,
+    #[serde(skip)]
     unmet_dependencies: Vec<u32>,
+    #[serde(skip)]
     ready_work: BTreeSet<usize>,
+    #[serde(skip)]
     ready_questions: BTreeSet<usize>,
+    #[serde(skip)]
     delayed: BTreeSet<(Timestamp, usize)>,
+    #[serde(skip)]
     running: usize,
+    #[serde(skip)]
     open: usize,
 }
 
@@ -145,6 +155,58 @@ impl PlannerState {
         PlannerState {
             config,
             ..PlannerState::default()
+        }
+    }
+
+    /// Rebuilds the derived indexes (ready sets, dependency counts, counters) from `tasks`:
+    /// what a deserialized state needs before it can decide anything. The result equals the
+    /// indexes `apply` maintains, field for field.
+    pub fn rebuild_indexes(&mut self) {
+        let n = self.tasks.len();
+        self.index = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        self.dependents = vec![Vec::new(); n];
+        self.unmet_dependencies = vec![0; n];
+        self.ready_work.clear();
+        self.ready_questions.clear();
+        self.delayed.clear();
+        self.running = 0;
+        self.open = 0;
+        for i in 0..n {
+            let mut seen = BTreeSet::new();
+            for dep in &self.tasks[i].dependencies {
+                if let Some(&d) = self.index.get(dep) {
+                    if d != i && seen.insert(d) {
+                        self.dependents[d].push(i);
+                        if self.tasks[d].status != TaskStatus::Completed {
+                            self.unmet_dependencies[i] += 1;
+                        }
+                    }
+                }
+            }
+            let task = &self.tasks[i];
+            match task.status {
+                TaskStatus::Running => self.running += 1,
+                TaskStatus::Planned if self.unmet_dependencies[i] == 0 => match task.not_before {
+                    Some(at) => {
+                        self.delayed.insert((at, i));
+                    }
+                    None if task.kind == NodeKind::Clarification => {
+                        self.ready_questions.insert(i);
+                    }
+                    None => {
+                        self.ready_work.insert(i);
+                    }
+                },
+                _ => {}
+            }
+            if !task.status.is_terminal() {
+                self.open += 1;
+            }
         }
     }
 
@@ -421,20 +483,11 @@ impl PlannerState {
             self.phase = PlanPhase::Running;
             self.run_start = self.tasks.len();
         }
+        // Two passes: a plan may list a task before the tasks it depends on, so every new id
+        // is known before any dependency is counted.
+        let first = self.tasks.len();
         for spec in specs {
             let i = self.tasks.len();
-            let mut unmet = 0;
-            let mut seen = BTreeSet::new();
-            for dep in &spec.dependencies {
-                if let Some(d) = self.index.get(dep).copied() {
-                    if seen.insert(d) {
-                        self.dependents[d].push(i);
-                        if self.tasks[d].status != TaskStatus::Completed {
-                            unmet += 1;
-                        }
-                    }
-                }
-            }
             if let Some(n) = spec
                 .id
                 .as_str()
@@ -463,7 +516,23 @@ impl PlannerState {
             });
             self.index.insert(spec.id.clone(), i);
             self.dependents.push(Vec::new());
-            self.unmet_dependencies.push(unmet);
+            self.unmet_dependencies.push(0);
+        }
+        for i in first..self.tasks.len() {
+            let mut unmet = 0;
+            let mut seen = BTreeSet::new();
+            for k in 0..self.tasks[i].dependencies.len() {
+                let Some(d) = self.index.get(&self.tasks[i].dependencies[k]).copied() else {
+                    continue;
+                };
+                if d != i && seen.insert(d) {
+                    self.dependents[d].push(i);
+                    if self.tasks[d].status != TaskStatus::Completed {
+                        unmet += 1;
+                    }
+                }
+            }
+            self.unmet_dependencies[i] = unmet;
             self.open += 1;
             if unmet == 0 {
                 self.make_ready(i);
