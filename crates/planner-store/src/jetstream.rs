@@ -10,7 +10,8 @@
 //!   after the batch) and `Planner-Batch-Id`.
 //! - Snapshots are kept in the Object Store bucket `config.snapshot_bucket`, one object per
 //!   session (an object store, not a KV bucket, because a large session's state is many MiB
-//!   and the object store chunks it under the server's `max_payload`).
+//!   and the object store chunks it under the server's `max_payload`), LZ4-compressed after a
+//!   header line `lz4 <stream sequence>` that lets a load start replay right after it.
 //!
 //! # Concurrency and duplicates
 //!
@@ -55,7 +56,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use planner_core::codec;
 use planner_core::Event;
-use serde::{Deserialize, Serialize};
 
 use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
 
@@ -102,14 +102,6 @@ impl Default for JetStreamConfig {
             replay_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// What a snapshot is kept as in the bucket: the snapshot and the stream sequence of the
-/// message that ends at its version, so a load can start right after it.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    sequence: Option<u64>,
-    snapshot: serde_json::Value,
 }
 
 /// The JetStream store. See the module docs.
@@ -457,18 +449,15 @@ impl EventStore for JetStreamStore {
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         check_stream(stream)?;
         let sequence = match self.positions().latest.get(stream) {
-            Some(&(v, seq)) if v == snapshot.version => Some(seq),
-            _ => None,
+            Some(&(v, seq)) if v == snapshot.version => seq,
+            _ => 0,
         };
-        let value = serde_json::to_value(snapshot).map_err(|e| StoreError::Nats {
-            operation: "encoding a snapshot",
-            message: e.to_string(),
-        })?;
-        let bytes = serde_json::to_vec(&StoredSnapshot {
-            sequence,
-            snapshot: value,
-        })
-        .unwrap_or_default();
+        // "lz4 <stream sequence>\n" then the LZ4-compressed snapshot JSON: a large session's
+        // state is many MiB of repetitive JSON, and compressing it cuts the transfer that
+        // dominates loading.
+        let json = snapshot.encode();
+        let mut bytes = format!("{SNAPSHOT_FORMAT} {sequence}\n").into_bytes();
+        bytes.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
         self.snapshots
             .put(stream, &mut bytes.as_slice())
             .await
@@ -487,15 +476,9 @@ impl EventStore for JetStreamStore {
         tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
             .await
             .map_err(|e| nats("reading a snapshot")(&e))?;
-        let decoded = serde_json::from_slice::<StoredSnapshot>(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|stored| {
-                let raw = serde_json::to_vec(&stored.snapshot).map_err(|e| e.to_string())?;
-                Snapshot::decode(&raw).map(|s| (stored.sequence, s))
-            });
-        match decoded {
+        match decode_snapshot(&bytes) {
             Ok((sequence, snapshot)) => {
-                if let Some(sequence) = sequence {
+                if sequence > 0 {
                     self.positions()
                         .snapshot
                         .insert(stream.to_owned(), (snapshot.version, sequence));
@@ -508,6 +491,24 @@ impl EventStore for JetStreamStore {
             }
         }
     }
+}
+
+/// The first word of a stored snapshot: its layout.
+const SNAPSHOT_FORMAT: &str = "lz4";
+
+fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
+    let newline = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let header = std::str::from_utf8(&bytes[..newline]).map_err(|e| e.to_string())?;
+    let sequence = match header.split_once(' ') {
+        Some((SNAPSHOT_FORMAT, sequence)) => sequence.parse::<u64>().map_err(|e| e.to_string())?,
+        _ => return Err(format!("unknown snapshot header {header:?}")),
+    };
+    let json =
+        lz4_flex::decompress_size_prepended(&bytes[newline + 1..]).map_err(|e| e.to_string())?;
+    Ok((sequence, Snapshot::decode(&json)?))
 }
 
 #[cfg(test)]
