@@ -546,18 +546,7 @@ impl Decision<'_> {
                 }
             }
             ExecutorOutcome::NeedsClarification { question } => {
-                let deadline = self.question_deadline(now);
-                self.emit(Event::ClarificationRequested {
-                    task_id: task_id.clone(),
-                    attempt,
-                    cmd: PlannerCmd::AskUser {
-                        task_id,
-                        attempt,
-                        question,
-                        deadline,
-                    },
-                    at: now,
-                });
+                self.ask(task_id, attempt, question, now);
                 self.auto_compact(now);
                 self.settle(now);
             }
@@ -618,6 +607,23 @@ impl Decision<'_> {
     }
 
     // ----- clarifications -----
+
+    /// Puts a question to the user on behalf of `task_id`: a clarification task's dispatch, or
+    /// an executor asking mid-task.
+    fn ask(&mut self, task_id: TaskId, attempt: u32, question: String, now: Timestamp) {
+        let deadline = self.question_deadline(now);
+        self.emit(Event::ClarificationRequested {
+            task_id: task_id.clone(),
+            attempt,
+            cmd: PlannerCmd::AskUser {
+                task_id,
+                attempt,
+                question,
+                deadline,
+            },
+            at: now,
+        });
+    }
 
     fn question_deadline(&self, now: Timestamp) -> Option<Timestamp> {
         self.state
@@ -949,18 +955,7 @@ impl Decision<'_> {
                 .clone()
                 .unwrap_or_else(|| task.description.clone());
             let task_id = task.id.clone();
-            let deadline = self.question_deadline(now);
-            self.emit(Event::ClarificationRequested {
-                task_id: task_id.clone(),
-                attempt,
-                cmd: PlannerCmd::AskUser {
-                    task_id,
-                    attempt,
-                    question,
-                    deadline,
-                },
-                at: now,
-            });
+            self.ask(task_id, attempt, question, now);
         }
         let free = self
             .state
