@@ -17,8 +17,9 @@ use crate::types::{Attachment, TaskId, TaskStatus, Timestamp};
 pub enum Event {
     /// The session started with this config.
     SessionStarted {
-        /// The config every later decision uses.
-        config: PlannerConfig,
+        /// The config every later decision uses. Boxed: it is by far the largest payload, and
+        /// every event is as large as its largest variant.
+        config: Box<PlannerConfig>,
         /// When.
         at: Timestamp,
     },

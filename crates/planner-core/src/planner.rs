@@ -392,7 +392,7 @@ impl Decision<'_> {
         let first_new = self.state.tasks.len();
         if self.state.phase == PlanPhase::NotStarted {
             self.emit(Event::SessionStarted {
-                config: self.state.config.clone(),
+                config: Box::new(self.state.config.clone()),
                 at: now,
             });
         }

@@ -256,7 +256,7 @@ impl PlannerState {
         self.version += 1;
         match event {
             Event::SessionStarted { config, at } => {
-                self.config = config.clone();
+                self.config = (**config).clone();
                 self.phase = PlanPhase::Running;
                 self.started_at = Some(*at);
                 self.tick(*at);
