@@ -316,3 +316,40 @@ async fn a_context_over_budget_gets_an_llm_summary_recorded_in_the_log() {
         "then the LLM's:\n{log}"
     );
 }
+
+#[test]
+fn a_second_run_with_the_same_session_is_a_follow_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |request: &str| {
+        planner_svc()
+            .current_dir(dir.path())
+            .args([
+                "run",
+                "--yes",
+                "--data-dir",
+                "data",
+                "--session",
+                "trip",
+                "--latency-ms",
+                "1",
+                request,
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = run("search for hotels in Porto");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stdout)
+    );
+    let second = run("then book the cheapest one");
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{stdout}");
+    // Numbering continues and the plan reopens: the follow-up's task is t2.
+    assert!(
+        stdout.contains("planned 1 tasks") && stdout.contains("   t2 "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("plan completed"), "{stdout}");
+}
