@@ -7,7 +7,8 @@
 //!    list (`-`, `*`, `•`) gives one step per item, run in parallel. Lines that do not start an
 //!    item continue the item above. Otherwise the text is cut into sentences, run in sequence.
 //! 2. **Sequencing words.** Inside a step, "then", "after that", "afterwards", "next" and
-//!    "finally" cut it further into steps that run one after another.
+//!    "finally" cut it further into steps that run one after another (and their equivalents
+//!    in a few other languages: "dann", "puis", "luego", "затем", "然后", ...).
 //! 3. **Kinds.** A step that is a question (ends with `?`, or starts with "ask", "confirm",
 //!    "clarify", "check with") is a [`NodeKind::Clarification`]. A step whose words name a tool
 //!    (search, fetch, run, file, email, query, ...) is a [`NodeKind::ToolCall`] served by that
@@ -130,7 +131,7 @@ fn split_items(input: &str) -> (Vec<String>, bool) {
     let mut result: Vec<String> = preamble
         .into_iter()
         .flat_map(split_sentences)
-        .filter(|s| s.ends_with('?'))
+        .filter(|s| s.ends_with(['?', '？', '؟']))
         .collect();
     result.extend(items.into_iter().filter(|i| !i.is_empty()));
     (result, !use_numbers)
@@ -141,7 +142,7 @@ fn strip_number(line: &str) -> Option<&str> {
     if digits == 0 || digits > 3 {
         return None;
     }
-    let rest = &line[digits..];
+    let rest = line.get(digits..)?;
     rest.strip_prefix(". ")
         .or_else(|| rest.strip_prefix(") "))
         .or_else(|| rest.strip_prefix(": "))
@@ -160,7 +161,9 @@ fn split_sentences(text: &str) -> Vec<String> {
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         current.push(c);
-        let at_end = matches!(c, '.' | '!' | '?') && chars.peek().is_none_or(|n| n.is_whitespace());
+        // Full-width marks (Chinese, Japanese) end a sentence with no space after them.
+        let at_end = matches!(c, '。' | '！' | '？')
+            || matches!(c, '.' | '!' | '?' | '؟') && chars.peek().is_none_or(|n| n.is_whitespace());
         if at_end && !ends_with_abbreviation(&current) {
             push_trimmed(&mut sentences, &current);
             current.clear();
@@ -179,13 +182,16 @@ fn ends_with_abbreviation(text: &str) -> bool {
 }
 
 fn push_trimmed(out: &mut Vec<String>, text: &str) {
-    let t = text.trim().trim_end_matches(['.', '!', ';', ',']).trim();
+    let t = text
+        .trim()
+        .trim_end_matches(['.', '!', ';', ',', '。', '！', '，', '、'])
+        .trim();
     if !t.is_empty() {
         out.push(t.to_owned());
     }
 }
 
-const SEQUENCE_WORDS: [&str; 8] = [
+const SEQUENCE_WORDS: [&str; 17] = [
     ", and then ",
     " and then ",
     ", then ",
@@ -194,6 +200,17 @@ const SEQUENCE_WORDS: [&str; 8] = [
     " after that ",
     ", afterwards ",
     ", finally ",
+    // The same cut in a few other languages users write requests in; anything else still
+    // plans, as one step per sentence.
+    ", dann ",
+    ", danach ",
+    ", puis ",
+    ", ensuite ",
+    ", luego ",
+    ", después ",
+    ", затем ",
+    ", потом ",
+    "然后",
 ];
 
 /// Cuts one item at sequencing words into steps run in order.
@@ -206,7 +223,7 @@ fn split_sequence(item: &str) -> Vec<String> {
         .into_iter()
         .map(|s| {
             strip_leading_connector(&s)
-                .trim_end_matches([',', '.', ';'])
+                .trim_end_matches([',', '.', ';', '，', '。', '、'])
                 .trim()
                 .to_owned()
         })
@@ -228,23 +245,29 @@ fn strip_leading_connector(s: &str) -> &str {
         "finally, ",
         "and ",
     ] {
-        if s.len() >= lead.len() && s[..lead.len()].eq_ignore_ascii_case(lead) {
-            return s[lead.len()..].trim();
+        // `get`, not slicing: `lead.len()` may fall inside a multi-byte character of `s`.
+        if s.get(..lead.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(lead))
+        {
+            return s.get(lead.len()..).unwrap_or_default().trim();
         }
     }
     s
 }
 
 /// Splits at every case-insensitive occurrence of `sep` (ASCII), keeping the rest intact.
+///
+/// ASCII lowercasing keeps every byte offset, so an offset found in `lower` is a character
+/// boundary of `s` too; `get` keeps that an argument rather than a panic if it ever were not.
 fn split_ci(s: &str, sep: &str) -> Vec<String> {
     let lower = s.to_ascii_lowercase();
     let mut parts = Vec::new();
     let mut start = 0;
-    while let Some(found) = lower[start..].find(sep) {
-        parts.push(s[start..start + found].to_owned());
+    while let Some(found) = lower.get(start..).and_then(|rest| rest.find(sep)) {
+        parts.push(s.get(start..start + found).unwrap_or_default().to_owned());
         start += found + sep.len();
     }
-    parts.push(s[start..].to_owned());
+    parts.push(s.get(start..).unwrap_or_default().to_owned());
     parts
 }
 
@@ -302,7 +325,7 @@ fn classify(step: &str) -> (NodeKind, &'static str) {
     let asks = ["ask ", "confirm ", "clarify ", "check with "]
         .iter()
         .any(|w| lower.starts_with(w));
-    if step.trim_end().ends_with('?') || asks {
+    if step.trim_end().ends_with(['?', '？', '؟']) || asks {
         return (NodeKind::Clarification, "user");
     }
     let padded = format!(" {lower} ");
@@ -322,7 +345,7 @@ fn classify(step: &str) -> (NodeKind, &'static str) {
 fn find_placeholder(step: &str) -> Option<String> {
     if let (Some(open), Some(close)) = (step.find('<'), step.find('>')) {
         if open < close && close - open > 1 {
-            return Some(step[open..=close].to_owned());
+            return step.get(open..=close).map(str::to_owned);
         }
     }
     ["TBD", "???", "XXX"]
@@ -458,6 +481,42 @@ mod tests {
             "<<>>",
         ] {
             assert_eq!(parse_input(input), parse_input(input), "{input:?}");
+        }
+    }
+
+    /// The requests that crashed `planner-svc run` (a byte offset inside a multi-byte
+    /// character): each now gives a plan, cut where the language's own words say so.
+    #[test]
+    fn non_english_requests_plan_instead_of_panicking() {
+        let cases: [(&str, usize); 6] = [
+            ("Café au lait and croissant", 1),
+            ("Überprüfe die Datei, dann fasse sie zusammen", 2),
+            ("查找巴黎的天气，然后总结", 2),
+            ("Найди погоду в Париже, затем кратко опиши", 2),
+            ("Найди погоду в Париже и кратко опиши", 1),
+            ("天気を調べて。まとめて！", 2),
+        ];
+        for (input, steps) in cases {
+            let plan = parse_input(input);
+            assert_eq!(plan.tasks.len(), steps, "{input:?}: {plan:?}");
+            for pair in plan.tasks.windows(2) {
+                if let [before, after] = pair {
+                    assert_eq!(after.dependencies, vec![before.id.clone()], "{input:?}");
+                }
+            }
+        }
+        let question = parse_input("查找巴黎的天气？");
+        assert_eq!(question.tasks.len(), 1);
+        assert_eq!(question.tasks.first().map(|t| t.kind), Some(Clarification));
+    }
+
+    /// A connector word cut through a multi-byte character: "then " is five bytes, and the
+    /// fifth byte of "théé" falls inside the second "é".
+    #[test]
+    fn leading_words_compare_on_character_boundaries() {
+        for input in ["théé", "aéé", "nééé", "afterwards… now", "finalé,x"] {
+            let plan = parse_input(input);
+            assert_eq!(plan.tasks.len(), 1, "{input:?}");
         }
     }
 }

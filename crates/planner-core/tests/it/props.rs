@@ -409,4 +409,98 @@ proptest! {
         }
         let _ = codec::decode(&bytes);
     }
+
+    #[test]
+    fn requests_in_any_script_plan_without_panicking(input in unicode_request()) {
+        // Users write in every language; the parser's connector words and markers are ASCII
+        // and must never be matched by cutting a character in two.
+        let mut planner = Planner::new();
+        // A typed refusal (nothing to plan in it) is an answer; a panic is the bug.
+        let Ok(mut history) = planner.process(Command::Initialize {
+            request_id: None,
+            planning: None,
+            input: input.clone(),
+            attachments: vec![],
+            plan: None,
+            now: Timestamp(1_000),
+        }) else {
+            prop_assert!(planner.state().tasks.is_empty(), "a refused request changed state");
+            return Ok(());
+        };
+        // A follow-up parses the same way, numbering on from the first plan.
+        if let Ok(more) = planner.process(Command::Initialize {
+            request_id: None,
+            planning: None,
+            input: format!("{input} then {input}"),
+            attachments: vec![],
+            plan: None,
+            now: Timestamp(2_000),
+        }) {
+            history.extend(more);
+        }
+        let replayed = Planner::fold(&history);
+        prop_assert_eq!(replayed.state(), planner.state());
+    }
+}
+
+/// Requests mixing the parser's own words and marks with text from every script: accents,
+/// combining marks, CJK, right-to-left scripts, emoji (with joiners) and any `char` at all.
+fn unicode_request() -> impl Strategy<Value = String> {
+    let fragment = prop_oneof![
+        prop::sample::select(vec![
+            "then ",
+            "Then ",
+            "and then ",
+            ", then ",
+            "after that ",
+            "finally, ",
+            "next ",
+            "1. ",
+            "2) ",
+            "- ",
+            "• ",
+            "? ",
+            ". ",
+            "! ",
+            "\n",
+            "<",
+            ">",
+            "TBD",
+            "search ",
+            "summarize ",
+        ])
+        .prop_map(str::to_owned),
+        prop::sample::select(vec![
+            "é",
+            "e\u{301}",
+            "\u{301}",
+            "ß",
+            "Über",
+            "thé",
+            "café",
+            "然后",
+            "，",
+            "。",
+            "？",
+            "查找",
+            "天気",
+            "Найди",
+            "затем",
+            "مرحبا",
+            "؟",
+            "שלום",
+            "\u{200f}",
+            "\u{202e}",
+            "👩\u{200d}💻",
+            "🇫🇷",
+            "\u{fe0f}",
+            "\u{0}",
+            "\u{feff}",
+            "ᄀ",
+            "𝔘",
+        ])
+        .prop_map(str::to_owned),
+        any::<char>().prop_map(String::from),
+    ];
+    prop::collection::vec(fragment, 0..24).prop_map(|parts| parts.concat())
 }
