@@ -3,8 +3,11 @@
 //! # Layout on the server
 //!
 //! - Stream `config.stream_name` captures `{subject_prefix}.*`; session `s` is subject
-//!   `{subject_prefix}.s`, so a session replays through a consumer filtered to its subject,
-//!   without reading the others.
+//!   `{subject_prefix}.s`, so a session replays by reading its subject's messages, without
+//!   reading the others. A load reads its first messages one request each (the stream API's
+//!   "next message on this subject", answered by the stream's leader so it is never stale) and
+//!   only a long replay creates a consumer, which it deletes when done: a load leaves nothing
+//!   behind on the server, whose consumers per stream are limited.
 //! - Each append is **one message** holding the whole batch (a JSON array of versioned events),
 //!   so it is atomic on every server version. Headers: `Planner-Version` (the session's version
 //!   after the batch) and `Planner-Batch-Id`.
@@ -45,8 +48,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::object_store::{self, GetErrorKind};
@@ -61,8 +63,12 @@ use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
 
 const VERSION: &str = "Planner-Version";
 const BATCH_ID: &str = "Planner-Batch-Id";
-/// Messages per pull while replaying.
-const REPLAY_BATCH: i64 = 16;
+/// Messages per pull while replaying through a consumer.
+const REPLAY_BATCH: usize = 16;
+/// Messages read one request each before a replay switches to a consumer.
+const DIRECT_READS: usize = 32;
+/// How long the server keeps a replay consumer its creator stopped using (it died).
+const REPLAY_CONSUMER_IDLE: Duration = Duration::from_secs(10);
 
 /// Settings of a [`JetStreamStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,6 +270,107 @@ impl JetStreamStore {
             })
         }
     }
+
+    /// Reads the rest of a long replay through a consumer made for it and deleted afterwards
+    /// (on error too): nats-server limits consumers per stream, so one left behind per load
+    /// would stop loads, and a restart, once a store holds about a thousand sessions. The
+    /// consumer's inactivity threshold cleans up after a process that dies mid-replay.
+    async fn replay_with_consumer(
+        &self,
+        replay: &mut Replay<'_>,
+        start_sequence: u64,
+    ) -> Result<(), StoreError> {
+        let consumer = self
+            .stream
+            .create_consumer(pull::Config {
+                filter_subject: self.subject(replay.stream),
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+                ack_policy: AckPolicy::None,
+                memory_storage: true,
+                inactive_threshold: REPLAY_CONSUMER_IDLE,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("creating a replay consumer")(&e))?;
+        let name = consumer.cached_info().name.clone();
+        let read = async {
+            let mut messages = consumer
+                .stream()
+                // A batch message can be up to `max_message_bytes`; small pulls keep what the
+                // server has in flight to this client well under its slow-consumer limit.
+                .max_messages_per_batch(REPLAY_BATCH)
+                .messages()
+                .await
+                .map_err(|e| nats("starting a replay")(&e))?;
+            while !replay.done {
+                let next = tokio::time::timeout(self.config.replay_timeout, messages.next())
+                    .await
+                    .map_err(|_| StoreError::Nats {
+                        operation: "replaying a session",
+                        message: format!(
+                            "no message within {:?} while replaying {}",
+                            self.config.replay_timeout,
+                            self.subject(replay.stream)
+                        ),
+                    })?;
+                let Some(message) = next else { break };
+                let message = message.map_err(|e| nats("replaying a session")(&e))?;
+                let sequence = message
+                    .info()
+                    .map_err(|e| nats("replaying a session")(&*e))?
+                    .stream_sequence;
+                replay.take(sequence, message.headers.as_ref(), &message.payload)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = self.stream.delete_consumer(&name).await {
+            // Not fatal: the server removes it after `REPLAY_CONSUMER_IDLE` anyway.
+            tracing::debug!(consumer = %name, error = %e, "could not delete a replay consumer");
+        }
+        read
+    }
+}
+
+/// A replay in progress: the events at or after `version`, until the message at
+/// `last_sequence`.
+struct Replay<'a> {
+    stream: &'a str,
+    version: u64,
+    last_sequence: u64,
+    events: Vec<Event>,
+    done: bool,
+}
+
+impl Replay<'_> {
+    fn take(
+        &mut self,
+        sequence: u64,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let end_version = headers
+            .and_then(|h| h.get(VERSION))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        let batch = codec::decode_batch(payload).map_err(|source| StoreError::Decode {
+            stream: self.stream.to_owned(),
+            version: end_version.unwrap_or(0),
+            source,
+        })?;
+        let count = batch.len() as u64;
+        let base = end_version
+            .ok_or_else(|| StoreError::Nats {
+                operation: "replaying a session",
+                message: format!("message {sequence} has no valid {VERSION} header"),
+            })?
+            .saturating_sub(count);
+        if base + count > self.version {
+            let skip = self.version.saturating_sub(base) as usize;
+            self.events.extend(batch.into_iter().skip(skip));
+        }
+        self.done = sequence >= self.last_sequence;
+        Ok(())
+    }
 }
 
 impl EventStore for JetStreamStore {
@@ -358,69 +465,33 @@ impl EventStore for JetStreamStore {
             Some(&(v, seq)) if v <= version => seq + 1,
             _ => 1,
         };
-        let consumer = self
-            .stream
-            .create_consumer(OrderedConfig {
-                filter_subject: self.subject(stream),
-                // A batch message can be up to `max_message_bytes`; small pulls keep what the
-                // server has in flight to this client well under its slow-consumer limit.
-                max_batch: REPLAY_BATCH,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("creating a replay consumer")(&e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats("starting a replay")(&e))?;
-        let mut events = Vec::new();
-        loop {
-            let next = tokio::time::timeout(self.config.replay_timeout, messages.next())
+        let mut replay = Replay {
+            stream,
+            version,
+            last_sequence,
+            events: Vec::new(),
+            done: false,
+        };
+        // Short replays (the usual case after a snapshot) read message by message and leave
+        // nothing on the server; a long one switches to a consumer, deleted when done.
+        let mut next = start;
+        for _ in 0..DIRECT_READS {
+            let message = self
+                .stream
+                .raw_message_builder()
+                .next_by_subject(self.subject(stream))
+                .sequence(next)
+                .send()
                 .await
-                .map_err(|_| StoreError::Nats {
-                    operation: "replaying a session",
-                    message: format!(
-                        "no message within {:?} while replaying {}",
-                        self.config.replay_timeout,
-                        self.subject(stream)
-                    ),
-                })?;
-            let Some(message) = next else { break };
-            let message = message.map_err(|e| nats("replaying a session")(&e))?;
-            let end_version = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(VERSION))
-                .and_then(|v| v.as_str().parse::<u64>().ok());
-            let info = message
-                .info()
-                .map_err(|e| nats("replaying a session")(&*e))?;
-            let sequence = info.stream_sequence;
-            let batch =
-                codec::decode_batch(&message.payload).map_err(|source| StoreError::Decode {
-                    stream: stream.to_owned(),
-                    version: end_version.unwrap_or(0),
-                    source,
-                })?;
-            let count = batch.len() as u64;
-            let base = end_version
-                .ok_or_else(|| StoreError::Nats {
-                    operation: "replaying a session",
-                    message: format!("message {sequence} has no valid {VERSION} header"),
-                })?
-                .saturating_sub(count);
-            if base + count > version {
-                let skip = version.saturating_sub(base) as usize;
-                events.extend(batch.into_iter().skip(skip));
-            }
-            if sequence >= last_sequence {
-                break;
+                .map_err(|e| nats("replaying a session")(&e))?;
+            next = message.sequence + 1;
+            replay.take(message.sequence, Some(&message.headers), &message.payload)?;
+            if replay.done {
+                return Ok(replay.events);
             }
         }
-        Ok(events)
+        self.replay_with_consumer(&mut replay, next).await?;
+        Ok(replay.events)
     }
 
     async fn version(&self, stream: &str) -> Result<u64, StoreError> {

@@ -85,3 +85,65 @@ async fn an_undecodable_snapshot_is_ignored() {
     assert_eq!(store.load_snapshot("s").await.unwrap(), None);
     assert_eq!(load_planner(&store, "s").await.unwrap().version(), 3);
 }
+
+/// The stream's consumers, as the server lists them.
+async fn consumers(server: &NatsServer) -> Vec<String> {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(JetStreamConfig::default().stream_name)
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    let mut listing = stream.consumer_names();
+    while let Some(name) = futures::StreamExt::next(&mut listing).await {
+        names.push(name.unwrap());
+    }
+    names
+}
+
+/// Loading a session used to create an ordered consumer that stayed on the server (30 s after
+/// use); nats-server limits consumers per stream, so a store with ~1,000 sessions could no
+/// longer be loaded, and a daemon no longer restarted. Now a load leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_loads_leave_no_consumer_behind() {
+    let server = NatsServer::start().unwrap();
+    let store = connect(&server).await;
+    // Short sessions (read message by message) and one long one (read through a consumer).
+    let mut expected = Vec::new();
+    for s in 0..20 {
+        let session = format!("short{s}");
+        let batch = events(3, &session);
+        store.append(&session, 0, &batch).await.unwrap();
+        expected.push((session, batch));
+    }
+    let mut long = Vec::new();
+    for i in 0..100 {
+        let batch = events(2, &format!("long{i}_"));
+        store
+            .append("long", long.len() as u64, &batch)
+            .await
+            .unwrap();
+        long.extend(batch);
+    }
+    let before = consumers(&server).await;
+    assert_eq!(before, Vec::<String>::new());
+
+    for round in 0..500 {
+        for (session, batch) in &expected {
+            assert_eq!(&store.load_all(session).await.unwrap(), batch, "{session}");
+        }
+        if round % 10 == 0 {
+            assert_eq!(store.load_all("long").await.unwrap(), long);
+            // From the middle too: the consumer starts where the replay left off.
+            assert_eq!(
+                store.load_from("long", 150).await.unwrap(),
+                long.get(150..).unwrap()
+            );
+        }
+    }
+    assert_eq!(
+        consumers(&server).await,
+        before,
+        "loads left consumers on the server"
+    );
+}

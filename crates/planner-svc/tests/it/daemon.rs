@@ -496,3 +496,67 @@ async fn a_task_that_fails_for_good_gets_a_revised_plan_from_the_llm() {
     assert!(prompt.contains("Task a failed for good"), "{prompt}");
     daemon.stop().await;
 }
+
+/// A daemon whose store holds more sessions than nats-server allows consumers on one stream
+/// (1,000 by default) used to exit 1 at start-up: each session loaded for recovery left a
+/// replay consumer behind. It must start and recover every unfinished session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers() {
+    const UNFINISHED: usize = 1_100;
+    const ENDED: usize = 100;
+    let server = NatsServer::start().unwrap();
+    let store = store(&server.url()).await;
+    for i in 0..UNFINISHED + ENDED {
+        let mut planner = Planner::new();
+        let mut events = planner
+            .process(planner_core::Command::Initialize {
+                request_id: None,
+                planning: None,
+                input: format!("search for item {i}"),
+                attachments: vec![],
+                plan: None,
+                now: planner_core::Timestamp(1_000),
+            })
+            .unwrap();
+        if i >= UNFINISHED {
+            events.extend(
+                planner
+                    .process(planner_core::Command::Cancel {
+                        target: planner_core::CancelTarget::Plan,
+                        reason: None,
+                        now: planner_core::Timestamp(2_000),
+                    })
+                    .unwrap(),
+            );
+        }
+        store.append(&format!("s{i}"), 0, &events).await.unwrap();
+    }
+
+    let daemon = Daemon::start(config(&server)).await;
+    // Recovery re-publishes the one dispatch of every unfinished session (none was published
+    // before: the sessions were written straight to the store).
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut dispatched = 0;
+    for _ in 0..600 {
+        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+        dispatched = tasks.info().await.unwrap().state.messages;
+        if dispatched >= UNFINISHED as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        dispatched, UNFINISHED as u64,
+        "every unfinished session recovered"
+    );
+    // And it serves.
+    let reply = command(
+        &client,
+        "fresh",
+        json!({"type": "initialize", "input": "search for more"}),
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    daemon.stop().await;
+}
