@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ChannelPublisher;
-use crate::engine::{now, Engine, EngineConfig, Outgoing};
+use crate::engine::{Engine, EngineConfig, Llm, Outgoing};
 use crate::sim::{SimBehaviour, SimExecutor};
 
 /// What to run.
@@ -50,7 +50,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         EngineConfig {
             planner: options.planner.clone(),
             snapshot: SnapshotPolicy::default(),
-            llm: options.llm.clone(),
+            llm: options.llm.clone().map(|llm| llm as Arc<dyn Llm>),
             ..EngineConfig::default()
         },
     );
@@ -79,7 +79,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 input: options.request.clone(),
                 attachments: vec![],
                 plan: None,
-                now: now(),
+                now: engine.now(),
             },
         )
         .await?;
@@ -108,7 +108,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     tokio::spawn(async move {
                         for event in [SimExecutor::started(&task), executor.outcome(&task)] {
                             tokio::time::sleep(executor.latency() / 2).await;
-                            match engine.handle(&session, Command::HandleExecutorEvent { event, now: now() }).await {
+                            match engine.handle(&session, Command::HandleExecutorEvent { event, now: engine.now() }).await {
                                 Ok(handled) => { let _ = progress.send(handled.events); }
                                 Err(error) => tracing::warn!(%error, "report refused"),
                             }
@@ -118,7 +118,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 Outgoing::Question(question) => {
                     let answer = ask(out, &question.question, auto_answer).await?;
                     let handled = engine
-                        .handle(&session, Command::AnswerClarification { task_id: question.task_id, answer, now: now() })
+                        .handle(&session, Command::AnswerClarification { task_id: question.task_id, answer, now: engine.now() })
                         .await?;
                     let _ = progress_tx.send(handled.events);
                 }

@@ -5,7 +5,8 @@
 //!
 //! - `config.rs`: settings from `config/planner.toml`, `PLANNER_*` variables and flags.
 //! - `protocol.rs`: subjects and wire messages (the code behind `docs/protocol.md`).
-//! - `engine.rs`: sessions, the persist-then-publish loop, timers, the outbox. No transport.
+//! - `engine/`: sessions, the persist-then-publish loop, timers, the outbox. No transport; its
+//!   IO goes through seams (`engine/seams.rs`).
 //! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).

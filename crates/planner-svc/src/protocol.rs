@@ -1,7 +1,10 @@
 //! The wire contract: subjects and the JSON messages on them. `docs/protocol.md` is the prose
 //! version of this file; a test checks its examples against these types.
 
-use planner_core::{Command, Event, NodeKind, TaskAssignment, TaskId, Timestamp};
+use planner_core::{
+    Attachment, CancelTarget, Command, Event, NodeKind, PlanSpec, Planning, TaskAssignment, TaskId,
+    Timestamp,
+};
 use serde::{Deserialize, Serialize};
 
 /// Subject names, all under one prefix (`planner` by default).
@@ -84,11 +87,134 @@ impl Subjects {
     }
 }
 
-/// A command request on `{p}.cmd.{session}`. The planner sets every `now` itself: clients do
-/// not control its clock.
+/// A command a client may send on `{p}.cmd.{session}`: what users, UIs and upstream agents
+/// legitimately ask of a session.
+///
+/// It is not the core's [`Command`]: executor reports, ticks and compaction are the planner's
+/// own business (reports arrive on the durable report subject, ticks come from the daemon's
+/// timers, summaries from its LLM), so a client cannot forge a result or move the clock. There
+/// is no `now` either: the planner stamps every command with its own clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(transparent)]
-pub struct CommandRequest(pub Command);
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientCommand {
+    /// A request from the user. The first one starts the session; later ones are follow-ups
+    /// whose tasks run after the current ones, with the conversation so far as context.
+    Initialize {
+        /// An id the client chose for this request: a second `initialize` with an id the session
+        /// has already seen is a retry and changes nothing. At most 128 characters.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        /// The request in plain text; with no `plan`, the planner plans it.
+        input: String,
+        /// Files or URLs that come with the request; every task of the request gets them.
+        #[serde(default)]
+        attachments: Vec<Attachment>,
+        /// A ready-made plan (from an LLM or a caller), used instead of the planner's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plan: Option<PlanSpec>,
+        /// How `plan` was made, recorded with the tasks so that a UI can show it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        planning: Option<Planning>,
+    },
+    /// A human's answer to a question the planner asked.
+    AnswerClarification {
+        /// The task that asked.
+        task_id: TaskId,
+        /// The answer.
+        answer: String,
+    },
+    /// Cancel one task (with everything that depends on it) or the whole plan.
+    Cancel {
+        /// What to cancel.
+        target: CancelTarget,
+        /// Why, for the record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Dispatch whatever is ready (a no-op unless something is).
+    Continue,
+}
+
+/// Command types of the core that clients may not send, and where that input comes from
+/// instead: the refusal names it.
+const PLANNER_ONLY: [(&str, &str); 3] = [
+    (
+        "handle_executor_event",
+        "executors report on the durable report subject, <prefix>.report.<session>",
+    ),
+    ("tick", "the planner keeps its own clock"),
+    (
+        "compact_context",
+        "the planner compacts the context itself, with its configured LLM if any",
+    ),
+];
+
+impl ClientCommand {
+    /// The stable snake_case name of the command, as on the wire.
+    pub fn command_type(&self) -> &'static str {
+        match self {
+            ClientCommand::Initialize { .. } => "initialize",
+            ClientCommand::AnswerClarification { .. } => "answer_clarification",
+            ClientCommand::Cancel { .. } => "cancel",
+            ClientCommand::Continue => "continue",
+        }
+    }
+
+    /// Decodes a command request, telling a planner-only command (a typed `forbidden`) from
+    /// input that is not a command at all (`malformed`).
+    pub fn decode(payload: &[u8]) -> Result<ClientCommand, ErrorBody> {
+        serde_json::from_slice(payload).map_err(|error| {
+            #[derive(Deserialize)]
+            struct Tagged {
+                #[serde(rename = "type")]
+                kind: String,
+            }
+            let forbidden = serde_json::from_slice::<Tagged>(payload)
+                .ok()
+                .and_then(|t| PLANNER_ONLY.iter().find(|(kind, _)| *kind == t.kind));
+            match forbidden {
+                Some((kind, instead)) => ErrorBody::new(
+                    ErrorKind::Forbidden,
+                    format!("{kind} is not a client command: {instead}"),
+                ),
+                None => ErrorBody::new(ErrorKind::Malformed, format!("not a command: {error}")),
+            }
+        })
+    }
+
+    /// The core command it stands for, at `now`.
+    pub fn into_command(self, now: Timestamp) -> Command {
+        match self {
+            ClientCommand::Initialize {
+                request_id,
+                input,
+                attachments,
+                plan,
+                planning,
+            } => Command::Initialize {
+                request_id,
+                input,
+                attachments,
+                plan,
+                planning,
+                now,
+            },
+            ClientCommand::AnswerClarification { task_id, answer } => {
+                Command::AnswerClarification {
+                    task_id,
+                    answer,
+                    now,
+                }
+            }
+            ClientCommand::Cancel { target, reason } => Command::Cancel {
+                target,
+                reason,
+                now,
+            },
+            ClientCommand::Continue => Command::Continue,
+        }
+    }
+}
 
 /// The reply to a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -105,14 +231,67 @@ pub enum CommandReply {
     Error(ErrorBody),
 }
 
+/// Why input was refused, as a stable snake_case kind on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not JSON, or not a known message.
+    Malformed,
+    /// Over a size limit.
+    TooLarge,
+    /// The session id is not a valid subject token.
+    BadSession,
+    /// A message this sender may not send (a planner-only command on the command subject).
+    Forbidden,
+    /// The planner refused it: unknown task, empty request, invalid plan, plan ended, ...
+    Rejected,
+    /// The session's stored log cannot be read: an operator must look; retrying cannot help.
+    Corrupt,
+    /// Other instances kept changing the session: retry.
+    Conflict,
+    /// The store failed: retry later.
+    Unavailable,
+}
+
+impl ErrorKind {
+    /// The kind as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Malformed => "malformed",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::BadSession => "bad_session",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Rejected => "rejected",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorBody {
-    /// A stable snake_case kind: `malformed`, `too_large`, `bad_session`, `rejected`,
-    /// `conflict`, `unavailable`.
-    pub kind: String,
+    /// What kind of refusal; says whether a retry can help.
+    pub kind: ErrorKind,
     /// What went wrong, for people.
     pub message: String,
+}
+
+impl ErrorBody {
+    /// A refusal of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorBody {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 /// A report that could not be processed and had no reply subject, on `{p}.errors`.
@@ -178,7 +357,7 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         serde_json::to_value(schema).unwrap_or_default()
     }
     vec![
-        ("command.json", json(schemars::schema_for!(Command))),
+        ("command.json", json(schemars::schema_for!(ClientCommand))),
         (
             "command_reply.json",
             json(schemars::schema_for!(CommandReply)),

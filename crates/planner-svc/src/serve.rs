@@ -32,8 +32,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::NatsPublisher;
 use crate::config::{Config, FsyncSetting, StoreKind};
-use crate::engine::{now, Engine, EngineConfig, EngineError};
-use crate::protocol::{CommandReply, CommandRequest, ErrorBody, ErrorNotice, Subjects};
+use crate::engine::{Disposition, Engine, EngineConfig, Llm};
+use crate::protocol::{ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, Subjects};
 
 /// The daemon's version, reported to `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -98,7 +98,8 @@ fn engine_config(config: &Config) -> EngineConfig {
         conflict_retries: config.sessions.conflict_retries,
         max_loaded: config.sessions.max_loaded,
         idle_timeout: Duration::from_secs(config.sessions.idle_timeout_s),
-        llm: config.llm_planner(),
+        llm: config.llm_planner().map(|llm| llm as Arc<dyn Llm>),
+        ..EngineConfig::default()
     }
 }
 
@@ -313,13 +314,6 @@ async fn run_with<S: EventStore>(
     Ok(())
 }
 
-fn error(kind: &str, message: impl Into<String>) -> ErrorBody {
-    ErrorBody {
-        kind: kind.to_owned(),
-        message: message.into(),
-    }
-}
-
 async fn command_reply<S: EventStore>(
     engine: &Arc<Engine<S, NatsPublisher>>,
     subjects: &Subjects,
@@ -328,8 +322,8 @@ async fn command_reply<S: EventStore>(
     max_bytes: usize,
 ) -> CommandReply {
     if payload.len() > max_bytes {
-        return CommandReply::Error(error(
-            "too_large",
+        return CommandReply::Error(ErrorBody::new(
+            ErrorKind::TooLarge,
             format!(
                 "the command is {} bytes, more than the limit of {max_bytes}",
                 payload.len()
@@ -337,28 +331,41 @@ async fn command_reply<S: EventStore>(
         ));
     }
     let Some(session) = subjects.session_of(subject, "cmd") else {
-        return CommandReply::Error(error(
-            "bad_session",
+        return CommandReply::Error(ErrorBody::new(
+            ErrorKind::BadSession,
             format!("no session in subject {subject}"),
         ));
     };
-    let command = match serde_json::from_slice::<CommandRequest>(payload) {
-        Ok(CommandRequest(command)) => command,
-        Err(e) => {
-            tracing::warn!(session, error = %e, "malformed command");
-            return CommandReply::Error(error("malformed", format!("not a command: {e}")));
+    let command = match ClientCommand::decode(payload) {
+        Ok(command) => command,
+        Err(refusal) => {
+            tracing::warn!(session, kind = %refusal.kind, error = %refusal.message, "command refused at the edge");
+            return CommandReply::Error(refusal);
         }
     };
-    match engine.handle(session, command).await {
+    match engine
+        .handle(session, command.into_command(engine.now()))
+        .await
+    {
         Ok(handled) => CommandReply::Ok {
             version: handled.version,
             events: handled.events,
         },
         Err(e) => {
-            tracing::warn!(session, error = %e, kind = e.kind(), "command refused");
-            CommandReply::Error(error(e.kind(), e.to_string()))
+            tracing::warn!(session, error = %e, kind = %e.kind(), "command refused");
+            CommandReply::Error(ErrorBody::new(e.kind(), e.to_string()))
         }
     }
+}
+
+/// What becomes of one executor report.
+enum ReportOutcome {
+    /// Applied (or a recognised duplicate): ack.
+    Done,
+    /// It may pass later: nak with a delay, for redelivery.
+    Retry,
+    /// It would fail the same way again: terminate it and say so on the errors subject.
+    Refused(ErrorNotice),
 }
 
 async fn handle_report<S: EventStore>(
@@ -370,44 +377,63 @@ async fn handle_report<S: EventStore>(
 ) {
     let subject = message.subject.to_string();
     let session = subjects.session_of(&subject, "report").map(str::to_owned);
-    let refuse = |kind: &str, text: String| ErrorNotice {
-        subject: subject.clone(),
-        session: session.clone(),
-        error: error(kind, text),
+    let refuse = |kind: ErrorKind, text: String| {
+        ReportOutcome::Refused(ErrorNotice {
+            subject: subject.clone(),
+            session: session.clone(),
+            error: ErrorBody::new(kind, text),
+        })
     };
-    let outcome: Result<(), ErrorNotice> = async {
+    let outcome = 'judge: {
         if message.payload.len() > max_bytes {
-            return Err(refuse("too_large", format!("report of {} bytes, limit {max_bytes}", message.payload.len())));
+            break 'judge refuse(
+                ErrorKind::TooLarge,
+                format!(
+                    "report of {} bytes, limit {max_bytes}",
+                    message.payload.len()
+                ),
+            );
         }
         let Some(session) = session.as_deref() else {
-            return Err(refuse("bad_session", "no session in subject".into()));
+            break 'judge refuse(ErrorKind::BadSession, "no session in subject".into());
         };
-        let event: ExecutorEvent = serde_json::from_slice(&message.payload)
-            .map_err(|e| refuse("malformed", format!("not an executor report: {e}")))?;
-        let task = event.task_id.clone();
-        match engine.handle(session, Command::HandleExecutorEvent { event, now: now() }).await {
-            Ok(_) => Ok(()),
-            Err(e @ (EngineError::Rejected(_) | EngineError::BadSession(_))) => {
-                tracing::warn!(session, task = %task, error = %e, "executor report refused");
-                Err(refuse(e.kind(), e.to_string()))
-            }
+        let event: ExecutorEvent = match serde_json::from_slice(&message.payload) {
+            Ok(event) => event,
             Err(e) => {
-                // Transient (store down, lost races): leave it for redelivery.
-                tracing::warn!(session, task = %task, error = %e, "executor report not processed; will be redelivered");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                Err(ErrorNotice { subject: String::new(), session: None, error: error("retry", String::new()) })
+                break 'judge refuse(ErrorKind::Malformed, format!("not an executor report: {e}"))
             }
+        };
+        let task = event.task_id.clone();
+        let command = Command::HandleExecutorEvent {
+            event,
+            now: engine.now(),
+        };
+        match engine.handle(session, command).await {
+            Ok(_) => ReportOutcome::Done,
+            Err(e) => match e.disposition() {
+                Disposition::Reject => {
+                    tracing::warn!(session, task = %task, error = %e, "executor report refused");
+                    refuse(e.kind(), e.to_string())
+                }
+                Disposition::Retry => {
+                    tracing::warn!(session, task = %task, error = %e, "executor report not processed; will be redelivered");
+                    ReportOutcome::Retry
+                }
+            },
         }
-    }
-    .await;
+    };
     match outcome {
-        Ok(()) => {
+        ReportOutcome::Done => {
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
             }
         }
-        Err(notice) if notice.error.kind == "retry" => {}
-        Err(notice) => {
+        ReportOutcome::Retry => {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+        ReportOutcome::Refused(notice) => {
             // Bad input is terminated, not redelivered: it would fail the same way again.
             let _ = message.ack_with(AckKind::Term).await;
             let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());

@@ -1,9 +1,9 @@
 //! docs/protocol.md's examples decode as the types they claim to be: the doc cannot drift from
 //! the code without this failing.
 
-use planner_core::{codec, Command, ExecutorEvent};
+use planner_core::{codec, ExecutorEvent};
 use planner_svc::protocol::{
-    CancelMessage, CommandReply, ErrorNotice, QuestionMessage, TaskMessage,
+    CancelMessage, ClientCommand, CommandReply, ErrorNotice, QuestionMessage, TaskMessage,
 };
 
 #[test]
@@ -25,7 +25,7 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
             .collect::<Vec<_>>()
             .join("\n");
         let result: Result<(), String> = match kind {
-            "command" => serde_json::from_str::<Command>(&body)
+            "command" => serde_json::from_str::<ClientCommand>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "reply" => serde_json::from_str::<CommandReply>(&body)

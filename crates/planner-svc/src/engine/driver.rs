@@ -1,0 +1,137 @@
+//! The persist-then-publish driver: one command of one session, under that session's lock.
+//!
+//! Load the planner if needed (snapshot + tail), `process`, **append the events** (optimistic
+//! concurrency at the version the planner was at), then publish the dispatches, questions and
+//! cancellations they carry, then arm the session's timer. Nothing is published before its
+//! events are persisted. On a concurrency conflict (another instance appended first) the
+//! session is reloaded and the command retried; a command the planner refuses is retried the
+//! same way when the store shows the session moved on, so an instance never judges input
+//! against a stale copy.
+
+use planner_core::{Command, Planner, Timestamp};
+use planner_store::{load_planner, EventStore, StoreError};
+
+use super::render::outgoing;
+use super::{Engine, EngineError, Handled, Publisher};
+
+/// Sets every `now` of `command`: the engine's clock is the only time the planner sees.
+pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
+    match command {
+        Command::Initialize {
+            request_id,
+            input,
+            attachments,
+            plan,
+            planning,
+            ..
+        } => Command::Initialize {
+            request_id,
+            input,
+            attachments,
+            plan,
+            planning,
+            now: at,
+        },
+        Command::HandleExecutorEvent { event, .. } => {
+            Command::HandleExecutorEvent { event, now: at }
+        }
+        Command::AnswerClarification {
+            task_id, answer, ..
+        } => Command::AnswerClarification {
+            task_id,
+            answer,
+            now: at,
+        },
+        Command::Continue => Command::Continue,
+        Command::Tick { .. } => Command::Tick { now: at },
+        Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },
+        Command::Cancel { target, reason, .. } => Command::Cancel {
+            target,
+            reason,
+            now: at,
+        },
+    }
+}
+
+impl<S: EventStore, P: Publisher> Engine<S, P> {
+    /// The session's planner from the store; a new session gets this instance's settings.
+    pub(super) async fn load(&self, session: &str) -> Result<Planner, StoreError> {
+        let planner = load_planner(self.store.as_ref(), session).await?;
+        if planner.version() == 0 {
+            // From its first event on, the settings a session started with are in its log.
+            return Ok(Planner::with_config(self.config.planner.clone()).unwrap_or_default());
+        }
+        Ok(planner)
+    }
+
+    /// Decide, persist, publish, arm: see the module docs.
+    pub(super) async fn drive(
+        &self,
+        session: &str,
+        command: Command,
+    ) -> Result<Handled, EngineError> {
+        let retries = self.config.conflict_retries;
+        for attempt in 0..=retries {
+            let slot = self.slot(session);
+            let mut state = slot.state.lock().await;
+            if state.planner.is_none() {
+                state.planner = Some(self.load(session).await?);
+            }
+            let Some(planner) = state.planner.as_mut() else {
+                continue;
+            };
+            let before = planner.version();
+            let events = match planner.process(stamp(command.clone(), self.clock.now())) {
+                Ok(events) => events,
+                Err(refused) => {
+                    // Another instance may have moved the session on (a report for a task it
+                    // dispatched, say): judge the command against the latest state, not ours.
+                    if self.store.version(session).await? != before {
+                        state.planner = None;
+                        continue;
+                    }
+                    return Err(refused.into());
+                }
+            };
+            planner.drain_log();
+            if events.is_empty() {
+                return Ok(Handled {
+                    version: before,
+                    events,
+                });
+            }
+            match self.store.append(session, before, &events).await {
+                Ok(version) => {
+                    let outgoing = outgoing(session, planner, &events);
+                    let deadline = planner.next_deadline();
+                    self.config
+                        .snapshot
+                        .after_append(self.store.as_ref(), session, before, planner)
+                        .await;
+                    if !outgoing.is_empty() {
+                        if let Err(error) = self.publisher.publish(&outgoing).await {
+                            tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                            state.unpublished = true;
+                        }
+                    }
+                    self.arm(session, deadline);
+                    tracing::debug!(version, events = events.len(), "persisted and published");
+                    return Ok(Handled { version, events });
+                }
+                Err(error) => {
+                    // The planner applied events that are not in the store: drop it.
+                    state.planner = None;
+                    if error.is_conflict() {
+                        tracing::debug!(attempt, %error, "lost a race for the session; reloading");
+                        continue;
+                    }
+                    return Err(error.into());
+                }
+            }
+        }
+        Err(EngineError::Conflict {
+            session: session.to_owned(),
+            retries,
+        })
+    }
+}

@@ -1,0 +1,193 @@
+//! The LLM around the core: planning a request before it reaches the session's lock, revising
+//! a plan after a task failed for good, and rewriting a compacted context's summary. Each runs
+//! through the [`Llm`](super::Llm) seam and ends as an ordinary command, so its output is
+//! recorded in the log and a replay never calls the LLM.
+
+use std::sync::Arc;
+
+use planner_core::{Command, TaskStatus};
+use planner_store::EventStore;
+
+use super::{Engine, EngineError, Publisher};
+
+/// How a revision request starts (`[revision N] ...`): counted to cap revisions per session.
+pub const REVISION_MARK: &str = "[revision";
+
+impl<S: EventStore, P: Publisher> Engine<S, P> {
+    pub(super) async fn plan_with_llm(
+        &self,
+        session: &str,
+        command: Command,
+    ) -> Result<Command, EngineError> {
+        let Some(llm) = self.config.llm.clone() else {
+            return Ok(command);
+        };
+        let Command::Initialize {
+            request_id,
+            input,
+            attachments,
+            plan: None,
+            planning: None,
+            now,
+        } = command
+        else {
+            return Ok(command);
+        };
+        let rebuilt = |plan, planning| Command::Initialize {
+            request_id: request_id.clone(),
+            input: input.clone(),
+            attachments: attachments.clone(),
+            plan,
+            planning,
+            now,
+        };
+        if input.trim().is_empty() {
+            return Ok(rebuilt(None, None));
+        }
+        // Read what the prompt needs, then let go of the session: the call holds no lock.
+        let context = {
+            let slot = self.slot(session);
+            let mut state = slot.state.lock().await;
+            if state.planner.is_none() {
+                state.planner = Some(self.load(session).await?);
+            }
+            let Some(planner) = state.planner.as_ref() else {
+                return Ok(rebuilt(None, None));
+            };
+            let s = planner.state();
+            if request_id
+                .as_ref()
+                .is_some_and(|id| s.request_ids.contains(id))
+            {
+                return Ok(rebuilt(None, None)); // a retry: the core ignores it
+            }
+            planner_llm::PlanContext {
+                request: input.clone(),
+                attachments: attachments.clone(),
+                summary: s.context.summary.clone(),
+                system_prompt: s.config.system_prompt.clone(),
+                profile: s.config.profile,
+                existing_ids: s.tasks.iter().map(|t| t.id.clone()).collect(),
+                max_tasks: s.config.max_plan_tasks,
+            }
+        };
+        let planned = llm.plan(&context).await;
+        Ok(rebuilt(planned.plan, planned.planning))
+    }
+
+    /// After a task failed for good, asks the LLM for a revised plan for what is left and, if it
+    /// gives a valid one, sends it as a follow-up request marked as a revision (recorded like any
+    /// plan, with its note). At most `llm.max_revisions` per session; a failed revision changes
+    /// nothing (the plan stays failed).
+    pub(super) fn revise(self: &Arc<Self>, session: &str, failed: planner_core::TaskId) {
+        let Some(llm) = self.config.llm.clone() else {
+            return;
+        };
+        let limit = llm.max_revisions();
+        if limit == 0 {
+            return;
+        }
+        let engine = Arc::clone(self);
+        let session = session.to_owned();
+        tokio::spawn(async move {
+            let context = {
+                let slot = engine.slot(&session);
+                let state = slot.state.lock().await;
+                let Some(planner) = state.planner.as_ref() else {
+                    return;
+                };
+                let s = planner.state();
+                let done = s
+                    .requests
+                    .iter()
+                    .filter(|r| r.starts_with(REVISION_MARK))
+                    .count();
+                if done >= limit as usize {
+                    return;
+                }
+                let error = s
+                    .task(&failed)
+                    .and_then(|t| t.error.clone())
+                    .unwrap_or_default();
+                let completed: Vec<String> = s
+                    .tasks
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Completed)
+                    .map(|t| format!("{} ({})", t.id, t.description))
+                    .collect();
+                let original = s
+                    .requests
+                    .iter()
+                    .rev()
+                    .find(|r| !r.starts_with(REVISION_MARK))
+                    .cloned()
+                    .unwrap_or_default();
+                let request = format!(
+                    "{REVISION_MARK} {}] The request was: {original}\nTask {failed} failed for good: {error}\nCompleted so far: {}\nPlan what is left to fulfil the request without repeating the failed approach. New tasks may depend on completed ones.",
+                    done + 1,
+                    if completed.is_empty() { "nothing".to_owned() } else { completed.join("; ") },
+                );
+                planner_llm::PlanContext {
+                    request,
+                    attachments: vec![],
+                    summary: s.context.summary.clone(),
+                    system_prompt: s.config.system_prompt.clone(),
+                    profile: s.config.profile,
+                    existing_ids: s.tasks.iter().map(|t| t.id.clone()).collect(),
+                    max_tasks: s.config.max_plan_tasks,
+                }
+            };
+            let planned = llm.plan(&context).await;
+            let Some(plan) = planned.plan else {
+                tracing::warn!(session, failed = %failed, "no usable revised plan; the plan stays failed");
+                return;
+            };
+            let note = format!("revision after {failed} failed");
+            let command = Command::Initialize {
+                request_id: None,
+                input: context.request,
+                attachments: vec![],
+                plan: Some(plan),
+                planning: Some(planner_core::Planning {
+                    source: planner_core::PlanSource::Llm,
+                    note: Some(note),
+                }),
+                now: engine.clock.now(),
+            };
+            if let Err(error) = Box::pin(engine.handle(&session, command)).await {
+                tracing::warn!(session, %error, "could not record the revised plan");
+            }
+        });
+    }
+
+    pub(super) fn rewrite_summary(self: &Arc<Self>, session: &str) {
+        let Some(llm) = self.config.llm.clone() else {
+            return;
+        };
+        let engine = Arc::clone(self);
+        let session = session.to_owned();
+        tokio::spawn(async move {
+            let thread = {
+                let slot = engine.slot(&session);
+                let state = slot.state.lock().await;
+                state.planner.as_ref().map(|p| {
+                    let s = p.state();
+                    (s.context.thread(), s.config.token_budget, s.config.profile)
+                })
+            };
+            let Some((thread, budget, profile)) = thread else {
+                return;
+            };
+            let Some(summary) = llm.summarize(&thread, budget / 2, profile).await else {
+                return; // summaries are off
+            };
+            let command = Command::CompactContext {
+                summary: Some(summary),
+                now: engine.clock.now(),
+            };
+            if let Err(error) = Box::pin(engine.handle(&session, command)).await {
+                tracing::warn!(session, %error, "could not record the LLM summary");
+            }
+        });
+    }
+}

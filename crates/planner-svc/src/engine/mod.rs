@@ -1,0 +1,200 @@
+//! The runtime around the core, free of any transport: sessions in memory, each behind its own
+//! lock; commands processed, persisted, then published; timers; and the outbox that re-publishes
+//! what a crash may have left unpublished.
+//!
+//! One concern per file:
+//!
+//! - `mod.rs`: the [`Engine`] and [`Engine::handle`], which runs a command through the LLM
+//!   pre-planning, the driver, and the follow-ups its events call for.
+//! - `seams.rs`: the traits every IO goes through besides the store ([`Publisher`],
+//!   [`Clock`], [`Llm`]), so a simulation can replace each.
+//! - `registry.rs`: sessions in memory, their locks, eviction, sessions seen ended.
+//! - `driver.rs`: the persist-then-publish loop for one command (the contract is there).
+//! - `outbox.rs`: recovery and re-publishing what a crash or a failed publish left unsent.
+//! - `timers.rs`: ticks at each session's next deadline, re-armed when they fail.
+//! - `render.rs`: what events ask to publish, as wire messages.
+//! - `llm.rs`: planning, revising and summarizing with the LLM.
+//! - `error.rs`: why a command was not applied, and its [`Disposition`].
+
+mod driver;
+mod error;
+mod llm;
+mod outbox;
+mod registry;
+mod render;
+mod seams;
+mod timers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use planner_core::{Command, Event, FailureReason, PlannerConfig, Timestamp};
+use planner_store::{EventStore, SnapshotPolicy};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+pub use error::{Disposition, EngineError};
+pub use llm::REVISION_MARK;
+pub use render::{in_flight, outgoing, Outgoing};
+pub use seams::{Clock, Llm, Publisher, SystemClock};
+pub use timers::TimerLoop;
+
+use registry::{Registry, Slot};
+use timers::Arm;
+
+/// The engine's settings, and the seams it is given.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The planner settings of new sessions.
+    pub planner: PlannerConfig,
+    /// When to snapshot.
+    pub snapshot: SnapshotPolicy,
+    /// Retries after an optimistic-concurrency conflict.
+    pub conflict_retries: u32,
+    /// Most sessions held in memory.
+    pub max_loaded: usize,
+    /// Idle time after which a session is dropped from memory.
+    pub idle_timeout: Duration,
+    /// Plans requests (and writes summaries) with an LLM; the rule parser when absent.
+    pub llm: Option<Arc<dyn Llm>>,
+    /// Where time comes from.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            planner: PlannerConfig::default(),
+            snapshot: SnapshotPolicy::default(),
+            conflict_retries: 5,
+            max_loaded: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            llm: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// What an accepted command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// The session's version after it.
+    pub version: u64,
+    /// The events it caused, persisted.
+    pub events: Vec<Event>,
+}
+
+/// Sessions, their locks and their timers. See the module docs.
+pub struct Engine<S, P> {
+    store: Arc<S>,
+    publisher: Arc<P>,
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    registry: Registry,
+    timers: mpsc::UnboundedSender<Arm>,
+}
+
+impl<S, P> std::fmt::Debug for Engine<S, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: EventStore, P: Publisher> Engine<S, P> {
+    /// An engine over `store` and `publisher`, and the timer loop to spawn beside it.
+    pub fn new(store: Arc<S>, publisher: Arc<P>, config: EngineConfig) -> (Arc<Self>, TimerLoop) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let engine = Arc::new(Engine {
+            store,
+            publisher,
+            clock: Arc::clone(&config.clock),
+            config,
+            registry: Registry::default(),
+            timers: tx,
+        });
+        (engine, TimerLoop { updates: rx })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The current time by the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// How many sessions are in memory.
+    pub fn loaded_sessions(&self) -> usize {
+        self.registry.len()
+    }
+
+    fn slot(&self, session: &str) -> Arc<Slot> {
+        self.registry.slot(session, self.clock.now().as_millis())
+    }
+
+    /// Arms (or, with `None`, disarms) the session's timer.
+    fn arm(&self, session: &str, at: Option<Timestamp>) {
+        let _ = self.timers.send(Arm {
+            session: session.to_owned(),
+            at,
+            failures: 0,
+        });
+    }
+
+    /// Re-arms a tick that failed, `delay` from now, counting the failures in a row.
+    fn rearm_after_failure(&self, session: &str, delay: Duration, failures: u32) {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let at = Timestamp(self.clock.now().as_millis().saturating_add(delay_ms));
+        let _ = self.timers.send(Arm {
+            session: session.to_owned(),
+            at: Some(at),
+            failures,
+        });
+    }
+
+    /// Processes `command` for `session`: decide, persist, publish. See the module docs.
+    ///
+    /// With an LLM configured, a request without a plan is planned by the LLM first, outside the
+    /// session's lock; after a command whose events compacted the context, the LLM rewrites the
+    /// summary in the background (a `CompactContext` of its own).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &str,
+        command: Command,
+    ) -> Result<Handled, EngineError> {
+        if !planner_core::is_valid_token(session) {
+            return Err(EngineError::BadSession(session.to_owned()));
+        }
+        let span = tracing::info_span!("session", id = session, command = command.command_type());
+        async {
+            let command = self.plan_with_llm(session, command).await?;
+            let rewrite_summary = !matches!(command, Command::CompactContext { .. });
+            let handled = self.drive(session, command).await?;
+            if rewrite_summary
+                && handled
+                    .events
+                    .iter()
+                    .any(|e| e.event_type() == "context_compacted")
+            {
+                self.rewrite_summary(session);
+            }
+            let failed = handled.events.iter().find_map(|e| match e {
+                Event::PlanFailed {
+                    reason: FailureReason::TaskFailed { task_id },
+                    ..
+                } => Some(task_id.clone()),
+                _ => None,
+            });
+            if let Some(task_id) = failed {
+                self.revise(session, task_id);
+            }
+            Ok(handled)
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,0 +1,113 @@
+//! The session registry: which sessions are in memory, each behind its own lock, when each was
+//! last used, and which were seen ended. Memory only; loading from the store is the driver's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use planner_core::Planner;
+
+/// One session in memory.
+pub(super) struct Slot {
+    /// A `tokio` mutex: the store append and the publish are awaited while it is held, so that a
+    /// session's commands are persisted and published in order. Sessions never wait on each
+    /// other: each has its own.
+    pub(super) state: tokio::sync::Mutex<SlotState>,
+    last_used_ms: AtomicU64,
+}
+
+/// What a session's lock guards.
+#[derive(Default)]
+pub(super) struct SlotState {
+    /// The planner, when loaded; `None` forces a reload from the store (after a failed append,
+    /// or when another instance may have moved the session on).
+    pub(super) planner: Option<Planner>,
+    /// A publish failed after its events were persisted: the outbox sweep re-publishes.
+    pub(super) unpublished: bool,
+}
+
+/// Sessions in memory and sessions seen ended.
+#[derive(Default)]
+pub(super) struct Registry {
+    sessions: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Sessions seen ended, with the version they ended at: recovery skips them until their
+    /// version moves (a follow-up reopened them).
+    ended: Mutex<HashMap<String, u64>>,
+}
+
+/// Both maps are only held for lookups and inserts; nothing can leave them half-changed, so a
+/// poisoned lock is safe to use.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// The session's slot, created empty if absent, marked used at `now_ms`.
+    pub(super) fn slot(&self, session: &str, now_ms: u64) -> Arc<Slot> {
+        let slot = Arc::clone(
+            lock(&self.sessions)
+                .entry(session.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        state: tokio::sync::Mutex::new(SlotState::default()),
+                        last_used_ms: AtomicU64::new(now_ms),
+                    })
+                }),
+        );
+        slot.last_used_ms.store(now_ms, Ordering::Relaxed);
+        slot
+    }
+
+    pub(super) fn len(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    pub(super) fn contains(&self, session: &str) -> bool {
+        lock(&self.sessions).contains_key(session)
+    }
+
+    /// Every slot in memory, to visit without holding the map.
+    pub(super) fn all(&self) -> Vec<(String, Arc<Slot>)> {
+        lock(&self.sessions)
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
+    /// The version a session was seen ended at, if it was.
+    pub(super) fn ended_at(&self, session: &str) -> Option<u64> {
+        lock(&self.ended).get(session).copied()
+    }
+
+    pub(super) fn mark_ended(&self, session: &str, version: u64) {
+        lock(&self.ended).insert(session.to_owned(), version);
+    }
+
+    /// Drops sessions idle for `idle_ms` at `now_ms`, and the least recently used ones past
+    /// `max_loaded`. Only a session nobody is using, with nothing left to publish, is dropped;
+    /// its timer stays armed and reloads it when it fires.
+    pub(super) fn evict(&self, now_ms: u64, idle_ms: u64, max_loaded: usize) {
+        let mut sessions = lock(&self.sessions);
+        let mut by_age: Vec<(u64, String)> = sessions
+            .iter()
+            .map(|(k, v)| (v.last_used_ms.load(Ordering::Relaxed), k.clone()))
+            .collect();
+        by_age.sort();
+        let over = by_age.len().saturating_sub(max_loaded);
+        for (i, (last_used, session)) in by_age.iter().enumerate() {
+            let idle = now_ms.saturating_sub(*last_used) >= idle_ms;
+            if !(idle || i < over) {
+                continue;
+            }
+            let Some(slot) = sessions.get(session) else {
+                continue;
+            };
+            // The map's reference is the only one: no command holds or waits for the slot.
+            let evictable =
+                Arc::strong_count(slot) == 1 && slot.state.try_lock().is_ok_and(|s| !s.unpublished);
+            if evictable {
+                sessions.remove(session);
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Rendering: what the events of a command ask to publish, as wire messages built from the
+//! planner after them. Pure: no IO, no clock.
+
+use planner_core::{Dispatch, Event, NodeKind, Planner, PlannerCmd, TaskStatus};
+
+use crate::protocol::{CancelMessage, QuestionMessage, TaskMessage};
+
+/// Something to publish after its events are persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// A dispatch for an executor pool.
+    Task(TaskMessage),
+    /// A question for the session's UI.
+    Question(QuestionMessage),
+    /// A cancellation for an executor or a UI.
+    Cancel(CancelMessage),
+}
+
+/// What the events of one command ask to publish, rendered from the planner after them.
+pub fn outgoing(session: &str, planner: &Planner, events: &[Event]) -> Vec<Outgoing> {
+    events
+        .iter()
+        .filter_map(Event::planner_cmd)
+        .filter_map(|cmd| render(session, planner, cmd))
+        .collect()
+}
+
+fn render(session: &str, planner: &Planner, cmd: &PlannerCmd) -> Option<Outgoing> {
+    match cmd {
+        PlannerCmd::ExecuteTool(dispatch) | PlannerCmd::RunProcessing(dispatch) => {
+            let assignment = planner.assignment(dispatch)?;
+            Some(Outgoing::Task(TaskMessage {
+                session: session.to_owned(),
+                assignment,
+            }))
+        }
+        PlannerCmd::AskUser {
+            task_id,
+            attempt,
+            question,
+            deadline,
+        } => Some(Outgoing::Question(QuestionMessage {
+            session: session.to_owned(),
+            task_id: task_id.clone(),
+            attempt: *attempt,
+            question: question.clone(),
+            deadline: *deadline,
+        })),
+        PlannerCmd::CancelTask { task_id, attempt } => Some(Outgoing::Cancel(CancelMessage {
+            session: session.to_owned(),
+            task_id: task_id.clone(),
+            attempt: *attempt,
+        })),
+    }
+}
+
+/// The current attempt of every running task and every open question of a session.
+pub fn in_flight(session: &str, planner: &Planner) -> Vec<Outgoing> {
+    let state = planner.state();
+    let mut out = Vec::new();
+    for task in &state.tasks[state.cursor..] {
+        match task.status {
+            TaskStatus::Running if task.kind != NodeKind::Clarification => {
+                let dispatch = Dispatch {
+                    task_id: task.id.clone(),
+                    attempt: task.attempts,
+                    target: task.target.clone(),
+                };
+                let cmd = PlannerCmd::ExecuteTool(dispatch);
+                out.extend(render(session, planner, &cmd));
+            }
+            TaskStatus::NeedsClarification => {
+                let pending = state.awaiting_answer.get(&task.id);
+                out.push(Outgoing::Question(QuestionMessage {
+                    session: session.to_owned(),
+                    task_id: task.id.clone(),
+                    attempt: pending.map_or(task.attempts, |p| p.attempt),
+                    question: task
+                        .question
+                        .clone()
+                        .unwrap_or_else(|| task.description.clone()),
+                    deadline: pending.and_then(|p| p.deadline),
+                }));
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,82 @@
+//! The engine's seams: besides the store (`planner_store::EventStore`), every IO the engine
+//! does goes through one of these traits, so a test can put a deterministic, fault-injecting
+//! version in its place (`tests/it/sim.rs` does: a virtual clock, a lossy bus, a scripted LLM).
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use planner_core::{Message, Profile, Timestamp};
+use planner_llm::{PlanContext, Planned, TaskPlanner};
+
+use super::render::Outgoing;
+
+/// Where outgoing messages go: NATS in the daemon, channels in the embedded run.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `messages` in order; `Ok` once each is accepted by the bus (for dispatches:
+    /// acknowledged by JetStream).
+    fn publish(&self, messages: &[Outgoing]) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The only source of the time the engine stamps on commands and uses for its timers and its
+/// idle sessions.
+pub trait Clock: Debug + Send + Sync + 'static {
+    /// The current time, in milliseconds since the Unix epoch.
+    fn now(&self) -> Timestamp;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Timestamp(ms)
+    }
+}
+
+/// The LLM as the engine uses it: plans requests, rewrites context summaries. Neither call may
+/// fail: each falls back to what the core does without an LLM.
+pub trait Llm: Debug + Send + Sync + 'static {
+    /// Plans `context.request`.
+    fn plan<'a>(&'a self, context: &'a PlanContext) -> BoxFuture<'a, Planned>;
+
+    /// A summary of `thread` in about `token_budget` tokens; `None` when summaries are off.
+    fn summarize<'a>(
+        &'a self,
+        thread: &'a [Message],
+        token_budget: u64,
+        profile: Profile,
+    ) -> BoxFuture<'a, Option<String>>;
+
+    /// Revised plans allowed per session after a task fails for good (0: none).
+    fn max_revisions(&self) -> u32;
+}
+
+impl Llm for planner_llm::LlmPlanner {
+    fn plan<'a>(&'a self, context: &'a PlanContext) -> BoxFuture<'a, Planned> {
+        Box::pin(TaskPlanner::plan(self, context))
+    }
+
+    fn summarize<'a>(
+        &'a self,
+        thread: &'a [Message],
+        token_budget: u64,
+        profile: Profile,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            if !self.client().config().summarize {
+                return None;
+            }
+            Some(planner_llm::summarize(self.client(), thread, token_budget, profile).await)
+        })
+    }
+
+    fn max_revisions(&self) -> u32 {
+        self.client().config().max_revisions
+    }
+}

@@ -1,0 +1,116 @@
+//! Timers: one `Tick` per session at its next deadline (a retry's backoff ending, a question's
+//! timeout, the wall-time budget), by the engine's clock.
+//!
+//! A tick that fails for a reason that can pass (the store down, a lost race) is re-armed with
+//! a growing delay until it succeeds: a lost tick would leave the session waiting forever for a
+//! retry or a deadline that nothing fires any more.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use planner_core::{Command, Timestamp};
+use planner_store::EventStore;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::error::Disposition;
+use super::{Engine, Publisher};
+
+/// A session's next deadline (`None`: nothing to fire), sent to the timer loop.
+#[derive(Debug)]
+pub(super) struct Arm {
+    pub(super) session: String,
+    pub(super) at: Option<Timestamp>,
+    /// Consecutive failed ticks before this arm: sets the delay of the next re-arm.
+    pub(super) failures: u32,
+}
+
+/// Delay before re-firing a tick that failed `failures` times in a row: 100 ms doubling, at
+/// most 30 s.
+pub(super) fn retry_delay(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1u64 << failures.min(9));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Fires ticks at sessions' deadlines; run it with [`TimerLoop::run`].
+#[derive(Debug)]
+pub struct TimerLoop {
+    pub(super) updates: mpsc::UnboundedReceiver<Arm>,
+}
+
+impl TimerLoop {
+    /// Sends `Tick` to each session when its deadline passes, until `shutdown`.
+    pub async fn run<S: EventStore, P: Publisher>(
+        mut self,
+        engine: Arc<Engine<S, P>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut due: BTreeSet<(Timestamp, String)> = BTreeSet::new();
+        let mut by_session: HashMap<String, (Timestamp, u32)> = HashMap::new();
+        loop {
+            let next = due.first().map(|(at, _)| *at);
+            let sleep = match next {
+                Some(at) => Duration::from_millis(
+                    at.as_millis()
+                        .saturating_sub(engine.clock.now().as_millis()),
+                ),
+                None => Duration::from_secs(3_600),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                update = self.updates.recv() => {
+                    let Some(Arm { session, at, failures }) = update else { return };
+                    if let Some((old, _)) = by_session.remove(&session) {
+                        due.remove(&(old, session.clone()));
+                    }
+                    if let Some(at) = at {
+                        due.insert((at, session.clone()));
+                        by_session.insert(session, (at, failures));
+                    }
+                }
+                () = tokio::time::sleep(sleep), if next.is_some() => {
+                    let now = engine.clock.now();
+                    while let Some((at, session)) = due.first().cloned() {
+                        if at > now {
+                            break;
+                        }
+                        due.remove(&(at, session.clone()));
+                        let failures = by_session.remove(&session).map_or(0, |(_, f)| f);
+                        let engine = Arc::clone(&engine);
+                        tokio::spawn(async move {
+                            let tick = Command::Tick { now };
+                            if let Err(error) = engine.handle(&session, tick).await {
+                                match error.disposition() {
+                                    Disposition::Retry => {
+                                        let delay = retry_delay(failures);
+                                        tracing::warn!(session, %error, ?delay, "tick failed; re-armed");
+                                        engine.rearm_after_failure(&session, delay, failures + 1);
+                                    }
+                                    Disposition::Reject => {
+                                        tracing::warn!(session, %error, "tick refused");
+                                    }
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn failed_ticks_back_off_to_a_bound() {
+        assert_eq!(retry_delay(0), Duration::from_millis(100));
+        assert_eq!(retry_delay(1), Duration::from_millis(200));
+        assert_eq!(retry_delay(8), Duration::from_millis(25_600));
+        assert_eq!(retry_delay(9), Duration::from_secs(30));
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+}
