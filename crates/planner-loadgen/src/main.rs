@@ -4,7 +4,7 @@
 //! JetStream publish-with-ack ceiling measured in the same run on the same server.
 //!
 //! ```text
-//! cargo build --release -p planner-svc && target/release/loadgen --sessions 1000 --tasks 20
+//! cargo build --release -p planner-svc -p planner-loadgen && target/release/loadgen --sessions 1000 --tasks 20
 //! ```
 //!
 //! It starts its own nats-server (2.10+, found like the tests find it) unless `--nats-url` is
