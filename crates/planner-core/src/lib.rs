@@ -45,7 +45,7 @@
 //!
 //! - [`handler`]: the `Handler` trait (`process` decides, `fold` rebuilds).
 //! - [`planner`]: `Planner`, the decisions: scheduling, retries, failures, clarifications,
-//!   budgets, cancellation, follow-ups.
+//!   budgets, cancellation, follow-ups, one concern per file under `planner/`.
 //! - [`state`]: `PlannerState` and `apply`, which records events and decides nothing.
 //! - [`command`], [`event`]: the inputs and outputs, with the `PlannerCmd`s for executors and UIs.
 //! - [`codec`]: the persisted form of events, versioned, with upcasters.

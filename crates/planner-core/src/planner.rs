@@ -3,8 +3,8 @@
 //! # The driver's contract
 //!
 //! After every `process`, persist the returned events (in order, atomically), then publish the
-//! [`PlannerCmd`]s they carry ([`Event::planner_cmd`]). Arrange for a [`Command::Tick`] at
-//! [`Planner::next_deadline`]; a tick that comes early or twice does nothing.
+//! [`PlannerCmd`](crate::PlannerCmd)s they carry ([`Event::planner_cmd`]). Arrange for a
+//! [`Command::Tick`] at [`Planner::next_deadline`]; a tick that comes early or twice does nothing.
 //!
 //! # How reports are judged
 //!
@@ -22,22 +22,25 @@
 //! | `started` twice | `Ok([])` |
 //! | plan ended, and the report is not a duplicate of a recorded outcome | `Err(PlanFinished)` |
 
-use std::collections::BTreeSet;
-
-use crate::command::{CancelTarget, Command, ExecutorEvent, ExecutorOutcome};
-use crate::compact::{compact_error_message, compact_thread, message_tokens, summarize_messages};
-use crate::compact::{estimate_tokens, MESSAGE_OVERHEAD_TOKENS};
-use crate::config::{BudgetKind, FailurePolicy, OnClarificationTimeout, PlannerConfig};
+use crate::command::Command;
+use crate::config::PlannerConfig;
 use crate::error::{ConfigError, Error};
-use crate::event::{
-    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskAssignment,
-    TaskOutput,
-};
+use crate::event::{Dispatch, DispatchContext, Event, TaskAssignment, TaskOutput};
 use crate::handler::Handler;
-use crate::parse::parse_input_from;
-use crate::plan::{validate_plan, PlanSpec};
 use crate::state::{PlanPhase, PlannerState};
-use crate::types::{Message, NodeKind, Role, TaskId, TaskStatus, Timestamp};
+use crate::types::{NodeKind, Timestamp};
+
+// This file holds the `Planner` API and `Decision::decide`, which sends each command to the
+// concern that decides it. Each concern is a file of its own under `planner/`, holding its part
+// of `impl Decision`.
+mod budget;
+mod cancel;
+mod clarify;
+mod compaction;
+mod failure;
+mod report;
+mod request;
+mod schedule;
 
 /// The longest client request id accepted, in characters.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
@@ -228,11 +231,14 @@ struct Decision<'a> {
 }
 
 impl Decision<'_> {
-    fn emit(&mut self, event: Event) {
-        self.state.apply(&event);
-        self.events.push(event);
-    }
-
+    /// Sends `command` to the concern that decides it.
+    ///
+    /// **Invariant: a refused command leaves no event.** Each handler validates everything
+    /// before its first [`emit`](Self::emit), and nothing returns `Err` after it: since `emit`
+    /// applies the event at once, a refusal after an emit would leave the state changed. Where a
+    /// handler's checks are long they are a `&self` method returning `Result` (`judge` for
+    /// reports, `check_request` and `plan_request` for requests), so the type shows that they
+    /// emit nothing; what follows them returns no `Result` and so cannot refuse.
     fn decide(&mut self, command: Command) -> Result<(), Error> {
         match command {
             Command::Initialize {
@@ -242,21 +248,7 @@ impl Decision<'_> {
                 plan,
                 planning,
                 now,
-            } => {
-                if let Some(id) = &request_id {
-                    let chars = id.chars().count();
-                    if chars > MAX_REQUEST_ID_CHARS {
-                        return Err(Error::InputTooLarge {
-                            chars,
-                            limit: MAX_REQUEST_ID_CHARS,
-                        });
-                    }
-                    if self.state.request_ids.contains(id) {
-                        return Ok(());
-                    }
-                }
-                self.initialize(request_id, input, attachments, plan, planning, self.at(now))
-            }
+            } => self.request(request_id, input, attachments, plan, planning, self.at(now)),
             Command::HandleExecutorEvent { event, now } => {
                 self.require_started()?;
                 self.executor_event(event, self.at(now))
@@ -294,6 +286,23 @@ impl Decision<'_> {
         }
     }
 
+    /// Applies `event` to the state and records it: the only way a decision changes anything.
+    fn emit(&mut self, event: Event) {
+        self.state.apply(&event);
+        self.events.push(event);
+    }
+
+    /// The timers' turn, in order: the wall-time budget, question deadlines, then retries whose
+    /// backoff ended (`settle` dispatches them with whatever else is ready). Never refuses; a
+    /// tick with nothing due does nothing.
+    fn tick(&mut self, now: Timestamp) {
+        if self.state.phase != PlanPhase::Running || !self.check_wall_time(now) {
+            return;
+        }
+        self.expire_questions(now);
+        self.settle(now);
+    }
+
     /// Time never runs back: an earlier `now` than already seen counts as the latest seen.
     fn at(&self, now: Timestamp) -> Timestamp {
         now.max(self.state.clock)
@@ -314,709 +323,6 @@ impl Decision<'_> {
             })
         } else {
             Ok(())
-        }
-    }
-
-    // ----- requests -----
-
-    fn initialize(
-        &mut self,
-        request_id: Option<String>,
-        input: String,
-        attachments: Vec<crate::types::Attachment>,
-        plan: Option<PlanSpec>,
-        planning: Option<crate::command::Planning>,
-        now: Timestamp,
-    ) -> Result<(), Error> {
-        let config = &self.state.config;
-        let chars = input.chars().count();
-        if chars > config.max_input_chars {
-            return Err(Error::InputTooLarge {
-                chars,
-                limit: config.max_input_chars,
-            });
-        }
-        let claimed = planning.as_ref().map(|p| p.source);
-        let note = planning.and_then(|p| p.note);
-        let (source, mut plan) = match plan {
-            Some(plan) => {
-                let source = if claimed == Some(PlanSource::Llm) {
-                    PlanSource::Llm
-                } else {
-                    PlanSource::Supplied
-                };
-                (source, plan)
-            }
-            None => {
-                if input.trim().is_empty() {
-                    return Err(Error::EmptyRequest);
-                }
-                let parsed = parse_input_from(&input, self.state.next_task_number.max(1));
-                if parsed.tasks.is_empty() {
-                    return Err(Error::EmptyRequest);
-                }
-                let source = if claimed == Some(PlanSource::RulesFallback) {
-                    PlanSource::RulesFallback
-                } else {
-                    PlanSource::Rules
-                };
-                (source, parsed)
-            }
-        };
-        let state = &*self.state;
-        validate_plan(
-            &plan,
-            |id| state.index_of(id).is_some(),
-            state.config.max_plan_tasks,
-        )?;
-
-        // A follow-up runs after what is still unfinished: its first tasks wait for all of it.
-        let unfinished: Vec<TaskId> = state.tasks[state.cursor..]
-            .iter()
-            .filter(|t| !t.status.is_terminal())
-            .map(|t| t.id.clone())
-            .collect();
-        let new_ids: BTreeSet<TaskId> = plan.tasks.iter().map(|t| t.id.clone()).collect();
-        for spec in &mut plan.tasks {
-            if !unfinished.is_empty() && !spec.dependencies.iter().any(|d| new_ids.contains(d)) {
-                spec.dependencies.extend(unfinished.iter().cloned());
-            }
-            if !attachments.is_empty() {
-                let mut all = attachments.clone();
-                all.append(&mut spec.attachments);
-                spec.attachments = all;
-            }
-        }
-
-        let turn = u32::try_from(self.state.requests.len()).unwrap_or(u32::MAX);
-        let first_new = self.state.tasks.len();
-        if self.state.phase == PlanPhase::NotStarted {
-            self.emit(Event::SessionStarted {
-                config: Box::new(self.state.config.clone()),
-                at: now,
-            });
-        }
-        self.emit(Event::RequestReceived {
-            turn,
-            request_id,
-            input,
-            attachments,
-            at: now,
-        });
-        self.emit(Event::TasksPlanned {
-            turn,
-            source,
-            note,
-            tasks: plan.tasks,
-        });
-
-        // A new task may depend on one that already failed or was cancelled: it can never run,
-        // so it fails or is cancelled with it, as if it had been planned earlier.
-        let mut failed_root = None;
-        for d in 0..first_new {
-            let status = self.state.tasks[d].status;
-            match status {
-                TaskStatus::Failed if self.fail_dependents(d, now) => {
-                    failed_root.get_or_insert(d);
-                }
-                TaskStatus::Cancelled => {
-                    let why = format!("dependency {} was cancelled", self.state.tasks[d].id);
-                    for k in self.unfinished_dependents(d) {
-                        self.cancel_task(k, &why, now);
-                    }
-                }
-                _ => {}
-            }
-        }
-        self.auto_compact(now);
-        match failed_root {
-            Some(d) if self.state.config.failure == FailurePolicy::FailFast => {
-                let task_id = self.state.tasks[d].id.clone();
-                self.stop(FailureReason::TaskFailed { task_id }, now);
-            }
-            _ => self.settle(now),
-        }
-        Ok(())
-    }
-
-    // ----- executor reports -----
-
-    fn executor_event(&mut self, event: ExecutorEvent, now: Timestamp) -> Result<(), Error> {
-        let ExecutorEvent {
-            task_id,
-            attempt,
-            outcome,
-        } = event;
-        let i = self
-            .state
-            .index_of(&task_id)
-            .ok_or_else(|| Error::UnknownTask {
-                task_id: task_id.clone(),
-            })?;
-        let task = &self.state.tasks[i];
-        if task.kind == NodeKind::Clarification {
-            return Err(Error::NotExecutable { task_id });
-        }
-        if attempt == 0 || attempt > task.attempts {
-            return Err(Error::UnknownAttempt {
-                task_id,
-                attempt,
-                latest: task.attempts,
-            });
-        }
-        let duplicate_of_outcome = matches!(
-            (&outcome, task.status),
-            (ExecutorOutcome::Completed { .. }, TaskStatus::Completed)
-                | (ExecutorOutcome::Failed { .. }, TaskStatus::Failed)
-        );
-        if self.state.phase.is_terminal() && !duplicate_of_outcome {
-            return Err(Error::PlanFinished {
-                phase: self.state.phase.clone(),
-            });
-        }
-        if attempt < task.attempts || task.status != TaskStatus::Running {
-            return Ok(());
-        }
-        match outcome {
-            ExecutorOutcome::Started => {
-                if !task.started {
-                    self.emit(Event::TaskStatusUpdated {
-                        task_id,
-                        attempt,
-                        status: TaskStatus::Running,
-                        output: None,
-                        error: None,
-                        tokens_used: None,
-                        at: now,
-                    });
-                }
-            }
-            ExecutorOutcome::Completed {
-                output,
-                tokens_used,
-            } => {
-                self.emit(Event::TaskStatusUpdated {
-                    task_id,
-                    attempt,
-                    status: TaskStatus::Completed,
-                    output: Some(output),
-                    error: None,
-                    tokens_used,
-                    at: now,
-                });
-                if self.check_tokens(now) {
-                    self.auto_compact(now);
-                    self.settle(now);
-                }
-            }
-            ExecutorOutcome::Failed {
-                error,
-                retryable,
-                tokens_used,
-            } => {
-                let config = &self.state.config;
-                let error = compact_error_message(&error, config.error_char_limit);
-                let attempts_used = task.failures + 1;
-                if retryable && attempts_used < config.retry.max_attempts {
-                    let not_before = now.plus_millis(config.retry.backoff_ms(attempts_used));
-                    self.emit(Event::RetryScheduled {
-                        task_id,
-                        attempt,
-                        error,
-                        tokens_used,
-                        not_before,
-                        at: now,
-                    });
-                    if self.check_tokens(now) {
-                        self.settle(now);
-                    }
-                } else {
-                    self.emit(Event::TaskStatusUpdated {
-                        task_id,
-                        attempt,
-                        status: TaskStatus::Failed,
-                        output: None,
-                        error: Some(error),
-                        tokens_used,
-                        at: now,
-                    });
-                    if self.check_tokens(now) {
-                        self.task_failed(i, now);
-                    }
-                }
-            }
-            ExecutorOutcome::NeedsClarification { question } => {
-                self.ask(task_id, attempt, question, now);
-                self.auto_compact(now);
-                self.settle(now);
-            }
-        }
-        Ok(())
-    }
-
-    /// After a task failed for good: its dependents fail, then the failure policy applies.
-    fn task_failed(&mut self, i: usize, now: Timestamp) {
-        self.fail_dependents(i, now);
-        match self.state.config.failure {
-            FailurePolicy::FailFast => {
-                let task_id = self.state.tasks[i].id.clone();
-                self.stop(FailureReason::TaskFailed { task_id }, now);
-            }
-            FailurePolicy::ContinueOnFailure => {
-                self.auto_compact(now);
-                self.settle(now);
-            }
-        }
-    }
-
-    /// Fails every unfinished task that depends on task `i`, directly or not, in plan order.
-    /// Returns whether any was failed.
-    fn fail_dependents(&mut self, i: usize, now: Timestamp) -> bool {
-        let affected = self.unfinished_dependents(i);
-        let cause = self.state.tasks[i].id.clone();
-        let verb = if self.state.tasks[i].status == TaskStatus::Cancelled {
-            "was cancelled"
-        } else {
-            "failed"
-        };
-        for &d in &affected {
-            let task = &self.state.tasks[d];
-            self.emit(Event::TaskStatusUpdated {
-                task_id: task.id.clone(),
-                attempt: task.attempts,
-                status: TaskStatus::Failed,
-                output: None,
-                error: Some(format!("dependency {cause} {verb}")),
-                tokens_used: None,
-                at: now,
-            });
-        }
-        !affected.is_empty()
-    }
-
-    /// Every unfinished task downstream of `i`, in plan order.
-    fn unfinished_dependents(&self, i: usize) -> BTreeSet<usize> {
-        let mut found = BTreeSet::new();
-        let mut stack: Vec<usize> = self.state.dependents_of(i).to_vec();
-        while let Some(d) = stack.pop() {
-            if !self.state.tasks[d].status.is_terminal() && found.insert(d) {
-                stack.extend_from_slice(self.state.dependents_of(d));
-            }
-        }
-        found
-    }
-
-    // ----- clarifications -----
-
-    /// Puts a question to the user on behalf of `task_id`: a clarification task's dispatch, or
-    /// an executor asking mid-task.
-    fn ask(&mut self, task_id: TaskId, attempt: u32, question: String, now: Timestamp) {
-        let deadline = self.question_deadline(now);
-        self.emit(Event::ClarificationRequested {
-            task_id: task_id.clone(),
-            attempt,
-            cmd: PlannerCmd::AskUser {
-                task_id,
-                attempt,
-                question,
-                deadline,
-            },
-            at: now,
-        });
-    }
-
-    fn question_deadline(&self, now: Timestamp) -> Option<Timestamp> {
-        self.state
-            .config
-            .clarification
-            .timeout_ms
-            .map(|ms| now.plus_millis(ms))
-    }
-
-    fn answer(&mut self, task_id: TaskId, answer: String, now: Timestamp) -> Result<(), Error> {
-        let i = self
-            .state
-            .index_of(&task_id)
-            .ok_or_else(|| Error::UnknownTask {
-                task_id: task_id.clone(),
-            })?;
-        if !self.state.awaiting_answer.contains_key(&task_id) {
-            // The same answer again is a redelivery; anything else answers nothing.
-            if self.state.tasks[i].answer.as_deref() == Some(answer.as_str()) {
-                return Ok(());
-            }
-            return Err(Error::NotAwaitingClarification { task_id });
-        }
-        self.require_open()?;
-        let limit = self.state.config.max_input_chars;
-        let chars = answer.chars().count();
-        if chars > limit {
-            return Err(Error::InputTooLarge { chars, limit });
-        }
-        self.emit(Event::ClarificationAnswered {
-            task_id,
-            answer,
-            defaulted: false,
-            at: now,
-        });
-        self.auto_compact(now);
-        self.settle(now);
-        Ok(())
-    }
-
-    // ----- time -----
-
-    fn tick(&mut self, now: Timestamp) {
-        if self.state.phase != PlanPhase::Running {
-            return;
-        }
-        if let (Some(limit), Some(start)) = (
-            self.state.config.budgets.max_wall_time_ms,
-            self.state.started_at,
-        ) {
-            let used = now.as_millis().saturating_sub(start.as_millis());
-            if used >= limit {
-                self.stop(
-                    FailureReason::BudgetExceeded {
-                        budget: BudgetKind::WallTime,
-                        limit,
-                        used,
-                    },
-                    now,
-                );
-                return;
-            }
-        }
-        let expired: Vec<TaskId> = self
-            .state
-            .awaiting_answer
-            .iter()
-            .filter(|(_, q)| q.deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for task_id in expired {
-            if self.state.phase != PlanPhase::Running {
-                return;
-            }
-            match self.state.config.clarification.on_timeout.clone() {
-                OnClarificationTimeout::UseDefault { answer } => {
-                    self.emit(Event::ClarificationAnswered {
-                        task_id,
-                        answer,
-                        defaulted: true,
-                        at: now,
-                    });
-                }
-                OnClarificationTimeout::Fail => {
-                    let Some(i) = self.state.index_of(&task_id) else {
-                        continue;
-                    };
-                    let attempt = self.state.tasks[i].attempts;
-                    self.emit(Event::TaskStatusUpdated {
-                        task_id,
-                        attempt,
-                        status: TaskStatus::Failed,
-                        output: None,
-                        error: Some("the question was not answered in time".to_owned()),
-                        tokens_used: None,
-                        at: now,
-                    });
-                    self.task_failed(i, now);
-                }
-            }
-        }
-        self.settle(now);
-    }
-
-    // ----- context -----
-
-    /// Compacts the context when it is over the token budget.
-    fn auto_compact(&mut self, now: Timestamp) {
-        let context = &self.state.context;
-        let budget = self.state.config.token_budget;
-        if context.tokens <= budget {
-            return;
-        }
-        let thread = context.thread();
-        let Some(compacted) = compact_thread(&thread, budget, self.state.config.profile) else {
-            return;
-        };
-        let had_summary = usize::from(context.summary.is_some());
-        let folded_messages = compacted.folded.saturating_sub(had_summary);
-        self.emit_compaction(compacted.summary, folded_messages, now);
-    }
-
-    fn compact_now(&mut self, summary: Option<String>, now: Timestamp) -> Result<(), Error> {
-        let context = &self.state.context;
-        // Fold everything but the newest message.
-        let fold = context.messages.len().saturating_sub(1);
-        if fold == 0 && summary.is_none() {
-            return Ok(());
-        }
-        let summary = match summary {
-            Some(summary) => {
-                let limit = self.state.config.max_input_chars;
-                let chars = summary.chars().count();
-                if chars > limit {
-                    return Err(Error::InputTooLarge { chars, limit });
-                }
-                summary
-            }
-            None => {
-                let mut folded = Vec::with_capacity(fold + 1);
-                if let Some(s) = &context.summary {
-                    folded.push(Message::new(Role::Summary, s.clone()));
-                }
-                folded.extend(context.messages[..fold].iter().cloned());
-                let config = &self.state.config;
-                summarize_messages(&folded, config.token_budget / 2, config.profile)
-            }
-        };
-        self.emit_compaction(summary, fold, now);
-        Ok(())
-    }
-
-    fn emit_compaction(&mut self, summary: String, folded_messages: usize, now: Timestamp) {
-        let context = &self.state.context;
-        if folded_messages == 0 && context.summary.as_ref() == Some(&summary) {
-            return;
-        }
-        let tokens_after = estimate_tokens(&summary)
-            + MESSAGE_OVERHEAD_TOKENS
-            + context.messages[folded_messages.min(context.messages.len())..]
-                .iter()
-                .map(message_tokens)
-                .sum::<u64>();
-        self.emit(Event::ContextCompacted {
-            summary,
-            folded_messages,
-            tokens_before: context.tokens,
-            tokens_after,
-            at: now,
-        });
-    }
-
-    // ----- cancellation -----
-
-    fn cancel(
-        &mut self,
-        target: CancelTarget,
-        reason: Option<String>,
-        now: Timestamp,
-    ) -> Result<(), Error> {
-        match target {
-            CancelTarget::Plan => {
-                if self.state.phase.is_terminal() {
-                    return Ok(());
-                }
-                let why = reason
-                    .clone()
-                    .unwrap_or_else(|| "plan cancelled".to_owned());
-                self.cancel_all_open(&why, now);
-                self.emit(Event::PlanCancelled { reason, at: now });
-            }
-            CancelTarget::Task { task_id } => {
-                let i = self
-                    .state
-                    .index_of(&task_id)
-                    .ok_or_else(|| Error::UnknownTask {
-                        task_id: task_id.clone(),
-                    })?;
-                if self.state.tasks[i].status.is_terminal() {
-                    return Ok(());
-                }
-                let why = reason.unwrap_or_else(|| format!("task {task_id} cancelled"));
-                let mut affected = self.unfinished_dependents(i);
-                affected.insert(i);
-                for d in affected {
-                    self.cancel_task(d, &why, now);
-                }
-                self.settle(now);
-            }
-        }
-        Ok(())
-    }
-
-    fn cancel_task(&mut self, i: usize, reason: &str, now: Timestamp) {
-        let task = &self.state.tasks[i];
-        let cmd = match task.status {
-            TaskStatus::Running | TaskStatus::NeedsClarification => Some(PlannerCmd::CancelTask {
-                task_id: task.id.clone(),
-                attempt: task.attempts,
-            }),
-            _ => None,
-        };
-        self.emit(Event::TaskCancelled {
-            task_id: task.id.clone(),
-            reason: reason.to_owned(),
-            cmd,
-            at: now,
-        });
-    }
-
-    fn cancel_all_open(&mut self, reason: &str, now: Timestamp) {
-        for i in self.state.cursor..self.state.tasks.len() {
-            if !self.state.tasks[i].status.is_terminal() {
-                self.cancel_task(i, reason, now);
-            }
-        }
-    }
-
-    /// Stops the plan in failure: everything unfinished is cancelled.
-    fn stop(&mut self, reason: FailureReason, now: Timestamp) {
-        let why = match &reason {
-            FailureReason::TaskFailed { task_id } => format!("plan stopped: task {task_id} failed"),
-            FailureReason::TasksFailed { .. } => "plan stopped: tasks failed".to_owned(),
-            FailureReason::BudgetExceeded { budget, .. } => {
-                format!("plan stopped: {budget:?} budget exceeded")
-            }
-        };
-        self.cancel_all_open(&why, now);
-        self.emit(Event::PlanFailed { reason, at: now });
-    }
-
-    // ----- budgets -----
-
-    /// Stops the plan if reported tokens passed the budget; returns whether it goes on.
-    fn check_tokens(&mut self, now: Timestamp) -> bool {
-        if let Some(limit) = self.state.config.budgets.max_tokens {
-            let used = self.state.usage.tokens;
-            if used > limit {
-                self.stop(
-                    FailureReason::BudgetExceeded {
-                        budget: BudgetKind::Tokens,
-                        limit,
-                        used,
-                    },
-                    now,
-                );
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Stops the plan if one more dispatch (of work, when `work`) would pass a budget; returns
-    /// whether it may go ahead.
-    fn admit_dispatch(&mut self, work: bool, now: Timestamp) -> bool {
-        let budgets = &self.state.config.budgets;
-        let usage = self.state.usage;
-        let over = if budgets
-            .max_dispatches
-            .is_some_and(|l| usage.dispatches >= l)
-        {
-            budgets
-                .max_dispatches
-                .map(|l| (BudgetKind::Dispatches, l, usage.dispatches + 1))
-        } else if work && budgets.max_attempts.is_some_and(|l| usage.attempts >= l) {
-            budgets
-                .max_attempts
-                .map(|l| (BudgetKind::Attempts, l, usage.attempts + 1))
-        } else {
-            None
-        };
-        match over {
-            Some((budget, limit, used)) => {
-                self.stop(
-                    FailureReason::BudgetExceeded {
-                        budget,
-                        limit,
-                        used,
-                    },
-                    now,
-                );
-                false
-            }
-            None => true,
-        }
-    }
-
-    // ----- scheduling -----
-
-    /// Ends the plan when nothing is left, otherwise dispatches what is ready.
-    fn settle(&mut self, now: Timestamp) {
-        if self.state.phase != PlanPhase::Running {
-            return;
-        }
-        if self.state.open_count() == 0 {
-            self.finish_plan(now);
-            return;
-        }
-        // Questions take no parallel slot: a human is not an executor.
-        let questions: Vec<usize> = self.state.ready_questions().iter().copied().collect();
-        for i in questions {
-            if !self.admit_dispatch(false, now) {
-                return;
-            }
-            let task = &self.state.tasks[i];
-            let attempt = task.attempts + 1;
-            let question = task
-                .question
-                .clone()
-                .unwrap_or_else(|| task.description.clone());
-            let task_id = task.id.clone();
-            self.ask(task_id, attempt, question, now);
-        }
-        let free = self
-            .state
-            .config
-            .max_parallel
-            .saturating_sub(self.state.running_count());
-        if free == 0 {
-            return;
-        }
-        let mut candidates: Vec<usize> =
-            self.state.ready_work().iter().take(free).copied().collect();
-        candidates.extend(
-            self.state
-                .delayed()
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .map(|(_, i)| *i),
-        );
-        candidates.sort_unstable();
-        candidates.truncate(free);
-        for i in candidates {
-            if !self.admit_dispatch(true, now) {
-                return;
-            }
-            let event = self.dispatch_event(i, now);
-            self.emit(event);
-        }
-    }
-
-    fn dispatch_event(&self, i: usize, now: Timestamp) -> Event {
-        let task = &self.state.tasks[i];
-        let dispatch = Dispatch {
-            task_id: task.id.clone(),
-            attempt: task.attempts + 1,
-            target: task.target.clone(),
-        };
-        let cmd = match task.kind {
-            NodeKind::ToolCall => PlannerCmd::ExecuteTool(dispatch),
-            _ => PlannerCmd::RunProcessing(dispatch),
-        };
-        Event::TaskDispatched {
-            task_id: task.id.clone(),
-            attempt: task.attempts + 1,
-            cmd,
-            at: now,
-        }
-    }
-
-    fn finish_plan(&mut self, now: Timestamp) {
-        let failed: Vec<TaskId> = self.state.tasks[self.state.run_start..]
-            .iter()
-            .filter(|t| t.status == TaskStatus::Failed)
-            .map(|t| t.id.clone())
-            .collect();
-        if failed.is_empty() {
-            self.emit(Event::PlanCompleted { at: now });
-        } else {
-            self.emit(Event::PlanFailed {
-                reason: FailureReason::TasksFailed { task_ids: failed },
-                at: now,
-            });
         }
     }
 }

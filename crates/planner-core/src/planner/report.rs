@@ -1,0 +1,116 @@
+//! Executor reports: `judge` sorts each report (the table in the `planner` module docs) before
+//! anything is emitted; only a report on a task's latest, running attempt goes on to change
+//! anything. A failure goes to `failure`, a question to `clarify`.
+
+use super::Decision;
+use crate::command::{ExecutorEvent, ExecutorOutcome};
+use crate::error::Error;
+use crate::event::Event;
+use crate::types::{NodeKind, TaskStatus, Timestamp};
+
+impl Decision<'_> {
+    /// A report from an executor about one attempt of one task.
+    pub(super) fn executor_event(
+        &mut self,
+        event: ExecutorEvent,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let Some(i) = self.judge(&event)? else {
+            return Ok(());
+        };
+        let ExecutorEvent {
+            task_id,
+            attempt,
+            outcome,
+        } = event;
+        match outcome {
+            ExecutorOutcome::Started => {
+                if !self.state.tasks[i].started {
+                    self.emit(Event::TaskStatusUpdated {
+                        task_id,
+                        attempt,
+                        status: TaskStatus::Running,
+                        output: None,
+                        error: None,
+                        tokens_used: None,
+                        at: now,
+                    });
+                }
+            }
+            ExecutorOutcome::Completed {
+                output,
+                tokens_used,
+            } => {
+                self.emit(Event::TaskStatusUpdated {
+                    task_id,
+                    attempt,
+                    status: TaskStatus::Completed,
+                    output: Some(output),
+                    error: None,
+                    tokens_used,
+                    at: now,
+                });
+                if self.check_tokens(now) {
+                    self.auto_compact(now);
+                    self.settle(now);
+                }
+            }
+            ExecutorOutcome::Failed {
+                error,
+                retryable,
+                tokens_used,
+            } => self.attempt_failed(i, attempt, error, retryable, tokens_used, now),
+            ExecutorOutcome::NeedsClarification { question } => {
+                self.ask(task_id, attempt, question, now);
+                self.auto_compact(now);
+                self.settle(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges a report: `Err` refuses it, `Ok(None)` ignores it (stale, duplicate, or about an
+    /// attempt that already ended), `Ok(Some(i))` means it is about the latest attempt of task
+    /// `i`, which is running.
+    fn judge(&self, event: &ExecutorEvent) -> Result<Option<usize>, Error> {
+        let ExecutorEvent {
+            task_id,
+            attempt,
+            outcome,
+        } = event;
+        let attempt = *attempt;
+        let i = self
+            .state
+            .index_of(task_id)
+            .ok_or_else(|| Error::UnknownTask {
+                task_id: task_id.clone(),
+            })?;
+        let task = &self.state.tasks[i];
+        if task.kind == NodeKind::Clarification {
+            return Err(Error::NotExecutable {
+                task_id: task_id.clone(),
+            });
+        }
+        if attempt == 0 || attempt > task.attempts {
+            return Err(Error::UnknownAttempt {
+                task_id: task_id.clone(),
+                attempt,
+                latest: task.attempts,
+            });
+        }
+        let duplicate_of_outcome = matches!(
+            (outcome, task.status),
+            (ExecutorOutcome::Completed { .. }, TaskStatus::Completed)
+                | (ExecutorOutcome::Failed { .. }, TaskStatus::Failed)
+        );
+        if self.state.phase.is_terminal() && !duplicate_of_outcome {
+            return Err(Error::PlanFinished {
+                phase: self.state.phase.clone(),
+            });
+        }
+        if attempt < task.attempts || task.status != TaskStatus::Running {
+            return Ok(None);
+        }
+        Ok(Some(i))
+    }
+}
