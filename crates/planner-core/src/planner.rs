@@ -20,6 +20,7 @@
 //! | latest attempt, already reported final (duplicate, or completed after failed) | `Ok([])`: the first final word stands |
 //! | latest attempt after it asked a question, or while its retry waits | `Ok([])`: the attempt ended when it asked or failed |
 //! | `started` twice | `Ok([])` |
+//! | on a cancelled task (by a client, or when the plan around it ended) | `Ok([])`: ignored |
 //! | plan ended, and the report is not a duplicate of a recorded outcome | `Err(PlanFinished)` |
 
 use crate::command::Command;

@@ -103,6 +103,12 @@ impl Decision<'_> {
             (ExecutorOutcome::Completed { .. }, TaskStatus::Completed)
                 | (ExecutorOutcome::Failed { .. }, TaskStatus::Failed)
         );
+        // A task cancelled while its executor worked on it (by the client, or because the plan
+        // failed or was cancelled around it) gets its report late through no fault of the
+        // executor: ignored, like any report on an attempt that already ended.
+        if task.status == TaskStatus::Cancelled {
+            return Ok(None);
+        }
         if self.state.phase.is_terminal() && !duplicate_of_outcome {
             return Err(Error::PlanFinished {
                 phase: self.state.phase.clone(),

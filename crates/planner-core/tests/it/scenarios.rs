@@ -218,6 +218,20 @@ fn a_duplicate_result_is_ignored_and_a_late_one_after_the_end_is_refused() {
         });
 }
 
+/// Found by the service simulation: a sibling still running when the plan failed fast is
+/// cancelled with it, and its executor's result arrives afterwards. That is no error of the
+/// executor's; it used to be refused (and published on planner.errors).
+#[test]
+fn a_result_for_a_task_cancelled_when_the_plan_failed_is_ignored() {
+    let failed_fast = || {
+        Scenario::new().given_commands([init("- fetch a\n- fetch b"), failed("t1", 1, false, 5)])
+    };
+    failed_fast().when(done("t2", 1, 6)).then_expect_nothing();
+    failed_fast()
+        .when(failed("t2", 1, true, 6))
+        .then_expect_nothing();
+}
+
 #[test]
 fn started_then_completed_records_both() {
     Scenario::new()
