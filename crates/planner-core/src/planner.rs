@@ -21,7 +21,8 @@
 //! | latest attempt after it asked a question, or while its retry waits | `Ok([])`: the attempt ended when it asked or failed |
 //! | `started` twice | `Ok([])` |
 //! | on a cancelled task (by a client, or when the plan around it ended) | `Ok([])`: ignored |
-//! | plan ended, and the report is not a duplicate of a recorded outcome | `Err(PlanFinished)` |
+//! | plan ended, any other report on a finished task (a redelivery) | `Ok([])` |
+//! | plan ended, and the report contradicts the recorded outcome (completed vs failed) | `Err(PlanFinished)` |
 
 use crate::command::Command;
 use crate::config::PlannerConfig;

@@ -98,23 +98,34 @@ impl Decision<'_> {
                 latest: task.attempts,
             });
         }
-        let duplicate_of_outcome = matches!(
-            (outcome, task.status),
-            (ExecutorOutcome::Completed { .. }, TaskStatus::Completed)
-                | (ExecutorOutcome::Failed { .. }, TaskStatus::Failed)
-        );
         // A task cancelled while its executor worked on it (by the client, or because the plan
         // failed or was cancelled around it) gets its report late through no fault of the
         // executor: ignored, like any report on an attempt that already ended.
         if task.status == TaskStatus::Cancelled {
             return Ok(None);
         }
-        if self.state.phase.is_terminal() && !duplicate_of_outcome {
-            return Err(Error::PlanFinished {
-                phase: self.state.phase.clone(),
-            });
+        // A superseded attempt's report is stale whatever became of the plan since: reports
+        // are redelivered (at least once), and a redelivery may come after the plan ended.
+        if attempt < task.attempts {
+            return Ok(None);
         }
-        if attempt < task.attempts || task.status != TaskStatus::Running {
+        if self.state.phase.is_terminal() {
+            // After the end, only a result that contradicts the recorded one (or one on a task
+            // left open, which an ended plan does not have) is refused; a redelivered report
+            // of what was already recorded (a duplicate, a question asked) is ignored.
+            let contradicts = matches!(
+                (outcome, task.status),
+                (ExecutorOutcome::Completed { .. }, TaskStatus::Failed)
+                    | (ExecutorOutcome::Failed { .. }, TaskStatus::Completed)
+            );
+            if contradicts || !task.status.is_terminal() {
+                return Err(Error::PlanFinished {
+                    phase: self.state.phase.clone(),
+                });
+            }
+            return Ok(None);
+        }
+        if task.status != TaskStatus::Running {
             return Ok(None);
         }
         Ok(Some(i))

@@ -232,6 +232,69 @@ fn a_result_for_a_task_cancelled_when_the_plan_failed_is_ignored() {
         .then_expect_nothing();
 }
 
+/// Found by the service simulation: a report redelivered (its ack was lost) after a retry
+/// finished the plan is stale, not an error.
+#[test]
+fn a_redelivered_report_of_a_superseded_attempt_after_the_end_is_ignored() {
+    let retried_and_done = || {
+        Scenario::with_config(PlannerConfig {
+            retry: RetryPolicy {
+                initial_backoff_ms: 0,
+                ..RetryPolicy::default()
+            },
+            ..PlannerConfig::default()
+        })
+        .given_commands([
+            init("paint the wall"),
+            failed("t1", 1, true, 5),
+            Command::Tick { now: Timestamp(10) },
+            done("t1", 2, 20),
+        ])
+    };
+    retried_and_done()
+        .when(failed("t1", 1, true, 30))
+        .then_expect_nothing();
+    retried_and_done()
+        .when(done("t1", 1, 30))
+        .then_expect_nothing();
+}
+
+/// Found by the service simulation: an executor's question, redelivered after the question
+/// timed out and failed the plan, is what was already recorded, not an error.
+#[test]
+fn a_redelivered_question_after_the_plan_ended_is_ignored() {
+    Scenario::with_config(PlannerConfig {
+        clarification: ClarificationPolicy {
+            timeout_ms: Some(100),
+            ..ClarificationPolicy::default()
+        },
+        ..PlannerConfig::default()
+    })
+    .given_commands([
+        init("paint the wall"),
+        report(
+            "t1",
+            1,
+            ExecutorOutcome::NeedsClarification {
+                question: "which colour?".into(),
+            },
+            5,
+        ),
+        Command::Tick {
+            now: Timestamp(1_000),
+        },
+    ])
+    .when(report(
+        "t1",
+        1,
+        ExecutorOutcome::NeedsClarification {
+            question: "which colour?".into(),
+        },
+        2_000,
+    ))
+    .then_expect_nothing();
+}
+
 #[test]
 fn started_then_completed_records_both() {
     Scenario::new()
