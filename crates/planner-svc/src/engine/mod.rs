@@ -114,7 +114,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             registry: Registry::default(),
             timers: tx,
         });
-        (engine, TimerLoop { updates: rx })
+        (engine, TimerLoop::new(rx))
     }
 
     /// The store.
@@ -130,6 +130,19 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// How many sessions are in memory.
     pub fn loaded_sessions(&self) -> usize {
         self.registry.len()
+    }
+
+    /// A copy of every session's planner held in memory, each read under its session's lock.
+    /// For checks that compare what an instance believes with what its log says.
+    pub async fn loaded_planners(&self) -> Vec<(String, planner_core::Planner)> {
+        let mut planners = Vec::new();
+        for (session, slot) in self.registry.all() {
+            if let Some(planner) = slot.state.lock().await.planner.clone() {
+                planners.push((session, planner));
+            }
+        }
+        planners.sort_by(|a, b| a.0.cmp(&b.0));
+        planners
     }
 
     fn slot(&self, session: &str) -> Arc<Slot> {

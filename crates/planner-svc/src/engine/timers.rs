@@ -33,23 +33,74 @@ pub(super) fn retry_delay(failures: u32) -> Duration {
     Duration::from_millis(ms.min(30_000))
 }
 
+/// The sessions' next deadlines, in order. Pure: the daemon's loop and a simulation's steps
+/// both drive it.
+#[derive(Debug, Default)]
+struct Due {
+    order: BTreeSet<(Timestamp, String)>,
+    by_session: HashMap<String, (Timestamp, u32)>,
+}
+
+impl Due {
+    fn arm(
+        &mut self,
+        Arm {
+            session,
+            at,
+            failures,
+        }: Arm,
+    ) {
+        if let Some((old, _)) = self.by_session.remove(&session) {
+            self.order.remove(&(old, session.clone()));
+        }
+        if let Some(at) = at {
+            self.order.insert((at, session.clone()));
+            self.by_session.insert(session, (at, failures));
+        }
+    }
+
+    fn next(&self) -> Option<Timestamp> {
+        self.order.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns the sessions due at `now`, with their failures in a row.
+    fn take_due(&mut self, now: Timestamp) -> Vec<(String, u32)> {
+        let mut fired = Vec::new();
+        while let Some((at, session)) = self.order.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.order.remove(&(at, session.clone()));
+            let failures = self.by_session.remove(&session).map_or(0, |(_, f)| f);
+            fired.push((session, failures));
+        }
+        fired
+    }
+}
+
 /// Fires ticks at sessions' deadlines; run it with [`TimerLoop::run`].
 #[derive(Debug)]
 pub struct TimerLoop {
     pub(super) updates: mpsc::UnboundedReceiver<Arm>,
+    due: Due,
 }
 
 impl TimerLoop {
+    pub(super) fn new(updates: mpsc::UnboundedReceiver<Arm>) -> Self {
+        TimerLoop {
+            updates,
+            due: Due::default(),
+        }
+    }
+
     /// Sends `Tick` to each session when its deadline passes, until `shutdown`.
     pub async fn run<S: EventStore, P: Publisher>(
         mut self,
         engine: Arc<Engine<S, P>>,
         shutdown: CancellationToken,
     ) {
-        let mut due: BTreeSet<(Timestamp, String)> = BTreeSet::new();
-        let mut by_session: HashMap<String, (Timestamp, u32)> = HashMap::new();
         loop {
-            let next = due.first().map(|(at, _)| *at);
+            let next = self.due.next();
             let sleep = match next {
                 Some(at) => Duration::from_millis(
                     at.as_millis()
@@ -60,41 +111,61 @@ impl TimerLoop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 update = self.updates.recv() => {
-                    let Some(Arm { session, at, failures }) = update else { return };
-                    if let Some((old, _)) = by_session.remove(&session) {
-                        due.remove(&(old, session.clone()));
-                    }
-                    if let Some(at) = at {
-                        due.insert((at, session.clone()));
-                        by_session.insert(session, (at, failures));
-                    }
+                    let Some(arm) = update else { return };
+                    self.due.arm(arm);
                 }
                 () = tokio::time::sleep(sleep), if next.is_some() => {
                     let now = engine.clock.now();
-                    while let Some((at, session)) = due.first().cloned() {
-                        if at > now {
-                            break;
-                        }
-                        due.remove(&(at, session.clone()));
-                        let failures = by_session.remove(&session).map_or(0, |(_, f)| f);
+                    for (session, failures) in self.due.take_due(now) {
                         let engine = Arc::clone(&engine);
-                        tokio::spawn(async move {
-                            let tick = Command::Tick { now };
-                            if let Err(error) = engine.handle(&session, tick).await {
-                                match error.disposition() {
-                                    Disposition::Retry => {
-                                        let delay = retry_delay(failures);
-                                        tracing::warn!(session, %error, ?delay, "tick failed; re-armed");
-                                        engine.rearm_after_failure(&session, delay, failures + 1);
-                                    }
-                                    Disposition::Reject => {
-                                        tracing::warn!(session, %error, "tick refused");
-                                    }
-                                }
-                            }
-                        });
+                        tokio::spawn(async move { fire(&engine, &session, failures).await });
                     }
                 }
+            }
+        }
+    }
+
+    /// The earliest deadline armed so far. For simulations, which step time themselves.
+    pub fn next_deadline(&mut self) -> Option<Timestamp> {
+        while let Ok(arm) = self.updates.try_recv() {
+            self.due.arm(arm);
+        }
+        self.due.next()
+    }
+
+    /// Fires, one after another and to the end, every tick due by the engine's clock; returns
+    /// how many. For simulations: the same ticks as [`TimerLoop::run`], without tasks or sleeps.
+    pub async fn fire_due<S: EventStore, P: Publisher>(
+        &mut self,
+        engine: &Arc<Engine<S, P>>,
+    ) -> usize {
+        self.next_deadline();
+        let fired = self.due.take_due(engine.clock.now());
+        for (session, failures) in &fired {
+            fire(engine, session, *failures).await;
+        }
+        fired.len()
+    }
+}
+
+/// One tick for `session`; a tick that fails for a reason that can pass is re-armed.
+async fn fire<S: EventStore, P: Publisher>(
+    engine: &Arc<Engine<S, P>>,
+    session: &str,
+    failures: u32,
+) {
+    let tick = Command::Tick {
+        now: engine.clock.now(),
+    };
+    if let Err(error) = engine.handle(session, tick).await {
+        match error.disposition() {
+            Disposition::Retry => {
+                let delay = retry_delay(failures);
+                tracing::warn!(session, %error, ?delay, "tick failed; re-armed");
+                engine.rearm_after_failure(session, delay, failures + 1);
+            }
+            Disposition::Reject => {
+                tracing::warn!(session, %error, "tick refused");
             }
         }
     }

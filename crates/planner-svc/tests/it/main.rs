@@ -9,3 +9,4 @@ mod daemon;
 mod deploy;
 mod harness;
 mod protocol;
+mod sim;
