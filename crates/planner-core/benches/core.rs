@@ -86,6 +86,7 @@ fn run_to_end(planner: &mut Planner, mut ready: Vec<(TaskId, u32)>, now: &mut u6
         ] {
             let events = planner
                 .process(Command::HandleExecutorEvent {
+                    lease: None,
                     event: ExecutorEvent {
                         task_id: task_id.clone(),
                         attempt,

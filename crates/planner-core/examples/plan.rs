@@ -69,6 +69,7 @@ fn run(request: &str, auto_answer: bool) -> Result<PlanPhase, Error> {
             };
             let output = simulate(&assignment);
             let events = planner.process(Command::HandleExecutorEvent {
+                lease: None,
                 event: ExecutorEvent {
                     task_id: dispatch.task_id,
                     attempt: dispatch.attempt,

@@ -42,6 +42,10 @@ pub enum Command {
     HandleExecutorEvent {
         /// The report.
         event: ExecutorEvent,
+        /// The lease of the attempt's claim, as the report carries it. Required when the
+        /// attempt was claimed or claims are required ([`crate::LeasePolicy::require_claim`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
         /// When it arrived.
         #[serde(default)]
         now: Timestamp,
@@ -75,6 +79,32 @@ pub enum Command {
         #[serde(default)]
         now: Timestamp,
     },
+    /// An executor claims an attempt before running it; refused (with a [`FenceReason`]) if
+    /// the attempt is not the task's current running one or someone else claimed it.
+    ClaimAttempt {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// The lease token, chosen by the shell (ids come from outside the core).
+        lease: String,
+        /// When.
+        #[serde(default)]
+        now: Timestamp,
+    },
+    /// The executor of a claimed attempt is alive; refused (with a [`FenceReason`]) once the
+    /// attempt no longer belongs to it: cancelled, timed out, ended.
+    Heartbeat {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// The lease of its claim.
+        lease: String,
+        /// When.
+        #[serde(default)]
+        now: Timestamp,
+    },
     /// Cancel one task (with everything that depends on it) or the whole plan.
     Cancel {
         /// What to cancel.
@@ -98,6 +128,8 @@ impl Command {
             Command::Continue => "continue",
             Command::Tick { .. } => "tick",
             Command::CompactContext { .. } => "compact_context",
+            Command::ClaimAttempt { .. } => "claim_attempt",
+            Command::Heartbeat { .. } => "heartbeat",
             Command::Cancel { .. } => "cancel",
         }
     }
@@ -181,4 +213,38 @@ pub enum ExecutorOutcome {
 
 fn retryable_by_default() -> bool {
     true
+}
+
+/// Why a claim, heartbeat or report on an attempt was refused: the attempt is not (or no
+/// longer) the caller's to run. The executor stops and discards the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FenceReason {
+    /// The task was cancelled.
+    Cancelled,
+    /// A later attempt exists (this one timed out or failed).
+    Superseded,
+    /// The attempt is not running (it ended, or waits for an answer).
+    NotRunning,
+    /// Another executor claimed it.
+    ClaimedByAnother,
+    /// Nobody claimed it: claim before heartbeating or reporting.
+    NotClaimed,
+    /// The lease given is not the claim's.
+    LeaseMismatch,
+}
+
+impl FenceReason {
+    /// The reason as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceReason::Cancelled => "cancelled",
+            FenceReason::Superseded => "superseded",
+            FenceReason::NotRunning => "not_running",
+            FenceReason::ClaimedByAnother => "claimed_by_another",
+            FenceReason::NotClaimed => "not_claimed",
+            FenceReason::LeaseMismatch => "lease_mismatch",
+        }
+    }
 }

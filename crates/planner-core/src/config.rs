@@ -46,6 +46,8 @@ pub struct PlannerConfig {
     pub clarification: ClarificationPolicy,
     /// Limits that stop the plan when passed.
     pub budgets: Budgets,
+    /// Claims, leases and the timeouts that find executors that died or stalled.
+    pub leases: LeasePolicy,
 }
 
 impl Default for PlannerConfig {
@@ -62,6 +64,7 @@ impl Default for PlannerConfig {
             failure: FailurePolicy::FailFast,
             clarification: ClarificationPolicy::default(),
             budgets: Budgets::default(),
+            leases: LeasePolicy::default(),
         }
     }
 }
@@ -94,6 +97,21 @@ impl PlannerConfig {
         if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
             problems
                 .push("retry.max_backoff_ms must be at least retry.initial_backoff_ms".to_owned());
+        }
+        for (name, value) in [
+            (
+                "leases.heartbeat_timeout_ms",
+                self.leases.heartbeat_timeout_ms,
+            ),
+            ("leases.start_to_close_ms", self.leases.start_to_close_ms),
+            (
+                "leases.schedule_to_start_ms",
+                self.leases.schedule_to_start_ms,
+            ),
+        ] {
+            if value == Some(0) {
+                problems.push(format!("{name} must be at least 1 (or absent: no timeout)"));
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -219,4 +237,39 @@ pub enum BudgetKind {
     Tokens,
     /// [`Budgets::max_wall_time_ms`].
     WallTime,
+}
+
+/// How the planner knows an attempt is still being worked on.
+///
+/// An executor **claims** an attempt before running it and gets a lease token; the claim is
+/// the fence that makes a second delivery of one dispatch harmless (a second claim is refused).
+/// While it runs it **heartbeats** with the token, and its report must carry it. An attempt
+/// whose executor went silent, ran too long, or was never claimed in time is closed as failed
+/// (retryable) and retried as a new attempt under the retry policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(default, deny_unknown_fields)]
+pub struct LeasePolicy {
+    /// Reports on an attempt must carry the lease of a claim: an executor cannot complete a
+    /// task it never claimed. Off in the core's default (tests and embedded use without
+    /// executors that claim); the daemon's configuration turns it on.
+    pub require_claim: bool,
+    /// A claimed attempt with no heartbeat for this long is timed out.
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// A claimed attempt running longer than this is timed out, heartbeats or not.
+    pub start_to_close_ms: Option<u64>,
+    /// With `require_claim`, a dispatched attempt no executor claimed within this long is
+    /// timed out (a queue with no live executor). None: it waits.
+    pub schedule_to_start_ms: Option<u64>,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> Self {
+        LeasePolicy {
+            require_claim: false,
+            heartbeat_timeout_ms: Some(30_000),
+            start_to_close_ms: None,
+            schedule_to_start_ms: None,
+        }
+    }
 }

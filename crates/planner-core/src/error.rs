@@ -44,6 +44,16 @@ pub enum Error {
         /// The latest attempt dispatched (0: never dispatched).
         latest: u32,
     },
+    /// A claim, heartbeat or report on an attempt that is not (or no longer) the caller's.
+    #[error("attempt {attempt} of task {task_id} is not yours to run: {}", reason.as_str())]
+    Fenced {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        reason: crate::command::FenceReason,
+    },
     /// Executors do not run clarification tasks; a human answers them.
     #[error("task {task_id} is a clarification: answer it with AnswerClarification")]
     NotExecutable {

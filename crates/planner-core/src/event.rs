@@ -119,6 +119,27 @@ pub enum Event {
         /// When.
         at: Timestamp,
     },
+    /// An executor claimed the current attempt of a task: it runs it, under `lease`.
+    AttemptClaimed {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// The lease token its heartbeats and report carry.
+        lease: String,
+        /// When.
+        at: Timestamp,
+    },
+    /// The executor of a claimed attempt is alive. Recorded at most once per half heartbeat
+    /// timeout per attempt, which bounds the log's growth to two events per timeout period.
+    AttemptHeartbeat {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// When.
+        at: Timestamp,
+    },
     /// A task was cancelled.
     TaskCancelled {
         /// The task.
@@ -181,6 +202,8 @@ impl Event {
             Event::ClarificationRequested { .. } => "clarification_requested",
             Event::ClarificationAnswered { .. } => "clarification_answered",
             Event::RetryScheduled { .. } => "retry_scheduled",
+            Event::AttemptClaimed { .. } => "attempt_claimed",
+            Event::AttemptHeartbeat { .. } => "attempt_heartbeat",
             Event::TaskCancelled { .. } => "task_cancelled",
             Event::ContextCompacted { .. } => "context_compacted",
             Event::PlanCompleted { .. } => "plan_completed",

@@ -24,6 +24,7 @@
 //! assert_eq!(dispatched.len(), 1);
 //!
 //! let done = planner.process(Command::HandleExecutorEvent {
+//!     lease: None, // the claim's lease, when the executor claimed the attempt
 //!     event: ExecutorEvent {
 //!         task_id: TaskId::from("t1"),
 //!         attempt: 1,
@@ -74,13 +75,13 @@ pub mod state;
 pub mod testing;
 pub mod types;
 
-pub use command::{CancelTarget, Command, ExecutorEvent, ExecutorOutcome, Planning};
+pub use command::{CancelTarget, Command, ExecutorEvent, ExecutorOutcome, FenceReason, Planning};
 pub use compact::{
     compact_error_message, compact_thread, estimate_tokens, summarize_messages, Profile,
 };
 pub use config::{
-    BudgetKind, Budgets, ClarificationPolicy, FailurePolicy, OnClarificationTimeout, PlannerConfig,
-    RetryPolicy,
+    BudgetKind, Budgets, ClarificationPolicy, FailurePolicy, LeasePolicy, OnClarificationTimeout,
+    PlannerConfig, RetryPolicy,
 };
 pub use error::{ConfigError, Error};
 pub use event::{
@@ -93,5 +94,5 @@ pub use plan::{validate_plan, PlanError, PlanSpec, TaskSpec};
 pub use planner::Planner;
 pub use state::{Context, PendingQuestion, PlanPhase, PlannerState, Usage};
 pub use types::{
-    is_valid_token, Attachment, Message, NodeKind, Role, Task, TaskId, TaskStatus, Timestamp,
+    is_valid_token, Attachment, Lease, Message, NodeKind, Role, Task, TaskId, TaskStatus, Timestamp,
 };

@@ -40,6 +40,7 @@ mod cancel;
 mod clarify;
 mod compaction;
 mod failure;
+mod lease;
 mod report;
 mod request;
 mod schedule;
@@ -190,7 +191,8 @@ impl Planner {
             .max_wall_time_ms
             .zip(s.started_at)
             .map(|(limit, start)| start.plus_millis(limit));
-        [retry, question, wall].into_iter().flatten().min()
+        let attempt = lease::next_attempt_deadline(s);
+        [retry, question, wall, attempt].into_iter().flatten().min()
     }
 
     /// Decides what `command` means, applies the resulting events and returns them.
@@ -251,9 +253,27 @@ impl Decision<'_> {
                 planning,
                 now,
             } => self.request(request_id, input, attachments, plan, planning, self.at(now)),
-            Command::HandleExecutorEvent { event, now } => {
+            Command::HandleExecutorEvent { event, lease, now } => {
                 self.require_started()?;
-                self.executor_event(event, self.at(now))
+                self.executor_event(event, lease, self.at(now))
+            }
+            Command::ClaimAttempt {
+                task_id,
+                attempt,
+                lease,
+                now,
+            } => {
+                self.require_started()?;
+                self.claim(task_id, attempt, lease, self.at(now))
+            }
+            Command::Heartbeat {
+                task_id,
+                attempt,
+                lease,
+                now,
+            } => {
+                self.require_started()?;
+                self.heartbeat(task_id, attempt, lease, self.at(now))
             }
             Command::AnswerClarification {
                 task_id,
@@ -302,6 +322,7 @@ impl Decision<'_> {
             return;
         }
         self.expire_questions(now);
+        self.expire_attempts(now);
         self.settle(now);
     }
 

@@ -293,6 +293,8 @@ impl PlannerState {
                 task.attempts = *attempt;
                 task.status = TaskStatus::Running;
                 task.started = false;
+                task.dispatched_at = Some(*at);
+                task.lease = None;
                 self.running += 1;
                 self.usage.dispatches += 1;
                 self.usage.attempts += 1;
@@ -426,6 +428,42 @@ impl PlannerState {
                 task.not_before = Some(*not_before);
                 self.delayed.insert((*not_before, i));
             }
+            Event::AttemptClaimed {
+                task_id,
+                attempt,
+                lease,
+                at,
+            } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                let task = &mut self.tasks[i];
+                if task.attempts == *attempt {
+                    task.started = true;
+                    task.lease = Some(crate::types::Lease {
+                        token: lease.clone(),
+                        claimed_at: *at,
+                        beat_at: *at,
+                    });
+                }
+            }
+            Event::AttemptHeartbeat {
+                task_id,
+                attempt,
+                at,
+            } => {
+                self.tick(*at);
+                let Some(i) = self.index_of(task_id) else {
+                    return;
+                };
+                let task = &mut self.tasks[i];
+                if task.attempts == *attempt {
+                    if let Some(lease) = task.lease.as_mut() {
+                        lease.beat_at = *at;
+                    }
+                }
+            }
             Event::TaskCancelled { task_id, at, .. } => {
                 self.tick(*at);
                 let Some(i) = self.index_of(task_id) else {
@@ -513,6 +551,8 @@ impl PlannerState {
                 question: spec.question.clone(),
                 answer: None,
                 not_before: None,
+                dispatched_at: None,
+                lease: None,
             });
             self.index.insert(spec.id.clone(), i);
             self.dependents.push(Vec::new());

@@ -226,4 +226,22 @@ pub struct Task {
     pub answer: Option<String>,
     /// A retry backoff: not dispatched before this time.
     pub not_before: Option<Timestamp>,
+    /// When the current attempt was dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<Timestamp>,
+    /// The current attempt's claim, if an executor claimed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+/// An executor's claim on the current attempt of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Lease {
+    /// The token heartbeats and the report must carry.
+    pub token: String,
+    /// When it was claimed.
+    pub claimed_at: Timestamp,
+    /// The last heartbeat recorded (heartbeats are recorded at most every half timeout).
+    pub beat_at: Timestamp,
 }

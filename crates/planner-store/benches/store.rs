@@ -151,6 +151,7 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
                 now += 1;
                 let batch = planner
                     .process(Command::HandleExecutorEvent {
+                        lease: None,
                         event: ExecutorEvent {
                             task_id,
                             attempt,

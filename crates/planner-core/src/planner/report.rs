@@ -13,11 +13,14 @@ impl Decision<'_> {
     pub(super) fn executor_event(
         &mut self,
         event: ExecutorEvent,
+        lease: Option<String>,
         now: Timestamp,
     ) -> Result<(), Error> {
         let Some(i) = self.judge(&event)? else {
             return Ok(());
         };
+        // Only the claim's holder may change what the attempt did.
+        self.check_lease(i, event.attempt, lease.as_deref())?;
         let ExecutorEvent {
             task_id,
             attempt,

@@ -2,6 +2,7 @@
 #![allow(clippy::field_reassign_with_default)]
 //! Integration tests of planner-core, in one binary (see ARCHITECTURE.md, "Testing").
 
+mod leases;
 mod props;
 mod scenarios;
 mod sim;

@@ -34,6 +34,14 @@ enum Op {
         task: usize,
     },
     CancelPlan,
+    Claim {
+        task: usize,
+        lease: u8,
+    },
+    Beat {
+        task: usize,
+        lease: u8,
+    },
 }
 
 const REQUESTS: [&str; 6] = [
@@ -58,6 +66,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..16usize).prop_map(|task| Op::CancelTask { task }),
         1 => Just(Op::CancelPlan),
         2 => Just(Op::Continue),
+        4 => (0..16usize, 0u8..3).prop_map(|(task, lease)| Op::Claim { task, lease }),
+        3 => (0..16usize, 0u8..3).prop_map(|(task, lease)| Op::Beat { task, lease }),
     ]
 }
 
@@ -73,6 +83,12 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
         prop::option::of(100u64..1_000),
         16u64..400,
         prop::option::of(1_000u64..20_000),
+        (
+            any::<bool>(),
+            prop::option::of(500u64..8_000),
+            prop::option::of(1_000u64..20_000),
+            prop::option::of(500u64..8_000),
+        ),
     )
         .prop_map(
             |(
@@ -86,6 +102,7 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
                 tokens,
                 token_budget,
                 wall,
+                (require_claim, heartbeat, start_to_close, schedule_to_start),
             )| {
                 let mut c = PlannerConfig::default();
                 c.max_parallel = max_parallel;
@@ -105,6 +122,12 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
                 c.budgets.max_tokens = tokens;
                 c.budgets.max_wall_time_ms = wall;
                 c.token_budget = token_budget;
+                c.leases = LeasePolicy {
+                    require_claim,
+                    heartbeat_timeout_ms: heartbeat,
+                    start_to_close_ms: start_to_close,
+                    schedule_to_start_ms: schedule_to_start,
+                };
                 c
             },
         )
@@ -120,6 +143,17 @@ struct Runner {
 impl Runner {
     /// Mostly a task in flight (running or asking), sometimes any task, so that most reports
     /// and answers land and some do not.
+    /// A task in flight (mostly) and its current attempt.
+    fn attempt_of(&self, i: usize) -> (TaskId, u32) {
+        let task_id = self.task_id(i);
+        let attempt = self
+            .planner
+            .state()
+            .task(&task_id)
+            .map_or(1, |t| t.attempts);
+        (task_id, attempt)
+    }
+
     fn task_id(&self, i: usize) -> TaskId {
         let tasks = &self.planner.state().tasks;
         let live: Vec<&Task> = tasks
@@ -239,7 +273,15 @@ impl Runner {
                         question: "how?".into(),
                     },
                 };
+                // Executors report under the lease of their claim, when they claimed.
+                let lease = self
+                    .planner
+                    .state()
+                    .task(&task_id)
+                    .and_then(|t| t.lease.as_ref())
+                    .map(|l| l.token.clone());
                 Command::HandleExecutorEvent {
+                    lease,
                     event: ExecutorEvent {
                         task_id,
                         attempt,
@@ -276,6 +318,24 @@ impl Runner {
                 reason: None,
                 now,
             },
+            Op::Claim { task, lease } => {
+                let (task_id, attempt) = self.attempt_of(*task);
+                Command::ClaimAttempt {
+                    task_id,
+                    attempt,
+                    lease: format!("L{lease}"),
+                    now,
+                }
+            }
+            Op::Beat { task, lease } => {
+                let (task_id, attempt) = self.attempt_of(*task);
+                Command::Heartbeat {
+                    task_id,
+                    attempt,
+                    lease: format!("L{lease}"),
+                    now,
+                }
+            }
         }
     }
 }

@@ -215,6 +215,7 @@ impl Sim {
                 let k = self.rng.below(self.mailbox.len() as u64) as usize;
                 let event = self.mailbox.swap_remove(k);
                 self.drive(Command::HandleExecutorEvent {
+                    lease: None,
                     event,
                     now: Timestamp(self.now),
                 });

@@ -51,6 +51,7 @@ pub fn work(id: &str, deps: &[&str]) -> TaskSpec {
 
 pub fn report(task: &str, attempt: u32, outcome: ExecutorOutcome, now: u64) -> Command {
     Command::HandleExecutorEvent {
+        lease: None,
         event: ExecutorEvent {
             task_id: task.into(),
             attempt,

@@ -1,0 +1,241 @@
+//! Claims, leases, heartbeats and attempt timeouts, as stories.
+
+use planner_core::testing::Scenario;
+use planner_core::*;
+
+use crate::support::*;
+
+fn claim(task: &str, attempt: u32, lease: &str, now: u64) -> Command {
+    Command::ClaimAttempt {
+        task_id: task.into(),
+        attempt,
+        lease: lease.into(),
+        now: at(now),
+    }
+}
+
+fn beat(task: &str, attempt: u32, lease: &str, now: u64) -> Command {
+    Command::Heartbeat {
+        task_id: task.into(),
+        attempt,
+        lease: lease.into(),
+        now: at(now),
+    }
+}
+
+fn done_under(task: &str, attempt: u32, lease: Option<&str>, now: u64) -> Command {
+    Command::HandleExecutorEvent {
+        lease: lease.map(str::to_owned),
+        event: ExecutorEvent {
+            task_id: task.into(),
+            attempt,
+            outcome: ExecutorOutcome::Completed {
+                output: format!("output of {task}"),
+                tokens_used: None,
+            },
+        },
+        now: at(now),
+    }
+}
+
+fn fenced(task: &str, attempt: u32, reason: FenceReason) -> Error {
+    Error::Fenced {
+        task_id: task.into(),
+        attempt,
+        reason,
+    }
+}
+
+fn config(leases: LeasePolicy) -> PlannerConfig {
+    PlannerConfig {
+        leases,
+        retry: RetryPolicy {
+            initial_backoff_ms: 100,
+            ..RetryPolicy::default()
+        },
+        ..PlannerConfig::default()
+    }
+}
+
+fn strict() -> PlannerConfig {
+    config(LeasePolicy {
+        require_claim: true,
+        heartbeat_timeout_ms: Some(30_000),
+        start_to_close_ms: None,
+        schedule_to_start_ms: None,
+    })
+}
+
+#[test]
+fn one_claim_per_attempt_and_only_its_lease_reports() {
+    let claimed = || {
+        Scenario::with_config(strict())
+            .given_commands([init("paint the wall"), claim("t1", 1, "L1", 10)])
+    };
+    // A second delivery of the same dispatch: its claim is refused, so it never runs.
+    claimed()
+        .when(claim("t1", 1, "L2", 11))
+        .then_expect_error(fenced("t1", 1, FenceReason::ClaimedByAnother));
+    // The same claim again (its reply was lost): granted, nothing new recorded.
+    claimed()
+        .when(claim("t1", 1, "L1", 11))
+        .then_expect_nothing();
+    // A report without the lease, or with another, changes nothing.
+    claimed()
+        .when(done_under("t1", 1, None, 20))
+        .then_expect_error(fenced("t1", 1, FenceReason::LeaseMismatch));
+    claimed()
+        .when(done_under("t1", 1, Some("L2"), 20))
+        .then_expect_error(fenced("t1", 1, FenceReason::LeaseMismatch));
+    claimed()
+        .when(done_under("t1", 1, Some("L1"), 20))
+        .then_expect_types(&["task_status_updated", "plan_completed"]);
+}
+
+#[test]
+fn with_claims_required_an_unclaimed_attempt_cannot_be_completed() {
+    Scenario::with_config(strict())
+        .given_commands([init("paint the wall")])
+        .when(done_under("t1", 1, Some("made-up"), 20))
+        .then_expect_error(fenced("t1", 1, FenceReason::NotClaimed));
+    // The core's default does not require claims: executors that never claim still work.
+    Scenario::new()
+        .given_commands([init("paint the wall")])
+        .when(done_under("t1", 1, None, 20))
+        .then_expect_types(&["task_status_updated", "plan_completed"]);
+}
+
+#[test]
+fn a_silent_executor_times_out_and_the_task_is_retried_as_a_new_attempt() {
+    let silent = || {
+        Scenario::with_config(strict())
+            .given_commands([init("paint the wall"), claim("t1", 1, "L1", 1_000)])
+    };
+    assert_eq!(silent().planner().next_deadline(), Some(at(31_000)));
+    silent()
+        .when(Command::Tick { now: at(30_999) })
+        .then_expect_nothing();
+    let timed_out = silent()
+        .when(Command::Tick { now: at(31_000) })
+        .then_expect_types(&["retry_scheduled"]);
+    let task = timed_out
+        .planner()
+        .state()
+        .task(&"t1".into())
+        .cloned()
+        .unwrap();
+    assert!(task
+        .error
+        .unwrap_or_default()
+        .contains("no heartbeat for 30000 ms"));
+    // After the backoff, attempt 2 goes out; attempt 1 is fenced out and its result is stale.
+    let retried = timed_out
+        .when(Command::Tick { now: at(31_100) })
+        .then_expect_types(&["task_dispatched"]);
+    retried
+        .when(beat("t1", 1, "L1", 31_200))
+        .then_expect_error(fenced("t1", 1, FenceReason::Superseded))
+        .when(done_under("t1", 1, Some("L1"), 31_300))
+        .then_expect_nothing()
+        .when(claim("t1", 2, "L9", 31_400))
+        .then_expect_types(&["attempt_claimed"])
+        .when(done_under("t1", 2, Some("L9"), 31_500))
+        .then_expect_types(&["task_status_updated", "plan_completed"]);
+}
+
+#[test]
+fn heartbeats_keep_an_attempt_alive_and_are_recorded_at_most_every_half_timeout() {
+    let mut scenario = Scenario::with_config(strict())
+        .given_commands([init("paint the wall"), claim("t1", 1, "L1", 0)]);
+    let mut recorded = 0;
+    // An hour of heartbeats every 10 s, with ticks in between.
+    for second in (10..=3_600).step_by(10) {
+        let now = second * 1_000;
+        let before = scenario.history().len();
+        scenario = scenario
+            .when(beat("t1", 1, "L1", now))
+            .then(|_, _| {})
+            .when(Command::Tick {
+                now: at(now + 5_000),
+            })
+            .then_expect_nothing();
+        recorded += scenario.history().len() - before;
+    }
+    // Every 20 s (the first beat at or past half the 30 s timeout): 180, not 360.
+    assert_eq!(recorded, 180);
+    assert_eq!(
+        scenario
+            .planner()
+            .state()
+            .task(&"t1".into())
+            .map(|t| t.status),
+        Some(TaskStatus::Running)
+    );
+}
+
+#[test]
+fn cancellation_reaches_a_running_executor_through_its_heartbeat() {
+    Scenario::with_config(strict())
+        .given_commands([
+            init("paint the wall. then dry it"),
+            claim("t1", 1, "L1", 10),
+            Command::Cancel {
+                target: CancelTarget::Task {
+                    task_id: "t1".into(),
+                },
+                reason: None,
+                now: at(20),
+            },
+        ])
+        .when(beat("t1", 1, "L1", 30))
+        .then_expect_error(fenced("t1", 1, FenceReason::Cancelled));
+    // A task cancelled while the plan goes on: the heartbeat says so.
+    Scenario::with_config(strict())
+        .given_commands([
+            init("- fetch a\n- fetch b"),
+            claim("t1", 1, "L1", 10),
+            Command::Cancel {
+                target: CancelTarget::Task {
+                    task_id: "t1".into(),
+                },
+                reason: None,
+                now: at(20),
+            },
+        ])
+        .when(beat("t1", 1, "L1", 30))
+        .then_expect_error(fenced("t1", 1, FenceReason::Cancelled))
+        .when(claim("t1", 1, "L2", 40))
+        .then_expect_error(fenced("t1", 1, FenceReason::Cancelled));
+}
+
+#[test]
+fn an_attempt_nobody_claims_and_one_that_runs_too_long_time_out() {
+    let queued = Scenario::with_config(config(LeasePolicy {
+        require_claim: true,
+        heartbeat_timeout_ms: None,
+        start_to_close_ms: Some(60_000),
+        schedule_to_start_ms: Some(5_000),
+    }))
+    .given_commands([init("paint the wall")]);
+    assert_eq!(queued.planner().next_deadline(), Some(at(5_000)));
+    let requeued = queued
+        .when(Command::Tick { now: at(5_000) })
+        .then_expect_types(&["retry_scheduled"])
+        .when(Command::Tick { now: at(5_100) })
+        .then_expect_types(&["task_dispatched"])
+        .when(claim("t1", 2, "L1", 6_000))
+        .then_expect_types(&["attempt_claimed"]);
+    assert_eq!(requeued.planner().next_deadline(), Some(at(66_000)));
+    let task = requeued
+        .when(Command::Tick { now: at(66_000) })
+        .then_expect_types(&["retry_scheduled"])
+        .planner()
+        .state()
+        .task(&"t1".into())
+        .cloned()
+        .unwrap();
+    assert!(task
+        .error
+        .unwrap_or_default()
+        .contains("still running after 60000 ms"));
+}
