@@ -108,7 +108,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     tokio::spawn(async move {
                         for event in [SimExecutor::started(&task), executor.outcome(&task)] {
                             tokio::time::sleep(executor.latency() / 2).await;
-                            match engine.handle(&session, Command::HandleExecutorEvent { event, now: engine.now() }).await {
+                            match engine.handle(&session, Command::HandleExecutorEvent { event, lease: None, now: engine.now() }).await {
                                 Ok(handled) => { let _ = progress.send(handled.events); }
                                 Err(error) => tracing::warn!(%error, "report refused"),
                             }

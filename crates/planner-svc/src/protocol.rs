@@ -307,6 +307,19 @@ pub struct ErrorNotice {
     pub error: ErrorBody,
 }
 
+/// An executor's report on `{p}.report.{session}`: what happened to an attempt, with the lease
+/// of the executor's claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ReportMessage {
+    /// The report.
+    #[serde(flatten)]
+    pub event: planner_core::ExecutorEvent,
+    /// The lease the claim returned; required once the attempt was claimed (and always when
+    /// the planner requires claims).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
 /// A dispatch on `{p}.task.{kind}.{target}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskMessage {
@@ -364,7 +377,7 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         ),
         (
             "executor_report.json",
-            json(schemars::schema_for!(planner_core::ExecutorEvent)),
+            json(schemars::schema_for!(ReportMessage)),
         ),
         (
             "task_message.json",

@@ -21,7 +21,7 @@ use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
-use planner_core::{Command, ExecutorEvent};
+use planner_core::Command;
 use planner_store::{
     EventStore, FileStore, FileStoreConfig, FsyncPolicy, JetStreamConfig, JetStreamStore,
     MemoryStore, SnapshotPolicy,
@@ -33,7 +33,9 @@ use tokio_util::task::TaskTracker;
 use crate::bus::NatsPublisher;
 use crate::config::{Config, FsyncSetting, StoreKind};
 use crate::engine::{Disposition, Engine, EngineConfig, Llm};
-use crate::protocol::{ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, Subjects};
+use crate::protocol::{
+    ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, ReportMessage, Subjects,
+};
 
 /// The daemon's version, reported to `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -397,8 +399,8 @@ async fn handle_report<S: EventStore>(
         let Some(session) = session.as_deref() else {
             break 'judge refuse(ErrorKind::BadSession, "no session in subject".into());
         };
-        let event: ExecutorEvent = match serde_json::from_slice(&message.payload) {
-            Ok(event) => event,
+        let ReportMessage { event, lease } = match serde_json::from_slice(&message.payload) {
+            Ok(report) => report,
             Err(e) => {
                 break 'judge refuse(ErrorKind::Malformed, format!("not an executor report: {e}"))
             }
@@ -406,6 +408,7 @@ async fn handle_report<S: EventStore>(
         let task = event.task_id.clone();
         let command = Command::HandleExecutorEvent {
             event,
+            lease,
             now: engine.now(),
         };
         match engine.handle(session, command).await {

@@ -68,6 +68,7 @@ pub fn real_session() -> Vec<Vec<Event>> {
         batches.push(
             planner
                 .process(Command::HandleExecutorEvent {
+                    lease: None,
                     event: ExecutorEvent {
                         task_id,
                         attempt,

@@ -32,9 +32,33 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             planning,
             now: at,
         },
-        Command::HandleExecutorEvent { event, .. } => {
-            Command::HandleExecutorEvent { event, now: at }
-        }
+        Command::HandleExecutorEvent { event, lease, .. } => Command::HandleExecutorEvent {
+            event,
+            lease,
+            now: at,
+        },
+        Command::ClaimAttempt {
+            task_id,
+            attempt,
+            lease,
+            ..
+        } => Command::ClaimAttempt {
+            task_id,
+            attempt,
+            lease,
+            now: at,
+        },
+        Command::Heartbeat {
+            task_id,
+            attempt,
+            lease,
+            ..
+        } => Command::Heartbeat {
+            task_id,
+            attempt,
+            lease,
+            now: at,
+        },
         Command::AnswerClarification {
             task_id, answer, ..
         } => Command::AnswerClarification {

@@ -569,6 +569,7 @@ impl Sim {
                 let engine = Arc::clone(&self.live().engine);
                 let command = Command::HandleExecutorEvent {
                     event: report.event.clone(),
+                    lease: None,
                     now: self.now(),
                 };
                 match engine.handle(&report.session, command).await {
