@@ -21,8 +21,7 @@
 //! | latest attempt after it asked a question, or while its retry waits | `Ok([])`: the attempt ended when it asked or failed |
 //! | `started` twice | `Ok([])` |
 //! | on a cancelled task (by a client, or when the plan around it ended) | `Ok([])`: ignored |
-//! | plan ended, any other report on a finished task (a redelivery) | `Ok([])` |
-//! | plan ended, and the report contradicts the recorded outcome (completed vs failed) | `Err(PlanFinished)` |
+//! | plan ended: any report on a finished attempt (late, redelivered, contradicting) | `Ok([])`: dropped quietly |
 
 use crate::command::Command;
 use crate::config::PlannerConfig;

@@ -19,7 +19,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/planner.toml";
 pub const ENV_PREFIX: &str = "PLANNER_";
 
 /// Every setting of the daemon.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// How to reach NATS.
@@ -44,6 +44,45 @@ pub struct Config {
     pub planner: PlannerConfig,
     /// LLM planning and summaries (off by default: the rule parser plans).
     pub llm: planner_llm::LlmConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats: NatsConfig::default(),
+            subjects: SubjectsConfig::default(),
+            store: StoreConfig::default(),
+            dispatch: DispatchConfig::default(),
+            reports: ReportsConfig::default(),
+            sessions: SessionsConfig::default(),
+            limits: LimitsConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            // The daemon fences executors: a report must come from the executor that claimed
+            // the attempt (the core's own default leaves claims optional for embedders).
+            planner: PlannerConfig {
+                leases: planner_core::LeasePolicy {
+                    require_claim: true,
+                    ..planner_core::LeasePolicy::default()
+                },
+                ..PlannerConfig::default()
+            },
+            llm: planner_llm::LlmConfig::default(),
+        }
+    }
+}
+
+/// `overlay`'s keys over `base`'s, table by table: a file that sets one key of a section
+/// keeps the daemon's defaults for the others (serde's defaults are the library's).
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
 }
 
 /// How to reach NATS. Empty strings mean "not set".
@@ -334,13 +373,18 @@ impl Config {
         overrides: &[String],
     ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        let mut table = match path {
+        let file = match path {
             Some(path) => read_table(path, &mut problems),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
                 read_table(Path::new(DEFAULT_CONFIG_PATH), &mut problems)
             }
             None => toml::Table::new(),
         };
+        let mut table = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(defaults)) => defaults,
+            _ => toml::Table::new(),
+        };
+        merge(&mut table, file);
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;

@@ -106,9 +106,26 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     seed += 1;
                     let mut executor = SimExecutor::new(options.behaviour, seed);
                     tokio::spawn(async move {
+                        // Like any executor: claim the attempt, then report under its lease.
+                        // (Simulated work is far shorter than the heartbeat timeout.)
+                        let lease = uuid::Uuid::new_v4().simple().to_string();
+                        let claim = Command::ClaimAttempt {
+                            task_id: task.assignment.task_id.clone(),
+                            attempt: task.assignment.attempt,
+                            lease: lease.clone(),
+                            now: engine.now(),
+                        };
+                        match engine.handle(&session, claim).await {
+                            Ok(handled) => { let _ = progress.send(handled.events); }
+                            Err(error) => {
+                                tracing::info!(%error, "attempt not claimed; not running it");
+                                return;
+                            }
+                        }
                         for event in [SimExecutor::started(&task), executor.outcome(&task)] {
                             tokio::time::sleep(executor.latency() / 2).await;
-                            match engine.handle(&session, Command::HandleExecutorEvent { event, lease: None, now: engine.now() }).await {
+                            let report = Command::HandleExecutorEvent { event, lease: Some(lease.clone()), now: engine.now() };
+                            match engine.handle(&session, report).await {
                                 Ok(handled) => { let _ = progress.send(handled.events); }
                                 Err(error) => tracing::warn!(%error, "report refused"),
                             }

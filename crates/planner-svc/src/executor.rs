@@ -2,27 +2,31 @@
 //! docker-compose, and the load generator's executors.
 //!
 //! It does what docs/protocol.md asks of any executor: a durable pull consumer on the dispatch
-//! stream filtered to the subjects it serves, an ack when it takes a task, a report through
-//! JetStream (retried until acknowledged), and no second run of a (session, task, attempt) it
-//! has already run (a redelivery gets the same report again).
+//! stream filtered to the subjects it serves; a claim before running (ack on `granted`, term on
+//! `stop`, nak on no answer); heartbeats while the work runs, stopping when one says `stop`; a
+//! report with the lease through JetStream (retried until acknowledged); and no second run of a
+//! (session, task, attempt) it has already run (a redelivery gets the same report again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
 use futures::StreamExt;
-use planner_core::ExecutorEvent;
+use planner_core::FenceReason;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{Subjects, TaskMessage};
+use crate::protocol::{
+    ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, Subjects, TaskMessage,
+};
 use crate::sim::{SimBehaviour, SimExecutor};
 
 /// What a pool has run: (session, task, attempt) and the final report it sent.
-type RunAttempts = HashMap<(String, String, u32), ExecutorEvent>;
+type RunAttempts = HashMap<(String, String, u32), ReportMessage>;
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -63,7 +67,7 @@ pub async fn run_pool(
     observer: Arc<dyn PoolObserver>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let stream = js
         .get_stream(&options.stream)
         .await
@@ -107,14 +111,18 @@ pub async fn run_pool(
             }
         };
         observer.dispatched(&task, Instant::now());
-        let _ = message.ack().await;
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return Ok(());
         };
         seed += 1;
         let mut executor = SimExecutor::new(options.behaviour, seed);
-        let (js, subjects, done, observer) =
-            (js.clone(), subjects.clone(), done.clone(), observer.clone());
+        let (client, js, subjects, done, observer) = (
+            client.clone(),
+            js.clone(),
+            subjects.clone(),
+            done.clone(),
+            observer.clone(),
+        );
         let report_started = options.report_started;
         tokio::spawn(async move {
             let key = (
@@ -122,27 +130,69 @@ pub async fn run_pool(
                 task.assignment.task_id.0.clone(),
                 task.assignment.attempt,
             );
+            // A redelivery of an attempt this pool already ran: the same report again.
             let known = done.lock().ok().and_then(|d| d.get(&key).cloned());
-            let report = match known {
-                Some(report) => report,
-                None => {
-                    if report_started {
-                        publish(&js, &subjects, &task.session, &SimExecutor::started(&task)).await;
-                    }
-                    let latency = executor.latency();
-                    if !latency.is_zero() {
-                        tokio::time::sleep(latency).await;
-                    }
-                    let report = executor.outcome(&task);
-                    if let Ok(mut done) = done.lock() {
-                        if done.len() > 100_000 {
-                            done.clear();
-                        }
-                        done.insert(key, report.clone());
-                    }
-                    report
+            if let Some(report) = known {
+                let _ = message.ack().await;
+                publish(&js, &subjects, &task.session, &report).await;
+                return;
+            }
+            // Claim before running: the fence that makes a second delivery harmless. The
+            // message is acked only once the claim is answered, so an executor that dies
+            // before it leaves the message to be redelivered to another.
+            let lease = match claim(&client, &subjects, &task).await {
+                Ok(LeaseReply::Granted {
+                    lease,
+                    heartbeat_interval_ms,
+                }) => {
+                    let _ = message.ack().await;
+                    (lease, heartbeat_interval_ms)
+                }
+                Ok(LeaseReply::Stop { reason, .. }) => {
+                    tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt not ours to run; discarded");
+                    let _ = message.ack_with(AckKind::Term).await;
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, "claim not answered; the dispatch will come again");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "claim failed; the dispatch will come again");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    return;
                 }
             };
+            let (lease, interval) = lease;
+            if report_started {
+                let started = ReportMessage {
+                    event: SimExecutor::started(&task),
+                    lease: Some(lease.clone()),
+                };
+                publish(&js, &subjects, &task.session, &started).await;
+            }
+            let latency = executor.latency();
+            let stopped =
+                work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency).await;
+            if let Some(reason) = stopped {
+                tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
+                return;
+            }
+            let report = ReportMessage {
+                event: executor.outcome(&task),
+                lease: Some(lease),
+            };
+            if let Ok(mut done) = done.lock() {
+                if done.len() > 100_000 {
+                    done.clear();
+                }
+                done.insert(key, report.clone());
+            }
             publish(&js, &subjects, &task.session, &report).await;
             observer.reported(&task, Instant::now());
             drop(permit);
@@ -150,12 +200,77 @@ pub async fn run_pool(
     }
 }
 
+/// Asks the planner for the attempt.
+async fn claim(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    task: &TaskMessage,
+) -> anyhow::Result<LeaseReply> {
+    let body = serde_json::to_vec(&ClaimRequest {
+        task_id: task.assignment.task_id.clone(),
+        attempt: task.assignment.attempt,
+    })?;
+    let reply = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.request(subjects.claim(&task.session), body.into()),
+    )
+    .await
+    .context("no claim reply in time")??;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+/// Works for `latency`, heartbeating every `interval`; returns why the planner stopped the
+/// attempt, if it did.
+async fn work_with_heartbeats(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    task: &TaskMessage,
+    lease: &str,
+    interval: Option<u64>,
+    latency: Duration,
+) -> Option<FenceReason> {
+    let work = tokio::time::sleep(latency);
+    tokio::pin!(work);
+    let Some(interval) = interval.map(Duration::from_millis) else {
+        work.await;
+        return None;
+    };
+    let body = serde_json::to_vec(&HeartbeatRequest {
+        task_id: task.assignment.task_id.clone(),
+        attempt: task.assignment.attempt,
+        lease: lease.to_owned(),
+    })
+    .unwrap_or_default();
+    let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            () = &mut work => return None,
+            _ = beats.tick() => {
+                let reply = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    client.request(subjects.heartbeat(&task.session), body.clone().into()),
+                )
+                .await;
+                match reply.ok().and_then(Result::ok).and_then(|r| serde_json::from_slice::<LeaseReply>(&r.payload).ok()) {
+                    Some(LeaseReply::Stop { reason, .. }) => return Some(reason),
+                    Some(_) => {}
+                    // A missed beat is not fatal: the timeout allows about three.
+                    None => tracing::warn!(task = %task.assignment.task_id, "heartbeat not answered"),
+                }
+            }
+        }
+    }
+}
+
+/// How long a claim or heartbeat waits for the planner.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Publishes a report through JetStream, retrying until it is acknowledged.
 async fn publish(
     js: &jetstream::Context,
     subjects: &Subjects,
     session: &str,
-    report: &ExecutorEvent,
+    report: &ReportMessage,
 ) {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
     let mut delay = Duration::from_millis(50);

@@ -51,6 +51,26 @@ impl Subjects {
         format!("{}.task.>", self.prefix)
     }
 
+    /// `{p}.claim.{session}`: an executor claims an attempt before running it (request/reply).
+    pub fn claim(&self, session: &str) -> String {
+        format!("{}.claim.{session}", self.prefix)
+    }
+
+    /// `{p}.claim.*`: what the daemon serves for claims.
+    pub fn claims(&self) -> String {
+        format!("{}.claim.*", self.prefix)
+    }
+
+    /// `{p}.heartbeat.{session}`: the executor of a claimed attempt is alive (request/reply).
+    pub fn heartbeat(&self, session: &str) -> String {
+        format!("{}.heartbeat.{session}", self.prefix)
+    }
+
+    /// `{p}.heartbeat.*`: what the daemon serves for heartbeats.
+    pub fn heartbeats(&self) -> String {
+        format!("{}.heartbeat.*", self.prefix)
+    }
+
     /// `{p}.ui.{session}.question`: questions for the session's UI.
     pub fn question(&self, session: &str) -> String {
         format!("{}.ui.{session}.question", self.prefix)
@@ -320,6 +340,55 @@ pub struct ReportMessage {
     pub lease: Option<String>,
 }
 
+/// A claim on `{p}.claim.{session}`: the executor asks to run an attempt it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt, as dispatched.
+    pub attempt: u32,
+}
+
+/// A heartbeat on `{p}.heartbeat.{session}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt.
+    pub attempt: u32,
+    /// The lease the claim returned.
+    pub lease: String,
+}
+
+/// The reply to a claim or a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum LeaseReply {
+    /// The claim is granted: run the attempt, heartbeat every `heartbeat_interval_ms` (when
+    /// set) and report with `lease`.
+    Granted {
+        /// The lease token for heartbeats and the report.
+        lease: String,
+        /// How often to heartbeat; absent when the planner times out no silent attempt.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_interval_ms: Option<u64>,
+    },
+    /// The heartbeat is recorded: go on.
+    Alive,
+    /// Not yours to run (any more): do not start, or stop now, and send no report.
+    Stop {
+        /// Why: `cancelled`, `superseded`, `not_running`, `claimed_by_another`, `not_claimed`,
+        /// `lease_mismatch`.
+        reason: planner_core::FenceReason,
+        /// For people.
+        message: String,
+    },
+    /// The request could not be handled; `kind` says whether to retry.
+    Error(ErrorBody),
+}
+
 /// A dispatch on `{p}.task.{kind}.{target}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskMessage {
@@ -379,6 +448,15 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
             "executor_report.json",
             json(schemars::schema_for!(ReportMessage)),
         ),
+        (
+            "claim_request.json",
+            json(schemars::schema_for!(ClaimRequest)),
+        ),
+        (
+            "heartbeat_request.json",
+            json(schemars::schema_for!(HeartbeatRequest)),
+        ),
+        ("lease_reply.json", json(schemars::schema_for!(LeaseReply))),
         (
             "task_message.json",
             json(schemars::schema_for!(TaskMessage)),

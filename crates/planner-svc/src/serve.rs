@@ -21,7 +21,7 @@ use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
-use planner_core::Command;
+use planner_core::{Command, FenceReason};
 use planner_store::{
     EventStore, FileStore, FileStoreConfig, FsyncPolicy, JetStreamConfig, JetStreamStore,
     MemoryStore, SnapshotPolicy,
@@ -32,9 +32,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::NatsPublisher;
 use crate::config::{Config, FsyncSetting, StoreKind};
-use crate::engine::{Disposition, Engine, EngineConfig, Llm};
+use crate::engine::{Disposition, Engine, EngineConfig, EngineError, Llm};
 use crate::protocol::{
-    ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, ReportMessage, Subjects,
+    ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
+    LeaseReply, ReportMessage, Subjects,
 };
 
 /// The daemon's version, reported to `$SRV.INFO`.
@@ -226,6 +227,23 @@ async fn run_with<S: EventStore>(
         .add(subjects.commands())
         .await
         .map_err(|e| anyhow::anyhow!("adding the command endpoint: {e}"))?;
+    let mut claims = service
+        .endpoint_builder()
+        .name("claim")
+        .add(subjects.claims())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the claim endpoint: {e}"))?;
+    let mut heartbeats = service
+        .endpoint_builder()
+        .name("heartbeat")
+        .add(subjects.heartbeats())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the heartbeat endpoint: {e}"))?;
+    let heartbeat_interval_ms = config
+        .planner
+        .leases
+        .heartbeat_timeout_ms
+        .map(|timeout| (timeout / 3).max(1));
 
     let recovered = engine
         .recover()
@@ -274,6 +292,30 @@ async fn run_with<S: EventStore>(
                     }
                 });
             }
+            request = claims.next() => {
+                let Some(request) = request else { break };
+                let engine = Arc::clone(&engine);
+                let subjects = subjects.clone();
+                tracker.spawn(async move {
+                    let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Claim { heartbeat_interval_ms }).await;
+                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                    if let Err(error) = request.respond(Ok(body)).await {
+                        tracing::warn!(%error, "could not send a claim reply");
+                    }
+                });
+            }
+            request = heartbeats.next() => {
+                let Some(request) = request else { break };
+                let engine = Arc::clone(&engine);
+                let subjects = subjects.clone();
+                tracker.spawn(async move {
+                    let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Heartbeat).await;
+                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                    if let Err(error) = request.respond(Ok(body)).await {
+                        tracing::warn!(%error, "could not send a heartbeat reply");
+                    }
+                });
+            }
             message = reports.next() => {
                 let Some(message) = message else { break };
                 let message = match message {
@@ -298,6 +340,8 @@ async fn run_with<S: EventStore>(
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
     let _ = commands.stop().await;
+    let _ = claims.stop().await;
+    let _ = heartbeats.stop().await;
     token.cancel();
     tracker.close();
     let grace = Duration::from_secs(config.shutdown.grace_s);
@@ -441,6 +485,97 @@ async fn handle_report<S: EventStore>(
             let _ = message.ack_with(AckKind::Term).await;
             let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
             let _ = client.publish(subjects.errors(), body).await;
+        }
+    }
+}
+
+/// Which lease request an endpoint serves.
+#[derive(Clone, Copy)]
+enum LeaseRequest {
+    Claim { heartbeat_interval_ms: Option<u64> },
+    Heartbeat,
+}
+
+/// Claims and heartbeats: the executor learns whether the attempt is (still) its to run.
+async fn lease_reply<S: EventStore>(
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    subjects: &Subjects,
+    subject: &str,
+    payload: &[u8],
+    max_bytes: usize,
+    kind: LeaseRequest,
+) -> LeaseReply {
+    let refuse = |kind, message: String| LeaseReply::Error(ErrorBody::new(kind, message));
+    if payload.len() > max_bytes {
+        return refuse(
+            ErrorKind::TooLarge,
+            format!("{} bytes, limit {max_bytes}", payload.len()),
+        );
+    }
+    let (endpoint, what) = match kind {
+        LeaseRequest::Claim { .. } => ("claim", "a claim"),
+        LeaseRequest::Heartbeat => ("heartbeat", "a heartbeat"),
+    };
+    let Some(session) = subjects.session_of(subject, endpoint) else {
+        return refuse(
+            ErrorKind::BadSession,
+            format!("no session in subject {subject}"),
+        );
+    };
+    let now = engine.now();
+    let (command, granted) = match kind {
+        LeaseRequest::Claim {
+            heartbeat_interval_ms,
+        } => match serde_json::from_slice::<ClaimRequest>(payload) {
+            Ok(claim) => {
+                // Lease tokens are ids: made here, outside the core, and recorded in its event.
+                let lease = uuid::Uuid::new_v4().simple().to_string();
+                let command = Command::ClaimAttempt {
+                    task_id: claim.task_id,
+                    attempt: claim.attempt,
+                    lease: lease.clone(),
+                    now,
+                };
+                (
+                    command,
+                    LeaseReply::Granted {
+                        lease,
+                        heartbeat_interval_ms,
+                    },
+                )
+            }
+            Err(e) => return refuse(ErrorKind::Malformed, format!("not {what}: {e}")),
+        },
+        LeaseRequest::Heartbeat => match serde_json::from_slice::<HeartbeatRequest>(payload) {
+            Ok(beat) => (
+                Command::Heartbeat {
+                    task_id: beat.task_id,
+                    attempt: beat.attempt,
+                    lease: beat.lease,
+                    now,
+                },
+                LeaseReply::Alive,
+            ),
+            Err(e) => return refuse(ErrorKind::Malformed, format!("not {what}: {e}")),
+        },
+    };
+    match engine.handle(session, command).await {
+        Ok(_) => granted,
+        Err(EngineError::Rejected(refusal)) => {
+            let reason = match &refusal {
+                planner_core::Error::Fenced { reason, .. } => *reason,
+                // The plan ended, or the attempt is unknown here: nothing to run either way.
+                _ => FenceReason::NotRunning,
+            };
+            tracing::info!(session, %refusal, "{what} fenced");
+            LeaseReply::Stop {
+                reason,
+                message: refusal.to_string(),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(session, error = %e, "{what} not handled");
+            refuse(e.kind(), e.to_string())
         }
     }
 }

@@ -77,9 +77,7 @@ impl Decision<'_> {
     /// `i`, which is running.
     fn judge(&self, event: &ExecutorEvent) -> Result<Option<usize>, Error> {
         let ExecutorEvent {
-            task_id,
-            attempt,
-            outcome,
+            task_id, attempt, ..
         } = event;
         let attempt = *attempt;
         let i = self
@@ -112,21 +110,14 @@ impl Decision<'_> {
         if attempt < task.attempts {
             return Ok(None);
         }
-        if self.state.phase.is_terminal() {
-            // After the end, only a result that contradicts the recorded one (or one on a task
-            // left open, which an ended plan does not have) is refused; a redelivered report
-            // of what was already recorded (a duplicate, a question asked) is ignored.
-            let contradicts = matches!(
-                (outcome, task.status),
-                (ExecutorOutcome::Completed { .. }, TaskStatus::Failed)
-                    | (ExecutorOutcome::Failed { .. }, TaskStatus::Completed)
-            );
-            if contradicts || !task.status.is_terminal() {
-                return Err(Error::PlanFinished {
-                    phase: self.state.phase.clone(),
-                });
-            }
-            return Ok(None);
+        // After the end, a report on a finished attempt is a late or redelivered one (a result
+        // racing a cancel or a timeout, a lost ack): dropped quietly, whatever it says, since
+        // the attempt's outcome is recorded. Only a task left open, which an ended plan does
+        // not have, is refused.
+        if self.state.phase.is_terminal() && !task.status.is_terminal() {
+            return Err(Error::PlanFinished {
+                phase: self.state.phase.clone(),
+            });
         }
         if task.status != TaskStatus::Running {
             return Ok(None);

@@ -207,15 +207,16 @@ fn reports_that_do_not_fit_are_typed_errors_or_no_ops() {
         .then_expect_nothing();
 }
 
+/// A late or contradicting result after the end changes nothing and is no error: it used to
+/// be refused with PlanFinished, which the daemon publishes on planner.errors; the executor
+/// liveness issue (#9, item 5) asks that such races be dropped quietly.
 #[test]
-fn a_duplicate_result_is_ignored_and_a_late_one_after_the_end_is_refused() {
+fn a_duplicate_or_late_result_after_the_end_is_dropped_quietly() {
     let finished = || Scenario::new().given_commands([init("paint the wall"), done("t1", 1, 5)]);
     finished().when(done("t1", 1, 6)).then_expect_nothing();
     finished()
         .when(failed("t1", 1, true, 6))
-        .then_expect_error(Error::PlanFinished {
-            phase: PlanPhase::Completed,
-        });
+        .then_expect_nothing();
 }
 
 /// Found by the service simulation: a sibling still running when the plan failed fast is

@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-use planner_core::{Event, PlanPhase, Planner};
+use planner_core::{Event, FenceReason, PlanPhase, Planner};
 use planner_store::EventStore;
 use planner_svc::protocol::{CommandReply, ErrorNotice};
 use planner_testkit::NatsServer;
 use serde_json::json;
 
 use crate::harness::*;
+use planner_svc::protocol::LeaseReply;
 
 fn plan(tasks: &[(&str, &str, &[&str])]) -> serde_json::Value {
     let tasks: Vec<_> = tasks
@@ -128,6 +129,23 @@ async fn cancelling_mid_plan_stops_the_running_task_on_the_cancel_subject() {
     .unwrap()
     .unwrap();
     assert_eq!(cancel.subject.as_str(), "planner.cancel.s-cancel.a");
+    // The executor, still working and heartbeating, learns it from its next heartbeat.
+    let mut stopped = Vec::new();
+    for _ in 0..50 {
+        stopped = _executors.stops.lock().unwrap().clone();
+        if !stopped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stopped,
+        [(
+            "s-cancel".to_owned(),
+            "a".to_owned(),
+            FenceReason::Cancelled
+        )]
+    );
     daemon.stop().await;
 }
 
@@ -576,5 +594,135 @@ async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers()
     )
     .await;
     assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    daemon.stop().await;
+}
+
+/// An executor that claims a task and dies (no heartbeat, no report) used to leave its session
+/// waiting for ever. The attempt is timed out after the heartbeat timeout and retried as a new
+/// attempt, which a live executor runs; attempt 1 never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_that_dies_after_claiming_is_timed_out_and_the_task_retried() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.planner.leases.heartbeat_timeout_ms = Some(1_000);
+    let daemon = Daemon::start(config).await;
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            die_after_claim: ["fragile".to_owned()].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let store = store(&server.url()).await;
+    command(
+        &client,
+        "s-dies",
+        plan(&[("a", "fragile", &[]), ("b", "tool", &["a"])]),
+    )
+    .await;
+    let events = wait_for_end(&store, "s-dies").await;
+    assert!(ended_completed(&events));
+    let timed_out = events.iter().any(|e| {
+        matches!(e, Event::RetryScheduled { task_id, attempt: 1, error, .. }
+            if task_id.as_str() == "a" && error.contains("no heartbeat for 1000 ms"))
+    });
+    assert!(timed_out, "{events:#?}");
+    let runs = executors.executions.lock().unwrap().clone();
+    assert_eq!(runs.get(&("s-dies".into(), "a".into(), 1)), Some(&1));
+    assert_eq!(runs.get(&("s-dies".into(), "a".into(), 2)), Some(&1));
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    daemon.stop().await;
+}
+
+/// The claim is the fence: a second claim of an attempt is told to stop, and a report that
+/// does not carry the claim's lease is refused (terminated, with a notice) and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_executor_holding_the_claim_can_report() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let store = store(&server.url()).await;
+    command(&client, "s-fence", plan(&[("a", "tool", &[])])).await;
+    let claim = |body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let reply = client
+                .request(
+                    "planner.claim.s-fence",
+                    serde_json::to_vec(&body).unwrap().into(),
+                )
+                .await
+                .unwrap();
+            serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap()
+        }
+    };
+    let LeaseReply::Granted {
+        lease,
+        heartbeat_interval_ms,
+    } = claim(json!({"task_id": "a", "attempt": 1})).await
+    else {
+        panic!("the first claim is granted");
+    };
+    assert_eq!(heartbeat_interval_ms, Some(10_000));
+    let second = claim(json!({"task_id": "a", "attempt": 1})).await;
+    assert!(
+        matches!(
+            second,
+            LeaseReply::Stop {
+                reason: FenceReason::ClaimedByAnother,
+                ..
+            }
+        ),
+        "{second:?}"
+    );
+    let version = store.version("s-fence").await.unwrap();
+
+    let mut errors = client.subscribe("planner.errors").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    for forged in [
+        json!({"task_id": "a", "attempt": 1, "status": "completed", "output": "forged"}),
+        json!({"task_id": "a", "attempt": 1, "status": "completed", "output": "forged", "lease": "guessed"}),
+    ] {
+        js.publish(
+            "planner.report.s-fence",
+            serde_json::to_vec(&forged).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let notice = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut errors),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+        assert_eq!(notice.error.kind.as_str(), "rejected");
+        assert!(
+            notice.error.message.contains("lease_mismatch"),
+            "{}",
+            notice.error.message
+        );
+    }
+    assert_eq!(
+        store.version("s-fence").await.unwrap(),
+        version,
+        "nothing changed"
+    );
+
+    let report = json!({"task_id": "a", "attempt": 1, "status": "completed", "output": "real", "lease": lease});
+    js.publish(
+        "planner.report.s-fence",
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert!(ended_completed(&wait_for_end(&store, "s-fence").await));
     daemon.stop().await;
 }

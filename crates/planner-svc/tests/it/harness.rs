@@ -4,13 +4,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures::StreamExt;
+use planner_core::FenceReason;
 use planner_core::{Event, ExecutorEvent, ExecutorOutcome};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
 use planner_svc::config::Config;
-use planner_svc::protocol::{CommandReply, QuestionMessage, TaskMessage};
+use planner_svc::protocol::{
+    CommandReply, LeaseReply, QuestionMessage, ReportMessage, TaskMessage,
+};
 use planner_testkit::NatsServer;
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -83,13 +87,18 @@ pub type Executions = Arc<Mutex<BTreeMap<(String, String, u32), u32>>>;
 pub struct ExecutorBehaviour {
     /// Tasks whose first attempt fails (retryably).
     pub fail_first: BTreeSet<String>,
-    /// Targets never answered (the executor takes the task and stalls).
+    /// Targets never answered (the executor claims the task and stalls, heartbeating).
     pub stall_targets: BTreeSet<String>,
+    /// Targets whose first attempt's executor dies right after claiming it (no heartbeat,
+    /// no report: a `kill -9`).
+    pub die_after_claim: BTreeSet<String>,
     pub delay: Duration,
 }
 
 pub struct Executors {
     pub executions: Executions,
+    /// (session, task, why) of every attempt the planner told a heartbeating executor to stop.
+    pub stops: Arc<Mutex<Vec<(String, String, FenceReason)>>>,
     pub subjects_seen: Arc<Mutex<BTreeSet<String>>>,
     token: CancellationToken,
 }
@@ -120,7 +129,13 @@ impl Executors {
         let executions: Executions = Arc::default();
         let subjects_seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let token = CancellationToken::new();
-        let (ex, seen, stop) = (executions.clone(), subjects_seen.clone(), token.clone());
+        let stops_seen: Arc<Mutex<Vec<(String, String, FenceReason)>>> = Arc::default();
+        let (ex, seen, stop, stops) = (
+            executions.clone(),
+            subjects_seen.clone(),
+            token.clone(),
+            stops_seen.clone(),
+        );
         tokio::spawn(async move {
             let mut messages = consumer.messages().await.unwrap();
             loop {
@@ -131,12 +146,67 @@ impl Executors {
                 let task: TaskMessage = serde_json::from_slice(&message.payload).unwrap();
                 seen.lock().unwrap().insert(message.subject.to_string());
                 let a = &task.assignment;
+                // Claim before running (docs/protocol.md); count runs, not deliveries.
+                let claim = json!({"task_id": a.task_id, "attempt": a.attempt});
+                let reply = client
+                    .request(
+                        format!("planner.claim.{}", task.session),
+                        serde_json::to_vec(&claim).unwrap().into(),
+                    )
+                    .await;
+                let Ok(reply) = reply else {
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                        .await;
+                    continue;
+                };
+                let lease = match serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap() {
+                    LeaseReply::Granted { lease, .. } => lease,
+                    LeaseReply::Stop { .. } => {
+                        let _ = message.ack_with(AckKind::Term).await;
+                        continue;
+                    }
+                    _ => {
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                            .await;
+                        continue;
+                    }
+                };
                 *ex.lock()
                     .unwrap()
                     .entry((task.session.clone(), a.task_id.0.clone(), a.attempt))
                     .or_default() += 1;
                 message.ack().await.unwrap();
+                if a.attempt == 1 && behaviour.die_after_claim.contains(&a.target) {
+                    continue;
+                }
                 if behaviour.stall_targets.contains(&a.target) {
+                    // Alive and heartbeating until the planner says stop.
+                    let (client, session, stopped) =
+                        (client.clone(), task.session.clone(), stops.clone());
+                    let beat = json!({"task_id": a.task_id, "attempt": a.attempt, "lease": lease});
+                    let task_id = a.task_id.0.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let Ok(reply) = client
+                                .request(
+                                    format!("planner.heartbeat.{session}"),
+                                    serde_json::to_vec(&beat).unwrap().into(),
+                                )
+                                .await
+                            else {
+                                continue;
+                            };
+                            if let Ok(LeaseReply::Stop { reason, .. }) =
+                                serde_json::from_slice(&reply.payload)
+                            {
+                                stopped.lock().unwrap().push((session, task_id, reason));
+                                return;
+                            }
+                        }
+                    });
                     continue;
                 }
                 let outcome = if a.attempt == 1 && behaviour.fail_first.contains(a.task_id.as_str())
@@ -154,10 +224,13 @@ impl Executors {
                 };
                 let js = js.clone();
                 let delay = behaviour.delay;
-                let report = ExecutorEvent {
-                    task_id: a.task_id.clone(),
-                    attempt: a.attempt,
-                    outcome,
+                let report = ReportMessage {
+                    event: ExecutorEvent {
+                        task_id: a.task_id.clone(),
+                        attempt: a.attempt,
+                        outcome,
+                    },
+                    lease: Some(lease),
                 };
                 let subject = format!("planner.report.{}", task.session);
                 tokio::spawn(async move {
@@ -177,6 +250,7 @@ impl Executors {
         });
         Executors {
             executions,
+            stops: stops_seen,
             subjects_seen,
             token,
         }

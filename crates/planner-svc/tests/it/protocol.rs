@@ -1,9 +1,10 @@
 //! docs/protocol.md's examples decode as the types they claim to be: the doc cannot drift from
 //! the code without this failing.
 
-use planner_core::{codec, ExecutorEvent};
+use planner_core::codec;
 use planner_svc::protocol::{
-    CancelMessage, ClientCommand, CommandReply, ErrorNotice, QuestionMessage, TaskMessage,
+    CancelMessage, ClaimRequest, ClientCommand, CommandReply, ErrorNotice, HeartbeatRequest,
+    LeaseReply, QuestionMessage, ReportMessage, TaskMessage,
 };
 
 #[test]
@@ -34,7 +35,7 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
             "task" => serde_json::from_str::<TaskMessage>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            "report" => serde_json::from_str::<ExecutorEvent>(&body)
+            "report" => serde_json::from_str::<ReportMessage>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "notice" => serde_json::from_str::<ErrorNotice>(&body)
@@ -44,6 +45,15 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "cancel" => serde_json::from_str::<CancelMessage>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "claim" => serde_json::from_str::<ClaimRequest>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "heartbeat" => serde_json::from_str::<HeartbeatRequest>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "lease_reply" => serde_json::from_str::<LeaseReply>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "batch" => codec::decode_batch(body.as_bytes())
@@ -57,7 +67,17 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
         *checked.entry(kind.to_owned()).or_default() += 1;
     }
     for kind in [
-        "command", "reply", "task", "report", "notice", "question", "cancel", "batch",
+        "command",
+        "reply",
+        "task",
+        "report",
+        "notice",
+        "question",
+        "cancel",
+        "batch",
+        "claim",
+        "heartbeat",
+        "lease_reply",
     ] {
         assert!(
             checked.contains_key(kind),

@@ -9,13 +9,13 @@
 //! lands and before the ack, between the append and the publish, in the middle of a publish),
 //! or between operations; store calls fail or time out (an append may land and still report a
 //! failure); publishes are lost or lose their ack; the bus forgets its dedup table (as
-//! nats-server does on restart); reports are duplicated, delayed and reordered; executors fail,
-//! ask questions and answer late; clients retry requests whose replies they lost; the clock
-//! jumps.
+//! nats-server does on restart); reports are duplicated, delayed and reordered; executors claim
+//! what they take (as the daemon requires), then fail, ask questions, answer late, or die with
+//! the attempt; clients retry requests whose replies they lost; the clock jumps.
 //!
 //! After each run, with faults turned off and everything healed, it checks:
-//! - every session ended (nothing is left waiting: executors here never die; the executor
-//!   liveness issue adds those, with leases);
+//! - every session ended (executors that died are found by the heartbeat timeout);
+//! - no attempt ran twice (the claim fences a second delivery, whatever the bus forgot);
 //! - nothing was published that the log did not justify at the moment it was published;
 //! - no attempt was published with two different contents;
 //! - every instance's live state equals the fold of the log up to its version;
@@ -23,7 +23,7 @@
 //!
 //! A failing seed prints the command that replays it. `SIM_SEEDS=n` runs more seeds (the soak:
 //! `SIM_SEEDS=100000 cargo test --release -p planner-svc --test it service_simulation`),
-//! `SIM_SEED=s` one seed, `SIM_EXECUTORS_DIE=1` lets executors die with the task they took.
+//! `SIM_SEED=s` one seed, `SIM_EXECUTORS_LIVE=1` keeps every executor alive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -381,6 +381,7 @@ const REQUESTS: [&str; 5] = [
 struct Report {
     session: String,
     event: ExecutorEvent,
+    lease: String,
 }
 
 struct Sim {
@@ -397,6 +398,8 @@ struct Sim {
     sessions: Vec<String>,
     crashes: u32,
     dead_executors: u32,
+    leases: u64,
+    fenced: u32,
     refused: Vec<String>,
 }
 
@@ -405,6 +408,13 @@ impl Sim {
         let mut rng = Rng::new(seed);
         let mut planner = PlannerConfig {
             max_parallel: 1 + rng.index(3),
+            // As the daemon runs: reports only under a claim; silent attempts time out.
+            leases: LeasePolicy {
+                require_claim: true,
+                heartbeat_timeout_ms: Some(30_000),
+                start_to_close_ms: None,
+                schedule_to_start_ms: None,
+            },
             ..PlannerConfig::default()
         };
         planner.retry.max_attempts = 1 + rng.below(4) as u32;
@@ -452,6 +462,8 @@ impl Sim {
             sessions,
             crashes: 0,
             dead_executors: 0,
+            leases: 0,
+            fenced: 0,
             refused: Vec::new(),
         }
     }
@@ -505,7 +517,7 @@ impl Sim {
                     Err(e) => self.judge("request", &session, &e),
                 }
             }
-            // An executor takes a dispatch.
+            // An executor takes a dispatch and claims it; only a granted claim runs.
             10..=34 => {
                 let task = {
                     let mut bus = lock(&self.world.bus);
@@ -513,15 +525,39 @@ impl Sim {
                         return;
                     }
                     let i = self.rng.index(bus.tasks.len());
-                    let task = bus.tasks.swap_remove(i);
+                    bus.tasks.swap_remove(i)
+                };
+                self.leases += 1;
+                let lease = format!("lease-{}", self.leases);
+                let engine = Arc::clone(&self.live().engine);
+                let claim = Command::ClaimAttempt {
+                    task_id: task.assignment.task_id.clone(),
+                    attempt: task.assignment.attempt,
+                    lease: lease.clone(),
+                    now: self.now(),
+                };
+                match engine.handle(&task.session, claim).await {
+                    Ok(_) => {}
+                    // Not ours to run (a second delivery, a cancelled or superseded attempt).
+                    Err(e) if e.disposition() == Disposition::Reject => {
+                        self.fenced += 1;
+                        return;
+                    }
+                    // No answer: the message is not acked and comes back.
+                    Err(_) => {
+                        lock(&self.world.bus).tasks.push(task);
+                        return;
+                    }
+                }
+                {
+                    let mut bus = lock(&self.world.bus);
                     let id = dispatch_id(
                         &task.session,
                         &task.assignment.task_id,
                         task.assignment.attempt,
                     );
                     *bus.executions.entry(id).or_default() += 1;
-                    task
-                };
+                }
                 if executors_die && self.world.draw(30) {
                     self.dead_executors += 1;
                     return;
@@ -552,6 +588,7 @@ impl Sim {
                         attempt: task.assignment.attempt,
                         outcome,
                     },
+                    lease,
                 };
                 if self.rng.chance(150) {
                     self.late.push(report);
@@ -569,7 +606,7 @@ impl Sim {
                 let engine = Arc::clone(&self.live().engine);
                 let command = Command::HandleExecutorEvent {
                     event: report.event.clone(),
-                    lease: None,
+                    lease: Some(report.lease.clone()),
                     now: self.now(),
                 };
                 match engine.handle(&report.session, command).await {
@@ -755,15 +792,24 @@ impl Sim {
             }
         }
         let bus = lock(&self.world.bus);
-        let twice = bus.executions.values().filter(|&&n| n > 1).count();
+        let twice: Vec<&String> = bus
+            .executions
+            .iter()
+            .filter(|(_, &n)| n > 1)
+            .map(|(id, _)| id)
+            .collect();
+        // The claim is the fence: whatever the bus redelivers, an attempt runs once.
+        if !twice.is_empty() {
+            problems.push(format!("attempts run more than once: {twice:?}"));
+        }
         let summary = format!(
-            "{} sessions, {} instances, {} crashes, {} published, {} deduplicated, {} attempts run twice (bus forgot its dedup table), {} dead executors",
+            "{} sessions, {} instances, {} crashes, {} published, {} deduplicated by the bus, {} fenced by a claim, {} dead executors",
             self.sessions.len(),
             self.instances.len(),
             self.crashes,
             bus.published,
             bus.deduplicated,
-            twice,
+            self.fenced,
             self.dead_executors,
         );
         if problems.is_empty() {
@@ -791,7 +837,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn service_simulation() {
-    let executors_die = std::env::var_os("SIM_EXECUTORS_DIE").is_some();
+    let executors_die = std::env::var_os("SIM_EXECUTORS_LIVE").is_none();
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(seed) => vec![seed],
         None => (0..env_u64("SIM_SEEDS").unwrap_or(3_000)).collect(),
@@ -807,7 +853,7 @@ fn service_simulation() {
             }
             Err(problems) => panic!(
                 "seed {seed} failed:\n{problems}\nreplay: SIM_SEED={seed}{} cargo test -p planner-svc --test it service_simulation -- --nocapture",
-                if executors_die { " SIM_EXECUTORS_DIE=1" } else { "" }
+                if executors_die { "" } else { " SIM_EXECUTORS_LIVE=1" }
             ),
         }
     }
