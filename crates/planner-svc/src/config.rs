@@ -256,6 +256,11 @@ pub struct ReportsConfig {
     pub max_age_days: u64,
     /// Replicas.
     pub replicas: usize,
+    /// Deliveries of a report that keeps failing for a reason that could pass (the store
+    /// down, lost races) before it goes to the dead-letter stream instead of coming again.
+    pub max_deliver: u64,
+    /// The dead-letter stream: reports that could not be processed, with the reason.
+    pub dead_letter_stream: String,
 }
 
 impl Default for ReportsConfig {
@@ -267,6 +272,8 @@ impl Default for ReportsConfig {
             ack_wait_s: 30,
             max_age_days: 7,
             replicas: 1,
+            max_deliver: 20,
+            dead_letter_stream: "PLANNER_DEAD".into(),
         }
     }
 }
@@ -468,6 +475,10 @@ impl Config {
             ("dispatch.stream_name", &self.dispatch.stream_name),
             ("reports.stream_name", &self.reports.stream_name),
             ("reports.consumer", &self.reports.consumer),
+            (
+                "reports.dead_letter_stream",
+                &self.reports.dead_letter_stream,
+            ),
             ("store.snapshot_bucket", &self.store.snapshot_bucket),
         ] {
             if !planner_core::is_valid_token(name) {
@@ -488,6 +499,9 @@ impl Config {
         }
         if self.limits.max_message_bytes < 1024 {
             problems.push("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.reports.max_deliver == 0 {
+            problems.push("reports.max_deliver must be at least 1".into());
         }
         if self.reports.max_in_flight == 0 {
             problems.push("reports.max_in_flight must be at least 1".into());

@@ -91,6 +91,16 @@ impl Subjects {
         format!("{}.events", self.prefix)
     }
 
+    /// `{p}.dead.report.{session}`: a report that could not be processed, kept with its reason.
+    pub fn dead_report(&self, session: &str) -> String {
+        format!("{}.dead.report.{session}", self.prefix)
+    }
+
+    /// `{p}.dead.>`: the dead-letter stream's subjects.
+    pub fn dead(&self) -> String {
+        format!("{}.dead.>", self.prefix)
+    }
+
     /// `{p}.errors`: bad input that had no one to reply to.
     pub fn errors(&self) -> String {
         format!("{}.errors", self.prefix)

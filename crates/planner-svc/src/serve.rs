@@ -167,6 +167,16 @@ async fn ensure_streams(
     })
     .await
     .context("creating the dispatch stream")?;
+    js.get_or_create_stream(stream::Config {
+        name: config.reports.dead_letter_stream.clone(),
+        subjects: vec![subjects.dead()],
+        storage: StorageType::File,
+        num_replicas: config.reports.replicas,
+        max_age: Duration::from_secs(config.reports.max_age_days * 86_400),
+        ..Default::default()
+    })
+    .await
+    .context("creating the dead-letter stream")?;
     let reports = js
         .get_or_create_stream(stream::Config {
             name: config.reports.stream_name.clone(),
@@ -276,6 +286,7 @@ async fn run_with<S: EventStore>(
 
     let limits = Arc::new(Semaphore::new(config.reports.max_in_flight));
     let max_bytes = config.limits.max_message_bytes;
+    let max_deliver = config.reports.max_deliver;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -331,7 +342,7 @@ async fn run_with<S: EventStore>(
                 let subjects = subjects.clone();
                 let client = client.clone();
                 tracker.spawn(async move {
-                    handle_report(&engine, &subjects, &client, message, max_bytes).await;
+                    handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
                     drop(permit);
                 });
             }
@@ -408,8 +419,9 @@ async fn command_reply<S: EventStore>(
 enum ReportOutcome {
     /// Applied (or a recognised duplicate): ack.
     Done,
-    /// It may pass later: nak with a delay, for redelivery.
-    Retry,
+    /// It may pass later: nak with a delay, for redelivery (or, past `reports.max_deliver`,
+    /// to the dead-letter stream), with why it failed.
+    Retry(String),
     /// It would fail the same way again: terminate it and say so on the errors subject.
     Refused(ErrorNotice),
 }
@@ -420,6 +432,7 @@ async fn handle_report<S: EventStore>(
     client: &async_nats::Client,
     message: async_nats::jetstream::Message,
     max_bytes: usize,
+    max_deliver: u64,
 ) {
     let subject = message.subject.to_string();
     let session = subjects.session_of(&subject, "report").map(str::to_owned);
@@ -464,7 +477,7 @@ async fn handle_report<S: EventStore>(
                 }
                 Disposition::Retry => {
                     tracing::warn!(session, task = %task, error = %e, "executor report not processed; will be redelivered");
-                    ReportOutcome::Retry
+                    ReportOutcome::Retry(e.to_string())
                 }
             },
         }
@@ -475,10 +488,27 @@ async fn handle_report<S: EventStore>(
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
             }
         }
-        ReportOutcome::Retry => {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+        ReportOutcome::Retry(reason) => {
+            let deliveries = message.info().map_or(0, |info| info.delivered);
+            let dead = u64::try_from(deliveries).unwrap_or(0) >= max_deliver;
+            if dead
+                && dead_letter(
+                    client,
+                    subjects,
+                    &subject,
+                    session.as_deref(),
+                    &message,
+                    &reason,
+                    deliveries,
+                )
+                .await
+            {
+                let _ = message.ack_with(AckKind::Term).await;
+            } else {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
         }
         ReportOutcome::Refused(notice) => {
             // Bad input is terminated, not redelivered: it would fail the same way again.
@@ -578,4 +608,51 @@ async fn lease_reply<S: EventStore>(
             refuse(e.kind(), e.to_string())
         }
     }
+}
+
+/// Keeps a report that failed `deliveries` times for a reason that could pass in the
+/// dead-letter stream (the original body, with the reason and its subject in headers), and
+/// says so on the errors subject. True once the dead-letter stream acknowledged it: only then
+/// may the report be dropped from the report stream.
+async fn dead_letter(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    subject: &str,
+    session: Option<&str>,
+    message: &async_nats::jetstream::Message,
+    reason: &str,
+    deliveries: i64,
+) -> bool {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Dead-Reason", reason);
+    headers.insert("Planner-Dead-Subject", subject);
+    headers.insert("Planner-Deliveries", deliveries.to_string().as_str());
+    let target = subjects.dead_report(session.unwrap_or("unknown"));
+    let stored = match js
+        .publish_with_headers(target.clone(), headers, message.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    if !stored {
+        tracing::warn!(
+            subject,
+            "could not dead-letter a report; it will come again"
+        );
+        return false;
+    }
+    tracing::error!(subject, deliveries, reason, dead_letter = %target, "report dead-lettered after repeated failures");
+    let notice = ErrorNotice {
+        subject: subject.to_owned(),
+        session: session.map(str::to_owned),
+        error: ErrorBody::new(
+            ErrorKind::Unavailable,
+            format!("dead-lettered to {target} after {deliveries} deliveries: {reason}"),
+        ),
+    };
+    let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+    let _ = client.publish(subjects.errors(), body).await;
+    true
 }

@@ -726,3 +726,78 @@ async fn only_the_executor_holding_the_claim_can_report() {
     assert!(ended_completed(&wait_for_end(&store, "s-fence").await));
     daemon.stop().await;
 }
+
+/// A report that keeps failing for a reason that could pass (here the event stream is gone)
+/// used to be nak'ed for ever. After `reports.max_deliver` deliveries it goes to the
+/// dead-letter stream with its reason, and a notice says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_that_keeps_failing_goes_to_the_dead_letter_stream() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.reports.max_deliver = 3;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-poison", plan(&[("a", "tool", &[])])).await;
+    let reply = client
+        .request(
+            "planner.claim.s-poison",
+            br#"{"task_id":"a","attempt":1}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let LeaseReply::Granted { lease, .. } = serde_json::from_slice(&reply.payload).unwrap() else {
+        panic!("claim refused");
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    js.delete_stream("PLANNER_EVENTS").await.unwrap();
+    let mut errors = client.subscribe("planner.errors").await.unwrap();
+    let report =
+        json!({"task_id": "a", "attempt": 1, "status": "completed", "output": "x", "lease": lease});
+    js.publish(
+        "planner.report.s-poison",
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let notice = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures::StreamExt::next(&mut errors),
+    )
+    .await
+    .expect("a dead-letter notice")
+    .unwrap();
+    let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.error.kind.as_str(), "unavailable");
+    assert!(
+        notice.error.message.contains("after 3 deliveries"),
+        "{}",
+        notice.error.message
+    );
+    let dead = js
+        .get_stream("PLANNER_DEAD")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("planner.dead.report.s-poison")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&dead.payload).unwrap(),
+        report
+    );
+    assert_eq!(
+        dead.headers.get("Planner-Deliveries").map(|v| v.as_str()),
+        Some("3")
+    );
+    // And it is not delivered again: the report stream holds nothing pending for the planner.
+    let mut reports = js.get_stream("PLANNER_REPORTS").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        reports.get_consumer("planner-svc").await.unwrap();
+    let mut consumer = consumer;
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    let _ = reports.info().await;
+    daemon.kill();
+}
