@@ -105,6 +105,14 @@ pub enum Command {
         #[serde(default)]
         now: Timestamp,
     },
+    /// The planner itself was away (a restart, an outage): every claimed, running attempt gets
+    /// one heartbeat timeout of grace from `now`, since its executor could not heartbeat to
+    /// anyone meanwhile. A no-op when every lease is fresh.
+    ExtendLeases {
+        /// When the planner came back.
+        #[serde(default)]
+        now: Timestamp,
+    },
     /// Cancel one task (with everything that depends on it) or the whole plan.
     Cancel {
         /// What to cancel.
@@ -130,6 +138,7 @@ impl Command {
             Command::CompactContext { .. } => "compact_context",
             Command::ClaimAttempt { .. } => "claim_attempt",
             Command::Heartbeat { .. } => "heartbeat",
+            Command::ExtendLeases { .. } => "extend_leases",
             Command::Cancel { .. } => "cancel",
         }
     }

@@ -140,6 +140,12 @@ pub enum Event {
         /// When.
         at: Timestamp,
     },
+    /// Every claimed, running attempt's heartbeat counts as received now: the grace a planner
+    /// coming back gives executors that could not reach it.
+    LeasesExtended {
+        /// When.
+        at: Timestamp,
+    },
     /// A task was cancelled.
     TaskCancelled {
         /// The task.
@@ -204,6 +210,7 @@ impl Event {
             Event::RetryScheduled { .. } => "retry_scheduled",
             Event::AttemptClaimed { .. } => "attempt_claimed",
             Event::AttemptHeartbeat { .. } => "attempt_heartbeat",
+            Event::LeasesExtended { .. } => "leases_extended",
             Event::TaskCancelled { .. } => "task_cancelled",
             Event::ContextCompacted { .. } => "context_compacted",
             Event::PlanCompleted { .. } => "plan_completed",

@@ -274,6 +274,10 @@ impl Decision<'_> {
                 self.require_started()?;
                 self.heartbeat(task_id, attempt, lease, self.at(now))
             }
+            Command::ExtendLeases { now } => {
+                self.extend_leases(self.at(now));
+                Ok(())
+            }
             Command::AnswerClarification {
                 task_id,
                 answer,

@@ -464,6 +464,16 @@ impl PlannerState {
                     }
                 }
             }
+            Event::LeasesExtended { at } => {
+                self.tick(*at);
+                for task in &mut self.tasks {
+                    if task.status == TaskStatus::Running {
+                        if let Some(lease) = task.lease.as_mut() {
+                            lease.beat_at = lease.beat_at.max(*at);
+                        }
+                    }
+                }
+            }
             Event::TaskCancelled { task_id, at, .. } => {
                 self.tick(*at);
                 let Some(i) = self.index_of(task_id) else {

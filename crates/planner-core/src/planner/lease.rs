@@ -230,4 +230,24 @@ impl Decision<'_> {
             self.attempt_failed(i, attempt, why.describe(limit), true, None, now);
         }
     }
+
+    /// One heartbeat timeout of grace for every claimed, running attempt, recorded only when
+    /// some lease's last beat is older than half the timeout (as heartbeats are).
+    pub(super) fn extend_leases(&mut self, now: Timestamp) {
+        let Some(limit) = self.state.config.leases.heartbeat_timeout_ms else {
+            return;
+        };
+        if self.state.phase != crate::state::PlanPhase::Running {
+            return;
+        }
+        let stale = self.state.tasks[self.state.cursor..].iter().any(|t| {
+            t.status == TaskStatus::Running
+                && t.lease
+                    .as_ref()
+                    .is_some_and(|l| now >= l.beat_at.plus_millis(limit / 2))
+        });
+        if stale {
+            self.emit(Event::LeasesExtended { at: now });
+        }
+    }
 }

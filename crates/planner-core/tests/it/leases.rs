@@ -239,3 +239,26 @@ fn an_attempt_nobody_claims_and_one_that_runs_too_long_time_out() {
         .unwrap_or_default()
         .contains("still running after 60000 ms"));
 }
+
+#[test]
+fn a_planner_coming_back_gives_running_attempts_one_timeout_of_grace() {
+    let claimed = || {
+        Scenario::with_config(strict())
+            .given_commands([init("paint the wall"), claim("t1", 1, "L1", 0)])
+    };
+    // Fresh leases: nothing to record.
+    claimed()
+        .when(Command::ExtendLeases { now: at(1_000) })
+        .then_expect_nothing();
+    // Back after 100 s away: the executor could not heartbeat to anyone meanwhile.
+    let back = claimed()
+        .when(Command::ExtendLeases { now: at(100_000) })
+        .then_expect_types(&["leases_extended"]);
+    assert_eq!(back.planner().next_deadline(), Some(at(130_000)));
+    back.when(Command::Tick { now: at(100_000) })
+        .then_expect_nothing()
+        .when(beat("t1", 1, "L1", 110_000))
+        .then(|_, _| {})
+        .when(done_under("t1", 1, Some("L1"), 120_000))
+        .then_expect_types(&["task_status_updated", "plan_completed"]);
+}

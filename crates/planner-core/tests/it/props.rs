@@ -42,6 +42,7 @@ enum Op {
         task: usize,
         lease: u8,
     },
+    Extend,
 }
 
 const REQUESTS: [&str; 6] = [
@@ -68,6 +69,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Continue),
         4 => (0..16usize, 0u8..3).prop_map(|(task, lease)| Op::Claim { task, lease }),
         3 => (0..16usize, 0u8..3).prop_map(|(task, lease)| Op::Beat { task, lease }),
+        1 => Just(Op::Extend),
     ]
 }
 
@@ -327,6 +329,7 @@ impl Runner {
                     now,
                 }
             }
+            Op::Extend => Command::ExtendLeases { now },
             Op::Beat { task, lease } => {
                 let (task_id, attempt) = self.attempt_of(*task);
                 Command::Heartbeat {

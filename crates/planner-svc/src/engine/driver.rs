@@ -68,6 +68,7 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
         },
         Command::Continue => Command::Continue,
         Command::Tick { .. } => Command::Tick { now: at },
+        Command::ExtendLeases { .. } => Command::ExtendLeases { now: at },
         Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },
         Command::Cancel { target, reason, .. } => Command::Cancel {
             target,

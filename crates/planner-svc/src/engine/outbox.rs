@@ -7,7 +7,7 @@
 //! carry `Nats-Msg-Id = session.task.attempt`, so a re-publish inside the dispatch stream's
 //! duplicate window never reaches an executor twice.
 
-use planner_core::PlanPhase;
+use planner_core::{Command, PlanPhase};
 use planner_store::EventStore;
 
 use super::render::in_flight;
@@ -65,6 +65,14 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             {
                 let slot = self.slot(&session);
                 slot.state.lock().await.planner = Some(planner);
+            }
+            // Its executors could not heartbeat while no instance held it: one timeout of
+            // grace before silent attempts are timed out.
+            let grace = Command::ExtendLeases {
+                now: self.clock.now(),
+            };
+            if let Err(error) = self.drive(&session, grace).await {
+                tracing::warn!(session, %error, "could not extend the leases of a recovered session");
             }
             self.republish(&session).await?;
             recovered += 1;
