@@ -255,29 +255,44 @@ async fn run_with<S: EventStore>(
         .heartbeat_timeout_ms
         .map(|timeout| (timeout / 3).max(1));
 
-    let recovered = engine
-        .recover()
-        .await
-        .context("recovering unfinished sessions")?;
-    tracing::info!(recovered, prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
+    // Serving starts now; recovery runs beside it (its first pass at once), so one slow or
+    // broken session delays nothing and stops nothing.
+    tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
 
     tracker.spawn(timers.run(Arc::clone(&engine), token.clone()));
     {
         let engine = Arc::clone(&engine);
         let token = token.clone();
+        let (client, subjects) = (client.clone(), subjects.clone());
         let every = Duration::from_secs(config.sessions.recovery_interval_s);
         tracker.spawn(async move {
             let mut interval = tokio::time::interval(every);
+            let mut first = true;
             loop {
                 tokio::select! {
                     () = token.cancelled() => return,
                     _ = interval.tick() => {
-                        engine.sweep().await;
-                        match engine.recover().await {
-                            Ok(0) => {}
-                            Ok(recovered) => tracing::info!(recovered, "picked up unfinished sessions not held here"),
-                            Err(error) => tracing::warn!(%error, "recovery sweep failed"),
+                        if !first {
+                            engine.sweep().await;
                         }
+                        match engine.recover().await {
+                            Ok(pass) => {
+                                if first || pass.recovered > 0 {
+                                    tracing::info!(recovered = pass.recovered, failed = pass.failed, quarantined = pass.quarantined.len(), start_up = first, "recovery pass");
+                                }
+                                for (session, reason) in pass.quarantined {
+                                    let notice = ErrorNotice {
+                                        subject: subjects.events(&session),
+                                        session: Some(session),
+                                        error: ErrorBody::new(ErrorKind::Corrupt, format!("session quarantined: {reason}")),
+                                    };
+                                    let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+                                    let _ = client.publish(subjects.errors(), body).await;
+                                }
+                            }
+                            Err(error) => tracing::warn!(%error, "recovery pass failed; the next one tries again"),
+                        }
+                        first = false;
                     }
                 }
             }

@@ -35,6 +35,7 @@ use tracing::Instrument;
 
 pub use error::{Disposition, EngineError};
 pub use llm::REVISION_MARK;
+pub use outbox::Recovery;
 pub use render::{in_flight, outgoing, Outgoing};
 pub use seams::{Clock, Llm, Publisher, SystemClock};
 pub use timers::TimerLoop;
@@ -125,6 +126,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// The current time by the engine's clock.
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Sessions this instance quarantined (their log could not be loaded), with the reason.
+    pub fn quarantined(&self) -> Vec<(String, String)> {
+        self.registry.quarantined()
     }
 
     /// How many sessions are in memory.

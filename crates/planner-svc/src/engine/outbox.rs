@@ -11,7 +11,18 @@ use planner_core::{Command, PlanPhase};
 use planner_store::EventStore;
 
 use super::render::in_flight;
-use super::{Engine, EngineError, Publisher};
+use super::{Disposition, Engine, EngineError, Publisher};
+
+/// What one recovery pass did.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Unfinished sessions picked up.
+    pub recovered: usize,
+    /// Sessions that failed for a reason that can pass; the next pass tries them again.
+    pub failed: usize,
+    /// Sessions newly quarantined, with the reason.
+    pub quarantined: Vec<(String, String)>,
+}
 
 impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// Re-publishes what an unfinished session has in flight: the current attempt of every
@@ -45,39 +56,70 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// Every session in the store that has not ended and is not in memory gets its in-flight
     /// work re-published and its timer armed: at start-up, and periodically, so that the retries
     /// and deadlines of sessions whose instance died are picked up by the survivors. Sessions
-    /// seen ended are skipped until their version moves. Returns how many were recovered.
-    pub async fn recover(&self) -> Result<usize, EngineError> {
-        let mut recovered = 0;
+    /// seen ended are skipped until their version moves.
+    ///
+    /// One session never stops the others: a session whose log cannot be decoded is
+    /// quarantined (skipped until its log changes, listed by [`Engine::quarantined`]) and one
+    /// that fails for a reason that can pass is tried again on the next pass. Only failing to
+    /// list the sessions at all is an error.
+    pub async fn recover(&self) -> Result<Recovery, EngineError> {
+        let mut report = Recovery::default();
         for session in self.store.list_streams().await? {
             if self.registry.contains(&session) {
                 continue;
             }
-            if let Some(version) = self.registry.ended_at(&session) {
-                if self.store.version(&session).await? == version {
-                    continue;
-                }
+            match self.recover_one(&session).await {
+                Ok(true) => report.recovered += 1,
+                Ok(false) => {}
+                Err(error) => match error.disposition() {
+                    Disposition::Reject => {
+                        let version = self.store.version(&session).await.unwrap_or(0);
+                        tracing::error!(session, %error, "session quarantined: its log cannot be loaded; recovery skips it until it changes");
+                        self.registry
+                            .quarantine(&session, version, error.to_string());
+                        report.quarantined.push((session, error.to_string()));
+                    }
+                    Disposition::Retry => {
+                        tracing::warn!(session, %error, "could not recover a session; next pass tries again");
+                        report.failed += 1;
+                    }
+                },
             }
-            let planner = self.load(&session).await?;
-            if planner.state().phase != PlanPhase::Running {
-                self.registry.mark_ended(&session, planner.version());
-                continue;
-            }
-            {
-                let slot = self.slot(&session);
-                slot.state.lock().await.planner = Some(planner);
-            }
-            // Its executors could not heartbeat while no instance held it: one timeout of
-            // grace before silent attempts are timed out.
-            let grace = Command::ExtendLeases {
-                now: self.clock.now(),
-            };
-            if let Err(error) = self.drive(&session, grace).await {
-                tracing::warn!(session, %error, "could not extend the leases of a recovered session");
-            }
-            self.republish(&session).await?;
-            recovered += 1;
         }
-        Ok(recovered)
+        Ok(report)
+    }
+
+    /// Recovers one session; false when it needed nothing (ended, or quarantined unchanged).
+    async fn recover_one(&self, session: &str) -> Result<bool, EngineError> {
+        let skip_at = self
+            .registry
+            .ended_at(session)
+            .or_else(|| self.registry.quarantined_at(session));
+        if let Some(version) = skip_at {
+            if self.store.version(session).await? == version {
+                return Ok(false);
+            }
+        }
+        let planner = self.load(session).await?;
+        self.registry.release_quarantine(session);
+        if planner.state().phase != PlanPhase::Running {
+            self.registry.mark_ended(session, planner.version());
+            return Ok(false);
+        }
+        {
+            let slot = self.slot(session);
+            slot.state.lock().await.planner = Some(planner);
+        }
+        // Its executors could not heartbeat while no instance held it: one timeout of grace
+        // before silent attempts are timed out.
+        let grace = Command::ExtendLeases {
+            now: self.clock.now(),
+        };
+        if let Err(error) = self.drive(session, grace).await {
+            tracing::warn!(session, %error, "could not extend the leases of a recovered session");
+        }
+        self.republish(session).await?;
+        Ok(true)
     }
 
     /// Periodic housekeeping: re-publish for sessions whose publish failed, drop sessions idle

@@ -33,6 +33,8 @@ pub(super) struct Registry {
     /// Sessions seen ended, with the version they ended at: recovery skips them until their
     /// version moves (a follow-up reopened them).
     ended: Mutex<HashMap<String, u64>>,
+    /// Sessions whose log could not be loaded: the version then, and why.
+    quarantined: Mutex<HashMap<String, (u64, String)>>,
 }
 
 /// Both maps are only held for lookups and inserts; nothing can leave them half-changed, so a
@@ -81,6 +83,28 @@ impl Registry {
 
     pub(super) fn mark_ended(&self, session: &str, version: u64) {
         lock(&self.ended).insert(session.to_owned(), version);
+    }
+
+    pub(super) fn quarantine(&self, session: &str, version: u64, reason: String) {
+        lock(&self.quarantined).insert(session.to_owned(), (version, reason));
+    }
+
+    pub(super) fn quarantined_at(&self, session: &str) -> Option<u64> {
+        lock(&self.quarantined).get(session).map(|(v, _)| *v)
+    }
+
+    pub(super) fn release_quarantine(&self, session: &str) {
+        lock(&self.quarantined).remove(session);
+    }
+
+    /// Quarantined sessions and why, sorted.
+    pub(super) fn quarantined(&self) -> Vec<(String, String)> {
+        let mut list: Vec<(String, String)> = lock(&self.quarantined)
+            .iter()
+            .map(|(s, (_, why))| (s.clone(), why.clone()))
+            .collect();
+        list.sort();
+        list
     }
 
     /// Drops sessions idle for `idle_ms` at `now_ms`, and the least recently used ones past

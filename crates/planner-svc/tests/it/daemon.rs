@@ -801,3 +801,69 @@ async fn a_report_that_keeps_failing_goes_to_the_dead_letter_stream() {
     let _ = reports.info().await;
     daemon.kill();
 }
+
+/// One session whose log cannot be decoded used to stop the daemon at start-up (a crash loop
+/// under Kubernetes). It is quarantined with a notice; the daemon serves and recovers the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
+    let server = NatsServer::start().unwrap();
+    let store = store(&server.url()).await;
+    let mut planner = Planner::new();
+    let events = planner
+        .process(planner_core::Command::Initialize {
+            request_id: None,
+            planning: None,
+            input: "search for the weather".into(),
+            attachments: vec![],
+            plan: None,
+            now: planner_core::Timestamp(1_000),
+        })
+        .unwrap();
+    store.append("healthy", 0, &events).await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", "1");
+    js.publish_with_headers(
+        "planner.events.broken",
+        headers,
+        b"{ not a batch".to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut errors = client.subscribe("planner.errors").await.unwrap();
+
+    let daemon = Daemon::start(config(&server)).await;
+    let notice = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut errors),
+    )
+    .await
+    .expect("a quarantine notice")
+    .unwrap();
+    let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.session.as_deref(), Some("broken"));
+    assert_eq!(notice.error.kind.as_str(), "corrupt");
+    // The healthy session was recovered: its dispatch went out.
+    let mut dispatched = 0;
+    for _ in 0..100 {
+        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+        dispatched = tasks.info().await.unwrap().state.messages;
+        if dispatched > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dispatched, 1);
+    // And it serves.
+    let reply = command(
+        &client,
+        "fresh",
+        json!({"type": "initialize", "input": "search for more"}),
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    daemon.stop().await;
+}
