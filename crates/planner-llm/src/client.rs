@@ -58,13 +58,22 @@ pub enum LlmError {
 }
 
 /// The client. Cheap to share behind an `Arc`.
-#[derive(Debug)]
 pub struct LlmClient {
     http: reqwest::Client,
     config: LlmConfig,
     api_key: Option<String>,
     slots: Semaphore,
     schema_refused: AtomicBool,
+}
+
+impl std::fmt::Debug for LlmClient {
+    // By hand: the API key must never reach a log or an error message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmClient")
+            .field("config", &self.config)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl LlmClient {

@@ -85,8 +85,112 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
+/// A setting that must never reach a log, an error message or a `Debug` print: it prints as
+/// `[redacted]`. Its own small type rather than the `secrecy` crate's because the
+/// configuration is also serialized (defaults are overlaid by the file), which `secrecy` rules
+/// out for plain strings.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that needs it (the NATS connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is unset.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("[redacted]")
+        }
+    }
+}
+
+/// `url` (comma-separated NATS URLs) with any `user:password@` replaced by `[redacted]@`: for
+/// logs and error messages.
+pub fn redact_urls(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme + 3 => {
+                format!(
+                    "{}[redacted]{}",
+                    one.get(..scheme + 3).unwrap_or_default(),
+                    one.get(at..).unwrap_or_default()
+                )
+            }
+            (None, Some(at)) => format!("[redacted]{}", one.get(at..).unwrap_or_default()),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `url` (comma-separated) without `user:password@` parts, and the first such credentials.
+pub fn split_url_credentials(url: &str) -> (String, Option<(String, String)>) {
+    let mut credentials = None;
+    let plain = url
+        .split(',')
+        .map(|one| {
+            let one = one.trim();
+            let start = one.find("://").map_or(0, |s| s + 3);
+            match (one.get(start..), one.get(..start)) {
+                (Some(rest), Some(scheme)) => match rest.split_once('@') {
+                    Some((userinfo, host)) => {
+                        if credentials.is_none() {
+                            let (user, password) =
+                                userinfo.split_once(':').unwrap_or((userinfo, ""));
+                            credentials = Some((user.to_owned(), password.to_owned()));
+                        }
+                        format!("{scheme}{host}")
+                    }
+                    None => one.to_owned(),
+                },
+                _ => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (plain, credentials)
+}
+
+impl std::fmt::Debug for NatsConfig {
+    // By hand: URLs may carry credentials, and the password and token are secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_urls(&self.url))
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How to reach NATS. Empty strings mean "not set".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
@@ -96,9 +200,9 @@ pub struct NatsConfig {
     /// User name (with `password`).
     pub user: String,
     /// Password (with `user`).
-    pub password: String,
+    pub password: Secret,
     /// Token authentication.
-    pub token: String,
+    pub token: Secret,
     /// A file holding an nkey seed.
     pub nkey_seed_file: String,
     /// A `.creds` file (JWT + nkey).
@@ -123,8 +227,8 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             name: "planner-svc".into(),
             user: String::new(),
-            password: String::new(),
-            token: String::new(),
+            password: Secret::default(),
+            token: Secret::default(),
             nkey_seed_file: String::new(),
             creds_file: String::new(),
             tls_required: false,

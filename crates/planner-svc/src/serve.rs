@@ -51,11 +51,16 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
         .event_callback(|event| async move {
             tracing::info!(%event, "nats connection event");
         });
+    // Credentials in a URL are taken out of it and given to the client as options: the client
+    // logs the server addresses it dials (at debug), and they must not carry a password.
+    let (plain_urls, url_credentials) = crate::config::split_url_credentials(&nats.url);
     if !nats.user.is_empty() {
-        options = options.user_and_password(nats.user.clone(), nats.password.clone());
+        options = options.user_and_password(nats.user.clone(), nats.password.expose().to_owned());
+    } else if let Some((user, password)) = url_credentials {
+        options = options.user_and_password(user, password);
     }
     if !nats.token.is_empty() {
-        options = options.token(nats.token.clone());
+        options = options.token(nats.token.expose().to_owned());
     }
     if !nats.nkey_seed_file.is_empty() {
         let seed = std::fs::read_to_string(&nats.nkey_seed_file)
@@ -80,16 +85,22 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
             nats.tls_key_file.clone().into(),
         );
     }
-    let urls: Vec<async_nats::ServerAddr> = nats
-        .url
+    let urls: Vec<async_nats::ServerAddr> = plain_urls
         .split(',')
         .map(|u| u.trim().parse())
         .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing nats.url {:?}", nats.url))?;
-    options
-        .connect(urls)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", nats.url))
+        .with_context(|| {
+            format!(
+                "parsing nats.url {:?}",
+                crate::config::redact_urls(&nats.url)
+            )
+        })?;
+    options.connect(urls).await.with_context(|| {
+        format!(
+            "connecting to NATS at {}",
+            crate::config::redact_urls(&nats.url)
+        )
+    })
 }
 
 fn engine_config(config: &Config) -> EngineConfig {

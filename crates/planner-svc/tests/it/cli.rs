@@ -353,3 +353,44 @@ fn a_second_run_with_the_same_session_is_a_follow_up() {
     );
     assert!(stdout.contains("plan completed"), "{stdout}");
 }
+
+/// `serve` logged its whole configuration at INFO, NATS password and token included (and the
+/// compose file and the Kubernetes manifest set the password by environment). No secret may
+/// reach the output, whatever fails.
+#[test]
+fn serve_never_prints_its_secrets() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (name, value) in [
+        ("PLANNER_NATS__PASSWORD", "pw-hunter2-secret"),
+        ("PLANNER_NATS__TOKEN", "tok-s3cr3t-value"),
+    ] {
+        let mut command = planner_svc();
+        command
+            .args(["serve"])
+            .env("PLANNER_LOG__LEVEL", "debug")
+            .env(
+                "PLANNER_NATS__URL",
+                format!("nats://alice:url-secret-pw@127.0.0.1:{port}"),
+            )
+            .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+            .env(name, value);
+        if name.ends_with("PASSWORD") {
+            command.env("PLANNER_NATS__USER", "alice");
+        }
+        let output = command.output().unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(all.contains("effective configuration"), "{all}");
+        for secret in [value, "url-secret-pw"] {
+            assert!(!all.contains(secret), "{secret} printed:\n{all}");
+        }
+        assert!(all.contains("[redacted]"), "{all}");
+    }
+}
