@@ -105,6 +105,19 @@ pub enum Command {
         #[serde(default)]
         now: Timestamp,
     },
+    /// The shell could not deliver an attempt's dispatch and never will (it is larger than the
+    /// bus accepts): the attempt fails for good with `error`, and the failure policy applies.
+    AbandonAttempt {
+        /// The task.
+        task_id: TaskId,
+        /// The attempt.
+        attempt: u32,
+        /// Why, for the record and the task's error.
+        error: String,
+        /// When.
+        #[serde(default)]
+        now: Timestamp,
+    },
     /// The planner itself was away (a restart, an outage): every claimed, running attempt gets
     /// one heartbeat timeout of grace from `now`, since its executor could not heartbeat to
     /// anyone meanwhile. A no-op when every lease is fresh.
@@ -139,6 +152,7 @@ impl Command {
             Command::ClaimAttempt { .. } => "claim_attempt",
             Command::Heartbeat { .. } => "heartbeat",
             Command::ExtendLeases { .. } => "extend_leases",
+            Command::AbandonAttempt { .. } => "abandon_attempt",
             Command::Cancel { .. } => "cancel",
         }
     }

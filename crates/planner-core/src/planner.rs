@@ -274,6 +274,15 @@ impl Decision<'_> {
                 self.require_started()?;
                 self.heartbeat(task_id, attempt, lease, self.at(now))
             }
+            Command::AbandonAttempt {
+                task_id,
+                attempt,
+                error,
+                now,
+            } => {
+                self.require_started()?;
+                self.abandon(task_id, attempt, error, self.at(now))
+            }
             Command::ExtendLeases { now } => {
                 self.extend_leases(self.at(now));
                 Ok(())

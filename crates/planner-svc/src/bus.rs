@@ -60,6 +60,11 @@ impl Publisher for NatsPublisher {
                         )
                         .await?;
                 }
+                Outgoing::Notice(notice) => {
+                    self.client
+                        .publish(self.subjects.errors(), json(notice))
+                        .await?;
+                }
             }
         }
         for ack in acks {

@@ -142,6 +142,9 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 Outgoing::Cancel(cancel) => {
                     writeln!(out, "x  {} attempt {} cancelled", cancel.task_id, cancel.attempt)?;
                 }
+                Outgoing::Notice(notice) => {
+                    writeln!(out, "!  {}", notice.error.message)?;
+                }
             },
         }
     }

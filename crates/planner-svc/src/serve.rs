@@ -229,8 +229,20 @@ async fn run_with<S: EventStore>(
 ) -> anyhow::Result<()> {
     let subjects = Subjects::new(&config.subjects.prefix);
     let publisher = NatsPublisher::new(client.clone(), subjects.clone());
-    let (engine, timers) =
-        Engine::new(Arc::new(store), Arc::new(publisher), engine_config(&config));
+    let mut engine_config = engine_config(&config);
+    let max_payload = client.server_info().max_payload;
+    if max_payload > 0 {
+        // What the server accepts is the limit; a dispatch over it fails its attempt at once.
+        engine_config.max_dispatch_bytes = max_payload;
+        if config.limits.max_message_bytes > max_payload {
+            tracing::warn!(
+                limit = config.limits.max_message_bytes,
+                max_payload,
+                "limits.max_message_bytes is above the server's max_payload: larger commands and reports cannot reach the planner"
+            );
+        }
+    }
+    let (engine, timers) = Engine::new(Arc::new(store), Arc::new(publisher), engine_config);
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 

@@ -250,4 +250,18 @@ impl Decision<'_> {
             self.emit(Event::LeasesExtended { at: now });
         }
     }
+
+    /// The shell gave up delivering the current attempt: it fails for good.
+    pub(super) fn abandon(
+        &mut self,
+        task_id: TaskId,
+        attempt: u32,
+        error: String,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let i = self.fence(&task_id, attempt)?;
+        self.require_open()?;
+        self.attempt_failed(i, attempt, error, false, None, now);
+        Ok(())
+    }
 }

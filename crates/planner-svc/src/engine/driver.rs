@@ -11,7 +11,10 @@
 use planner_core::{Command, Planner, Timestamp};
 use planner_store::{load_planner, EventStore, StoreError};
 
-use super::render::outgoing;
+use super::render::{outgoing, oversized, Outgoing};
+
+/// A dispatch that was not published because it is larger than the bus accepts.
+pub(super) type Undeliverable = (planner_core::TaskId, u32, usize);
 use super::{Engine, EngineError, Handled, Publisher};
 
 /// Sets every `now` of `command`: the engine's clock is the only time the planner sees.
@@ -69,6 +72,17 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
         Command::Continue => Command::Continue,
         Command::Tick { .. } => Command::Tick { now: at },
         Command::ExtendLeases { .. } => Command::ExtendLeases { now: at },
+        Command::AbandonAttempt {
+            task_id,
+            attempt,
+            error,
+            ..
+        } => Command::AbandonAttempt {
+            task_id,
+            attempt,
+            error,
+            now: at,
+        },
         Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },
         Command::Cancel { target, reason, .. } => Command::Cancel {
             target,
@@ -90,11 +104,14 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 
     /// Decide, persist, publish, arm: see the module docs.
+    ///
+    /// Also returns the dispatches too large for the bus, which were not published: (task,
+    /// attempt, bytes), for the caller to fail outside the session's lock.
     pub(super) async fn drive(
         &self,
         session: &str,
         command: Command,
-    ) -> Result<Handled, EngineError> {
+    ) -> Result<(Handled, Vec<Undeliverable>), EngineError> {
         let retries = self.config.conflict_retries;
         for attempt in 0..=retries {
             let slot = self.slot(session);
@@ -120,14 +137,30 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             };
             planner.drain_log();
             if events.is_empty() {
-                return Ok(Handled {
+                let handled = Handled {
                     version: before,
                     events,
-                });
+                };
+                return Ok((handled, Vec::new()));
             }
             match self.store.append(session, before, &events).await {
                 Ok(version) => {
-                    let outgoing = outgoing(session, planner, &events);
+                    let mut undeliverable = Vec::new();
+                    let limit = self.config.max_dispatch_bytes;
+                    let outgoing: Vec<Outgoing> = outgoing(session, planner, &events)
+                        .into_iter()
+                        .filter(|message| match message {
+                            Outgoing::Task(task) => match oversized(task, limit) {
+                                Some(bytes) => {
+                                    let a = &task.assignment;
+                                    undeliverable.push((a.task_id.clone(), a.attempt, bytes));
+                                    false
+                                }
+                                None => true,
+                            },
+                            _ => true,
+                        })
+                        .collect();
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot
@@ -141,7 +174,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     }
                     self.arm(session, deadline);
                     tracing::debug!(version, events = events.len(), "persisted and published");
-                    return Ok(Handled { version, events });
+                    return Ok((Handled { version, events }, undeliverable));
                 }
                 Err(error) => {
                     // The planner applied events that are not in the store: drop it.

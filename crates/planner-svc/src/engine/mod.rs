@@ -36,7 +36,7 @@ use tracing::Instrument;
 pub use error::{Disposition, EngineError};
 pub use llm::REVISION_MARK;
 pub use outbox::Recovery;
-pub use render::{in_flight, outgoing, Outgoing};
+pub use render::{in_flight, outgoing, oversized, Outgoing};
 pub use seams::{Clock, Llm, Publisher, SystemClock};
 pub use timers::TimerLoop;
 
@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub llm: Option<Arc<dyn Llm>>,
     /// Where time comes from.
     pub clock: Arc<dyn Clock>,
+    /// The largest dispatch the bus accepts (the server's `max_payload`): a larger one is
+    /// never published; its attempt fails with a clear error instead of waiting for ever.
+    pub max_dispatch_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +75,7 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(300),
             llm: None,
             clock: Arc::new(SystemClock),
+            max_dispatch_bytes: 1024 * 1024,
         }
     }
 }
@@ -164,6 +168,41 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         });
     }
 
+    /// A dispatch too large for the bus: its attempt fails for good, and operators are told.
+    async fn abandon_undeliverable(
+        &self,
+        session: &str,
+        task_id: planner_core::TaskId,
+        attempt: u32,
+        bytes: usize,
+    ) {
+        let limit = self.config.max_dispatch_bytes;
+        let error = format!(
+            "the dispatch of attempt {attempt} is {bytes} bytes, more than the bus accepts ({limit}): pass large inputs by reference"
+        );
+        tracing::error!(session, task = %task_id, attempt, bytes, limit, "dispatch too large; failing the attempt");
+        let notice = Outgoing::Notice(crate::protocol::ErrorNotice {
+            subject: String::new(),
+            session: Some(session.to_owned()),
+            error: crate::protocol::ErrorBody::new(
+                crate::protocol::ErrorKind::TooLarge,
+                format!("task {task_id}: {error}"),
+            ),
+        });
+        let abandon = Command::AbandonAttempt {
+            task_id,
+            attempt,
+            error,
+            now: self.clock.now(),
+        };
+        if let Err(error) = Box::pin(self.drive(session, abandon)).await {
+            tracing::warn!(session, %error, "could not record an undeliverable dispatch");
+        }
+        if let Err(error) = self.publisher.publish(&[notice]).await {
+            tracing::warn!(session, %error, "could not publish a notice");
+        }
+    }
+
     /// Re-arms a tick that failed, `delay` from now, counting the failures in a row.
     fn rearm_after_failure(&self, session: &str, delay: Duration, failures: u32) {
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
@@ -192,7 +231,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         async {
             let command = self.plan_with_llm(session, command).await?;
             let rewrite_summary = !matches!(command, Command::CompactContext { .. });
-            let handled = self.drive(session, command).await?;
+            let (handled, undeliverable) = self.drive(session, command).await?;
+            for (task_id, attempt, bytes) in undeliverable {
+                self.abandon_undeliverable(session, task_id, attempt, bytes)
+                    .await;
+            }
             if rewrite_summary
                 && handled
                     .events

@@ -10,7 +10,7 @@
 use planner_core::{Command, PlanPhase};
 use planner_store::EventStore;
 
-use super::render::in_flight;
+use super::render::{in_flight, oversized, Outgoing};
 use super::{Disposition, Engine, EngineError, Publisher};
 
 /// What one recovery pass did.
@@ -28,15 +28,42 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// Re-publishes what an unfinished session has in flight: the current attempt of every
     /// running task and every open question. Safe to repeat (dispatch ids deduplicate).
     pub async fn republish(&self, session: &str) -> Result<(), EngineError> {
+        let undeliverable = self.republish_locked(session).await?;
+        for (task_id, attempt, bytes) in undeliverable {
+            self.abandon_undeliverable(session, task_id, attempt, bytes)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn republish_locked(
+        &self,
+        session: &str,
+    ) -> Result<Vec<(planner_core::TaskId, u32, usize)>, EngineError> {
         let slot = self.slot(session);
         let mut state = slot.state.lock().await;
         if state.planner.is_none() {
             state.planner = Some(self.load(session).await?);
         }
         let Some(planner) = state.planner.as_ref() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let messages = in_flight(session, planner);
+        let limit = self.config.max_dispatch_bytes;
+        let mut undeliverable = Vec::new();
+        let messages: Vec<Outgoing> = in_flight(session, planner)
+            .into_iter()
+            .filter(|message| match message {
+                Outgoing::Task(task) => match oversized(task, limit) {
+                    Some(bytes) => {
+                        let a = &task.assignment;
+                        undeliverable.push((a.task_id.clone(), a.attempt, bytes));
+                        false
+                    }
+                    None => true,
+                },
+                _ => true,
+            })
+            .collect();
         let deadline = planner.next_deadline();
         if !messages.is_empty() {
             match self.publisher.publish(&messages).await {
@@ -50,7 +77,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             state.unpublished = false;
         }
         self.arm(session, deadline);
-        Ok(())
+        Ok(undeliverable)
     }
 
     /// Every session in the store that has not ended and is not in memory gets its in-flight

@@ -3,7 +3,7 @@
 
 use planner_core::{Dispatch, Event, NodeKind, Planner, PlannerCmd, TaskStatus};
 
-use crate::protocol::{CancelMessage, QuestionMessage, TaskMessage};
+use crate::protocol::{CancelMessage, ErrorNotice, QuestionMessage, TaskMessage};
 
 /// Something to publish after its events are persisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +14,24 @@ pub enum Outgoing {
     Question(QuestionMessage),
     /// A cancellation for an executor or a UI.
     Cancel(CancelMessage),
+    /// Something operators must know that no client can be told (on `{p}.errors`).
+    Notice(ErrorNotice),
+}
+
+/// Whether a dispatch is larger than `limit` bytes on the wire. Exact (it encodes the
+/// message) only when a cheap lower bound says it could be: most dispatches are far under.
+pub fn oversized(task: &TaskMessage, limit: usize) -> Option<usize> {
+    let a = &task.assignment;
+    let lower_bound = a.description.len()
+        + a.inputs.iter().map(|i| i.output.len()).sum::<usize>()
+        + a.context.request.len()
+        + a.context.summary.as_ref().map_or(0, String::len)
+        + a.answer.as_ref().map_or(0, String::len);
+    if lower_bound.saturating_mul(8) < limit {
+        return None;
+    }
+    let bytes = serde_json::to_vec(task).map_or(usize::MAX, |b| b.len());
+    (bytes > limit).then_some(bytes)
 }
 
 /// What the events of one command ask to publish, rendered from the planner after them.

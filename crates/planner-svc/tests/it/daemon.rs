@@ -867,3 +867,59 @@ async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
     assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
     daemon.stop().await;
 }
+
+/// Five 250 KB results feeding one task make a dispatch over the server's 1 MB max_payload.
+/// It used to be recorded as dispatched, never delivered, and re-published every 30 s for
+/// ever. Now the attempt fails at once with a clear error, and operators get a notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_larger_than_the_server_accepts_fails_its_task_clearly() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let _executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            output_bytes: 250_000,
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut errors = client.subscribe("planner.errors").await.unwrap();
+    let store = store(&server.url()).await;
+    command(
+        &client,
+        "s-big",
+        plan(&[
+            ("a", "tool", &[]),
+            ("b", "tool", &[]),
+            ("c", "tool", &[]),
+            ("d", "tool", &[]),
+            ("e", "tool", &[]),
+            ("f", "tool", &["a", "b", "c", "d", "e"]),
+        ]),
+    )
+    .await;
+    let events = wait_for_end(&store, "s-big").await;
+    let state = Planner::fold(&events);
+    let f = state.state().task(&"f".into()).unwrap();
+    assert_eq!(f.status, planner_core::TaskStatus::Failed);
+    assert!(
+        f.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("more than the bus accepts"),
+        "{:?}",
+        f.error
+    );
+    let notice = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut errors),
+    )
+    .await
+    .expect("a notice")
+    .unwrap();
+    let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.error.kind.as_str(), "too_large");
+    assert_eq!(notice.session.as_deref(), Some("s-big"));
+    daemon.stop().await;
+}

@@ -93,6 +93,8 @@ pub struct ExecutorBehaviour {
     /// no report: a `kill -9`).
     pub die_after_claim: BTreeSet<String>,
     pub delay: Duration,
+    /// Bytes of output each completed task reports (a short text when 0).
+    pub output_bytes: usize,
 }
 
 pub struct Executors {
@@ -218,7 +220,11 @@ impl Executors {
                     }
                 } else {
                     ExecutorOutcome::Completed {
-                        output: format!("done {}", a.task_id),
+                        output: if behaviour.output_bytes > 0 {
+                            "x".repeat(behaviour.output_bytes)
+                        } else {
+                            format!("done {}", a.task_id)
+                        },
                         tokens_used: Some(3),
                     }
                 };

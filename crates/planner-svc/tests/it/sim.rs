@@ -152,6 +152,7 @@ impl World {
             ),
             Outgoing::Question(m) => (&m.session, &m.task_id, m.attempt, "question"),
             Outgoing::Cancel(m) => (&m.session, &m.task_id, m.attempt, "cancellation"),
+            Outgoing::Notice(_) => return,
         };
         let log = self.store.load_all(session).await.unwrap_or_default();
         let justified = log
@@ -212,8 +213,8 @@ impl World {
                 bus.tasks.push(m.clone());
             }
             Outgoing::Question(m) => bus.questions.push(m.clone()),
-            // Executors here do not watch cancellations (the liveness issue adds that).
-            Outgoing::Cancel(_) => {}
+            // Executors here learn of cancellations from the claim and the heartbeat.
+            Outgoing::Cancel(_) | Outgoing::Notice(_) => {}
         }
     }
 }
