@@ -185,6 +185,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("tls_key_file", &self.tls_key_file)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("startup_wait_s", &self.startup_wait_s)
             .finish_non_exhaustive()
     }
 }
@@ -219,6 +220,8 @@ pub struct NatsConfig {
     pub connect_timeout_ms: u64,
     /// Time allowed for a request (and a JetStream ack), in milliseconds.
     pub request_timeout_ms: u64,
+    /// How long `serve` waits for NATS at start-up before giving up (0: one attempt).
+    pub startup_wait_s: u64,
 }
 
 impl Default for NatsConfig {
@@ -237,6 +240,7 @@ impl Default for NatsConfig {
             tls_key_file: String::new(),
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            startup_wait_s: 60,
         }
     }
 }

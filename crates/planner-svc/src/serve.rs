@@ -41,6 +41,30 @@ use crate::protocol::{
 /// The daemon's version, reported to `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Connects to NATS, waiting for it up to `nats.startup_wait_s` with a growing delay and a log
+/// line per attempt: a daemon started with (or just before) its server, or during a server
+/// restart, must not exit (under an orchestrator that is a crash loop).
+async fn connect_patiently(config: &Config) -> anyhow::Result<async_nats::Client> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.nats.startup_wait_s);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match connect(config).await {
+            Ok(client) => return Ok(client),
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "NATS not reachable yet; waiting for it");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                return Err(error.context(format!(
+                    "NATS still not reachable after nats.startup_wait_s = {} s",
+                    config.nats.startup_wait_s
+                )))
+            }
+        }
+    }
+}
+
 /// Connects to NATS as configured.
 pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
     let nats = &config.nats;
@@ -123,7 +147,11 @@ pub async fn serve(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let client = connect(&config).await?;
+    tokio::pin!(shutdown);
+    let client = tokio::select! {
+        client = connect_patiently(&config) => client?,
+        () = &mut shutdown => return Ok(()),
+    };
     match config.store.kind {
         StoreKind::Jetstream => {
             let store = JetStreamStore::connect(

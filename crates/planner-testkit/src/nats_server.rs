@@ -44,11 +44,15 @@ impl NatsServer {
 
     /// Starts a server with extra command-line arguments (e.g. `["-c", "server.conf"]`).
     pub fn start_with_args(extra_args: &[&str]) -> Result<Self, NatsServerError> {
+        Self::start_on(free_port()?, extra_args)
+    }
+
+    /// Starts a server on `port` (one a client was told about before the server existed).
+    pub fn start_on(port: u16, extra_args: &[&str]) -> Result<Self, NatsServerError> {
         let binary = find_binary()?;
         check_version(&binary)?;
         let store_dir = tempfile::tempdir()
             .map_err(|e| NatsServerError(format!("creating a store directory: {e}")))?;
-        let port = free_port()?;
         let mut server = NatsServer {
             binary,
             port,

@@ -377,6 +377,7 @@ fn serve_never_prints_its_secrets() {
                 format!("nats://alice:url-secret-pw@127.0.0.1:{port}"),
             )
             .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+            .env("PLANNER_NATS__STARTUP_WAIT_S", "1")
             .env(name, value);
         if name.ends_with("PASSWORD") {
             command.env("PLANNER_NATS__USER", "alice");
@@ -393,4 +394,54 @@ fn serve_never_prints_its_secrets() {
         }
         assert!(all.contains("[redacted]"), "{all}");
     }
+}
+
+/// `serve` exited 1 when NATS was not up yet (every instance restarted during a one-second
+/// server restart died). It waits for the server, logging, and serves once it comes.
+#[test]
+fn serve_waits_for_nats_at_start_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = planner_svc()
+        .current_dir(dir.path())
+        .args(["serve"])
+        .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "serve gave up while NATS was down"
+    );
+    let server = planner_testkit::NatsServer::start_on(port, &[]).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let serving = runtime.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        for _ in 0..200 {
+            let ping = client.request("$SRV.PING.planner", "".into());
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
+    });
+    let _ = daemon.kill();
+    let output = daemon.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(serving, "serve did not come up once NATS did:\n{all}");
+    assert!(all.contains("NATS not reachable yet"), "{all}");
 }
