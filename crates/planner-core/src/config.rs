@@ -220,7 +220,8 @@ pub struct Budgets {
     pub max_attempts: Option<u64>,
     /// Most tokens reported used by executors.
     pub max_tokens: Option<u64>,
-    /// Longest time from the first request to the plan's end.
+    /// Longest time a run of the plan may take: from its first request, or from the follow-up
+    /// that reopened it after it ended.
     pub max_wall_time_ms: Option<u64>,
 }
 

@@ -115,7 +115,8 @@ pub struct PlannerState {
     pub awaiting_answer: BTreeMap<TaskId, PendingQuestion>,
     /// What the session has used.
     pub usage: Usage,
-    /// When the first request arrived.
+    /// When the current run started: the first request, or the follow-up that reopened the
+    /// plan after it ended (the wall-time budget counts from here).
     pub started_at: Option<Timestamp>,
     /// The latest time recorded by an event.
     pub clock: Timestamp,
@@ -163,6 +164,10 @@ impl PlannerState {
     /// indexes `apply` maintains, field for field.
     pub fn rebuild_indexes(&mut self) {
         let n = self.tasks.len();
+        // A stored state is input like any other: positions past the end (a corrupt or
+        // hand-edited snapshot) are clamped, not trusted to slice with.
+        self.cursor = self.cursor.min(n);
+        self.run_start = self.run_start.min(n);
         self.index = self
             .tasks
             .iter()
@@ -530,6 +535,9 @@ impl PlannerState {
         if self.phase.is_terminal() {
             self.phase = PlanPhase::Running;
             self.run_start = self.tasks.len();
+            // The wall-time budget counts from when the plan (re)opened: a follow-up after
+            // `max_wall_time_ms` is a new run, not one already over its budget.
+            self.started_at = Some(self.clock);
         }
         // Two passes: a plan may list a task before the tasks it depends on, so every new id
         // is known before any dependency is counted.

@@ -240,12 +240,18 @@ impl Decision<'_> {
         if self.state.phase != crate::state::PlanPhase::Running {
             return;
         }
-        let stale = self.state.tasks[self.state.cursor..].iter().any(|t| {
-            t.status == TaskStatus::Running
-                && t.lease
-                    .as_ref()
-                    .is_some_and(|l| now >= l.beat_at.plus_millis(limit / 2))
-        });
+        let stale = self
+            .state
+            .tasks
+            .get(self.state.cursor..)
+            .unwrap_or_default()
+            .iter()
+            .any(|t| {
+                t.status == TaskStatus::Running
+                    && t.lease
+                        .as_ref()
+                        .is_some_and(|l| now >= l.beat_at.plus_millis(limit / 2))
+            });
         if stale {
             self.emit(Event::LeasesExtended { at: now });
         }

@@ -108,7 +108,10 @@ impl Decision<'_> {
         )?;
 
         // A follow-up runs after what is still unfinished: its first tasks wait for all of it.
-        let unfinished: Vec<TaskId> = state.tasks[state.cursor..]
+        let unfinished: Vec<TaskId> = state
+            .tasks
+            .get(state.cursor..)
+            .unwrap_or_default()
             .iter()
             .filter(|t| !t.status.is_terminal())
             .map(|t| t.id.clone())

@@ -80,7 +80,11 @@ impl Decision<'_> {
     }
 
     fn finish_plan(&mut self, now: Timestamp) {
-        let failed: Vec<TaskId> = self.state.tasks[self.state.run_start..]
+        let failed: Vec<TaskId> = self
+            .state
+            .tasks
+            .get(self.state.run_start..)
+            .unwrap_or_default()
             .iter()
             .filter(|t| t.status == TaskStatus::Failed)
             .map(|t| t.id.clone())

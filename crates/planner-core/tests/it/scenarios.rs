@@ -675,6 +675,30 @@ fn the_wall_time_budget_is_a_deadline() {
         .then_expect_types(&["task_cancelled", "plan_failed"]);
 }
 
+/// Found trying the daemon as a user: the budget ran from the session's first request, so any
+/// follow-up sent after `max_wall_time_ms` stopped at once.
+#[test]
+fn a_follow_up_after_the_plan_ended_gets_a_fresh_wall_time_budget() {
+    let cfg = config(|c| c.budgets.max_wall_time_ms = Some(60_000));
+    let reopened = Scenario::with_config(cfg)
+        .given_commands([init("paint the wall"), done("t1", 1, 1_000)])
+        .when(Command::Initialize {
+            request_id: None,
+            planning: None,
+            input: "then dry it".into(),
+            attachments: vec![],
+            plan: None,
+            now: at(600_000),
+        })
+        .then_expect_types(&["request_received", "tasks_planned", "task_dispatched"]);
+    assert_eq!(reopened.planner().next_deadline(), Some(at(660_000)));
+    reopened
+        .when(Command::Tick { now: at(659_999) })
+        .then_expect_nothing()
+        .when(Command::Tick { now: at(660_000) })
+        .then_expect_types(&["task_cancelled", "plan_failed"]);
+}
+
 // ----- cancellation -----
 
 #[test]
@@ -1030,4 +1054,32 @@ fn a_plan_may_list_a_task_before_the_tasks_it_depends_on() {
         })
         .when(done("fetch", 1, 5))
         .then(|events, _| assert_eq!(dispatched(events), [d("report", 1)]));
+}
+
+/// A corrupt snapshot with positions past the end of the task list used to panic in slicing
+/// once loaded. A stored state is input: the planner resumes from it and goes on.
+#[test]
+fn a_snapshot_with_positions_past_the_end_resumes_without_panicking() {
+    let mut live = Planner::new();
+    live.process(init("- fetch a\n- fetch b. then summarize"))
+        .unwrap();
+    let mut state = live.state().clone();
+    state.cursor = 1_000;
+    state.run_start = 2_000;
+    let mut resumed = Planner::from_state(state);
+    assert!(resumed.state().cursor <= resumed.state().tasks.len());
+    resumed.process(done("t1", 1, 10)).unwrap();
+    resumed.process(Command::Tick { now: at(20) }).unwrap();
+    resumed.process(init("then email it")).unwrap();
+    resumed
+        .process(Command::ExtendLeases { now: at(30) })
+        .unwrap();
+    resumed
+        .process(Command::Cancel {
+            target: CancelTarget::Plan,
+            reason: None,
+            now: at(40),
+        })
+        .unwrap();
+    assert!(resumed.state().phase.is_terminal());
 }

@@ -76,7 +76,7 @@ fn render(session: &str, planner: &Planner, cmd: &PlannerCmd) -> Option<Outgoing
 pub fn in_flight(session: &str, planner: &Planner) -> Vec<Outgoing> {
     let state = planner.state();
     let mut out = Vec::new();
-    for task in &state.tasks[state.cursor..] {
+    for task in state.tasks.get(state.cursor..).unwrap_or_default() {
         match task.status {
             TaskStatus::Running if task.kind != NodeKind::Clarification => {
                 let dispatch = Dispatch {
