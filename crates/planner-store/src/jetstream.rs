@@ -67,6 +67,8 @@ const BATCH_ID: &str = "Planner-Batch-Id";
 const REPLAY_BATCH: usize = 16;
 /// Messages read one request each before a replay switches to a consumer.
 const DIRECT_READS: usize = 32;
+/// Sessions whose positions are cached, at most (per cache).
+const MAX_CACHED_POSITIONS: usize = 100_000;
 /// How long the server keeps a replay consumer its creator stopped using (it died).
 const REPLAY_CONSUMER_IDLE: Duration = Duration::from_secs(10);
 
@@ -215,7 +217,13 @@ impl JetStreamStore {
     }
 
     fn remember(&self, stream: &str, version: u64, sequence: u64) {
-        self.positions()
+        let mut positions = self.positions();
+        // A cache (a miss costs one read of the subject's last message): bounded by emptying
+        // it, so memory does not grow with every session ever touched.
+        if positions.latest.len() >= MAX_CACHED_POSITIONS {
+            positions.latest.clear();
+        }
+        positions
             .latest
             .insert(stream.to_owned(), (version, sequence));
     }
@@ -550,7 +558,11 @@ impl EventStore for JetStreamStore {
         match decode_snapshot(&bytes) {
             Ok((sequence, snapshot)) => {
                 if sequence > 0 {
-                    self.positions()
+                    let mut positions = self.positions();
+                    if positions.snapshot.len() >= MAX_CACHED_POSITIONS {
+                        positions.snapshot.clear();
+                    }
+                    positions
                         .snapshot
                         .insert(stream.to_owned(), (snapshot.version, sequence));
                 }

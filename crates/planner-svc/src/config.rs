@@ -399,6 +399,10 @@ pub struct SessionsConfig {
     /// Seconds between sweeps that re-publish undelivered dispatches, drop idle sessions, and
     /// pick up unfinished sessions not in memory (those of an instance that died).
     pub recovery_interval_s: u64,
+    /// Most sessions remembered as ended or quarantined, so that recovery skips them without
+    /// loading them; past it the memory is emptied and refilled (a bound, not a correctness
+    /// limit).
+    pub max_remembered_ended: usize,
 }
 
 impl Default for SessionsConfig {
@@ -408,6 +412,7 @@ impl Default for SessionsConfig {
             idle_timeout_s: 300,
             conflict_retries: 5,
             recovery_interval_s: 30,
+            max_remembered_ended: 100_000,
         }
     }
 }
@@ -418,12 +423,16 @@ impl Default for SessionsConfig {
 pub struct LimitsConfig {
     /// The largest command or report accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Client requests (commands, claims, heartbeats) handled at once per instance; past it a
+    /// request is answered `busy` at once instead of queueing without bound.
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: 256 * 1024,
+            max_requests_in_flight: 4096,
         }
     }
 }
@@ -607,6 +616,9 @@ impl Config {
         }
         if self.limits.max_message_bytes < 1024 {
             problems.push("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.limits.max_requests_in_flight == 0 {
+            problems.push("limits.max_requests_in_flight must be at least 1".into());
         }
         if self.reports.max_deliver == 0 {
             problems.push("reports.max_deliver must be at least 1".into());

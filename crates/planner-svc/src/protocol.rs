@@ -281,6 +281,8 @@ pub enum ErrorKind {
     Conflict,
     /// The store failed: retry later.
     Unavailable,
+    /// The instance is handling as many requests as it admits: retry shortly.
+    Busy,
 }
 
 impl ErrorKind {
@@ -295,6 +297,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Busy => "busy",
         }
     }
 }

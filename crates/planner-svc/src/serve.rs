@@ -135,6 +135,7 @@ fn engine_config(config: &Config) -> EngineConfig {
         },
         conflict_retries: config.sessions.conflict_retries,
         max_loaded: config.sessions.max_loaded,
+        max_remembered_ended: config.sessions.max_remembered_ended,
         idle_timeout: Duration::from_secs(config.sessions.idle_timeout_s),
         llm: config.llm_planner().map(|llm| llm as Arc<dyn Llm>),
         ..EngineConfig::default()
@@ -351,6 +352,7 @@ async fn run_with<S: EventStore>(
     }
 
     let limits = Arc::new(Semaphore::new(config.reports.max_in_flight));
+    let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
     let max_bytes = config.limits.max_message_bytes;
     let max_deliver = config.reports.max_deliver;
     tokio::pin!(shutdown);
@@ -359,9 +361,15 @@ async fn run_with<S: EventStore>(
             () = &mut shutdown => break,
             request = commands.next() => {
                 let Some(request) = request else { break };
+                let Some(permit) = admit(&admission, "command") else {
+                    let reply = CommandReply::Error(busy());
+                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
+                    continue;
+                };
                 let engine = Arc::clone(&engine);
                 let subjects = subjects.clone();
                 tracker.spawn(async move {
+                    let _permit = permit;
                     let reply = command_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes).await;
                     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
                     if let Err(error) = request.respond(Ok(body)).await {
@@ -371,9 +379,15 @@ async fn run_with<S: EventStore>(
             }
             request = claims.next() => {
                 let Some(request) = request else { break };
+                let Some(permit) = admit(&admission, "claim") else {
+                    let reply = LeaseReply::Error(busy());
+                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
+                    continue;
+                };
                 let engine = Arc::clone(&engine);
                 let subjects = subjects.clone();
                 tracker.spawn(async move {
+                    let _permit = permit;
                     let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Claim { heartbeat_interval_ms }).await;
                     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
                     if let Err(error) = request.respond(Ok(body)).await {
@@ -383,9 +397,15 @@ async fn run_with<S: EventStore>(
             }
             request = heartbeats.next() => {
                 let Some(request) = request else { break };
+                let Some(permit) = admit(&admission, "heartbeat") else {
+                    let reply = LeaseReply::Error(busy());
+                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
+                    continue;
+                };
                 let engine = Arc::clone(&engine);
                 let subjects = subjects.clone();
                 tracker.spawn(async move {
+                    let _permit = permit;
                     let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Heartbeat).await;
                     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
                     if let Err(error) = request.respond(Ok(body)).await {
@@ -721,4 +741,23 @@ async fn dead_letter(
     let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
     let _ = client.publish(subjects.errors(), body).await;
     true
+}
+
+/// A permit for one client request, or none when the instance is at its limit.
+fn admit(admission: &Arc<Semaphore>, what: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = Arc::clone(admission).try_acquire_owned().ok();
+    if permit.is_none() {
+        tracing::warn!(
+            request = what,
+            "at limits.max_requests_in_flight; answered busy"
+        );
+    }
+    permit
+}
+
+fn busy() -> ErrorBody {
+    ErrorBody::new(
+        ErrorKind::Busy,
+        "this instance is handling as many requests as it admits (limits.max_requests_in_flight): retry shortly",
+    )
 }

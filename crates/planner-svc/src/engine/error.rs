@@ -56,7 +56,7 @@ impl EngineError {
     /// Whether trying again can help.
     pub fn disposition(&self) -> Disposition {
         match self.kind() {
-            ErrorKind::Conflict | ErrorKind::Unavailable => Disposition::Retry,
+            ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Busy => Disposition::Retry,
             ErrorKind::Malformed
             | ErrorKind::TooLarge
             | ErrorKind::BadSession

@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub llm: Option<Arc<dyn Llm>>,
     /// Where time comes from.
     pub clock: Arc<dyn Clock>,
+    /// Most sessions remembered as ended or quarantined (caches that save recovery a load).
+    pub max_remembered_ended: usize,
     /// The largest dispatch the bus accepts (the server's `max_payload`): a larger one is
     /// never published; its attempt fails with a clear error instead of waiting for ever.
     pub max_dispatch_bytes: usize,
@@ -76,6 +78,7 @@ impl Default for EngineConfig {
             llm: None,
             clock: Arc::new(SystemClock),
             max_dispatch_bytes: 1024 * 1024,
+            max_remembered_ended: 100_000,
         }
     }
 }
@@ -115,8 +118,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             store,
             publisher,
             clock: Arc::clone(&config.clock),
+            registry: Registry::new(config.max_remembered_ended),
             config,
-            registry: Registry::default(),
             timers: tx,
         });
         (engine, TimerLoop::new(rx))

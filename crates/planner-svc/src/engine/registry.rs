@@ -27,8 +27,11 @@ pub(super) struct SlotState {
 }
 
 /// Sessions in memory and sessions seen ended.
-#[derive(Default)]
 pub(super) struct Registry {
+    /// Most sessions remembered as ended (or quarantined): both maps are caches that save
+    /// recovery a load, so past the bound they are emptied and refilled as recovery meets
+    /// the sessions again; memory stays bounded whatever the number of sessions ever run.
+    max_remembered: usize,
     sessions: Mutex<HashMap<String, Arc<Slot>>>,
     /// Sessions seen ended, with the version they ended at: recovery skips them until their
     /// version moves (a follow-up reopened them).
@@ -44,6 +47,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
+    pub(super) fn new(max_remembered: usize) -> Self {
+        Registry {
+            max_remembered: max_remembered.max(1),
+            sessions: Mutex::default(),
+            ended: Mutex::default(),
+            quarantined: Mutex::default(),
+        }
+    }
+
     /// The session's slot, created empty if absent, marked used at `now_ms`.
     pub(super) fn slot(&self, session: &str, now_ms: u64) -> Arc<Slot> {
         let slot = Arc::clone(
@@ -82,11 +94,19 @@ impl Registry {
     }
 
     pub(super) fn mark_ended(&self, session: &str, version: u64) {
-        lock(&self.ended).insert(session.to_owned(), version);
+        let mut ended = lock(&self.ended);
+        if ended.len() >= self.max_remembered {
+            ended.clear();
+        }
+        ended.insert(session.to_owned(), version);
     }
 
     pub(super) fn quarantine(&self, session: &str, version: u64, reason: String) {
-        lock(&self.quarantined).insert(session.to_owned(), (version, reason));
+        let mut quarantined = lock(&self.quarantined);
+        if quarantined.len() >= self.max_remembered {
+            quarantined.clear();
+        }
+        quarantined.insert(session.to_owned(), (version, reason));
     }
 
     pub(super) fn quarantined_at(&self, session: &str) -> Option<u64> {
@@ -133,5 +153,22 @@ impl Registry {
                 sessions.remove(session);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Registry;
+
+    #[test]
+    fn sessions_remembered_as_ended_stay_within_the_bound() {
+        let registry = Registry::new(100);
+        for i in 0..10_000u64 {
+            registry.mark_ended(&format!("s{i}"), i);
+            registry.quarantine(&format!("q{i}"), i, "corrupt".into());
+        }
+        assert!(registry.ended.lock().map_or(0, |e| e.len()) <= 100);
+        assert!(registry.quarantined().len() <= 100);
+        assert_eq!(registry.ended_at("s9999"), Some(9_999));
     }
 }

@@ -923,3 +923,54 @@ async fn a_dispatch_larger_than_the_server_accepts_fails_its_task_clearly() {
     assert_eq!(notice.session.as_deref(), Some("s-big"));
     daemon.stop().await;
 }
+
+/// Each command spawned a task with no limit, so a burst could queue without bound. Past
+/// `limits.max_requests_in_flight` a request is answered `busy` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_admission_limit_are_answered_busy() {
+    use planner_testkit::llm_server::{Reply, ScriptedServer};
+    let plan = json!({"tasks": [{"id": "a", "description": "do a", "kind": "tool_call", "target": "tool", "dependencies": []}]});
+    let mut slow = Reply::completion(&plan.to_string());
+    slow.delay = Duration::from_millis(1_500);
+    let llm = ScriptedServer::start(vec![slow]).await;
+    let server = NatsServer::start().unwrap();
+    let mut cfg = config(&server);
+    cfg.limits.max_requests_in_flight = 1;
+    cfg.llm.enabled = true;
+    cfg.llm.base_url = llm.url.clone();
+    let daemon = Daemon::start(cfg).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // The first request holds the only slot while the LLM plans it.
+    let first = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            command(
+                &client,
+                "s-busy",
+                json!({"type": "initialize", "input": "plan this slowly"}),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = command(
+        &client,
+        "s-other",
+        json!({"type": "initialize", "input": "search now", "plan": plan}),
+    )
+    .await;
+    let CommandReply::Error(body) = second else {
+        panic!("expected busy, got {second:?}")
+    };
+    assert_eq!(body.kind.as_str(), "busy");
+    assert!(matches!(first.await.unwrap(), CommandReply::Ok { .. }));
+    // Once the slot is free, requests are admitted again.
+    let third = command(
+        &client,
+        "s-other",
+        json!({"type": "initialize", "input": "search now", "plan": plan}),
+    )
+    .await;
+    assert!(matches!(third, CommandReply::Ok { .. }), "{third:?}");
+    daemon.stop().await;
+}
