@@ -105,8 +105,9 @@ pub enum Command {
         #[serde(default)]
         now: Timestamp,
     },
-    /// The shell could not deliver an attempt's dispatch and never will (it is larger than the
-    /// bus accepts): the attempt fails for good with `error`, and the failure policy applies.
+    /// The shell gave up on an attempt: its dispatch can never be delivered (larger than the
+    /// bus accepts: not `retryable`, the task fails for good), or its executor is known dead
+    /// (an interrupted embedded run: `retryable`, the retry policy decides).
     AbandonAttempt {
         /// The task.
         task_id: TaskId,
@@ -114,6 +115,9 @@ pub enum Command {
         attempt: u32,
         /// Why, for the record and the task's error.
         error: String,
+        /// Whether another attempt may succeed.
+        #[serde(default)]
+        retryable: bool,
         /// When.
         #[serde(default)]
         now: Timestamp,

@@ -278,10 +278,11 @@ impl Decision<'_> {
                 task_id,
                 attempt,
                 error,
+                retryable,
                 now,
             } => {
                 self.require_started()?;
-                self.abandon(task_id, attempt, error, self.at(now))
+                self.abandon(task_id, attempt, error, retryable, self.at(now))
             }
             Command::ExtendLeases { now } => {
                 self.extend_leases(self.at(now));

@@ -18,8 +18,8 @@ use crate::sim::{SimBehaviour, SimExecutor};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The request.
-    pub request: String,
+    /// The request; none to resume `session` as it was left.
+    pub request: Option<String>,
     /// Where the file store lives.
     pub data_dir: PathBuf,
     /// The session id; a new one when absent.
@@ -67,23 +67,54 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         "session {session} (events in {})",
         options.data_dir.display()
     )?;
+    // Ctrl-C ends the run as it always did (everything done so far is in the log), and says how
+    // to pick the session up again: also while a question waits for an answer.
+    {
+        let hint = format!(
+            "interrupted: resume with `planner-svc run --session {session} --data-dir {}`",
+            options.data_dir.display()
+        );
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\n{hint}");
+                std::process::exit(130);
+            }
+        });
+    }
 
     // Every handled command's events come back here to be printed, in order.
     let (progress_tx, mut progress) = mpsc::unbounded_channel::<Vec<Event>>();
-    let handled = engine
-        .handle(
-            &session,
-            Command::Initialize {
-                request_id: None,
-                planning: None,
-                input: options.request.clone(),
-                attachments: vec![],
-                plan: None,
-                now: engine.now(),
-            },
-        )
-        .await?;
-    let _ = progress_tx.send(handled.events);
+    let existing = planner_store::load_planner(engine.store().as_ref(), &session)
+        .await
+        .with_context(|| format!("loading session {session}"))?;
+    if existing.version() > 0 {
+        let phase = existing.state().phase.clone();
+        if phase.is_terminal() && options.request.is_none() {
+            writeln!(
+                out,
+                "session {session} already ended: {phase:?}; give a request to follow up"
+            )?;
+            return Ok(phase);
+        }
+        let resumed = resume(&engine, &session, &existing).await?;
+        let _ = progress_tx.send(resumed);
+    }
+    if let Some(request) = &options.request {
+        let handled = engine
+            .handle(
+                &session,
+                Command::Initialize {
+                    request_id: None,
+                    planning: None,
+                    input: request.clone(),
+                    attachments: vec![],
+                    plan: None,
+                    now: engine.now(),
+                },
+            )
+            .await?;
+        let _ = progress_tx.send(handled.events);
+    }
 
     let auto_answer = options.auto_answer || !std::io::stdin().is_terminal();
     let mut seed = 1;
@@ -148,6 +179,37 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
             },
         }
     }
+}
+
+/// Picks up a session an earlier run left (Ctrl-C, a crash): the executors of its claimed
+/// attempts died with that process, so those attempts are given up (retryably: the retry
+/// policy sends new ones); unclaimed dispatches and open questions are published again.
+/// Returns the events it caused.
+async fn resume<S: planner_store::EventStore>(
+    engine: &Arc<Engine<S, ChannelPublisher>>,
+    session: &str,
+    existing: &planner_core::Planner,
+) -> anyhow::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    let claimed: Vec<(planner_core::TaskId, u32)> = existing
+        .state()
+        .tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Running && t.lease.is_some())
+        .map(|t| (t.id.clone(), t.attempts))
+        .collect();
+    for (task_id, attempt) in claimed {
+        let abandon = Command::AbandonAttempt {
+            task_id,
+            attempt,
+            error: "the run that was executing it was interrupted".into(),
+            retryable: true,
+            now: engine.now(),
+        };
+        events.extend(engine.handle(session, abandon).await?.events);
+    }
+    engine.republish(session).await?;
+    Ok(events)
 }
 
 fn ended(events: &[Event]) -> Option<PlanPhase> {

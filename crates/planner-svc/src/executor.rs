@@ -68,10 +68,13 @@ pub async fn run_pool(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
-    let stream = js
-        .get_stream(&options.stream)
-        .await
-        .with_context(|| format!("binding to the dispatch stream {}", options.stream))?;
+    let stream = js.get_stream(&options.stream).await.with_context(|| {
+        format!(
+            "binding to the dispatch stream {}: it is created by the daemon, so start \
+             `planner-svc serve` against this NATS server first",
+            options.stream
+        )
+    })?;
     let consumer = stream
         .get_or_create_consumer(
             &options.consumer,

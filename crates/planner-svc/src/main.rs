@@ -46,12 +46,14 @@ enum Cmd {
     },
     /// Plan and run a request in-process with simulated executors: no NATS needed.
     Run {
-        /// The request (words are joined); a demo request when empty.
+        /// The request (words are joined); a demo request when empty, or with --session and no
+        /// request, the session resumed as it was left (after Ctrl-C).
         request: Vec<String>,
         /// Where the file store keeps events (overrides store.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Continue an existing session with a follow-up request.
+        /// Continue an existing session: resume it where it was left, then run the follow-up
+        /// request if one is given.
         #[arg(long)]
         session: Option<String>,
         /// Answer every question "yes" instead of asking.
@@ -112,6 +114,10 @@ fn main() -> ExitCode {
     match &cli.command {
         Cmd::Serve {
             nats_url: Some(url),
+        }
+        | Cmd::Executor {
+            nats_url: Some(url),
+            ..
         } => overrides.push(format!("nats.url=\"{url}\"")),
         Cmd::Run {
             data_dir: Some(dir),
@@ -191,10 +197,11 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let request = request.join(" ");
-            let request = if request.trim().is_empty() {
-                DEMO_REQUEST.to_owned()
-            } else {
-                request
+            // No request: resume the given session as it was left, or plan the demo request.
+            let request = match (request.trim().is_empty(), &session) {
+                (false, _) => Some(request),
+                (true, Some(_)) => None,
+                (true, None) => Some(DEMO_REQUEST.to_owned()),
             };
             let options = RunOptions {
                 request,

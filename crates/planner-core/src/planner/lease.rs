@@ -257,17 +257,18 @@ impl Decision<'_> {
         }
     }
 
-    /// The shell gave up delivering the current attempt: it fails for good.
+    /// The shell gave up on the current attempt: it failed, retryably or not.
     pub(super) fn abandon(
         &mut self,
         task_id: TaskId,
         attempt: u32,
         error: String,
+        retryable: bool,
         now: Timestamp,
     ) -> Result<(), Error> {
         let i = self.fence(&task_id, attempt)?;
         self.require_open()?;
-        self.attempt_failed(i, attempt, error, false, None, now);
+        self.attempt_failed(i, attempt, error, retryable, None, now);
         Ok(())
     }
 }

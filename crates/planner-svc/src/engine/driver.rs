@@ -76,11 +76,13 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             task_id,
             attempt,
             error,
+            retryable,
             ..
         } => Command::AbandonAttempt {
             task_id,
             attempt,
             error,
+            retryable,
             now: at,
         },
         Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },

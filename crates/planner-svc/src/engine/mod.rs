@@ -196,6 +196,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             task_id,
             attempt,
             error,
+            retryable: false,
             now: self.clock.now(),
         };
         if let Err(error) = Box::pin(self.drive(session, abandon)).await {

@@ -445,3 +445,111 @@ fn serve_waits_for_nats_at_start_up() {
     assert!(serving, "serve did not come up once NATS did:\n{all}");
     assert!(all.contains("NATS not reachable yet"), "{all}");
 }
+
+/// A `run` interrupted with Ctrl-C could not be resumed: `run --session <id>` added the demo
+/// request as a follow-up and hung, the interrupted attempt never sent again. Ctrl-C now says
+/// how to resume, and resuming finishes the plan without adding a request.
+#[test]
+fn a_run_interrupted_with_ctrl_c_resumes_and_finishes() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "4000",
+            "1. search for flights\n2. summarize the options",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    let session = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("session ")
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    // Wait until t1 is out to its executor (which claims it at once), then press Ctrl-C.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("-> t1 attempt 1") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("resume with `planner-svc run --session {session}")),
+        "{stderr}"
+    );
+
+    let resumed = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "20",
+            "--session",
+            &session,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(stdout.contains("plan completed"), "{stdout}");
+    assert!(
+        stdout.contains("-> t1 attempt 2"),
+        "the interrupted attempt is retried:\n{stdout}"
+    );
+    let replay = planner_svc()
+        .current_dir(dir.path())
+        .args(["replay", "--json", "--data-dir", "data", &session])
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&replay.stdout);
+    assert_eq!(
+        events.matches("\"request_received\"").count(),
+        1,
+        "no request was added by resuming:\n{events}"
+    );
+}
+
+/// `executor --nats-url` was silently ignored (the pool dialled the default URL), and a pool
+/// started before the daemon failed with a bare "stream not found".
+#[test]
+fn executor_uses_its_nats_url_and_says_to_start_serve_first() {
+    let server = planner_testkit::NatsServer::start().unwrap();
+    let output = planner_svc()
+        .args(["executor", "--nats-url", &server.url()])
+        .env("PLANNER_NATS__STARTUP_WAIT_S", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("start `planner-svc serve`"), "{stderr}");
+    assert!(
+        !stderr.contains("Connection refused"),
+        "it dialled another URL:\n{stderr}"
+    );
+}
