@@ -361,57 +361,15 @@ async fn run_with<S: EventStore>(
             () = &mut shutdown => break,
             request = commands.next() => {
                 let Some(request) = request else { break };
-                let Some(permit) = admit(&admission, "command") else {
-                    let reply = CommandReply::Error(busy());
-                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
-                    continue;
-                };
-                let engine = Arc::clone(&engine);
-                let subjects = subjects.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    let reply = command_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes).await;
-                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
-                    if let Err(error) = request.respond(Ok(body)).await {
-                        tracing::warn!(%error, "could not send a command reply");
-                    }
-                });
+                answer(Endpoint::Command, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
             request = claims.next() => {
                 let Some(request) = request else { break };
-                let Some(permit) = admit(&admission, "claim") else {
-                    let reply = LeaseReply::Error(busy());
-                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
-                    continue;
-                };
-                let engine = Arc::clone(&engine);
-                let subjects = subjects.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Claim { heartbeat_interval_ms }).await;
-                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
-                    if let Err(error) = request.respond(Ok(body)).await {
-                        tracing::warn!(%error, "could not send a claim reply");
-                    }
-                });
+                answer(Endpoint::Claim { heartbeat_interval_ms }, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
             request = heartbeats.next() => {
                 let Some(request) = request else { break };
-                let Some(permit) = admit(&admission, "heartbeat") else {
-                    let reply = LeaseReply::Error(busy());
-                    let _ = request.respond(Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))).await;
-                    continue;
-                };
-                let engine = Arc::clone(&engine);
-                let subjects = subjects.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    let reply = lease_reply(&engine, &subjects, &request.message.subject, &request.message.payload, max_bytes, LeaseRequest::Heartbeat).await;
-                    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
-                    if let Err(error) = request.respond(Ok(body)).await {
-                        tracing::warn!(%error, "could not send a heartbeat reply");
-                    }
-                });
+                answer(Endpoint::Heartbeat, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
             message = reports.next() => {
                 let Some(message) = message else { break };
@@ -743,16 +701,89 @@ async fn dead_letter(
     true
 }
 
-/// A permit for one client request, or none when the instance is at its limit.
-fn admit(admission: &Arc<Semaphore>, what: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let permit = Arc::clone(admission).try_acquire_owned().ok();
-    if permit.is_none() {
+/// The request/reply endpoints clients and executors call.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Command,
+    Claim { heartbeat_interval_ms: Option<u64> },
+    Heartbeat,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Command => "command",
+            Endpoint::Claim { .. } => "claim",
+            Endpoint::Heartbeat => "heartbeat",
+        }
+    }
+
+    /// The reply for a refusal before the request is looked at.
+    fn refusal(self, body: ErrorBody) -> Bytes {
+        let json = match self {
+            Endpoint::Command => serde_json::to_vec(&CommandReply::Error(body)),
+            Endpoint::Claim { .. } | Endpoint::Heartbeat => {
+                serde_json::to_vec(&LeaseReply::Error(body))
+            }
+        };
+        Bytes::from(json.unwrap_or_default())
+    }
+}
+
+/// Answers one request in a task of its own, within the admission limit (past it: `busy` at
+/// once, without queueing).
+fn answer<S: EventStore>(
+    endpoint: Endpoint,
+    request: async_nats::service::Request,
+    admission: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    subjects: &Subjects,
+    max_bytes: usize,
+) {
+    let (engine, subjects) = (Arc::clone(engine), subjects.clone());
+    let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
         tracing::warn!(
-            request = what,
+            request = endpoint.name(),
             "at limits.max_requests_in_flight; answered busy"
         );
-    }
-    permit
+        tracker.spawn(async move {
+            let _ = request.respond(Ok(endpoint.refusal(busy()))).await;
+        });
+        return;
+    };
+    tracker.spawn(async move {
+        let (subject, payload) = (&request.message.subject, &request.message.payload);
+        let body = match endpoint {
+            Endpoint::Command => {
+                let reply = command_reply(&engine, &subjects, subject, payload, max_bytes).await;
+                serde_json::to_vec(&reply)
+            }
+            Endpoint::Claim {
+                heartbeat_interval_ms,
+            } => {
+                let kind = LeaseRequest::Claim {
+                    heartbeat_interval_ms,
+                };
+                let reply =
+                    lease_reply(&engine, &subjects, subject, payload, max_bytes, kind).await;
+                serde_json::to_vec(&reply)
+            }
+            Endpoint::Heartbeat => {
+                let kind = LeaseRequest::Heartbeat;
+                let reply =
+                    lease_reply(&engine, &subjects, subject, payload, max_bytes, kind).await;
+                serde_json::to_vec(&reply)
+            }
+        };
+        drop(permit);
+        if let Err(error) = request
+            .respond(Ok(Bytes::from(body.unwrap_or_default())))
+            .await
+        {
+            tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
+        }
+    });
 }
 
 fn busy() -> ErrorBody {

@@ -83,6 +83,23 @@ impl Decision<'_> {
             attempt,
             reason,
         };
+        let i = self.locate(task_id, attempt)?;
+        let task = &self.state.tasks[i];
+        if task.status == TaskStatus::Cancelled {
+            return Err(fenced(FenceReason::Cancelled));
+        }
+        if attempt < task.attempts {
+            return Err(fenced(FenceReason::Superseded));
+        }
+        if task.status != TaskStatus::Running {
+            return Err(fenced(FenceReason::NotRunning));
+        }
+        Ok(i)
+    }
+
+    /// The index of an executable task that had `attempt` dispatched; what an executor may
+    /// speak about at all (reports, claims, heartbeats), before any judgment of its state.
+    pub(super) fn locate(&self, task_id: &TaskId, attempt: u32) -> Result<usize, Error> {
         let i = self
             .state
             .index_of(task_id)
@@ -101,15 +118,6 @@ impl Decision<'_> {
                 attempt,
                 latest: task.attempts,
             });
-        }
-        if task.status == TaskStatus::Cancelled {
-            return Err(fenced(FenceReason::Cancelled));
-        }
-        if attempt < task.attempts {
-            return Err(fenced(FenceReason::Superseded));
-        }
-        if task.status != TaskStatus::Running {
-            return Err(fenced(FenceReason::NotRunning));
         }
         Ok(i)
     }

@@ -6,7 +6,7 @@ use super::Decision;
 use crate::command::{ExecutorEvent, ExecutorOutcome};
 use crate::error::Error;
 use crate::event::Event;
-use crate::types::{NodeKind, TaskStatus, Timestamp};
+use crate::types::{TaskStatus, Timestamp};
 
 impl Decision<'_> {
     /// A report from an executor about one attempt of one task.
@@ -80,25 +80,8 @@ impl Decision<'_> {
             task_id, attempt, ..
         } = event;
         let attempt = *attempt;
-        let i = self
-            .state
-            .index_of(task_id)
-            .ok_or_else(|| Error::UnknownTask {
-                task_id: task_id.clone(),
-            })?;
+        let i = self.locate(task_id, attempt)?;
         let task = &self.state.tasks[i];
-        if task.kind == NodeKind::Clarification {
-            return Err(Error::NotExecutable {
-                task_id: task_id.clone(),
-            });
-        }
-        if attempt == 0 || attempt > task.attempts {
-            return Err(Error::UnknownAttempt {
-                task_id: task_id.clone(),
-                attempt,
-                latest: task.attempts,
-            });
-        }
         // A task cancelled while its executor worked on it (by the client, or because the plan
         // failed or was cancelled around it) gets its report late through no fault of the
         // executor: ignored, like any report on an attempt that already ended.

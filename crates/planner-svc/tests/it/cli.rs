@@ -11,6 +11,24 @@ fn planner_svc() -> Command {
     command
 }
 
+/// Whether a daemon answers the micro-service ping on `url` within about ten seconds.
+fn serving(url: &str) -> bool {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        for _ in 0..200 {
+            let ping = client.request("$SRV.PING.planner", "".into());
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        false
+    })
+}
+
 #[test]
 fn run_plans_and_finishes_a_request_with_simulated_executors() {
     let dir = tempfile::tempdir().unwrap();
@@ -138,20 +156,7 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
         .spawn()
         .unwrap();
     // Serving once it answers the micro-service ping.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let serving = runtime.block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        for _ in 0..200 {
-            let ping = client.request("$SRV.PING.planner", "".into());
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
-            {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        false
-    });
+    let serving = serving(&server.url());
     assert!(serving, "planner-svc serve did not start");
     let started = std::time::Instant::now();
     let status = Command::new("kill")
@@ -421,20 +426,7 @@ fn serve_waits_for_nats_at_start_up() {
         "serve gave up while NATS was down"
     );
     let server = planner_testkit::NatsServer::start_on(port, &[]).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let serving = runtime.block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
-        for _ in 0..200 {
-            let ping = client.request("$SRV.PING.planner", "".into());
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
-            {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        false
-    });
+    let serving = serving(&server.url());
     let _ = daemon.kill();
     let output = daemon.wait_with_output().unwrap();
     let all = format!(
