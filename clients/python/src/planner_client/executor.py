@@ -309,7 +309,7 @@ class Executor:
                 await asyncio.wait([*attempts, grace_over], timeout=remaining,
                                    return_when=asyncio.FIRST_COMPLETED)
             grace_over.cancel()
-        if rt.running:
+        if rt.running and attempts:
             for control in list(rt.running.values()):
                 control.stop(attempt.SHUTDOWN)
             # The hand-back reports: give them the usual time to be acknowledged.
