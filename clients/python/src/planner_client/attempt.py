@@ -1,0 +1,200 @@
+"""One dispatch, from the moment it is fetched to its report: docs/protocol.md's executor loop.
+
+    claim ─ granted ─> ack, run the handler while heartbeating ─> report with the lease
+          ─ stop ────> term (someone else's, or cancelled: never run it)
+          ─ error, no answer ─> nak with a delay (it comes again)
+
+While the handler runs, three things can stop it: a heartbeat reply `stop`, a message on
+`planner.cancel.<session>.<task>` (the fast path), and the end of the executor's shutdown
+grace period. A stop by the planner sends no report: the attempt is no longer this executor's,
+and the planner would ignore it. A stop by shutdown hands the attempt back: a retryable
+`failed` report, so the planner retries it now instead of after the heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
+
+from . import handlers, lease, reporting, wire
+from .context import TaskContext
+from .handlers import Handler
+from .models.lease_reply import LeaseReplyGranted, LeaseReplyStop
+from .models.task_message import TaskMessage
+from .subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN = "shutdown"
+"""The stop reason when the executor's grace period ran out (the planner's reasons are its own)."""
+
+AttemptKey = tuple[str, str, int]
+"""(session, task id, attempt): what identifies the work."""
+
+
+class AttemptControl:
+    """The executor's handle on a running attempt: how it is stopped from outside."""
+
+    def __init__(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+        self._stopped = asyncio.Event()
+
+    def stop(self, reason: str) -> None:
+        """Stops the attempt: the handler's context says so, and the supervisor wakes up."""
+        self.ctx._stop(reason)
+        self._stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+@dataclass
+class Runtime:
+    """What every attempt of one executor shares."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    subjects: Subjects
+    threads: ThreadPoolExecutor
+    request_timeout: float
+    nak_delay: float
+    report_started: bool
+    draining: asyncio.Event
+    """Set when shutdown begins: nothing new is claimed."""
+    hard_stop: asyncio.Event
+    """Set when shutdown gives up: reports still unacknowledged are abandoned."""
+    running: dict[AttemptKey, AttemptControl] = field(default_factory=dict)
+
+
+async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
+    """Takes one fetched dispatch through claim, work and report. Never raises."""
+    try:
+        task = wire.decode(TaskMessage, msg.data)
+    except ValidationError as error:
+        # Not a dispatch this client can read: it would fail the same way on every delivery.
+        log.error("terminating an unreadable dispatch on %s: %s", msg.subject, error)
+        await _settle(msg.term())
+        return
+    if rt.draining.is_set():
+        await _settle(msg.nak())
+        return
+    try:
+        reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout)
+    except lease.NoAnswer as error:
+        log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
+                    task.session, task.task_id, task.attempt, error)
+        await _settle(msg.nak(delay=rt.nak_delay))
+        return
+    if isinstance(reply, LeaseReplyStop):
+        log.info("not running %s/%s attempt %s: %s", task.session, task.task_id, task.attempt,
+                 reply.reason)
+        await _settle(msg.term())
+        return
+    if not isinstance(reply, LeaseReplyGranted):
+        log.warning("claim of %s/%s attempt %s refused (%s); it will come again",
+                    task.session, task.task_id, task.attempt, reply)
+        await _settle(msg.nak(delay=rt.nak_delay))
+        return
+    # The claim is ours: the dispatch has done its job. (Were this ack lost, the redelivery's
+    # claim would be refused as `claimed_by_another` and terminated.)
+    await _settle(msg.ack())
+    interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
+    ctx = TaskContext(task, reply.lease, interval)
+    if rt.draining.is_set():
+        ctx._begin_shutdown()
+    control = AttemptControl(ctx)
+    key = (task.session, task.task_id, task.attempt)
+    rt.running[key] = control
+    try:
+        if rt.report_started:
+            await reporting.publish(rt.js, rt.subjects, task.session,
+                                    reporting.started(task, ctx.lease), give_up=rt.hard_stop)
+        await _supervise(handler, task, control, rt)
+    except Exception:  # noqa: BLE001 - one attempt's bug must not end the executor
+        log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
+                      task.attempt)
+    finally:
+        rt.running.pop(key, None)
+
+
+async def _supervise(handler: Handler, task: TaskMessage, control: AttemptControl, rt: Runtime) -> None:
+    """Runs the handler against its stop signals, then reports (or not) as the protocol says."""
+    ctx = control.ctx
+    work = asyncio.ensure_future(handlers.call(handler, task, ctx, rt.threads))
+    watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(control.wait_stopped())]
+    beats: asyncio.Future[str] | None = None
+    if ctx.heartbeat_interval:
+        beats = asyncio.ensure_future(
+            lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval)
+        )
+        watchers.append(beats)
+    try:
+        while not work.done() and not control.stopped:
+            await asyncio.wait([work, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            if beats is not None and beats.done():
+                watchers.remove(beats)
+                if beats.cancelled() or beats.exception() is not None:
+                    # A bug, not a planner's answer: the attempt goes on, unwatched; the
+                    # planner's heartbeat timeout will judge it.
+                    log.error("heartbeats of %s/%s attempt %s ended: %r", task.session,
+                              task.task_id, task.attempt,
+                              None if beats.cancelled() else beats.exception())
+                else:
+                    control.stop(beats.result())
+                beats = None
+    finally:
+        for watcher in watchers:
+            watcher.cancel()
+        if not work.done() and not control.stopped:
+            # We are being cancelled ourselves (the executor's hard stop): take the handler along.
+            work.cancel()
+
+    if not control.stopped:
+        report = handlers.report_for(work, task, ctx.lease)
+        log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
+                 getattr(report, "status", "?"))
+        await reporting.publish(rt.js, rt.subjects, task.session, report, give_up=rt.hard_stop)
+        return
+
+    reason = ctx.stop_reason or "stopped"
+    if reason == SHUTDOWN:
+        log.warning("handing back %s/%s attempt %s: the shutdown grace period is over",
+                    task.session, task.task_id, task.attempt)
+        handback = reporting.failed(
+            task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
+        )
+        await reporting.publish(rt.js, rt.subjects, task.session, handback, give_up=rt.hard_stop)
+    else:
+        log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
+                 task.task_id, task.attempt, reason)
+    if handler.is_async:
+        work.cancel()
+    elif not work.done():
+        log.info("waiting for the thread of %s/%s attempt %s to notice the stop", task.session,
+                 task.task_id, task.attempt)
+    # The slot stays taken until the handler has really ended: a thread cannot be killed, and
+    # an async handler may take a moment to unwind.
+    await asyncio.wait([work])
+    if not work.cancelled() and work.exception() is not None:
+        log.debug("a stopped handler ended with %r (discarded)", work.exception())
+
+
+async def _settle(ack: Awaitable[None]) -> None:
+    """Acks, naks or terms a dispatch; a failure only delays a redelivery, so it is logged."""
+    try:
+        await ack
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not settle a dispatch: %s", error)

@@ -1,0 +1,148 @@
+"""A session's events: the log in `PLANNER_EVENTS`, read live or replayed.
+
+Each stream message is the batch of events one command caused: a JSON array of
+`{"v": <schema version>, "event": {...}}`, with the session's version after the batch in the
+`Planner-Version` header. They are read with an ordered consumer (ephemeral, in order, no
+acks), which replays from the start and then follows live.
+
+Events are parsed leniently on purpose: an event type these models do not know (a planner newer
+than this client) is still yielded, with its raw `data` and no typed `event`, instead of
+breaking the iteration of every UI on the day the daemon is upgraded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import typing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
+from pydantic import BaseModel, ValidationError
+
+from .models.event import Event
+from .subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+TERMINAL_TYPES = frozenset({"plan_completed", "plan_failed", "plan_cancelled"})
+"""Event types that end a plan (a follow-up request can start the session again)."""
+
+
+def _variants(union_model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Maps each `type` tag of a generated tagged union to its model class."""
+    annotation = union_model.model_fields["root"].annotation
+    variants = {}
+    for cls in typing.get_args(annotation):
+        (tag,) = typing.get_args(cls.model_fields["type"].annotation)
+        variants[tag] = cls
+    return variants
+
+
+EVENT_TYPES: dict[str, type[BaseModel]] = _variants(Event)
+"""Every event type the generated models know, by its `type` tag."""
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One event of a session's log."""
+
+    type: str
+    """The event's `type` tag, e.g. `task_status_updated` or `plan_completed`."""
+    data: dict[str, Any]
+    """The event as sent."""
+    event: Any | None
+    """The typed model (`models.event.EventPlanCompleted`, ...), or None for an unknown type."""
+    schema_version: int | None = None
+    """The envelope's `v` (None for events in a command reply, which have no envelope)."""
+    session_version: int | None = None
+    """The session's version after the batch this event came in."""
+
+    @property
+    def ends_plan(self) -> bool:
+        """Whether this event ends the plan: completed, failed or cancelled."""
+        return self.type in TERMINAL_TYPES
+
+
+def parse_event(
+    data: dict[str, Any], *, schema_version: int | None = None, session_version: int | None = None
+) -> SessionEvent:
+    """Builds a `SessionEvent`, typed when the models know the event's type."""
+    kind = str(data.get("type", ""))
+    model = EVENT_TYPES.get(kind)
+    typed = None
+    if model is not None:
+        try:
+            typed = model.model_validate(data)
+        except ValidationError as error:
+            log.warning("event %s does not match its model; yielded untyped: %s", kind, error)
+    return SessionEvent(kind, data, typed, schema_version, session_version)
+
+
+def parse_batch(payload: bytes, headers: dict[str, str] | None) -> list[SessionEvent]:
+    """The events of one stream message."""
+    version = None
+    if headers and "Planner-Version" in headers:
+        try:
+            version = int(headers["Planner-Version"])
+        except ValueError:
+            pass
+    events = []
+    for envelope in json.loads(payload):
+        events.append(parse_event(envelope.get("event", {}), schema_version=envelope.get("v"),
+                                  session_version=version))
+    return events
+
+
+async def watch(
+    js: JetStreamContext, subjects: Subjects, session: str, *, from_start: bool = True
+) -> AsyncIterator[SessionEvent]:
+    """Yields the session's events, from the start (or from now), then live, for ever.
+
+    Break out of the loop to stop; the consumer is ephemeral and goes when the iteration is
+    closed (use `contextlib.aclosing` to close it at once rather than at garbage collection).
+    """
+    sub = await js.subscribe(
+        subjects.events(session),
+        stream=subjects.events_stream,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+    )
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            for event in parse_batch(msg.data, msg.headers):
+                yield event
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may be closed already
+            pass
+
+
+async def history(js: JetStreamContext, subjects: Subjects, session: str) -> list[SessionEvent]:
+    """The session's events up to now (an empty list for a session that has none)."""
+    try:
+        last = await js.get_last_msg(subjects.events_stream, subjects.events(session))
+    except nats.js.errors.NotFoundError:
+        return []
+    events: list[SessionEvent] = []
+    sub = await js.subscribe(
+        subjects.events(session), stream=subjects.events_stream, ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            events.extend(parse_batch(msg.data, msg.headers))
+            if last.seq is None or msg.metadata.sequence.stream >= last.seq:
+                return events
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,358 @@
+"""The executor: handlers registered per target, served from the planner's dispatch stream.
+
+    executor = Executor(concurrency=4)
+
+    @executor.tool("web_search")
+    async def web_search(task: TaskMessage, ctx: TaskContext) -> str:
+        ...
+
+    executor.run("nats://127.0.0.1:4222")   # until SIGINT or SIGTERM
+
+Consumers. Each handler gets its own durable pull consumer on `PLANNER_TASKS`, filtered to its
+one subject `planner.task.<kind>.<target>` and named after it. A work-queue stream allows one
+consumer per subject and no overlaps, so naming the consumer after the subject makes every
+executor (in any process, in any language using the same name) that serves a target share
+that target's queue, instead of failing to create a second consumer.
+
+Concurrency. A semaphore of `concurrency` slots bounds the dispatches this executor holds:
+a handler's fetch loop takes a slot before it fetches one message, and the slot goes back when
+the attempt is over (or the fetch found nothing). Never holding more dispatches than it can run
+leaves the rest in the stream for the other executors of the pool. With more handlers than
+slots, the idle fetches take turns, every `fetch_wait` seconds.
+
+Shutdown (SIGINT/SIGTERM, or the `shutdown` event of `serve`): stop fetching; dispatches
+fetched but not claimed are nak'ed so that another executor takes them at once; attempts
+running keep running, and heartbeating, for up to `grace_period` seconds; those still running
+then are stopped and handed back with a retryable `failed` report (a claimed dispatch is
+already acked, so a nak is no longer possible: the report is how the planner learns to retry
+now rather than after its heartbeat timeout). A second signal ends the grace period at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
+
+from . import attempt, wire
+from .handlers import Handler, HandlerFn
+from .models.cancel_message import CancelMessage
+from .subjects import Subjects, TaskKind, check_token
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """A pool member serving registered handlers; see the module doc for how it behaves.
+
+    `concurrency`: attempts run at once (async and threaded handlers alike; synchronous ones get
+    a thread each). `grace_period`: seconds in-flight attempts get to finish at shutdown.
+    `fetch_wait`: how long one fetch waits for a dispatch (also the longest a shutdown waits for
+    the fetches to end). `request_timeout`: how long a claim waits for the planner.
+    `nak_delay`: when a dispatch whose claim got no answer comes again. `report_started`:
+    publish a `started` report before running. `listen_for_cancels`: also stop attempts on the
+    `planner.cancel.*.*` fast path (heartbeats stop them within one interval regardless).
+    `consumer_prefix`: the durable consumers' names start with it (default: the subject prefix).
+    """
+
+    def __init__(
+        self,
+        *,
+        subjects: Subjects | None = None,
+        concurrency: int = 4,
+        grace_period: float = 30.0,
+        fetch_wait: float = 1.0,
+        request_timeout: float = 5.0,
+        nak_delay: float = 1.0,
+        report_started: bool = False,
+        listen_for_cancels: bool = True,
+        consumer_prefix: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.subjects = subjects or Subjects()
+        self.concurrency = concurrency
+        self.grace_period = grace_period
+        self.fetch_wait = fetch_wait
+        self.request_timeout = request_timeout
+        self.nak_delay = nak_delay
+        self.report_started = report_started
+        self.listen_for_cancels = listen_for_cancels
+        self.consumer_prefix = consumer_prefix or self.subjects.prefix.replace(".", "_")
+        self._handlers: dict[str, Handler] = {}
+        self._grace_over = asyncio.Event()
+        self.ready = asyncio.Event()
+        """Set once every consumer is bound and fetching; cleared when `serve` returns."""
+        self._runtime: attempt.Runtime | None = None
+
+    # Registration -------------------------------------------------------------------------
+
+    def handler(self, target: str, *, kind: TaskKind) -> Callable[[HandlerFn], HandlerFn]:
+        """Registers the decorated function for dispatches of `kind` to `target`."""
+        check_token(target, "target")
+        if kind not in ("tool_call", "processing"):
+            raise ValueError(f"kind must be 'tool_call' or 'processing', not {kind!r}")
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            subject = self.subjects.task(kind, target)
+            if subject in self._handlers:
+                raise ValueError(f"a handler for {kind} {target!r} is already registered")
+            self._handlers[subject] = Handler(kind=kind, target=target, fn=fn)
+            return fn
+
+        return register
+
+    def tool(self, target: str) -> Callable[[HandlerFn], HandlerFn]:
+        """Registers a handler for tool calls to `target` (`planner.task.tool_call.<target>`)."""
+        return self.handler(target, kind="tool_call")
+
+    def processing(self, target: str) -> Callable[[HandlerFn], HandlerFn]:
+        """Registers a handler for processing steps `target` (`planner.task.processing.<target>`)."""
+        return self.handler(target, kind="processing")
+
+    @property
+    def handlers(self) -> list[Handler]:
+        """The registered handlers."""
+        return list(self._handlers.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts claimed and not yet over."""
+        return len(self._runtime.running) if self._runtime else 0
+
+    # Running ------------------------------------------------------------------------------
+
+    def run(self, servers: str | list[str] = "nats://127.0.0.1:4222", **connect_options: Any) -> None:
+        """Connects, serves until SIGINT or SIGTERM, shuts down gracefully, and returns."""
+        asyncio.run(self._run(servers, connect_options))
+
+    async def _run(self, servers: str | list[str], connect_options: dict[str, Any]) -> None:
+        nc = await nats.connect(servers, **connect_options)
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, shutdown)
+        try:
+            await self.serve(nc, shutdown=shutdown)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            if not nc.is_closed:
+                await nc.drain()
+
+    def _on_signal(self, shutdown: asyncio.Event) -> None:
+        if not shutdown.is_set():
+            log.info("shutting down: no new work; in-flight attempts get %.0fs "
+                     "(signal again to hand them back now)", self.grace_period)
+            shutdown.set()
+        elif self._runtime is not None and not self._runtime.hard_stop.is_set():
+            log.info("second signal: handing back in-flight attempts now")
+            self._grace_over.set()
+
+    async def serve(self, nc: NatsClient, *, shutdown: asyncio.Event) -> None:
+        """Serves the handlers on `nc` until `shutdown` is set, then shuts down gracefully.
+
+        The connection stays open (and is the caller's to close), so tests and applications
+        that own one can run an executor on it.
+        """
+        if not self._handlers:
+            raise RuntimeError("no handlers registered")
+        self._grace_over.clear()
+        threads = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="planner-handler")
+        js = nc.jetstream()
+        rt = attempt.Runtime(
+            nc=nc, js=js, subjects=self.subjects, threads=threads,
+            request_timeout=self.request_timeout, nak_delay=self.nak_delay,
+            report_started=self.report_started, draining=asyncio.Event(),
+            hard_stop=asyncio.Event(),
+        )
+        self._runtime = rt
+        slots = asyncio.Semaphore(self.concurrency)
+        attempts: set[asyncio.Task[None]] = set()
+        cancel_sub = None
+        loops: list[asyncio.Task[None]] = []
+        try:
+            if self.listen_for_cancels:
+                cancel_sub = await nc.subscribe(self.subjects.cancel(), cb=self._on_cancel)
+            subscriptions = await self._bind_all(js, shutdown)
+            if subscriptions is None:
+                return
+            loops = [
+                asyncio.create_task(self._fetch_loop(sub, handler, rt, slots, attempts, shutdown))
+                for handler, sub in subscriptions
+            ]
+            self.ready.set()
+            log.info("serving %s with %d slots",
+                     ", ".join(f"{h.kind}.{h.target}" for h in self._handlers.values()),
+                     self.concurrency)
+            await shutdown.wait()
+            await self._drain(rt, loops, attempts)
+            for _, sub in subscriptions:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - the connection may be gone already
+                    pass
+        finally:
+            self.ready.clear()
+            for task in loops:
+                task.cancel()
+            if cancel_sub is not None:
+                try:
+                    await cancel_sub.unsubscribe()
+                except Exception:  # noqa: BLE001
+                    pass
+            rt.hard_stop.set()
+            for task in list(attempts):
+                task.cancel()
+            # Threads cannot be interrupted: ones still running are left to end on their own
+            # (and keep the interpreter alive until they do).
+            threads.shutdown(wait=False, cancel_futures=True)
+            self._runtime = None
+
+    async def _bind_all(
+        self, js: JetStreamContext, shutdown: asyncio.Event
+    ) -> list[tuple[Handler, JetStreamContext.PullSubscription]] | None:
+        """Binds one durable consumer per handler, waiting for the stream if the planner is not up."""
+        subscriptions = []
+        for subject, handler in self._handlers.items():
+            durable = f"{self.consumer_prefix}-{handler.kind}-{handler.target}"
+            while True:
+                try:
+                    sub = await js.pull_subscribe(
+                        subject, durable=durable, stream=self.subjects.tasks_stream,
+                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+                    )
+                    break
+                except nats.js.errors.NotFoundError:
+                    log.warning("stream %s not found (is the planner running?); retrying",
+                                self.subjects.tasks_stream)
+                except nats.js.errors.BadRequestError as error:
+                    # Most likely another consumer overlaps this subject on the work queue.
+                    raise RuntimeError(
+                        f"cannot create the consumer {durable} on {subject}: {error.description}"
+                    ) from error
+                try:
+                    await asyncio.wait_for(shutdown.wait(), timeout=1.0)
+                    return None
+                except asyncio.TimeoutError:
+                    pass
+            subscriptions.append((handler, sub))
+        return subscriptions
+
+    async def _fetch_loop(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        handler: Handler,
+        rt: attempt.Runtime,
+        slots: asyncio.Semaphore,
+        attempts: set[asyncio.Task[None]],
+        shutdown: asyncio.Event,
+    ) -> None:
+        """Fetches one dispatch per free slot until shutdown; each becomes an attempt task."""
+        while not shutdown.is_set():
+            if not await _acquire(slots, shutdown):
+                return
+            handed_over = False
+            try:
+                try:
+                    msgs = await sub.fetch(1, timeout=self.fetch_wait)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.Error as error:
+                    log.warning("fetching %s failed: %s", handler.target, error)
+                    await asyncio.sleep(self.fetch_wait)
+                    continue
+                for msg in msgs:
+                    if shutdown.is_set():
+                        await _nak(msg)
+                        continue
+                    task = asyncio.create_task(attempt.run(msg, handler, rt))
+                    attempts.add(task)
+                    task.add_done_callback(attempts.discard)
+                    task.add_done_callback(lambda _: slots.release())
+                    handed_over = True
+            finally:
+                if not handed_over:
+                    slots.release()
+
+    async def _drain(
+        self, rt: attempt.Runtime, loops: list[asyncio.Task[None]], attempts: set[asyncio.Task[None]]
+    ) -> None:
+        rt.draining.set()
+        for control in rt.running.values():
+            control.ctx._begin_shutdown()
+        # The fetches end within `fetch_wait`; what they bring is nak'ed.
+        await asyncio.gather(*loops, return_exceptions=True)
+        if attempts:
+            log.info("waiting up to %.0fs for %d attempt(s) in flight", self.grace_period,
+                     len(attempts))
+            grace_over = asyncio.ensure_future(self._grace_over.wait())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.grace_period
+            while attempts and not self._grace_over.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait([*attempts, grace_over], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            grace_over.cancel()
+        if rt.running and attempts:
+            for control in list(rt.running.values()):
+                control.stop(attempt.SHUTDOWN)
+            # The hand-back reports: give them the usual time to be acknowledged.
+            await asyncio.wait(list(attempts), timeout=max(self.request_timeout, 1.0) * 2)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        """The fast path: a cancellation for an attempt this executor runs stops it now."""
+        rt = self._runtime
+        if rt is None:
+            return
+        try:
+            cancel = wire.decode(CancelMessage, msg.data)
+        except ValidationError:
+            return
+        control = rt.running.get((cancel.session, cancel.task_id, cancel.attempt))
+        if control is not None:
+            control.stop("cancelled")
+
+
+async def _acquire(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
+    """Takes a slot; False (and no slot) if shutdown comes first."""
+    if shutdown.is_set():
+        return False
+    acquire = asyncio.ensure_future(slots.acquire())
+    stop = asyncio.ensure_future(shutdown.wait())
+    await asyncio.wait([acquire, stop], return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not acquire.done():
+        acquire.cancel()
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+    if acquire.cancelled():
+        return False
+    if shutdown.is_set():
+        slots.release()
+        return False
+    return True
+
+
+async def _nak(msg: Msg) -> None:
+    try:
+        await msg.nak()
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not hand back a dispatch: %s", error)

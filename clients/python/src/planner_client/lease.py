@@ -1,0 +1,99 @@
+"""Claims and heartbeats: the requests that fence an attempt to one executor.
+
+A claim asks the planner for the attempt before running it; a heartbeat, every
+`heartbeat_interval_ms` while it runs, says the executor is alive and learns whether it should
+go on. Either reply can be `stop` (the attempt was cancelled, superseded, or is someone else's):
+then the executor runs nothing more and reports nothing. Neither request is retried here: a
+claim that gets no answer leaves the dispatch to come again, and a missed heartbeat is covered
+by the next one (the planner's timeout allows about three).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from pydantic import ValidationError
+
+from . import wire
+from .models.claim_request import ClaimRequest
+from .models.heartbeat_request import HeartbeatRequest
+from .models.lease_reply import (
+    LeaseReply,
+    LeaseReplyAlive,
+    LeaseReplyError,
+    LeaseReplyGranted,
+    LeaseReplyStop,
+)
+from .models.task_message import TaskMessage
+from .subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+AnyLeaseReply = LeaseReplyGranted | LeaseReplyAlive | LeaseReplyStop | LeaseReplyError
+
+
+class NoAnswer(Exception):
+    """The planner did not answer in time, or its answer could not be read."""
+
+
+async def claim(
+    nc: NatsClient, subjects: Subjects, task: TaskMessage, timeout: float
+) -> AnyLeaseReply:
+    """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard."""
+    body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt))
+    return await _request(nc, subjects.claim(task.session), body, timeout)
+
+
+async def heartbeat(
+    nc: NatsClient, subjects: Subjects, task: TaskMessage, lease: str, timeout: float
+) -> AnyLeaseReply:
+    """Heartbeats a claimed attempt; raises `NoAnswer` when the planner cannot be heard."""
+    body = wire.encode(HeartbeatRequest(task_id=task.task_id, attempt=task.attempt, lease=lease))
+    return await _request(nc, subjects.heartbeat(task.session), body, timeout)
+
+
+async def heartbeat_until_stopped(
+    nc: NatsClient, subjects: Subjects, task: TaskMessage, lease: str, interval: float
+) -> str:
+    """Heartbeats every `interval` seconds for as long as it runs; returns the reason of a `stop`.
+
+    Beats are scheduled on a fixed grid (not `sleep(interval)` after each reply) so that slow
+    replies do not stretch the period past what the planner's timeout expects. A beat waits at
+    most one interval for its reply: a later one would only delay the next beat.
+    """
+    next_beat = time.monotonic() + interval
+    while True:
+        await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+        next_beat += interval
+        try:
+            reply = await heartbeat(nc, subjects, task, lease, timeout=max(interval, 0.2))
+        except NoAnswer as error:
+            log.warning("heartbeat of %s/%s attempt %s not answered: %s",
+                        task.session, task.task_id, task.attempt, error)
+            continue
+        if isinstance(reply, LeaseReplyStop):
+            return reply.reason
+        if isinstance(reply, LeaseReplyError):
+            log.warning("heartbeat of %s/%s attempt %s refused: %s: %s",
+                        task.session, task.task_id, task.attempt, reply.kind, reply.message)
+        # After a late beat, skip the beats it overlapped instead of sending them in a burst.
+        now = time.monotonic()
+        if next_beat < now:
+            next_beat = now
+
+
+async def _request(nc: NatsClient, subject: str, body: bytes, timeout: float) -> AnyLeaseReply:
+    try:
+        reply = await nc.request(subject, body, timeout=timeout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as error:
+        raise NoAnswer(f"no reply on {subject}: {type(error).__name__}") from error
+    except nats.errors.Error as error:
+        raise NoAnswer(f"request on {subject} failed: {error}") from error
+    try:
+        return wire.decode_root(LeaseReply, reply.data)
+    except ValidationError as error:
+        raise NoAnswer(f"unreadable reply on {subject}: {reply.data[:200]!r}") from error

@@ -1,0 +1,129 @@
+"""Reports: the outcome of an attempt, published through JetStream until it is acknowledged.
+
+A report is the one message of the protocol that must not be lost (the work it describes may not
+be repeatable), so it goes through JetStream and is retried with backoff until the server acks
+it, even while no planner runs. Each carries a `Nats-Msg-Id` of (session, task, attempt,
+status): a retry after a lost ack is then dropped by the stream's duplicate window instead of
+being stored twice (the planner would ignore the second anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+import nats.js.errors
+from nats.js.client import JetStreamContext
+from pydantic import BaseModel
+
+from . import wire
+from .models.executor_report import (
+    ReportMessageCompleted,
+    ReportMessageFailed,
+    ReportMessageNeedsClarification,
+    ReportMessageStarted,
+)
+from .models.task_message import TaskMessage
+from .subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+Report = (
+    ReportMessageStarted | ReportMessageCompleted | ReportMessageFailed | ReportMessageNeedsClarification
+)
+
+MAX_REPORT_BYTES = 256 * 1024
+"""The daemon's `limits.max_message_bytes`: a larger report is refused by the report stream."""
+
+ERROR_CHARS = 8000
+"""Errors are cut to this many characters (the planner keeps even fewer: `error_char_limit`)."""
+
+
+def completed(task: TaskMessage, lease: str, output: str, tokens_used: int | None) -> Report:
+    """A `completed` report, or a non-retryable `failed` one if the output cannot be sent.
+
+    An output over the report limit would be refused by JetStream on every retry; failing the
+    attempt says why instead (pass large outputs by reference: docs/protocol.md, "Limits").
+    """
+    report = ReportMessageCompleted(
+        task_id=task.task_id, attempt=task.attempt, lease=lease, status="completed",
+        output=output, tokens_used=tokens_used,
+    )
+    size = len(wire.encode(report))
+    if size <= MAX_REPORT_BYTES:
+        return report
+    return failed(
+        task, lease,
+        f"the output is {size} bytes with its report, more than the {MAX_REPORT_BYTES} a report "
+        "may carry; return a reference (a URL or an object key) to large outputs",
+        retryable=False, tokens_used=tokens_used,
+    )
+
+
+def failed(
+    task: TaskMessage, lease: str, error: str, *, retryable: bool, tokens_used: int | None = None
+) -> Report:
+    """A `failed` report; long errors keep their head and tail."""
+    if len(error) > ERROR_CHARS:
+        half = ERROR_CHARS // 2
+        error = f"{error[:half]} [...] {error[-half:]}"
+    return ReportMessageFailed(
+        task_id=task.task_id, attempt=task.attempt, lease=lease, status="failed",
+        error=error, retryable=retryable, tokens_used=tokens_used,
+    )
+
+
+def needs_clarification(task: TaskMessage, lease: str, question: str) -> Report:
+    """A `needs_clarification` report: the attempt ends and a human is asked."""
+    return ReportMessageNeedsClarification(
+        task_id=task.task_id, attempt=task.attempt, lease=lease, status="needs_clarification",
+        question=question,
+    )
+
+
+def started(task: TaskMessage, lease: str) -> Report:
+    """A `started` report (optional in the protocol)."""
+    return ReportMessageStarted(
+        task_id=task.task_id, attempt=task.attempt, lease=lease, status="started"
+    )
+
+
+async def publish(
+    js: JetStreamContext,
+    subjects: Subjects,
+    session: str,
+    report: BaseModel,
+    *,
+    give_up: asyncio.Event | None = None,
+    ack_timeout: float = 5.0,
+) -> bool:
+    """Publishes `report` until JetStream acks it; returns False only if `give_up` was set first.
+
+    `give_up` is the executor's hard stop: without it a report to a NATS that never comes back
+    would hold the process for ever.
+    """
+    body = wire.encode(report)
+    status = getattr(report, "status", "report")
+    task_id = getattr(report, "task_id", "?")
+    attempt = getattr(report, "attempt", 0)
+    headers = {"Nats-Msg-Id": f"report.{session}.{task_id}.{attempt}.{status}"}
+    delay = 0.05
+    while True:
+        try:
+            await js.publish(subjects.report(session), body, timeout=ack_timeout, headers=headers)
+            return True
+        except (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError) as error:
+            log.warning("report %s of %s/%s attempt %s not acknowledged (%s); retrying in %.2fs",
+                        status, session, task_id, attempt, error or type(error).__name__, delay)
+        if give_up is not None:
+            try:
+                await asyncio.wait_for(give_up.wait(), timeout=delay)
+                log.error("gave up the report %s of %s/%s attempt %s: the executor stopped",
+                          status, session, task_id, attempt)
+                return False
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)

@@ -1,0 +1,36 @@
+"""JSON in and out of the generated models, the one way every module does it.
+
+Outgoing messages drop unset optional fields (`exclude_none`): the planner treats a missing
+field and a null alike where both are allowed, and the messages stay as small and as readable as
+docs/protocol.md's examples. Incoming messages are validated by the generated models, so a
+reply the models cannot read is an error here rather than a KeyError later.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    """The JSON of a generated model (a RootModel is encoded as its root)."""
+    return message.model_dump_json(exclude_none=True, by_alias=True).encode()
+
+
+def decode(model: type[M], payload: bytes) -> M:
+    """Parses and validates `payload` as `model`; raises pydantic's ValidationError."""
+    return model.model_validate_json(payload)
+
+
+def decode_root(model: type[BaseModel], payload: bytes) -> Any:
+    """Parses a tagged union (a generated RootModel) and returns the variant it holds."""
+    return model.model_validate_json(payload).root  # type: ignore[attr-defined]
+
+
+def loads(payload: bytes) -> Any:
+    """Plain JSON, for what is read before its type is known."""
+    return json.loads(payload)

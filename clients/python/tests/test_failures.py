@@ -1,0 +1,111 @@
+"""How a handler's exception becomes a report, and what the planner makes of it."""
+
+from __future__ import annotations
+
+from conftest import events_until_end, serving
+
+from planner_client import (
+    Client,
+    Executor,
+    Fatal,
+    NeedsClarification,
+    Retryable,
+    TaskContext,
+    TaskMessage,
+)
+
+
+def one_task(target: str) -> dict:
+    return {"tasks": [{"id": "only", "description": "do it", "kind": "tool_call", "target": target}]}
+
+
+async def test_retryable_failure_is_retried_as_attempt_two(nc, client: Client, session: str) -> None:
+    executor = Executor()
+    attempts: list[int] = []
+
+    @executor.tool("flaky")
+    async def flaky(task: TaskMessage, ctx: TaskContext) -> str:
+        attempts.append(task.attempt)
+        if task.attempt == 1:
+            raise Retryable("HTTP 503 from the API", tokens_used=7)
+        return "second time lucky"
+
+    async with serving(executor, nc):
+        await client.submit(session, "flaky", plan=one_task("flaky"))
+        events = await events_until_end(client, session)
+
+    assert attempts == [1, 2]
+    assert events[-1].type == "plan_completed"
+    retry = next(e for e in events if e.type == "retry_scheduled")
+    assert retry.data["attempt"] == 1
+    assert retry.data["error"] == "HTTP 503 from the API"
+    assert retry.data["tokens_used"] == 7
+    done = next(e for e in events if e.type == "task_status_updated" and e.data["status"] == "completed")
+    assert done.data["attempt"] == 2 and done.data["output"] == "second time lucky"
+
+
+async def test_unexpected_exception_is_retryable(nc, client: Client, session: str) -> None:
+    executor = Executor()
+    attempts: list[int] = []
+
+    @executor.tool("buggy")
+    def buggy(task: TaskMessage, ctx: TaskContext) -> str:
+        attempts.append(task.attempt)
+        if task.attempt == 1:
+            raise KeyError("missing")
+        return "ok"
+
+    async with serving(executor, nc):
+        await client.submit(session, "buggy", plan=one_task("buggy"))
+        events = await events_until_end(client, session)
+
+    assert attempts == [1, 2]
+    assert events[-1].type == "plan_completed"
+    retry = next(e for e in events if e.type == "retry_scheduled")
+    assert retry.data["error"] == "KeyError: 'missing'"
+
+
+async def test_fatal_failure_is_not_retried(nc, client: Client, session: str) -> None:
+    executor = Executor()
+    attempts: list[int] = []
+
+    @executor.tool("doomed")
+    async def doomed(task: TaskMessage, ctx: TaskContext) -> str:
+        attempts.append(task.attempt)
+        raise Fatal("404: no such page")
+
+    async with serving(executor, nc):
+        await client.submit(session, "doomed", plan=one_task("doomed"))
+        events = await events_until_end(client, session)
+
+    assert attempts == [1]
+    assert events[-1].type == "plan_failed"
+    assert "retry_scheduled" not in [e.type for e in events]
+    failed = next(e for e in events if e.type == "task_status_updated" and e.data["status"] == "failed")
+    assert failed.data["error"] == "404: no such page"
+
+
+async def test_handler_can_ask_a_question_mid_task(nc, client: Client, session: str) -> None:
+    executor = Executor()
+    answers: list[str | None] = []
+
+    @executor.tool("book")
+    async def book(task: TaskMessage, ctx: TaskContext) -> str:
+        answers.append(task.answer)
+        if task.answer is None:
+            raise NeedsClarification("Which airline do you prefer?")
+        return f"booked with {task.answer}"
+
+    async with serving(executor, nc):
+        await client.submit(session, "book a flight", plan=one_task("book"))
+        async for question in client.questions(session):
+            assert question.text == "Which airline do you prefer?"
+            assert question.task_id == "only" and question.attempt == 1
+            await question.answer("the cheapest")
+            break
+        events = await events_until_end(client, session)
+
+    assert answers == [None, "the cheapest"]
+    assert events[-1].type == "plan_completed"
+    done = next(e for e in events if e.type == "task_status_updated" and e.data["status"] == "completed")
+    assert done.data["output"] == "booked with the cheapest"
