@@ -54,7 +54,8 @@ class Budgets(BaseModel):
     """
     max_wall_time_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Longest time from the first request to the plan's end.
+    Longest time a run of the plan may take: from its first request, or from the follow-up
+    that reopened it after it ended.
     """
 
 
@@ -230,7 +231,7 @@ class CommandReplyError(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable"]
+    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable", "busy"]
     """
     What kind of refusal; says whether a retry can help.
     """
@@ -298,7 +299,7 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable"]
+    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable", "busy"]
     """
     What kind of refusal; says whether a retry can help.
     """

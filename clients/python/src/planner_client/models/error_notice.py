@@ -16,7 +16,7 @@ class ErrorNotice(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable"]
+    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable", "busy"]
     """
     What kind of refusal; says whether a retry can help.
     """

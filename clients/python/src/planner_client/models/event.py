@@ -54,7 +54,8 @@ class Budgets(BaseModel):
     """
     max_wall_time_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Longest time from the first request to the plan's end.
+    Longest time a run of the plan may take: from its first request, or from the follow-up
+    that reopened it after it ended.
     """
 
 

@@ -67,7 +67,7 @@ class LeaseReplyError(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable"]
+    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable", "busy"]
     """
     What kind of refusal; says whether a retry can help.
     """
@@ -98,7 +98,7 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable"]
+    kind: Literal["malformed", "too_large", "bad_session", "forbidden", "rejected", "corrupt", "conflict", "unavailable", "busy"]
     """
     What kind of refusal; says whether a retry can help.
     """
