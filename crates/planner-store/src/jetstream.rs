@@ -25,10 +25,11 @@
 //! subject's last message otherwise. A new session sends 0 ("the subject must be empty"), so two
 //! concurrent creates cannot both win.
 //!
-//! `Planner-Batch-Id` is `{session}:{expected version}:{crc32 of the batch}`. A retried append
-//! whose first try landed (its ack lost) is refused by the sequence check; the store then reads
-//! the session's last message and, if it carries the same batch id, reports the append as the
-//! success it was. `Nats-Msg-Id` is not used: measured on nats-server 2.15, the server checks the
+//! `Planner-Batch-Id` is `{session}:{expected version}:{crc32 of the batch}:{writer}`. A retried
+//! append whose first try landed (its ack lost) is refused by the sequence check; the store then
+//! reads the session's last message and, if it carries the same batch id, reports the append as
+//! the success it was. The writer id keeps another instance's identical batch (the same
+//! command handled at the same millisecond) from passing for this one's. `Nats-Msg-Id` is not used: measured on nats-server 2.15, the server checks the
 //! expected sequence *before* its duplicate window, so for conditional appends the id only cost
 //! the server a dedup-table entry per message.
 //!
@@ -94,6 +95,9 @@ pub struct JetStreamConfig {
     pub duplicate_window: Duration,
     /// How long to wait for one message while replaying before giving up.
     pub replay_timeout: Duration,
+    /// Who writes through this store, in each batch's id: only this writer's own retried
+    /// append counts as already done. None: a random id, different for every store opened.
+    pub writer_id: Option<String>,
 }
 
 impl Default for JetStreamConfig {
@@ -108,6 +112,7 @@ impl Default for JetStreamConfig {
             max_message_bytes: 1024 * 1024,
             duplicate_window: Duration::from_secs(120),
             replay_timeout: Duration::from_secs(10),
+            writer_id: None,
         }
     }
 }
@@ -118,7 +123,20 @@ pub struct JetStreamStore {
     stream: stream::Stream,
     snapshots: object_store::ObjectStore,
     config: JetStreamConfig,
+    /// This writer's id (see [`JetStreamConfig::writer_id`]).
+    writer: String,
     positions: Mutex<Positions>,
+}
+
+/// A writer id unlikely to repeat: std's per-process random hash keys, mixed with the clock.
+fn random_writer_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    format!("{:016x}", hasher.finish())
 }
 
 /// Per session, a version and the stream sequence of the message that ends there: the latest
@@ -198,6 +216,7 @@ impl JetStreamStore {
                 .map_err(|e| nats("creating the snapshot bucket")(&e))?,
         };
         Ok(JetStreamStore {
+            writer: config.writer_id.clone().unwrap_or_else(random_writer_id),
             context,
             stream,
             snapshots,
@@ -404,9 +423,13 @@ impl EventStore for JetStreamStore {
         }
         let sequence = self.sequence_for(stream, expected_version).await?;
         let new_version = expected_version + events.len() as u64;
+        // The writer is part of the id: another instance that computed the very same batch
+        // (same command, same millisecond) lost the race, and must hear so (a conflict, then a
+        // reload), not be told its append landed.
         let id = format!(
-            "{stream}:{expected_version}:{:08x}",
-            crc32fast::hash(&batch)
+            "{stream}:{expected_version}:{:08x}:{}",
+            crc32fast::hash(&batch),
+            self.writer
         );
         let publish = PublishMessage::build()
             .payload(Bytes::from(batch))

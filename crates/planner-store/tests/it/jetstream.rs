@@ -5,6 +5,15 @@ use planner_testkit::NatsServer;
 
 use crate::support::events;
 
+async fn connect_as(server: &NatsServer, writer: &str) -> JetStreamStore {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let config = JetStreamConfig {
+        writer_id: Some(writer.to_owned()),
+        ..JetStreamConfig::default()
+    };
+    JetStreamStore::connect(client, config).await.unwrap()
+}
+
 async fn connect(server: &NatsServer) -> JetStreamStore {
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
@@ -42,18 +51,35 @@ async fn no_acknowledged_event_is_lost_when_the_server_is_killed_and_restarted()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_append_is_deduplicated_and_a_different_one_conflicts() {
     let server = NatsServer::start().unwrap();
-    let first = connect(&server).await;
-    let retrying = connect(&server).await;
+    let first = connect_as(&server, "writer-1").await;
+    // The same writer after a reconnect: a store that has not seen its own append's ack.
+    let retrying = connect_as(&server, "writer-1").await;
+    let other_writer = connect_as(&server, "writer-2").await;
     let stale = connect(&server).await;
-    // Both learn that the session is empty, as an instance does before its append.
+    // They learn that the session is empty, as an instance does before its append.
     assert_eq!(retrying.version("dup").await.unwrap(), 0);
+    assert_eq!(other_writer.version("dup").await.unwrap(), 0);
     assert_eq!(stale.version("dup").await.unwrap(), 0);
     let batch = events(2, "x");
     assert_eq!(first.append("dup", 0, &batch).await.unwrap(), 2);
-    // The same batch sent again at the same position (an append whose ack was lost, retried):
-    // the store recognises its batch as the session's last message and nothing is stored twice.
+    // The same batch sent again at the same position by the same writer (an append whose ack
+    // was lost, retried): recognised as the session's last message, nothing stored twice.
     assert_eq!(retrying.append("dup", 0, &batch).await.unwrap(), 2);
     assert_eq!(first.load_all("dup").await.unwrap(), batch);
+    // The very same batch from another writer (two instances handling one command in the same
+    // millisecond) lost the race: a conflict, so that instance reloads and judges again.
+    let err = other_writer.append("dup", 0, &batch).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 0,
+                actual: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // A different batch from an instance that has not seen the append is refused by the
     // server's sequence check: a conflict, not an overwrite.
     let err = stale.append("dup", 0, &events(1, "y")).await.unwrap_err();

@@ -974,3 +974,60 @@ async fn requests_past_the_admission_limit_are_answered_busy() {
     assert!(matches!(third, CommandReply::Ok { .. }), "{third:?}");
     daemon.stop().await;
 }
+
+#[derive(Debug)]
+struct FrozenClock;
+
+impl planner_svc::engine::Clock for FrozenClock {
+    fn now(&self) -> planner_core::Timestamp {
+        planner_core::Timestamp(1_700_000_000_000)
+    }
+}
+
+/// Two instances handling one `initialize` with the same `request_id` at once both replied
+/// with the same non-empty events in about one session in ten: the loser's identical batch
+/// (same command, same millisecond) passed for its own retried append. Now exactly one reply
+/// carries the events and the other is the no-events reply of a retry, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_raced_on_two_instances_is_answered_as_a_retry_by_the_loser() {
+    use planner_svc::bus::ChannelPublisher;
+    use planner_svc::engine::{Clock, Engine, EngineConfig};
+    let server = NatsServer::start().unwrap();
+    let engine = |_: u8| async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let store = planner_store::JetStreamStore::connect(
+            client,
+            planner_store::JetStreamConfig::default(),
+        )
+        .await
+        .unwrap();
+        let (publisher, bus) = ChannelPublisher::new();
+        let config = EngineConfig {
+            clock: std::sync::Arc::new(FrozenClock) as std::sync::Arc<dyn Clock>,
+            ..EngineConfig::default()
+        };
+        let (engine, _timers) = Engine::new(
+            std::sync::Arc::new(store),
+            std::sync::Arc::new(publisher),
+            config,
+        );
+        (engine, bus)
+    };
+    let (a, _bus_a) = engine(1).await;
+    let (b, _bus_b) = engine(2).await;
+    for i in 0..20 {
+        let session = format!("race{i}");
+        let command = || planner_core::Command::Initialize {
+            request_id: Some("req-1".into()),
+            planning: None,
+            input: "search for flights".into(),
+            attachments: vec![],
+            plan: None,
+            now: planner_core::Timestamp(0),
+        };
+        let (ra, rb) = tokio::join!(a.handle(&session, command()), b.handle(&session, command()));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let with_events = [&ra, &rb].iter().filter(|h| !h.events.is_empty()).count();
+        assert_eq!(with_events, 1, "{session}: {ra:?} / {rb:?}");
+    }
+}
