@@ -99,7 +99,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("nats-server did not start listening within 10s")
+                    raise RuntimeError("nats-server did not start listening within 10s") from None
                 time.sleep(0.05)
         yield f"nats://127.0.0.1:{port}"
     finally:
@@ -151,7 +151,9 @@ async def planner(nats_url: str, tmp_path: Path) -> AsyncIterator[Planner]:
                 break
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"planner-svc not ready within 60s:\n{log_path.read_text()}")
+                    raise RuntimeError(
+                        f"planner-svc not ready within 60s:\n{log_path.read_text()}"
+                    ) from None
                 await asyncio.sleep(0.1)
         await nc.close()
         yield Planner(proc, log_path)

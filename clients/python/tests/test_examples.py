@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from conftest import events_until_end, serving
@@ -64,9 +65,9 @@ async def test_tool_executor_serves_until_sigterm(client: Client, session: str, 
 class FakeLLM(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat-completions endpoint on loopback that echoes the step."""
 
-    requests: list[dict] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeLLM.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                  "body": body})
@@ -96,7 +97,7 @@ def fake_llm() -> Iterator[str]:
         server.shutdown()
 
 
-async def test_llm_executor_is_off_unless_configured() -> None:
+def test_llm_executor_is_off_unless_configured() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     proc = subprocess.run([sys.executable, str(EXAMPLES / "llm_executor.py")], env=env,
                           capture_output=True, text=True, timeout=30)

@@ -43,7 +43,7 @@ async def test_question_is_yielded_and_its_answer_completes_the_plan(
         assert question.text == "Which date suits you?"
         assert question.deadline is None
         reply = await question.answer("next Friday")
-        assert [e.type for e in reply.events][0] == "clarification_answered"
+        assert reply.events[0].type == "clarification_answered"
         events = await events_until_end(client, session)
         await questions.aclose()
 

@@ -31,8 +31,8 @@ from .models.command import (
     ClientCommandCancel,
     ClientCommandContinue,
     ClientCommandInitialize,
-    PlanSpec,
     Planning,
+    PlanSpec,
 )
 from .subjects import Subjects, check_token
 

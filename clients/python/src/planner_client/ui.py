@@ -61,10 +61,9 @@ def open_questions(log_events: list[events.SessionEvent]) -> list[tuple[str, int
             cmd = data.get("cmd") or {}
             asked[task_id] = (task_id, int(data.get("attempt", 0)), str(cmd.get("question", "")),
                               cmd.get("deadline"))
-        elif event.type in ("clarification_answered", "task_cancelled"):
-            asked.pop(task_id, None)
-        elif event.type == "task_status_updated" and data.get("status") in (
-            "completed", "failed", "cancelled"
+        elif event.type in ("clarification_answered", "task_cancelled") or (
+            event.type == "task_status_updated"
+            and data.get("status") in ("completed", "failed", "cancelled")
         ):
             asked.pop(task_id, None)
         elif event.ends_plan:
