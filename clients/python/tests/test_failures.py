@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
+from pydantic import BaseModel
 
 from planner_client import (
     Client,
@@ -109,3 +111,47 @@ async def test_handler_can_ask_a_question_mid_task(nc, client: Client, session: 
     assert events[-1].type == "plan_completed"
     done = next(e for e in events if e.type == "task_status_updated" and e.data["status"] == "completed")
     assert done.data["output"] == "booked with the cheapest"
+
+
+class Booking(BaseModel):
+    """What the `reserve` handler expects its description to be."""
+
+    flight: str
+    seats: int
+
+
+async def test_input_the_handler_cannot_read_fails_for_good_and_the_executor_goes_on(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    executor = Executor(concurrency=1)
+    attempts: list[tuple[str, int]] = []
+
+    @executor.tool("reserve")
+    async def reserve(task: TaskMessage, ctx: TaskContext) -> str:
+        attempts.append((task.session, task.attempt))
+        booking = Booking.model_validate_json(task.description)  # raises ValidationError
+        return f"{booking.seats} seats on {booking.flight}"
+
+    later = f"{session}-next"
+    async with serving(executor, nc):
+        await client.submit(session, "bad", plan={"tasks": [
+            {"id": "only", "description": '{"flight": "LH 400", "seats": "many"}',
+             "kind": "tool_call", "target": "reserve"}]})
+        events = await events_until_end(client, session)
+        # The same executor takes the next task as if nothing had happened.
+        await client.submit(later, "good", plan={"tasks": [
+            {"id": "only", "description": '{"flight": "LH 400", "seats": 2}',
+             "kind": "tool_call", "target": "reserve"}]})
+        next_events = await events_until_end(client, later)
+        assert executor.ready.is_set()
+
+    assert attempts == [(session, 1), (later, 1)]
+    assert events[-1].type == "plan_failed"
+    assert "retry_scheduled" not in [e.type for e in events]
+    failed = next(e for e in events if e.type == "task_status_updated" and e.data["status"] == "failed")
+    assert failed.data["error"].startswith("invalid input: 1 validation error for Booking")
+    assert "seats" in failed.data["error"]
+    assert next_events[-1].type == "plan_completed"
+    done = next(e for e in next_events
+                if e.type == "task_status_updated" and e.data["status"] == "completed")
+    assert done.data["output"] == "2 seats on LH 400"

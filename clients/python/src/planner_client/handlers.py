@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import reporting
 from .context import TaskContext, TaskResult
 from .errors import Cancelled, NeedsClarification, TaskFailure
@@ -79,6 +81,12 @@ def report_for(work: asyncio.Future[Any] | Future[Any], task: TaskMessage, lease
         return reporting.failed(task, lease, str(cancelled), retryable=True)
     except asyncio.CancelledError:
         return reporting.failed(task, lease, "the handler was cancelled", retryable=True)
+    except ValidationError as error:
+        # The handler could not read its input (the task, or what it derived from it): the next
+        # attempt gets the same input and would fail the same way.
+        log.warning("handler %s could not validate its input on %s/%s attempt %s: %s",
+                    task.target, task.session, task.task_id, task.attempt, error)
+        return reporting.failed(task, lease, f"invalid input: {error}", retryable=False)
     except Exception as error:  # any other failure is reported, retryable
         log.warning("handler %s failed on %s/%s attempt %s", task.target, task.session,
                     task.task_id, task.attempt, exc_info=error)
