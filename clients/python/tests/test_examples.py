@@ -16,17 +16,18 @@ from typing import Any, ClassVar
 
 import pytest
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
 
 from planner_client import Client, Executor, TaskContext, TaskMessage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def start(script: str, *args: str, env: dict[str, str], **popen: object) -> subprocess.Popen[str]:
+def start(script: str, *args: str, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(EXAMPLES / script), *args],
-        env={**os.environ, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        **popen,  # type: ignore[arg-type]
+        env={**os.environ, **env}, text=True, stdin=stdin, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -54,7 +55,7 @@ async def test_tool_executor_serves_until_sigterm(client: Client, session: str, 
         code, out = await finish(proc)
     assert code == 0, out
     assert "shutting down" in out
-    outputs = {e.data["task_id"]: e.data.get("output") or e.data.get("error") for e in events
+    outputs = {e.data["task_id"]: str(e.data.get("output") or e.data.get("error")) for e in events
                if e.type == "task_status_updated" and e.data["status"] in ("completed", "failed")}
     assert "notes.txt" in outputs["ls"]
     assert outputs["cat"] == "remember the milk"
@@ -129,7 +130,7 @@ async def test_llm_executor_against_a_local_endpoint(client: Client, session: st
     assert "The request: notes please" in request["body"]["messages"][1]["content"]
 
 
-async def test_terminal_ui_answers_from_stdin(nc, session: str, nats_url: str) -> None:
+async def test_terminal_ui_answers_from_stdin(nc: NatsClient, session: str, nats_url: str) -> None:
     executor = Executor()
 
     @executor.tool("web_search")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from conftest import events_until_end, serving
 from nats.aio.client import Client as NatsClient
 from pydantic import BaseModel
@@ -17,11 +19,13 @@ from planner_client import (
 )
 
 
-def one_task(target: str) -> dict:
+def one_task(target: str) -> dict[str, Any]:
     return {"tasks": [{"id": "only", "description": "do it", "kind": "tool_call", "target": target}]}
 
 
-async def test_retryable_failure_is_retried_as_attempt_two(nc, client: Client, session: str) -> None:
+async def test_retryable_failure_is_retried_as_attempt_two(
+    nc: NatsClient, client: Client, session: str
+) -> None:
     executor = Executor()
     attempts: list[int] = []
 
@@ -46,7 +50,7 @@ async def test_retryable_failure_is_retried_as_attempt_two(nc, client: Client, s
     assert done.data["attempt"] == 2 and done.data["output"] == "second time lucky"
 
 
-async def test_unexpected_exception_is_retryable(nc, client: Client, session: str) -> None:
+async def test_unexpected_exception_is_retryable(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor()
     attempts: list[int] = []
 
@@ -67,7 +71,7 @@ async def test_unexpected_exception_is_retryable(nc, client: Client, session: st
     assert retry.data["error"] == "KeyError: 'missing'"
 
 
-async def test_fatal_failure_is_not_retried(nc, client: Client, session: str) -> None:
+async def test_fatal_failure_is_not_retried(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor()
     attempts: list[int] = []
 
@@ -87,7 +91,7 @@ async def test_fatal_failure_is_not_retried(nc, client: Client, session: str) ->
     assert failed.data["error"] == "404: no such page"
 
 
-async def test_handler_can_ask_a_question_mid_task(nc, client: Client, session: str) -> None:
+async def test_handler_can_ask_a_question_mid_task(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor()
     answers: list[str | None] = []
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -79,7 +79,7 @@ async def questions(
     session: str = "*",
     *,
     include_open: bool = True,
-) -> AsyncIterator[Question]:
+) -> AsyncGenerator[Question, None]:
     """Yields questions of `session` (or of every session, `*`) as they are asked, for ever.
 
     With `include_open` and one session, questions asked before the call and still open come
