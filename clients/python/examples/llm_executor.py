@@ -35,7 +35,8 @@ DEFAULT_TARGETS = "summarize,analyze,translate,generate,extract,llm"
 
 def messages_for(task: TaskMessage) -> list[dict[str, str]]:
     """The chat messages of one processing step."""
-    system = task.context.system_prompt or "You carry out one step of a larger plan. Answer with the result only."
+    system = (task.context.system_prompt
+              or "You carry out one step of a larger plan. Answer with the result only.")
     parts = [f"The request: {task.context.request}"]
     if task.context.summary:
         parts.append(f"Earlier in the conversation: {task.context.summary}")
@@ -47,7 +48,9 @@ def messages_for(task: TaskMessage) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def chat(base_url: str, model: str, api_key: str, timeout: float, messages: list[dict[str, str]]) -> TaskResult:
+def chat(
+    base_url: str, model: str, api_key: str, timeout: float, messages: list[dict[str, str]]
+) -> TaskResult:
     """One chat-completions request."""
     body = json.dumps({"model": model, "messages": messages}).encode()
     headers = {"Content-Type": "application/json"}

@@ -40,7 +40,7 @@ def build(root: Path, max_bytes: int, concurrency: int, prefix: str) -> Executor
         request = urllib.request.Request(urls[0], headers={"User-Agent": "planner-tool-executor"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                body = response.read(max_bytes)
+                body: bytes = response.read(max_bytes)
         except urllib.error.HTTPError as error:
             if error.code >= 500 or error.code == 429:
                 raise Retryable(f"HTTP {error.code} from {urls[0]}") from error

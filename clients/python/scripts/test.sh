@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Python client's tests against a real nats-server and the real daemon, in a virtualenv
-# of its own (target/python-venv, never the user's Python). Extra arguments go to pytest.
+# of its own (target/python-venv, never the user's Python), after `ruff check` and `mypy --strict`
+# (configured in pyproject.toml). Extra arguments go to pytest.
 #
 #   PLANNER_SVC_BIN  the daemon (default: target/debug/planner-svc; built by `cargo build -p planner-svc`)
 #   NATS_SERVER_BIN  nats-server 2.10 or newer (default: `nats-server` on PATH)
@@ -27,5 +28,14 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root/clients/python[test]"
+
+# The static checks first, with the configuration in pyproject.toml (hence the cd): each fails
+# the script on what it finds.
+cd "$root/clients/python"
+echo "ruff check" >&2
+"$venv/bin/python" -m ruff check
+echo "mypy --strict" >&2
+"$venv/bin/python" -m mypy
+cd "$root"
 
 exec "$venv/bin/python" -m pytest "$root/clients/python/tests" "$@"

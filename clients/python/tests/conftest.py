@@ -25,8 +25,9 @@ from pathlib import Path
 import nats
 import pytest
 import pytest_asyncio
+from nats.aio.client import Client as NatsClient
 
-from planner_client import Client, Executor
+from planner_client import Client, Executor, SessionEvent
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HEARTBEAT_TIMEOUT_MS = 900
@@ -65,7 +66,8 @@ def _planner_bin() -> str:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -99,7 +101,7 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("nats-server did not start listening within 10s")
+                    raise RuntimeError("nats-server did not start listening within 10s") from None
                 time.sleep(0.05)
         yield f"nats://127.0.0.1:{port}"
     finally:
@@ -151,7 +153,9 @@ async def planner(nats_url: str, tmp_path: Path) -> AsyncIterator[Planner]:
                 break
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"planner-svc not ready within 60s:\n{log_path.read_text()}")
+                    raise RuntimeError(
+                        f"planner-svc not ready within 60s:\n{log_path.read_text()}"
+                    ) from None
                 await asyncio.sleep(0.1)
         await nc.close()
         yield Planner(proc, log_path)
@@ -163,7 +167,7 @@ async def planner(nats_url: str, tmp_path: Path) -> AsyncIterator[Planner]:
 
 
 @pytest_asyncio.fixture
-async def nc(planner: Planner, nats_url: str) -> AsyncIterator[nats.aio.client.Client]:
+async def nc(planner: Planner, nats_url: str) -> AsyncIterator[NatsClient]:
     """A connection to the test's server, with the daemon running."""
     conn = await nats.connect(nats_url)
     try:
@@ -173,7 +177,7 @@ async def nc(planner: Planner, nats_url: str) -> AsyncIterator[nats.aio.client.C
 
 
 @pytest_asyncio.fixture
-async def client(nc: nats.aio.client.Client) -> Client:
+async def client(nc: NatsClient) -> Client:
     return Client(nc)
 
 
@@ -184,7 +188,7 @@ def session() -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(executor: Executor, nc: nats.aio.client.Client) -> AsyncIterator[asyncio.Event]:
+async def serving(executor: Executor, nc: NatsClient) -> AsyncIterator[asyncio.Event]:
     """Runs `executor` on `nc` inside the block; yields the shutdown event, and on exit shuts
     the executor down gracefully and waits for it."""
     shutdown = asyncio.Event()
@@ -204,9 +208,9 @@ async def serving(executor: Executor, nc: nats.aio.client.Client) -> AsyncIterat
         await asyncio.wait_for(task, timeout=executor.grace_period + 30)
 
 
-async def events_until_end(client: Client, session: str, timeout: float = 30) -> list:
+async def events_until_end(client: Client, session: str, timeout: float = 30) -> list[SessionEvent]:
     """Every event of the session up to the plan's end, read with `watch`."""
-    seen = []
+    seen: list[SessionEvent] = []
 
     async def collect() -> None:
         async for event in client.watch(session):

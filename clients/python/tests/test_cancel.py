@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 from conftest import HEARTBEAT_INTERVAL, events_until_end, serving
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from planner_client import Cancelled, Client, Executor, TaskContext, TaskMessage
 
@@ -19,11 +22,11 @@ SLACK = 0.5
 """Allowed beyond one heartbeat interval: the cancel command's round trip and scheduling."""
 
 
-async def reports_of(nc, session: str) -> list[dict]:
+async def reports_of(nc: NatsClient, session: str) -> list[dict[str, Any]]:
     """Collects every report published for the session (a core subscription sees them too)."""
-    seen: list[dict] = []
+    seen: list[dict[str, Any]] = []
 
-    async def collect(msg) -> None:
+    async def collect(msg: Msg) -> None:
         seen.append(json.loads(msg.data))
 
     await nc.subscribe(f"planner.report.{session}", cb=collect)
@@ -32,7 +35,7 @@ async def reports_of(nc, session: str) -> list[dict]:
 
 @pytest.mark.parametrize("fast_path", [False, True], ids=["heartbeat", "cancel-subject"])
 async def test_async_handler_is_cancelled_without_a_report(
-    nc, client: Client, session: str, fast_path: bool
+    nc: NatsClient, client: Client, session: str, fast_path: bool
 ) -> None:
     executor = Executor(listen_for_cancels=fast_path)
     started = asyncio.Event()
@@ -72,7 +75,9 @@ async def test_async_handler_is_cancelled_without_a_report(
     assert any(e.type == "task_cancelled" and e.data["task_id"] == "job" for e in events)
 
 
-async def test_sync_handler_sees_the_stop_through_its_context(nc, client: Client, session: str) -> None:
+async def test_sync_handler_sees_the_stop_through_its_context(
+    nc: NatsClient, client: Client, session: str
+) -> None:
     executor = Executor(listen_for_cancels=False)
     started = asyncio.Event()
     loop = asyncio.get_running_loop()

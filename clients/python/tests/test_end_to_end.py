@@ -7,11 +7,12 @@ import threading
 import time
 
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
 
 from planner_client import Client, Executor, TaskContext, TaskMessage, TaskResult
 
 
-async def test_supplied_plan_runs_to_completion(nc, client: Client, session: str) -> None:
+async def test_supplied_plan_runs_to_completion(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor(concurrency=4)
     seen: dict[str, TaskMessage] = {}
     threads: set[str] = set()
@@ -61,7 +62,7 @@ async def test_supplied_plan_runs_to_completion(nc, client: Client, session: str
     assert all(name.startswith("planner-handler") for name in threads)
 
 
-async def test_request_id_makes_a_resubmission_a_no_op(nc, client: Client, session: str) -> None:
+async def test_request_id_makes_a_resubmission_a_no_op(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor()
 
     @executor.tool("web_search")
@@ -85,7 +86,7 @@ async def test_request_id_makes_a_resubmission_a_no_op(nc, client: Client, sessi
     assert [t["target"] for t in planned[0].data["tasks"]] == ["web_search", "summarize"]
 
 
-async def test_concurrency_limit_is_respected(nc, client: Client, session: str) -> None:
+async def test_concurrency_limit_is_respected(nc: NatsClient, client: Client, session: str) -> None:
     executor = Executor(concurrency=2)
     running = 0
     most = 0
@@ -114,7 +115,7 @@ async def test_concurrency_limit_is_respected(nc, client: Client, session: str) 
 
 
 async def test_blocking_handler_keeps_its_attempt_through_heartbeats(
-    nc, client: Client, session: str
+    nc: NatsClient, client: Client, session: str
 ) -> None:
     # 1.5 s of blocking work is longer than the daemon's 0.9 s heartbeat timeout: the attempt
     # survives only because heartbeats go on from the event loop while the thread blocks.

@@ -12,20 +12,22 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
 
 from planner_client import Client, Executor, TaskContext, TaskMessage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def start(script: str, *args: str, env: dict[str, str], **popen: object) -> subprocess.Popen[str]:
+def start(script: str, *args: str, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(EXAMPLES / script), *args],
-        env={**os.environ, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        **popen,  # type: ignore[arg-type]
+        env={**os.environ, **env}, text=True, stdin=stdin, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -53,7 +55,7 @@ async def test_tool_executor_serves_until_sigterm(client: Client, session: str, 
         code, out = await finish(proc)
     assert code == 0, out
     assert "shutting down" in out
-    outputs = {e.data["task_id"]: e.data.get("output") or e.data.get("error") for e in events
+    outputs = {e.data["task_id"]: str(e.data.get("output") or e.data.get("error")) for e in events
                if e.type == "task_status_updated" and e.data["status"] in ("completed", "failed")}
     assert "notes.txt" in outputs["ls"]
     assert outputs["cat"] == "remember the milk"
@@ -64,9 +66,9 @@ async def test_tool_executor_serves_until_sigterm(client: Client, session: str, 
 class FakeLLM(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat-completions endpoint on loopback that echoes the step."""
 
-    requests: list[dict] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeLLM.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                  "body": body})
@@ -96,7 +98,7 @@ def fake_llm() -> Iterator[str]:
         server.shutdown()
 
 
-async def test_llm_executor_is_off_unless_configured() -> None:
+def test_llm_executor_is_off_unless_configured() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
     proc = subprocess.run([sys.executable, str(EXAMPLES / "llm_executor.py")], env=env,
                           capture_output=True, text=True, timeout=30)
@@ -128,7 +130,7 @@ async def test_llm_executor_against_a_local_endpoint(client: Client, session: st
     assert "The request: notes please" in request["body"]["messages"][1]["content"]
 
 
-async def test_terminal_ui_answers_from_stdin(nc, session: str, nats_url: str) -> None:
+async def test_terminal_ui_answers_from_stdin(nc: NatsClient, session: str, nats_url: str) -> None:
     executor = Executor()
 
     @executor.tool("web_search")

@@ -1,4 +1,5 @@
-"""The generated models stay equal to docs/schemas/ (and so to the Rust types), and read the protocol's examples."""
+"""The generated models stay equal to docs/schemas/ (and so to the Rust types) and read
+the protocol's examples."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_models_match_the_schemas(tmp_path: Path) -> None:
         if old != new:
             diff = "".join(difflib.unified_diff(old, new, f"checked-in/{name}", f"generated/{name}"))
             lines = diff.splitlines()
-            shown = "\n".join(lines[:40]) + (f"\n... ({len(lines) - 40} more lines)" if len(lines) > 40 else "")
+            more = f"\n... ({len(lines) - 40} more lines)" if len(lines) > 40 else ""
+            shown = "\n".join(lines[:40]) + more
             problems.append(f"{name} differs:\n{shown}")
     assert not problems, (
         "planner_client/models is out of date with docs/schemas/ (the Rust wire types changed?).\n"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
 
-from planner_client import Client, Executor, TaskContext, TaskMessage
+from planner_client import Client, Executor, Question, TaskContext, TaskMessage
 
 
 def executor_for_flights() -> tuple[Executor, dict[str, TaskMessage]]:
@@ -30,7 +32,7 @@ REQUEST = "1. search for flights\n2. Which date suits you?\n3. summarize the opt
 
 
 async def test_question_is_yielded_and_its_answer_completes_the_plan(
-    nc, client: Client, session: str
+    nc: NatsClient, client: Client, session: str
 ) -> None:
     executor, seen = executor_for_flights()
     async with serving(executor, nc):
@@ -43,7 +45,7 @@ async def test_question_is_yielded_and_its_answer_completes_the_plan(
         assert question.text == "Which date suits you?"
         assert question.deadline is None
         reply = await question.answer("next Friday")
-        assert [e.type for e in reply.events][0] == "clarification_answered"
+        assert reply.events[0].type == "clarification_answered"
         events = await events_until_end(client, session)
         await questions.aclose()
 
@@ -53,7 +55,9 @@ async def test_question_is_yielded_and_its_answer_completes_the_plan(
     assert "next Friday" in outputs.values()
 
 
-async def test_open_question_is_found_in_the_log_by_a_late_ui(nc, client: Client, session: str) -> None:
+async def test_open_question_is_found_in_the_log_by_a_late_ui(
+    nc: NatsClient, client: Client, session: str
+) -> None:
     executor, _ = executor_for_flights()
     async with serving(executor, nc):
         await client.submit(session, REQUEST)
@@ -72,7 +76,7 @@ async def test_open_question_is_found_in_the_log_by_a_late_ui(nc, client: Client
     assert [q async for q in _open_now(client, session)] == []
 
 
-async def _open_now(client: Client, session: str):
+async def _open_now(client: Client, session: str) -> AsyncGenerator[Question, None]:
     """The questions still open, without waiting for new ones."""
     questions = client.questions(session)
     try:

@@ -8,6 +8,7 @@ import pytest
 
 from planner_client import Fatal, NeedsClarification, Retryable, TaskMessage, TaskResult
 from planner_client.handlers import report_for
+from planner_client.models.executor_report import ReportMessageFailed
 from planner_client.reporting import ERROR_CHARS, MAX_REPORT_BYTES
 
 TASK = TaskMessage.model_validate({
@@ -17,9 +18,9 @@ TASK = TaskMessage.model_validate({
 })
 
 
-def ended(result: object = None, error: BaseException | None = None) -> Future:
+def ended(result: object = None, error: BaseException | None = None) -> Future[object]:
     """A finished handler (report_for only reads `result()`)."""
-    future: Future = Future()
+    future: Future[object] = Future()
     if error is not None:
         future.set_exception(error)
     else:
@@ -38,7 +39,7 @@ def ended(result: object = None, error: BaseException | None = None) -> Future:
     (ended({"not": "a string"}), {"status": "failed", "retryable": False,
                                   "error": "the handler returned dict; it must return str or TaskResult"}),
 ])
-def test_endings(ending: Future, expected: dict) -> None:
+def test_endings(ending: Future[object], expected: dict[str, object]) -> None:
     report = report_for(ending, TASK, "lease-1")
     body = report.model_dump(exclude_none=True)
     assert body == {"task_id": "t1", "attempt": 3, "lease": "lease-1", **expected}
@@ -46,11 +47,13 @@ def test_endings(ending: Future, expected: dict) -> None:
 
 def test_an_output_too_large_to_report_fails_for_good() -> None:
     report = report_for(ended("x" * MAX_REPORT_BYTES), TASK, "lease-1")
+    assert isinstance(report, ReportMessageFailed)
     assert report.status == "failed" and report.retryable is False
     assert "more than the 262144 a report may carry" in report.error
 
 
 def test_long_errors_keep_head_and_tail() -> None:
     report = report_for(ended(error=Retryable("a" * ERROR_CHARS + "z" * ERROR_CHARS)), TASK, "l")
+    assert isinstance(report, ReportMessageFailed)
     assert len(report.error) < ERROR_CHARS + 20
     assert report.error.startswith("aaa") and report.error.endswith("zzz") and "[...]" in report.error

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
 
 from planner_client import Client, Executor, TaskContext, TaskMessage
 
 
-def two_tasks(target: str) -> dict:
+def two_tasks(target: str) -> dict[str, Any]:
     return {"tasks": [{"id": f"t{i}", "description": "work", "kind": "tool_call", "target": target}
                       for i in (1, 2)]}
 
 
-async def test_in_flight_work_finishes_and_nothing_new_is_taken(nc, client: Client, session: str) -> None:
+async def test_in_flight_work_finishes_and_nothing_new_is_taken(
+    nc: NatsClient, client: Client, session: str
+) -> None:
     ran_by: dict[str, str] = {}
     started = asyncio.Event()
     saw_shutdown: list[bool] = []
@@ -47,7 +51,9 @@ async def test_in_flight_work_finishes_and_nothing_new_is_taken(nc, client: Clie
     assert "retry_scheduled" not in [e.type for e in events]
 
 
-async def test_work_past_the_grace_period_is_handed_back(nc, client: Client, session: str) -> None:
+async def test_work_past_the_grace_period_is_handed_back(
+    nc: NatsClient, client: Client, session: str
+) -> None:
     stopped: list[str | None] = []
     started = asyncio.Event()
 

@@ -123,7 +123,7 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
             await reporting.publish(rt.js, rt.subjects, task.session,
                                     reporting.started(task, ctx.lease), give_up=rt.hard_stop)
         await _supervise(handler, task, control, rt)
-    except Exception:  # noqa: BLE001 - one attempt's bug must not end the executor
+    except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
                       task.attempt)
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import nats
@@ -31,8 +31,8 @@ from .models.command import (
     ClientCommandCancel,
     ClientCommandContinue,
     ClientCommandInitialize,
-    PlanSpec,
     Planning,
+    PlanSpec,
 )
 from .subjects import Subjects, check_token
 
@@ -148,7 +148,7 @@ class Client:
 
     # Events and questions ----------------------------------------------------------------
 
-    def watch(self, session: str, *, from_start: bool = True) -> AsyncIterator[SessionEvent]:
+    def watch(self, session: str, *, from_start: bool = True) -> AsyncGenerator[SessionEvent, None]:
         """The session's events as an async iterator: its log from the start (or from now),
         then live, without end. Break out when done (`event.ends_plan` marks a plan's end)."""
         check_token(session, "session")
@@ -170,7 +170,9 @@ class Client:
 
         return await asyncio.wait_for(first_end(), timeout)
 
-    def questions(self, session: str = "*", *, include_open: bool = True) -> AsyncIterator[ui.Question]:
+    def questions(
+        self, session: str = "*", *, include_open: bool = True
+    ) -> AsyncGenerator[ui.Question, None]:
         """Questions for humans as they arrive, for one session or every one (`*`); see `ui`."""
         if session != "*":
             check_token(session, "session")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +100,7 @@ def parse_batch(payload: bytes, headers: dict[str, str] | None) -> list[SessionE
 
 async def watch(
     js: JetStreamContext, subjects: Subjects, session: str, *, from_start: bool = True
-) -> AsyncIterator[SessionEvent]:
+) -> AsyncGenerator[SessionEvent, None]:
     """Yields the session's events, from the start (or from now), then live, for ever.
 
     Break out of the loop to stop; the consumer is ephemeral and goes when the iteration is

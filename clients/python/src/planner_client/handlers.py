@@ -16,7 +16,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
+
+from pydantic import ValidationError
 
 from . import reporting
 from .context import TaskContext, TaskResult
@@ -26,10 +28,10 @@ from .subjects import TaskKind
 
 log = logging.getLogger(__name__)
 
-HandlerResult = Union[str, TaskResult]
+HandlerResult = str | TaskResult
 """What a handler returns: the output, or the output with the tokens it used."""
 
-HandlerFn = Callable[[TaskMessage, TaskContext], Union[HandlerResult, Awaitable[HandlerResult]]]
+HandlerFn = Callable[[TaskMessage, TaskContext], HandlerResult | Awaitable[HandlerResult]]
 """A handler: `fn(task, ctx) -> str | TaskResult`, plain or `async`."""
 
 
@@ -48,7 +50,7 @@ class Handler:
         while isinstance(fn, functools.partial):
             fn = fn.func
         return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)
+            getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
         )
 
 
@@ -79,7 +81,13 @@ def report_for(work: asyncio.Future[Any] | Future[Any], task: TaskMessage, lease
         return reporting.failed(task, lease, str(cancelled), retryable=True)
     except asyncio.CancelledError:
         return reporting.failed(task, lease, "the handler was cancelled", retryable=True)
-    except Exception as error:  # noqa: BLE001 - any other failure is reported, retryable
+    except ValidationError as error:
+        # The handler could not read its input (the task, or what it derived from it): the next
+        # attempt gets the same input and would fail the same way.
+        log.warning("handler %s could not validate its input on %s/%s attempt %s: %s",
+                    task.target, task.session, task.task_id, task.attempt, error)
+        return reporting.failed(task, lease, f"invalid input: {error}", retryable=False)
+    except Exception as error:  # any other failure is reported, retryable
         log.warning("handler %s failed on %s/%s attempt %s", task.target, task.session,
                     task.task_id, task.attempt, exc_info=error)
         return reporting.failed(task, lease, f"{type(error).__name__}: {error}", retryable=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NatsClient
@@ -61,10 +61,9 @@ def open_questions(log_events: list[events.SessionEvent]) -> list[tuple[str, int
             cmd = data.get("cmd") or {}
             asked[task_id] = (task_id, int(data.get("attempt", 0)), str(cmd.get("question", "")),
                               cmd.get("deadline"))
-        elif event.type in ("clarification_answered", "task_cancelled"):
-            asked.pop(task_id, None)
-        elif event.type == "task_status_updated" and data.get("status") in (
-            "completed", "failed", "cancelled"
+        elif event.type in ("clarification_answered", "task_cancelled") or (
+            event.type == "task_status_updated"
+            and data.get("status") in ("completed", "failed", "cancelled")
         ):
             asked.pop(task_id, None)
         elif event.ends_plan:
@@ -80,7 +79,7 @@ async def questions(
     session: str = "*",
     *,
     include_open: bool = True,
-) -> AsyncIterator[Question]:
+) -> AsyncGenerator[Question, None]:
     """Yields questions of `session` (or of every session, `*`) as they are asked, for ever.
 
     With `include_open` and one session, questions asked before the call and still open come

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def encode(message: BaseModel) -> bytes:
@@ -26,9 +27,9 @@ def decode(model: type[M], payload: bytes) -> M:
     return model.model_validate_json(payload)
 
 
-def decode_root(model: type[BaseModel], payload: bytes) -> Any:
+def decode_root(model: type[RootModel[T]], payload: bytes) -> T:
     """Parses a tagged union (a generated RootModel) and returns the variant it holds."""
-    return model.model_validate_json(payload).root  # type: ignore[attr-defined]
+    return model.model_validate_json(payload).root
 
 
 def loads(payload: bytes) -> Any:
