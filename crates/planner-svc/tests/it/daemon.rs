@@ -111,6 +111,15 @@ async fn cancelling_mid_plan_stops_the_running_task_on_the_cancel_subject() {
         plan(&[("a", "slow", &[]), ("b", "tool", &["a"])]),
     )
     .await;
+    // Cancel once the executor runs `a` (it has claimed it), not while it is still queued:
+    // then the claim itself would be refused, which is another test's story.
+    let running = ("s-cancel".to_owned(), "a".to_owned(), 1);
+    for _ in 0..200 {
+        if _executors.executions.lock().unwrap().contains_key(&running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let reply = command(
         &client,
         "s-cancel",
@@ -131,7 +140,7 @@ async fn cancelling_mid_plan_stops_the_running_task_on_the_cancel_subject() {
     assert_eq!(cancel.subject.as_str(), "planner.cancel.s-cancel.a");
     // The executor, still working and heartbeating, learns it from its next heartbeat.
     let mut stopped = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..200 {
         stopped = _executors.stops.lock().unwrap().clone();
         if !stopped.is_empty() {
             break;
@@ -952,7 +961,13 @@ async fn requests_past_the_admission_limit_are_answered_busy() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the LLM has the first request: its command holds the slot until it answers.
+    for _ in 0..200 {
+        if !llm.requests.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let second = command(
         &client,
         "s-other",
