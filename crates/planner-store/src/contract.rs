@@ -166,6 +166,12 @@ pub enum StoreError {
         #[source]
         source: DecodeError,
     },
+    /// The store was opened read-only (an operator command): it does not write.
+    #[error("the event store at {path} is open read-only")]
+    ReadOnly {
+        /// The store's directory.
+        path: String,
+    },
     /// Another process holds the store's lock.
     #[error("the event store at {path} is in use by another process (lock file held)")]
     Locked {

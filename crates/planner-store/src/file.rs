@@ -117,8 +117,9 @@ pub struct FileStore {
     reader: Arc<File>,
     index: Arc<Mutex<Index>>,
     writer: mpsc::UnboundedSender<AppendRequest>,
-    /// Held for the store's life: the lock file's handle keeps the OS lock.
-    _lock: File,
+    /// Held for the store's life: the lock file's handle keeps the OS lock. None when the
+    /// store was opened read-only.
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -194,8 +195,38 @@ impl FileStore {
             reader: Arc::new(reader),
             index,
             writer: tx,
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// Opens the store in `config.dir` to read it, as it is now: no lock (a `run` or `serve`
+    /// may be writing it at the same time), no writer, and a torn tail is skipped rather than
+    /// repaired. Appends and snapshots are refused with [`StoreError::ReadOnly`]. For operator
+    /// commands (`replay`, `sessions`).
+    pub fn open_read_only(config: FileStoreConfig) -> Result<Self, StoreError> {
+        let log_path = config.dir.join("events.log");
+        let mut file =
+            File::open(&log_path).map_err(io(format!("opening {}", log_path.display())))?;
+        let (index, _good) = scan_log(&mut file, &log_path, config.max_record_bytes)?;
+        // A closed channel: every append is refused before it is sent.
+        let (tx, _) = mpsc::unbounded_channel();
+        Ok(FileStore {
+            config,
+            log_path,
+            reader: Arc::new(file),
+            index: Arc::new(Mutex::new(index)),
+            writer: tx,
+            _lock: None,
+        })
+    }
+
+    fn refuse_writes(&self) -> Result<(), StoreError> {
+        match self._lock {
+            Some(_) => Ok(()),
+            None => Err(StoreError::ReadOnly {
+                path: self.config.dir.display().to_string(),
+            }),
+        }
     }
 
     /// The directory the store lives in.
@@ -227,6 +258,7 @@ impl EventStore for FileStore {
         events: &[Event],
     ) -> Result<u64, StoreError> {
         check_stream(stream)?;
+        self.refuse_writes()?;
         if events.is_empty() {
             let current = self.index().version(stream);
             return if current == expected_version {
@@ -296,6 +328,7 @@ impl EventStore for FileStore {
 
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         check_stream(stream)?;
+        self.refuse_writes()?;
         let path = self.snapshot_path(stream);
         let bytes = snapshot.encode();
         tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
@@ -439,6 +472,29 @@ fn scan_at(data: &[u8], offset: usize, max_record: usize) -> Scan {
 
 /// Scans the whole log, builds the index, and truncates a torn tail.
 fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, StoreError> {
+    let (index, good) = scan_log(file, path, max_record)?;
+    let len = file
+        .metadata()
+        .map_err(io(format!("reading the length of {}", path.display())))?
+        .len();
+    if good < len {
+        tracing::warn!(
+            path = %path.display(),
+            offset = good,
+            bytes = len - good,
+            "truncating a torn write at the end of the event log"
+        );
+        file.set_len(good)
+            .and_then(|()| file.sync_all())
+            .map_err(io(format!("truncating {}", path.display())))?;
+    }
+    Ok(index)
+}
+
+/// Reads the whole log and indexes its records; returns the index and where the good records
+/// end (before a torn tail, if any). Damage followed by a good record is refused: only a torn
+/// write at the end is something to skip.
+fn scan_log(file: &mut File, path: &Path, max_record: usize) -> Result<(Index, u64), StoreError> {
     let mut data = Vec::new();
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut data))
@@ -478,8 +534,6 @@ fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, Sto
                 offset += HEADER_LEN as usize + len as usize;
             }
             Scan::Bad(reason) => {
-                // A torn write leaves garbage only at the end. If any good record follows, this
-                // is damage in the middle of the log: refuse to guess.
                 let later = (offset + 1..data.len())
                     .find(|&o| matches!(scan_at(&data, o, max_record), Scan::Record { .. }));
                 if let Some(good) = later {
@@ -488,22 +542,11 @@ fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, Sto
                         format!("{reason}, with a good record at byte {good} after it"),
                     ));
                 }
-                let cut = data.len() - offset;
-                tracing::warn!(
-                    path = %path.display(),
-                    offset,
-                    bytes = cut,
-                    reason,
-                    "truncating a torn write at the end of the event log"
-                );
-                file.set_len(offset as u64)
-                    .and_then(|()| file.sync_all())
-                    .map_err(io(format!("truncating {}", path.display())))?;
                 break;
             }
         }
     }
-    Ok(index)
+    Ok((index, offset as u64))
 }
 
 struct Writer {

@@ -291,10 +291,13 @@ where
     let store = match config.store.kind {
         StoreKind::File => {
             let dir = config.store.data_dir.clone();
+            // Read-only: no lock, so a `run` or `serve` may keep writing meanwhile.
             AnyStore::File(
-                tokio::task::spawn_blocking(move || FileStore::open(FileStoreConfig::new(dir)))
-                    .await?
-                    .context("opening the file store")?,
+                tokio::task::spawn_blocking(move || {
+                    FileStore::open_read_only(FileStoreConfig::new(dir))
+                })
+                .await?
+                .context("opening the file store")?,
             )
         }
         StoreKind::Jetstream => {

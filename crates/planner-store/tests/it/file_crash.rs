@@ -167,3 +167,34 @@ async fn an_append_over_the_record_limit_is_refused() {
     );
     assert_eq!(store.version("s").await.unwrap(), 0);
 }
+
+/// `replay` and `sessions` could not read a store a `run` was using (its lock). A read-only
+/// open takes no lock, reads what is there, skips a torn tail without repairing it, and
+/// refuses to write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_in_use_can_be_read_without_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = open(dir.path()).unwrap();
+    let a = events(4, "a");
+    writer.append("s", 0, &a).await.unwrap();
+    assert!(matches!(open(dir.path()), Err(StoreError::Locked { .. })));
+
+    // A torn write at the end, as a crash mid-append leaves it.
+    let mut log = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("events.log"))
+        .unwrap();
+    log.write_all(&[0x00, 0x00, 0x01]).unwrap();
+    drop(log);
+    let torn = log_len(dir.path());
+
+    let reader = FileStore::open_read_only(FileStoreConfig::new(dir.path())).unwrap();
+    assert_eq!(reader.load_all("s").await.unwrap(), a);
+    assert_eq!(reader.list_streams().await.unwrap(), vec!["s".to_owned()]);
+    assert_eq!(log_len(dir.path()), torn, "a reader repairs nothing");
+    assert!(matches!(
+        reader.append("s", 4, &events(1, "x")).await,
+        Err(StoreError::ReadOnly { .. })
+    ));
+    drop(writer);
+}

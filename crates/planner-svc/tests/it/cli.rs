@@ -546,3 +546,68 @@ fn executor_uses_its_nats_url_and_says_to_start_serve_first() {
         "it dialled another URL:\n{stderr}"
     );
 }
+
+/// While a `run` waited (at a question, or on slow executors), `replay` and `sessions` failed
+/// on the data directory's lock: read-only commands do not need it.
+#[test]
+fn replay_and_sessions_read_a_store_a_run_is_using() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "10000",
+            "search for flights",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
+    let session = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("session ")
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("-> t1") {
+            break;
+        }
+    }
+    let replay = planner_svc()
+        .current_dir(dir.path())
+        .args(["replay", "--data-dir", "data", &session])
+        .output()
+        .unwrap();
+    let sessions = planner_svc()
+        .current_dir(dir.path())
+        .args(["sessions", "--data-dir", "data"])
+        .output()
+        .unwrap();
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("phase Running"));
+    assert!(
+        sessions.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sessions.stderr)
+    );
+    let listed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&sessions.stdout),
+        String::from_utf8_lossy(&sessions.stderr)
+    );
+    assert!(listed.contains(&session), "{listed}");
+}
