@@ -205,9 +205,19 @@ impl FileStore {
     /// commands (`replay`, `sessions`).
     pub fn open_read_only(config: FileStoreConfig) -> Result<Self, StoreError> {
         let log_path = config.dir.join("events.log");
-        let mut file =
-            File::open(&log_path).map_err(io(format!("opening {}", log_path.display())))?;
-        let (index, _good) = scan_log(&mut file, &log_path, config.max_record_bytes)?;
+        let (file, index) = match File::open(&log_path) {
+            Ok(mut file) => {
+                let (index, _good) = scan_log(&mut file, &log_path, config.max_record_bytes)?;
+                (file, index)
+            }
+            // No log yet: an empty store, which is what a reader of it should see (the
+            // reader is never read from with an empty index; the store is Unix-only anyway).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let empty = File::open("/dev/null").map_err(io("opening /dev/null"))?;
+                (empty, Index::default())
+            }
+            Err(e) => return Err(io(format!("opening {}", log_path.display()))(e)),
+        };
         // A closed channel: every append is refused before it is sent.
         let (tx, _) = mpsc::unbounded_channel();
         Ok(FileStore {
