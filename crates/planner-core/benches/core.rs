@@ -18,6 +18,7 @@ fn graph(tasks: usize, prefix: &str) -> PlanSpec {
                 }
             }
             TaskSpec {
+                timeouts: None,
                 id: TaskId(format!("{prefix}{i}")),
                 description: format!("step {i} of the benchmark graph"),
                 kind: if i % 2 == 0 {

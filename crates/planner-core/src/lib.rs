@@ -90,7 +90,7 @@ pub use event::{
 };
 pub use handler::Handler;
 pub use parse::{parse_input, parse_input_from};
-pub use plan::{validate_plan, PlanError, PlanSpec, TaskSpec};
+pub use plan::{validate_plan, PlanError, PlanSpec, TaskSpec, TaskTimeouts};
 pub use planner::Planner;
 pub use state::{Context, PendingQuestion, PlanPhase, PlannerState, Usage};
 pub use types::{

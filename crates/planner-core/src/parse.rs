@@ -71,6 +71,7 @@ impl Builder {
                 let id = self.fresh_id();
                 let question = format!("What should replace {placeholder} in: \"{step}\"?");
                 self.tasks.push(TaskSpec {
+                    timeouts: None,
                     id: id.clone(),
                     description: question.clone(),
                     kind: NodeKind::Clarification,
@@ -84,6 +85,7 @@ impl Builder {
         }
         let id = self.fresh_id();
         self.tasks.push(TaskSpec {
+            timeouts: None,
             id: id.clone(),
             description: step.to_owned(),
             kind,

@@ -43,12 +43,38 @@ pub struct TaskSpec {
     /// For clarifications, the question to ask; the description when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub question: Option<String>,
+    /// Limits for this task's attempts that replace the session's `leases` ones (a task known
+    /// to run for hours, or one that must answer in seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TaskTimeouts>,
+}
+
+/// A task's own attempt timeouts; each one set replaces the session's (`PlannerConfig::leases`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TaskTimeouts {
+    /// A claimed attempt with no heartbeat for this long is timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// A claimed attempt running longer than this is timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_to_close_ms: Option<u64>,
+    /// With claims required, an attempt nobody claims within this long is timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_to_start_ms: Option<u64>,
 }
 
 /// Why a plan was refused. The first problem found is reported.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum PlanError {
+    /// A task's own timeout is 0 (leave it out for the session's).
+    #[error("task {task_id} has a timeout of 0 ms")]
+    ZeroTimeout {
+        /// The task.
+        task_id: TaskId,
+    },
     /// The plan has no task.
     #[error("the plan has no task")]
     Empty,
@@ -137,6 +163,19 @@ pub fn validate_plan(
                 id: task.id.0.clone(),
             });
         }
+        if let Some(t) = task.timeouts {
+            if [
+                t.heartbeat_timeout_ms,
+                t.start_to_close_ms,
+                t.schedule_to_start_ms,
+            ]
+            .contains(&Some(0))
+            {
+                return Err(PlanError::ZeroTimeout {
+                    task_id: task.id.clone(),
+                });
+            }
+        }
         if !is_valid_token(&task.target) {
             return Err(PlanError::InvalidTarget {
                 task_id: task.id.clone(),
@@ -219,6 +258,7 @@ mod tests {
 
     fn spec(id: &str, deps: &[&str]) -> TaskSpec {
         TaskSpec {
+            timeouts: None,
             id: id.into(),
             description: format!("do {id}"),
             kind: NodeKind::Processing,

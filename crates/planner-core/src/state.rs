@@ -571,6 +571,7 @@ impl PlannerState {
                 not_before: None,
                 dispatched_at: None,
                 lease: None,
+                timeouts: spec.timeouts,
             });
             self.index.insert(spec.id.clone(), i);
             self.dependents.push(Vec::new());

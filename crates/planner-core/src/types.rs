@@ -232,6 +232,9 @@ pub struct Task {
     /// The current attempt's claim, if an executor claimed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// The task's own attempt timeouts, from its plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<crate::plan::TaskTimeouts>,
 }
 
 /// An executor's claim on the current attempt of a task.

@@ -199,6 +199,7 @@ impl LlmPlanner {
                 }
             });
             tasks.push(TaskSpec {
+                timeouts: None,
                 id: TaskId(task.id),
                 question: task.question.or_else(|| {
                     (task.kind == NodeKind::Clarification).then(|| task.description.clone())

@@ -113,6 +113,7 @@ fn long_real_session(events: usize) -> Vec<Vec<Event>> {
     while total < events {
         let tasks = (0..1_000)
             .map(|i| TaskSpec {
+                timeouts: None,
                 id: TaskId(format!("r{turn}_{i}")),
                 description: format!("step {i} of request {turn}"),
                 kind: NodeKind::ToolCall,

@@ -7,7 +7,7 @@ use crate::command::FenceReason;
 use crate::error::Error;
 use crate::event::Event;
 use crate::state::PlannerState;
-use crate::types::{NodeKind, TaskId, TaskStatus, Timestamp};
+use crate::types::{NodeKind, Task, TaskId, TaskStatus, Timestamp};
 
 /// Why an attempt is closed by the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,13 @@ impl Timeout {
     }
 }
 
+/// The heartbeat timeout of a task's attempts: its own, or the session's.
+fn heartbeat_timeout(state: &PlannerState, task: &Task) -> Option<u64> {
+    task.timeouts
+        .and_then(|t| t.heartbeat_timeout_ms)
+        .or(state.config.leases.heartbeat_timeout_ms)
+}
+
 /// When the attempt of task `i` times out, and why, if it can.
 fn attempt_deadline(state: &PlannerState, i: usize) -> Option<(Timestamp, Timeout, u64)> {
     let task = state.tasks.get(i)?;
@@ -40,13 +47,17 @@ fn attempt_deadline(state: &PlannerState, i: usize) -> Option<(Timestamp, Timeou
         return None;
     }
     let policy = &state.config.leases;
+    let own = task.timeouts.unwrap_or_default();
+    let heartbeat_timeout = heartbeat_timeout(state, task);
+    let start_to_close = own.start_to_close_ms.or(policy.start_to_close_ms);
+    let schedule_to_start = own.schedule_to_start_ms.or(policy.schedule_to_start_ms);
     let mut deadlines = Vec::with_capacity(2);
     match &task.lease {
         Some(lease) => {
-            if let Some(limit) = policy.heartbeat_timeout_ms {
+            if let Some(limit) = heartbeat_timeout {
                 deadlines.push((lease.beat_at.plus_millis(limit), Timeout::Heartbeat, limit));
             }
-            if let Some(limit) = policy.start_to_close_ms {
+            if let Some(limit) = start_to_close {
                 deadlines.push((
                     lease.claimed_at.plus_millis(limit),
                     Timeout::StartToClose,
@@ -55,11 +66,9 @@ fn attempt_deadline(state: &PlannerState, i: usize) -> Option<(Timestamp, Timeou
             }
         }
         None => {
-            if let (true, Some(limit), Some(at)) = (
-                policy.require_claim,
-                policy.schedule_to_start_ms,
-                task.dispatched_at,
-            ) {
+            if let (true, Some(limit), Some(at)) =
+                (policy.require_claim, schedule_to_start, task.dispatched_at)
+            {
                 deadlines.push((at.plus_millis(limit), Timeout::ScheduleToStart, limit));
             }
         }
@@ -199,10 +208,9 @@ impl Decision<'_> {
             });
         }
         self.check_lease(i, attempt, Some(&lease))?;
-        let (Some(limit), Some(held)) = (
-            self.state.config.leases.heartbeat_timeout_ms,
-            self.state.tasks[i].lease.as_ref(),
-        ) else {
+        let task = &self.state.tasks[i];
+        let (Some(limit), Some(held)) = (heartbeat_timeout(self.state, task), task.lease.as_ref())
+        else {
             return Ok(());
         };
         if now >= held.beat_at.plus_millis(limit / 2) {
@@ -242,23 +250,21 @@ impl Decision<'_> {
     /// One heartbeat timeout of grace for every claimed, running attempt, recorded only when
     /// some lease's last beat is older than half the timeout (as heartbeats are).
     pub(super) fn extend_leases(&mut self, now: Timestamp) {
-        let Some(limit) = self.state.config.leases.heartbeat_timeout_ms else {
-            return;
-        };
         if self.state.phase != crate::state::PlanPhase::Running {
             return;
         }
-        let stale = self
-            .state
+        let state = &*self.state;
+        let stale = state
             .tasks
-            .get(self.state.cursor..)
+            .get(state.cursor..)
             .unwrap_or_default()
             .iter()
             .any(|t| {
                 t.status == TaskStatus::Running
                     && t.lease
                         .as_ref()
-                        .is_some_and(|l| now >= l.beat_at.plus_millis(limit / 2))
+                        .zip(heartbeat_timeout(state, t))
+                        .is_some_and(|(l, limit)| now >= l.beat_at.plus_millis(limit / 2))
             });
         if stale {
             self.emit(Event::LeasesExtended { at: now });

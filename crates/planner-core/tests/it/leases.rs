@@ -262,3 +262,51 @@ fn a_planner_coming_back_gives_running_attempts_one_timeout_of_grace() {
         .when(done_under("t1", 1, Some("L1"), 120_000))
         .then_expect_types(&["task_status_updated", "plan_completed"]);
 }
+
+#[test]
+fn a_task_of_a_supplied_plan_can_carry_its_own_timeouts() {
+    let quick = TaskSpec {
+        timeouts: Some(TaskTimeouts {
+            heartbeat_timeout_ms: Some(2_000),
+            ..TaskTimeouts::default()
+        }),
+        ..work("quick", &[])
+    };
+    let plan = || {
+        Scenario::with_config(strict()).given_commands([
+            init_plan(vec![quick.clone(), work("slow", &[])]),
+            claim("quick", 1, "Q", 0),
+            claim("slow", 1, "S", 0),
+        ])
+    };
+    // Its own 2 s, not the session's 30 s; the other task keeps the session's.
+    assert_eq!(plan().planner().next_deadline(), Some(at(2_000)));
+    let after = plan()
+        .when(Command::Tick { now: at(2_000) })
+        .then_expect_types(&["retry_scheduled"]);
+    assert_eq!(
+        after
+            .planner()
+            .state()
+            .task(&"slow".into())
+            .map(|t| t.status),
+        Some(TaskStatus::Running)
+    );
+    // Heartbeats are recorded at half its own timeout.
+    plan()
+        .when(beat("quick", 1, "Q", 1_000))
+        .then_expect_types(&["attempt_heartbeat"]);
+    // A zero timeout is a plan error, not a task that times out at once.
+    let zero = TaskSpec {
+        timeouts: Some(TaskTimeouts {
+            start_to_close_ms: Some(0),
+            ..TaskTimeouts::default()
+        }),
+        ..work("zero", &[])
+    };
+    Scenario::with_config(strict())
+        .when(init_plan(vec![zero]))
+        .then_expect_error(Error::InvalidPlan(PlanError::ZeroTimeout {
+            task_id: "zero".into(),
+        }));
+}

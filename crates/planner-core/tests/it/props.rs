@@ -219,6 +219,7 @@ impl Runner {
                             dependencies.push(existing[*deps as usize % existing.len()].clone());
                         }
                         TaskSpec {
+                            timeouts: None,
                             id: TaskId(format!("{prefix}{i}")),
                             description: format!("step {i}"),
                             kind,

@@ -91,6 +91,7 @@ impl Sim {
                     .map(|j| TaskId(format!("s{j}")))
                     .collect();
                 TaskSpec {
+                    timeouts: None,
                     id: TaskId(format!("s{i}")),
                     description: format!("step {i}"),
                     kind,

@@ -30,6 +30,7 @@ pub fn init_plan(tasks: Vec<TaskSpec>) -> Command {
 
 pub fn spec(id: &str, kind: NodeKind, deps: &[&str]) -> TaskSpec {
     TaskSpec {
+        timeouts: None,
         id: id.into(),
         description: format!("do {id}"),
         kind,

@@ -74,42 +74,26 @@ class Planning(BaseModel):
     """
 
 
-class TaskSpec(BaseModel):
+class TaskTimeouts(BaseModel):
     """
-    One task of a [`PlanSpec`].
+    A task's own attempt timeouts; each one set replaces the session's (`PlannerConfig::leases`).
     """
 
     model_config = ConfigDict(
         extra="forbid",
         populate_by_name=True,
     )
-    attachments: Annotated[list[Attachment], Field(validate_default=True)] = []
+    heartbeat_timeout_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Files or URLs the task needs.
+    A claimed attempt with no heartbeat for this long is timed out.
     """
-    dependencies: list[str] = []
+    schedule_to_start_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Tasks, in this plan or earlier ones of the session, that must complete first.
+    With claims required, an attempt nobody claims within this long is timed out.
     """
-    description: str
+    start_to_close_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    What to do.
-    """
-    id: str
-    """
-    Unique in the session; a valid subject token (see [`is_valid_token`]).
-    """
-    kind: Literal["clarification", "tool_call", "processing"]
-    """
-    Who carries it out.
-    """
-    question: str | None = None
-    """
-    For clarifications, the question to ask; the description when absent.
-    """
-    target: str
-    """
-    The tool or step serving it; `user` for clarifications. A valid subject token.
+    A claimed attempt running longer than this is timed out.
     """
 
 
@@ -147,6 +131,70 @@ class CancelTargetTask(BaseModel):
     """
     The task.
     """
+
+
+class TaskSpec(BaseModel):
+    """
+    One task of a [`PlanSpec`].
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+    )
+    attachments: Annotated[list[Attachment], Field(validate_default=True)] = []
+    """
+    Files or URLs the task needs.
+    """
+    dependencies: list[str] = []
+    """
+    Tasks, in this plan or earlier ones of the session, that must complete first.
+    """
+    description: str
+    """
+    What to do.
+    """
+    id: str
+    """
+    Unique in the session; a valid subject token (see [`is_valid_token`]).
+    """
+    kind: Literal["clarification", "tool_call", "processing"]
+    """
+    Who carries it out.
+    """
+    question: str | None = None
+    """
+    For clarifications, the question to ask; the description when absent.
+    """
+    target: str
+    """
+    The tool or step serving it; `user` for clarifications. A valid subject token.
+    """
+    timeouts: TaskTimeouts | None = None
+    """
+    Limits for this task's attempts that replace the session's `leases` ones (a task known
+    to run for hours, or one that must answer in seconds).
+    """
+
+
+class ClientCommandCancel(BaseModel):
+    """
+    Cancel one task (with everything that depends on it) or the whole plan.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+    )
+    reason: str | None = None
+    """
+    Why, for the record.
+    """
+    target: CancelTargetPlan | CancelTargetTask
+    """
+    What to cancel.
+    """
+    type: Literal["cancel"]
 
 
 class PlanSpec(BaseModel):
@@ -196,26 +244,6 @@ class ClientCommandInitialize(BaseModel):
     has already seen is a retry and changes nothing. At most 128 characters.
     """
     type: Literal["initialize"]
-
-
-class ClientCommandCancel(BaseModel):
-    """
-    Cancel one task (with everything that depends on it) or the whole plan.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-    )
-    reason: str | None = None
-    """
-    Why, for the record.
-    """
-    target: CancelTargetPlan | CancelTargetTask
-    """
-    What to cancel.
-    """
-    type: Literal["cancel"]
 
 
 class ClientCommand(

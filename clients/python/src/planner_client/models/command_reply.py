@@ -174,42 +174,26 @@ class RetryPolicy(BaseModel):
     """
 
 
-class TaskSpec(BaseModel):
+class TaskTimeouts(BaseModel):
     """
-    One task of a [`PlanSpec`].
+    A task's own attempt timeouts; each one set replaces the session's (`PlannerConfig::leases`).
     """
 
     model_config = ConfigDict(
         extra="forbid",
         populate_by_name=True,
     )
-    attachments: Annotated[list[Attachment], Field(validate_default=True)] = []
+    heartbeat_timeout_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Files or URLs the task needs.
+    A claimed attempt with no heartbeat for this long is timed out.
     """
-    dependencies: list[str] = []
+    schedule_to_start_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    Tasks, in this plan or earlier ones of the session, that must complete first.
+    With claims required, an attempt nobody claims within this long is timed out.
     """
-    description: str
+    start_to_close_ms: Annotated[int | None, Field(ge=0)] = None
     """
-    What to do.
-    """
-    id: str
-    """
-    Unique in the session; a valid subject token (see [`is_valid_token`]).
-    """
-    kind: Literal["clarification", "tool_call", "processing"]
-    """
-    Who carries it out.
-    """
-    question: str | None = None
-    """
-    For clarifications, the question to ask; the description when absent.
-    """
-    target: str
-    """
-    The tool or step serving it; `user` for clarifications. A valid subject token.
+    A claimed attempt running longer than this is timed out.
     """
 
 
@@ -338,34 +322,6 @@ class EventRequestReceived(BaseModel):
     Which request of the session, from 0.
     """
     type: Literal["request_received"]
-
-
-class EventTasksPlanned(BaseModel):
-    """
-    Tasks were added to the plan.
-    """
-
-    model_config = ConfigDict(
-        populate_by_name=True,
-    )
-    note: str | None = None
-    """
-    Details of how it was made (the model, or why an LLM plan was not used).
-    """
-    source: Literal["rules", "supplied", "llm", "rules_fallback"]
-    """
-    Who made the plan.
-    """
-    tasks: list[TaskSpec]
-    """
-    The tasks as accepted: ids, dependencies (follow-up ordering included) and attachments
-    final.
-    """
-    turn: Annotated[int, Field(ge=0)]
-    """
-    The request they serve.
-    """
-    type: Literal["tasks_planned"]
 
 
 class EventTaskStatusUpdated(BaseModel):
@@ -800,6 +756,50 @@ class PlannerConfig(BaseModel):
     """
 
 
+class TaskSpec(BaseModel):
+    """
+    One task of a [`PlanSpec`].
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+    )
+    attachments: Annotated[list[Attachment], Field(validate_default=True)] = []
+    """
+    Files or URLs the task needs.
+    """
+    dependencies: list[str] = []
+    """
+    Tasks, in this plan or earlier ones of the session, that must complete first.
+    """
+    description: str
+    """
+    What to do.
+    """
+    id: str
+    """
+    Unique in the session; a valid subject token (see [`is_valid_token`]).
+    """
+    kind: Literal["clarification", "tool_call", "processing"]
+    """
+    Who carries it out.
+    """
+    question: str | None = None
+    """
+    For clarifications, the question to ask; the description when absent.
+    """
+    target: str
+    """
+    The tool or step serving it; `user` for clarifications. A valid subject token.
+    """
+    timeouts: TaskTimeouts | None = None
+    """
+    Limits for this task's attempts that replace the session's `leases` ones (a task known
+    to run for hours, or one that must answer in seconds).
+    """
+
+
 class EventSessionStarted(BaseModel):
     """
     The session started with this config.
@@ -818,6 +818,34 @@ class EventSessionStarted(BaseModel):
     every event is as large as its largest variant.
     """
     type: Literal["session_started"]
+
+
+class EventTasksPlanned(BaseModel):
+    """
+    Tasks were added to the plan.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    note: str | None = None
+    """
+    Details of how it was made (the model, or why an LLM plan was not used).
+    """
+    source: Literal["rules", "supplied", "llm", "rules_fallback"]
+    """
+    Who made the plan.
+    """
+    tasks: list[TaskSpec]
+    """
+    The tasks as accepted: ids, dependencies (follow-up ordering included) and attachments
+    final.
+    """
+    turn: Annotated[int, Field(ge=0)]
+    """
+    The request they serve.
+    """
+    type: Literal["tasks_planned"]
 
 
 class EventTaskDispatched(BaseModel):
