@@ -197,6 +197,13 @@ pub async fn run_pool(
                 done.insert(key, report.clone());
             }
             publish(&js, &subjects, &task.session, &report).await;
+            let status = match &report.event.outcome {
+                planner_core::ExecutorOutcome::Completed { .. } => "completed",
+                planner_core::ExecutorOutcome::Failed { .. } => "failed",
+                planner_core::ExecutorOutcome::NeedsClarification { .. } => "asked a question",
+                planner_core::ExecutorOutcome::Started => "started",
+            };
+            tracing::info!(session = %task.session, task = %task.assignment.task_id, attempt = task.assignment.attempt, target = %task.assignment.target, status, "ran a task");
             observer.reported(&task, Instant::now());
             drop(permit);
         });

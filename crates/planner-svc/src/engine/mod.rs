@@ -236,6 +236,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let command = self.plan_with_llm(session, command).await?;
             let rewrite_summary = !matches!(command, Command::CompactContext { .. });
             let (handled, undeliverable) = self.drive(session, command).await?;
+            log_activity(&handled.events);
             for (task_id, attempt, bytes) in undeliverable {
                 self.abandon_undeliverable(session, task_id, attempt, bytes)
                     .await;
@@ -262,5 +263,42 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// What an operator following the log at INFO sees of a session: requests, plans and how
+/// they end. Each task's dispatch and result is at DEBUG: at thousands of tasks a second,
+/// INFO per task would drown the rest. Runs inside the `session` span, which names it.
+fn log_activity(events: &[Event]) {
+    for event in events {
+        match event {
+            Event::RequestReceived { turn, input, .. } => {
+                tracing::info!(turn, chars = input.chars().count(), "request received");
+            }
+            Event::TasksPlanned { tasks, source, .. } => {
+                tracing::info!(tasks = tasks.len(), ?source, "tasks planned")
+            }
+            Event::PlanCompleted { .. } => tracing::info!("plan completed"),
+            Event::PlanFailed { reason, .. } => tracing::info!(?reason, "plan failed"),
+            Event::PlanCancelled { reason, .. } => tracing::info!(?reason, "plan cancelled"),
+            Event::TaskDispatched {
+                task_id, attempt, ..
+            } => tracing::debug!(task = %task_id, attempt, "task dispatched"),
+            Event::TaskStatusUpdated {
+                task_id,
+                attempt,
+                status,
+                ..
+            } => tracing::debug!(task = %task_id, attempt, ?status, "task status"),
+            Event::RetryScheduled {
+                task_id,
+                attempt,
+                error,
+                ..
+            } => {
+                tracing::info!(task = %task_id, attempt, %error, "attempt failed; retry scheduled")
+            }
+            _ => {}
+        }
     }
 }

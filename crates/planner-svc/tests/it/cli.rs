@@ -158,6 +158,15 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
     // Serving once it answers the micro-service ping.
     let serving = serving(&server.url());
     assert!(serving, "planner-svc serve did not start");
+    // Some activity, which an operator must see at INFO.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let body = br#"{"type": "initialize", "input": "search for flights"}"#;
+        client
+            .request("planner.cmd.seen", body.to_vec().into())
+            .await
+            .unwrap();
+    });
     let started = std::time::Instant::now();
     let status = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
@@ -177,6 +186,10 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "exit {status:?}\n{stderr}");
+    assert!(
+        stderr.contains("request received") && stderr.contains("tasks planned"),
+        "a session's activity is logged at INFO:\n{stderr}"
+    );
     assert!(
         stderr.contains("shutting down") && stderr.contains("stopped"),
         "{stderr}"
