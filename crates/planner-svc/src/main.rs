@@ -301,7 +301,20 @@ where
             )
         }
         StoreKind::Jetstream => {
-            let client = connect(config).await?;
+            // The sessions of `run` are in its data directory, not on NATS: say so when the
+            // daemon's store cannot be reached and that directory is here.
+            let local = &config.store.data_dir;
+            let hint = |e: anyhow::Error| {
+                if local.join("events.log").exists() {
+                    e.context(format!(
+                        "reading the daemon's JetStream store; the sessions of `planner-svc run` are in {0}: add --data-dir {0}",
+                        local.display()
+                    ))
+                } else {
+                    e.context("reading the daemon's JetStream store (for `planner-svc run`'s sessions, add --data-dir <dir>)")
+                }
+            };
+            let client = connect(config).await.map_err(hint)?;
             AnyStore::JetStream(Box::new(
                 JetStreamStore::connect(
                     client,
@@ -312,7 +325,8 @@ where
                         ..JetStreamConfig::default()
                     },
                 )
-                .await?,
+                .await
+                .map_err(|e| hint(e.into()))?,
             ))
         }
         StoreKind::Memory => anyhow::bail!(

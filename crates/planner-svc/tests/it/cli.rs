@@ -624,3 +624,36 @@ fn replay_and_sessions_read_a_store_a_run_is_using() {
     );
     assert!(listed.contains(&session), "{listed}");
 }
+
+/// After the README's `run`, `planner-svc sessions` went to the daemon's JetStream store and
+/// failed with an error about NATS. It still reads the daemon's store by default, but when that
+/// fails and `run`'s data directory is here, the error says to pass it.
+#[test]
+fn sessions_without_a_data_dir_point_to_runs_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = planner_svc()
+        .current_dir(dir.path())
+        .args(["run", "--yes", "--latency-ms", "1", "search for flights"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sessions = planner_svc()
+        .current_dir(dir.path())
+        .args(["sessions"])
+        .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&sessions.stderr);
+    assert!(!sessions.status.success());
+    assert!(stderr.contains("add --data-dir planner-data"), "{stderr}");
+}
