@@ -11,6 +11,49 @@ fn planner_svc() -> Command {
     command
 }
 
+/// Starts `run` on `request` in `dir` (data under `data`), and returns it with its session
+/// once it printed a line starting with `until`. Its stdout is drained; stderr is piped.
+fn run_until(
+    dir: &std::path::Path,
+    latency_ms: &str,
+    request: &str,
+    until: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut run = planner_svc()
+        .current_dir(dir)
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            latency_ms,
+            request,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
+    let session = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("session ")
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with(until) {
+            break;
+        }
+    }
+    // Keep reading, so that the run never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (run, session)
+}
+
 /// Whether a daemon answers the micro-service ping on `url` within about ten seconds.
 fn serving(url: &str) -> bool {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -456,38 +499,14 @@ fn serve_waits_for_nats_at_start_up() {
 /// how to resume, and resuming finishes the plan without adding a request.
 #[test]
 fn a_run_interrupted_with_ctrl_c_resumes_and_finishes() {
-    use std::io::BufRead as _;
     let dir = tempfile::tempdir().unwrap();
-    let mut first = planner_svc()
-        .current_dir(dir.path())
-        .args([
-            "run",
-            "--yes",
-            "--data-dir",
-            "data",
-            "--latency-ms",
-            "4000",
-            "1. search for flights\n2. summarize the options",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
-    let session = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .strip_prefix("session ")
-        .and_then(|l| l.split(' ').next())
-        .unwrap()
-        .to_owned();
     // Wait until t1 is out to its executor (which claims it at once), then press Ctrl-C.
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("-> t1 attempt 1") {
-            break;
-        }
-    }
+    let (first, session) = run_until(
+        dir.path(),
+        "4000",
+        "1. search for flights\n2. summarize the options",
+        "-> t1 attempt 1",
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let status = Command::new("kill")
         .args(["-INT", &first.id().to_string()])
@@ -564,36 +583,8 @@ fn executor_uses_its_nats_url_and_says_to_start_serve_first() {
 /// on the data directory's lock: read-only commands do not need it.
 #[test]
 fn replay_and_sessions_read_a_store_a_run_is_using() {
-    use std::io::BufRead as _;
     let dir = tempfile::tempdir().unwrap();
-    let mut run = planner_svc()
-        .current_dir(dir.path())
-        .args([
-            "run",
-            "--yes",
-            "--data-dir",
-            "data",
-            "--latency-ms",
-            "10000",
-            "search for flights",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
-    let session = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .strip_prefix("session ")
-        .and_then(|l| l.split(' ').next())
-        .unwrap()
-        .to_owned();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("-> t1") {
-            break;
-        }
-    }
+    let (mut run, session) = run_until(dir.path(), "10000", "search for flights", "-> t1");
     let replay = planner_svc()
         .current_dir(dir.path())
         .args(["replay", "--data-dir", "data", &session])

@@ -19,6 +19,44 @@ fn plan(tasks: &[(&str, &str, &[&str])]) -> serde_json::Value {
     json!({"type": "initialize", "input": "planned", "plan": {"tasks": tasks}})
 }
 
+/// A planner that took `input` as its first request, and the events it emitted: a session
+/// to write straight to a store.
+fn started(input: &str) -> (Planner, Vec<Event>) {
+    let mut planner = Planner::new();
+    let events = planner
+        .process(planner_core::Command::Initialize {
+            request_id: None,
+            planning: None,
+            input: input.into(),
+            attachments: vec![],
+            plan: None,
+            now: planner_core::Timestamp(1_000),
+        })
+        .unwrap();
+    (planner, events)
+}
+
+/// Dispatches waiting in `PLANNER_TASKS`, polled until there are `expected` (or 30 s pass).
+async fn dispatches_waiting(js: &async_nats::jetstream::Context, expected: u64) -> u64 {
+    let mut waiting = 0;
+    for _ in 0..300 {
+        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+        waiting = tasks.info().await.unwrap().state.messages;
+        if waiting >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    waiting
+}
+
+/// The daemon answers a new session's request.
+async fn assert_serves(client: &async_nats::Client) {
+    let request = json!({"type": "initialize", "input": "search for more"});
+    let reply = command(client, "fresh", request).await;
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+}
+
 fn ended_completed(events: &[Event]) -> bool {
     Planner::fold(events).state().phase == PlanPhase::Completed
 }
@@ -552,17 +590,7 @@ async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers()
     let server = NatsServer::start().unwrap();
     let store = store(&server.url()).await;
     for i in 0..UNFINISHED + ENDED {
-        let mut planner = Planner::new();
-        let mut events = planner
-            .process(planner_core::Command::Initialize {
-                request_id: None,
-                planning: None,
-                input: format!("search for item {i}"),
-                attachments: vec![],
-                plan: None,
-                now: planner_core::Timestamp(1_000),
-            })
-            .unwrap();
+        let (mut planner, mut events) = started(&format!("search for item {i}"));
         if i >= UNFINISHED {
             events.extend(
                 planner
@@ -582,27 +610,12 @@ async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers()
     // before: the sessions were written straight to the store).
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    let mut dispatched = 0;
-    for _ in 0..600 {
-        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
-        dispatched = tasks.info().await.unwrap().state.messages;
-        if dispatched >= UNFINISHED as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dispatched = dispatches_waiting(&js, UNFINISHED as u64).await;
     assert_eq!(
         dispatched, UNFINISHED as u64,
         "every unfinished session recovered"
     );
-    // And it serves.
-    let reply = command(
-        &client,
-        "fresh",
-        json!({"type": "initialize", "input": "search for more"}),
-    )
-    .await;
-    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    assert_serves(&client).await;
     daemon.stop().await;
 }
 
@@ -817,17 +830,7 @@ async fn a_report_that_keeps_failing_goes_to_the_dead_letter_stream() {
 async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
     let server = NatsServer::start().unwrap();
     let store = store(&server.url()).await;
-    let mut planner = Planner::new();
-    let events = planner
-        .process(planner_core::Command::Initialize {
-            request_id: None,
-            planning: None,
-            input: "search for the weather".into(),
-            attachments: vec![],
-            plan: None,
-            now: planner_core::Timestamp(1_000),
-        })
-        .unwrap();
+    let (_, events) = started("search for the weather");
     store.append("healthy", 0, &events).await.unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
@@ -856,24 +859,8 @@ async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
     assert_eq!(notice.session.as_deref(), Some("broken"));
     assert_eq!(notice.error.kind.as_str(), "corrupt");
     // The healthy session was recovered: its dispatch went out.
-    let mut dispatched = 0;
-    for _ in 0..100 {
-        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
-        dispatched = tasks.info().await.unwrap().state.messages;
-        if dispatched > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(dispatched, 1);
-    // And it serves.
-    let reply = command(
-        &client,
-        "fresh",
-        json!({"type": "initialize", "input": "search for more"}),
-    )
-    .await;
-    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    assert_eq!(dispatches_waiting(&js, 1).await, 1);
+    assert_serves(&client).await;
     daemon.stop().await;
 }
 
