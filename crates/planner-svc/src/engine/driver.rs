@@ -11,10 +11,7 @@
 use planner_core::{Command, Planner, Timestamp};
 use planner_store::{load_planner, EventStore, StoreError};
 
-use super::render::{outgoing, oversized, Outgoing};
-
-/// A dispatch that was not published because it is larger than the bus accepts.
-pub(super) type Undeliverable = (planner_core::TaskId, u32, usize);
+use super::render::{deliverable, outgoing, Undeliverable};
 use super::{Engine, EngineError, Handled, Publisher};
 
 /// Sets every `now` of `command`: the engine's clock is the only time the planner sees.
@@ -147,22 +144,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             }
             match self.store.append(session, before, &events).await {
                 Ok(version) => {
-                    let mut undeliverable = Vec::new();
-                    let limit = self.config.max_dispatch_bytes;
-                    let outgoing: Vec<Outgoing> = outgoing(session, planner, &events)
-                        .into_iter()
-                        .filter(|message| match message {
-                            Outgoing::Task(task) => match oversized(task, limit) {
-                                Some(bytes) => {
-                                    let a = &task.assignment;
-                                    undeliverable.push((a.task_id.clone(), a.attempt, bytes));
-                                    false
-                                }
-                                None => true,
-                            },
-                            _ => true,
-                        })
-                        .collect();
+                    let (outgoing, undeliverable) = deliverable(
+                        outgoing(session, planner, &events),
+                        self.config.max_dispatch_bytes,
+                    );
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot

@@ -10,7 +10,7 @@
 use planner_core::{Command, PlanPhase};
 use planner_store::EventStore;
 
-use super::render::{in_flight, oversized, Outgoing};
+use super::render::{deliverable, in_flight, Undeliverable};
 use super::{Disposition, Engine, EngineError, Publisher};
 
 /// What one recovery pass did.
@@ -36,10 +36,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         Ok(())
     }
 
-    async fn republish_locked(
-        &self,
-        session: &str,
-    ) -> Result<Vec<(planner_core::TaskId, u32, usize)>, EngineError> {
+    async fn republish_locked(&self, session: &str) -> Result<Vec<Undeliverable>, EngineError> {
         let slot = self.slot(session);
         let mut state = slot.state.lock().await;
         if state.planner.is_none() {
@@ -48,22 +45,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let Some(planner) = state.planner.as_ref() else {
             return Ok(Vec::new());
         };
-        let limit = self.config.max_dispatch_bytes;
-        let mut undeliverable = Vec::new();
-        let messages: Vec<Outgoing> = in_flight(session, planner)
-            .into_iter()
-            .filter(|message| match message {
-                Outgoing::Task(task) => match oversized(task, limit) {
-                    Some(bytes) => {
-                        let a = &task.assignment;
-                        undeliverable.push((a.task_id.clone(), a.attempt, bytes));
-                        false
-                    }
-                    None => true,
-                },
-                _ => true,
-            })
-            .collect();
+        let (messages, undeliverable) =
+            deliverable(in_flight(session, planner), self.config.max_dispatch_bytes);
         let deadline = planner.next_deadline();
         if !messages.is_empty() {
             match self.publisher.publish(&messages).await {

@@ -18,6 +18,31 @@ pub enum Outgoing {
     Notice(ErrorNotice),
 }
 
+/// A dispatch that is not published because it is larger than the bus accepts: (task,
+/// attempt, bytes).
+pub type Undeliverable = (planner_core::TaskId, u32, usize);
+
+/// `messages` without the dispatches over `limit` bytes, and those, for their attempts to be
+/// failed instead.
+pub fn deliverable(messages: Vec<Outgoing>, limit: usize) -> (Vec<Outgoing>, Vec<Undeliverable>) {
+    let mut undeliverable = Vec::new();
+    let kept = messages
+        .into_iter()
+        .filter(|message| {
+            let Outgoing::Task(task) = message else {
+                return true;
+            };
+            let Some(bytes) = oversized(task, limit) else {
+                return true;
+            };
+            let a = &task.assignment;
+            undeliverable.push((a.task_id.clone(), a.attempt, bytes));
+            false
+        })
+        .collect();
+    (kept, undeliverable)
+}
+
 /// Whether a dispatch is larger than `limit` bytes on the wire. Exact (it encodes the
 /// message) only when a cheap lower bound says it could be: most dispatches are far under.
 pub fn oversized(task: &TaskMessage, limit: usize) -> Option<usize> {
