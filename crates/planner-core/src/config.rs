@@ -3,10 +3,14 @@
 //! The config a session started with is recorded in its first event, so a replay decides with the
 //! same limits even if the defaults changed since.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::compact::Profile;
 use crate::error::ConfigError;
+use crate::plan::TaskTimeouts;
+use crate::types::NodeKind;
 
 /// Default token budget for the context handed to executors.
 pub const DEFAULT_TOKEN_BUDGET: u64 = 4_000;
@@ -98,21 +102,7 @@ impl PlannerConfig {
             problems
                 .push("retry.max_backoff_ms must be at least retry.initial_backoff_ms".to_owned());
         }
-        for (name, value) in [
-            (
-                "leases.heartbeat_timeout_ms",
-                self.leases.heartbeat_timeout_ms,
-            ),
-            ("leases.start_to_close_ms", self.leases.start_to_close_ms),
-            (
-                "leases.schedule_to_start_ms",
-                self.leases.schedule_to_start_ms,
-            ),
-        ] {
-            if value == Some(0) {
-                problems.push(format!("{name} must be at least 1 (or absent: no timeout)"));
-            }
-        }
+        self.leases.check(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -262,6 +252,84 @@ pub struct LeasePolicy {
     /// With `require_claim`, a dispatched attempt no executor claimed within this long is
     /// timed out (a queue with no live executor). None: it waits.
     pub schedule_to_start_ms: Option<u64>,
+    /// Timeouts for one kind of task (`tool_call`, `processing`): each one set replaces the
+    /// session-wide one above. Clarifications have their own (`clarification.timeout_ms`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kinds: BTreeMap<NodeKind, TaskTimeouts>,
+    /// Timeouts for one target (`web_search`, `summarize`, ...): each one set replaces the
+    /// kind's and the session's. A task of a supplied plan may still set its own, which win.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, TaskTimeouts>,
+}
+
+impl LeasePolicy {
+    /// The timeouts that apply to an attempt of a task of `kind` served by `target`, with the
+    /// task's `own` from its plan: for each timeout, the most specific one set wins (the task's,
+    /// then the target's, then the kind's, then the session's).
+    pub fn timeouts_for(
+        &self,
+        kind: NodeKind,
+        target: &str,
+        own: Option<TaskTimeouts>,
+    ) -> TaskTimeouts {
+        let layers = [
+            own,
+            self.targets.get(target).copied(),
+            self.kinds.get(&kind).copied(),
+            Some(TaskTimeouts {
+                heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+                start_to_close_ms: self.start_to_close_ms,
+                schedule_to_start_ms: self.schedule_to_start_ms,
+            }),
+        ];
+        let first = |pick: fn(&TaskTimeouts) -> Option<u64>| layers.iter().flatten().find_map(pick);
+        TaskTimeouts {
+            heartbeat_timeout_ms: first(|t| t.heartbeat_timeout_ms),
+            start_to_close_ms: first(|t| t.start_to_close_ms),
+            schedule_to_start_ms: first(|t| t.schedule_to_start_ms),
+        }
+    }
+
+    /// Adds a problem for each zero timeout and each name that cannot be a kind or target.
+    fn check(&self, problems: &mut Vec<String>) {
+        let session = TaskTimeouts {
+            heartbeat_timeout_ms: self.heartbeat_timeout_ms,
+            start_to_close_ms: self.start_to_close_ms,
+            schedule_to_start_ms: self.schedule_to_start_ms,
+        };
+        let mut layers = vec![("leases".to_owned(), session)];
+        for (kind, timeouts) in &self.kinds {
+            if *kind == NodeKind::Clarification {
+                problems.push(
+                    "leases.kinds.clarification: questions have no attempts to time out; \
+                     use clarification.timeout_ms"
+                        .to_owned(),
+                );
+            }
+            layers.push((format!("leases.kinds.{}", kind.as_str()), *timeouts));
+        }
+        for (target, timeouts) in &self.targets {
+            if !crate::is_valid_token(target) {
+                problems.push(format!(
+                    "leases.targets.{target}: not a target name (letters, digits, `_` and `-`)"
+                ));
+            }
+            layers.push((format!("leases.targets.{target}"), *timeouts));
+        }
+        for (prefix, t) in layers {
+            for (name, value) in [
+                ("heartbeat_timeout_ms", t.heartbeat_timeout_ms),
+                ("start_to_close_ms", t.start_to_close_ms),
+                ("schedule_to_start_ms", t.schedule_to_start_ms),
+            ] {
+                if value == Some(0) {
+                    problems.push(format!(
+                        "{prefix}.{name} must be at least 1 (or absent: no timeout)"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 impl Default for LeasePolicy {
@@ -271,6 +339,8 @@ impl Default for LeasePolicy {
             heartbeat_timeout_ms: Some(30_000),
             start_to_close_ms: None,
             schedule_to_start_ms: None,
+            kinds: BTreeMap::new(),
+            targets: BTreeMap::new(),
         }
     }
 }

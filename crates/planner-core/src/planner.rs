@@ -29,7 +29,7 @@ use crate::error::{ConfigError, Error};
 use crate::event::{Dispatch, DispatchContext, Event, TaskAssignment, TaskOutput};
 use crate::handler::Handler;
 use crate::state::{PlanPhase, PlannerState};
-use crate::types::{NodeKind, Timestamp};
+use crate::types::{NodeKind, TaskId, Timestamp};
 
 // This file holds the `Planner` API and `Decision::decide`, which sends each command to the
 // concern that decides it. Each concern is a file of its own under `planner/`, holding its part
@@ -101,6 +101,13 @@ impl Planner {
     /// What the planner knows.
     pub fn state(&self) -> &PlannerState {
         &self.state
+    }
+
+    /// The timeouts that apply to the attempts of task `id` (its own, its target's, its
+    /// kind's or the session's), so a shell can tell an executor how often to heartbeat.
+    pub fn attempt_timeouts(&self, id: &TaskId) -> Option<crate::plan::TaskTimeouts> {
+        let task = self.state.task(id)?;
+        Some(lease::timeouts(&self.state, task))
     }
 
     /// How many events the state has applied: the session's version.

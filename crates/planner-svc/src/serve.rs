@@ -301,12 +301,6 @@ async fn run_with<S: EventStore>(
         .add(subjects.heartbeats())
         .await
         .map_err(|e| anyhow::anyhow!("adding the heartbeat endpoint: {e}"))?;
-    let heartbeat_interval_ms = config
-        .planner
-        .leases
-        .heartbeat_timeout_ms
-        .map(|timeout| (timeout / 3).max(1));
-
     // Serving starts now; recovery runs beside it (its first pass at once), so one slow or
     // broken session delays nothing and stops nothing.
     tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
@@ -365,7 +359,7 @@ async fn run_with<S: EventStore>(
             }
             request = claims.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Claim { heartbeat_interval_ms }, request, &admission, &tracker, &engine, &subjects, max_bytes);
+                answer(Endpoint::Claim, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
             request = heartbeats.next() => {
                 let Some(request) = request else { break };
@@ -566,7 +560,7 @@ async fn handle_report<S: EventStore>(
 /// Which lease request an endpoint serves.
 #[derive(Clone, Copy)]
 enum LeaseRequest {
-    Claim { heartbeat_interval_ms: Option<u64> },
+    Claim,
     Heartbeat,
 }
 
@@ -587,7 +581,7 @@ async fn lease_reply<S: EventStore>(
         );
     }
     let (endpoint, what) = match kind {
-        LeaseRequest::Claim { .. } => ("claim", "a claim"),
+        LeaseRequest::Claim => ("claim", "a claim"),
         LeaseRequest::Heartbeat => ("heartbeat", "a heartbeat"),
     };
     let Some(session) = subjects.session_of(subject, endpoint) else {
@@ -598,9 +592,7 @@ async fn lease_reply<S: EventStore>(
     };
     let now = engine.now();
     let (command, granted) = match kind {
-        LeaseRequest::Claim {
-            heartbeat_interval_ms,
-        } => match serde_json::from_slice::<ClaimRequest>(payload) {
+        LeaseRequest::Claim => match serde_json::from_slice::<ClaimRequest>(payload) {
             Ok(claim) => {
                 // Lease tokens are ids: made here, outside the core, and recorded in its event.
                 let lease = uuid::Uuid::new_v4().simple().to_string();
@@ -614,7 +606,7 @@ async fn lease_reply<S: EventStore>(
                     command,
                     LeaseReply::Granted {
                         lease,
-                        heartbeat_interval_ms,
+                        heartbeat_interval_ms: None,
                     },
                 )
             }
@@ -634,7 +626,17 @@ async fn lease_reply<S: EventStore>(
         },
     };
     match engine.handle(session, command).await {
-        Ok(_) => granted,
+        Ok(handled) => match granted {
+            // Three beats per timeout: one lost or late beat never costs the lease.
+            LeaseReply::Granted { lease, .. } => LeaseReply::Granted {
+                lease,
+                heartbeat_interval_ms: handled
+                    .lease_terms
+                    .and_then(|t| t.heartbeat_timeout_ms)
+                    .map(|timeout| (timeout / 3).max(1)),
+            },
+            other => other,
+        },
         Err(EngineError::Rejected(refusal)) => {
             let reason = match &refusal {
                 planner_core::Error::Fenced { reason, .. } => *reason,
@@ -705,7 +707,7 @@ async fn dead_letter(
 #[derive(Clone, Copy)]
 enum Endpoint {
     Command,
-    Claim { heartbeat_interval_ms: Option<u64> },
+    Claim,
     Heartbeat,
 }
 
@@ -713,7 +715,7 @@ impl Endpoint {
     fn name(self) -> &'static str {
         match self {
             Endpoint::Command => "command",
-            Endpoint::Claim { .. } => "claim",
+            Endpoint::Claim => "claim",
             Endpoint::Heartbeat => "heartbeat",
         }
     }
@@ -722,9 +724,7 @@ impl Endpoint {
     fn refusal(self, body: ErrorBody) -> Bytes {
         let json = match self {
             Endpoint::Command => serde_json::to_vec(&CommandReply::Error(body)),
-            Endpoint::Claim { .. } | Endpoint::Heartbeat => {
-                serde_json::to_vec(&LeaseReply::Error(body))
-            }
+            Endpoint::Claim | Endpoint::Heartbeat => serde_json::to_vec(&LeaseReply::Error(body)),
         };
         Bytes::from(json.unwrap_or_default())
     }
@@ -759,12 +759,8 @@ fn answer<S: EventStore>(
                 let reply = command_reply(&engine, &subjects, subject, payload, max_bytes).await;
                 serde_json::to_vec(&reply)
             }
-            Endpoint::Claim {
-                heartbeat_interval_ms,
-            } => {
-                let kind = LeaseRequest::Claim {
-                    heartbeat_interval_ms,
-                };
+            Endpoint::Claim => {
+                let kind = LeaseRequest::Claim;
                 let reply =
                     lease_reply(&engine, &subjects, subject, payload, max_bytes, kind).await;
                 serde_json::to_vec(&reply)

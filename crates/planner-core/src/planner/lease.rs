@@ -6,6 +6,7 @@ use super::Decision;
 use crate::command::FenceReason;
 use crate::error::Error;
 use crate::event::Event;
+use crate::plan::TaskTimeouts;
 use crate::state::PlannerState;
 use crate::types::{NodeKind, Task, TaskId, TaskStatus, Timestamp};
 
@@ -33,11 +34,16 @@ impl Timeout {
     }
 }
 
-/// The heartbeat timeout of a task's attempts: its own, or the session's.
+/// The timeouts of a task's attempts: its own, its target's, its kind's or the session's.
+pub(crate) fn timeouts(state: &PlannerState, task: &Task) -> TaskTimeouts {
+    state
+        .config
+        .leases
+        .timeouts_for(task.kind, &task.target, task.timeouts)
+}
+
 fn heartbeat_timeout(state: &PlannerState, task: &Task) -> Option<u64> {
-    task.timeouts
-        .and_then(|t| t.heartbeat_timeout_ms)
-        .or(state.config.leases.heartbeat_timeout_ms)
+    timeouts(state, task).heartbeat_timeout_ms
 }
 
 /// When the attempt of task `i` times out, and why, if it can.
@@ -46,11 +52,11 @@ fn attempt_deadline(state: &PlannerState, i: usize) -> Option<(Timestamp, Timeou
     if task.status != TaskStatus::Running || task.kind == NodeKind::Clarification {
         return None;
     }
-    let policy = &state.config.leases;
-    let own = task.timeouts.unwrap_or_default();
-    let heartbeat_timeout = heartbeat_timeout(state, task);
-    let start_to_close = own.start_to_close_ms.or(policy.start_to_close_ms);
-    let schedule_to_start = own.schedule_to_start_ms.or(policy.schedule_to_start_ms);
+    let TaskTimeouts {
+        heartbeat_timeout_ms: heartbeat_timeout,
+        start_to_close_ms: start_to_close,
+        schedule_to_start_ms: schedule_to_start,
+    } = timeouts(state, task);
     let mut deadlines = Vec::with_capacity(2);
     match &task.lease {
         Some(lease) => {
@@ -66,9 +72,11 @@ fn attempt_deadline(state: &PlannerState, i: usize) -> Option<(Timestamp, Timeou
             }
         }
         None => {
-            if let (true, Some(limit), Some(at)) =
-                (policy.require_claim, schedule_to_start, task.dispatched_at)
-            {
+            if let (true, Some(limit), Some(at)) = (
+                state.config.leases.require_claim,
+                schedule_to_start,
+                task.dispatched_at,
+            ) {
                 deadlines.push((at.plus_millis(limit), Timeout::ScheduleToStart, limit));
             }
         }

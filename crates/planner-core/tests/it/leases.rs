@@ -63,6 +63,7 @@ fn strict() -> PlannerConfig {
         heartbeat_timeout_ms: Some(30_000),
         start_to_close_ms: None,
         schedule_to_start_ms: None,
+        ..LeasePolicy::default()
     })
 }
 
@@ -215,6 +216,7 @@ fn an_attempt_nobody_claims_and_one_that_runs_too_long_time_out() {
         heartbeat_timeout_ms: None,
         start_to_close_ms: Some(60_000),
         schedule_to_start_ms: Some(5_000),
+        ..LeasePolicy::default()
     }))
     .given_commands([init("paint the wall")]);
     assert_eq!(queued.planner().next_deadline(), Some(at(5_000)));
@@ -309,4 +311,112 @@ fn a_task_of_a_supplied_plan_can_carry_its_own_timeouts() {
         .then_expect_error(Error::InvalidPlan(PlanError::ZeroTimeout {
             task_id: "zero".into(),
         }));
+}
+
+#[test]
+fn timeouts_come_from_the_task_then_its_target_then_its_kind_then_the_session() {
+    let timeouts = |heartbeat: u64| TaskTimeouts {
+        heartbeat_timeout_ms: Some(heartbeat),
+        ..TaskTimeouts::default()
+    };
+    let mut leases = LeasePolicy {
+        require_claim: true,
+        heartbeat_timeout_ms: Some(30_000),
+        start_to_close_ms: Some(600_000),
+        ..LeasePolicy::default()
+    };
+    leases.kinds.insert(NodeKind::Processing, timeouts(20_000));
+    leases.targets.insert("search".into(), timeouts(10_000));
+    let on = |target: &str, spec: TaskSpec| TaskSpec {
+        target: target.into(),
+        ..spec
+    };
+    let tasks = vec![
+        work("plain", &[]),
+        spec("think", NodeKind::Processing, &[]),
+        on("search", spec("find", NodeKind::Processing, &[])),
+        TaskSpec {
+            timeouts: Some(timeouts(5_000)),
+            ..on("search", work("own", &[]))
+        },
+    ];
+    let config = PlannerConfig {
+        max_parallel: 8,
+        ..config(leases)
+    };
+    let given = || {
+        Scenario::with_config(config.clone()).given_commands([
+            init_plan(tasks.clone()),
+            claim("plain", 1, "A", 0),
+            claim("think", 1, "B", 0),
+            claim("find", 1, "C", 0),
+            claim("own", 1, "D", 0),
+        ])
+    };
+    let scenario = given();
+    let planner = scenario.planner();
+    let heartbeat = |id: &str| {
+        planner
+            .attempt_timeouts(&id.into())
+            .and_then(|t| t.heartbeat_timeout_ms)
+    };
+    assert_eq!(heartbeat("plain"), Some(30_000), "the session's");
+    assert_eq!(heartbeat("think"), Some(20_000), "its kind's");
+    assert_eq!(
+        heartbeat("find"),
+        Some(10_000),
+        "its target's, over its kind's"
+    );
+    assert_eq!(heartbeat("own"), Some(5_000), "its own, over its target's");
+    // What a layer leaves unset falls through to the next one.
+    assert_eq!(
+        planner
+            .attempt_timeouts(&"own".into())
+            .and_then(|t| t.start_to_close_ms),
+        Some(600_000)
+    );
+    // And the clock agrees: the tightest one times out first, alone.
+    assert_eq!(planner.next_deadline(), Some(at(5_000)));
+    let later = given()
+        .when(Command::Tick { now: at(10_000) })
+        .then_expect_types(&["retry_scheduled", "retry_scheduled"]);
+    let running = |id: &str| {
+        later
+            .planner()
+            .state()
+            .task(&id.into())
+            .map(|t| (t.status, t.attempts))
+    };
+    assert_eq!(running("plain"), Some((TaskStatus::Running, 1)));
+    assert_eq!(running("think"), Some((TaskStatus::Running, 1)));
+}
+
+#[test]
+fn per_kind_and_per_target_timeouts_are_checked_with_the_rest_of_the_config() {
+    let mut leases = LeasePolicy::default();
+    leases.kinds.insert(
+        NodeKind::Clarification,
+        TaskTimeouts {
+            heartbeat_timeout_ms: Some(1_000),
+            ..TaskTimeouts::default()
+        },
+    );
+    leases.targets.insert(
+        "web search".into(),
+        TaskTimeouts {
+            start_to_close_ms: Some(0),
+            ..TaskTimeouts::default()
+        },
+    );
+    let Err(error) = config(leases).validate() else {
+        panic!("a config with a zero timeout and bad names was accepted");
+    };
+    let text = error.to_string();
+    for expected in [
+        "leases.kinds.clarification",
+        "leases.targets.web search: not a target name",
+        "leases.targets.web search.start_to_close_ms must be at least 1",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing from {text}");
+    }
 }

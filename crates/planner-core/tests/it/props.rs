@@ -90,6 +90,7 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
             prop::option::of(500u64..8_000),
             prop::option::of(1_000u64..20_000),
             prop::option::of(500u64..8_000),
+            prop::option::of(500u64..8_000),
         ),
     )
         .prop_map(
@@ -104,7 +105,7 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
                 tokens,
                 token_budget,
                 wall,
-                (require_claim, heartbeat, start_to_close, schedule_to_start),
+                (require_claim, heartbeat, start_to_close, schedule_to_start, processing_heartbeat),
             )| {
                 let mut c = PlannerConfig::default();
                 c.max_parallel = max_parallel;
@@ -129,7 +130,18 @@ fn planner_config() -> impl Strategy<Value = PlannerConfig> {
                     heartbeat_timeout_ms: heartbeat,
                     start_to_close_ms: start_to_close,
                     schedule_to_start_ms: schedule_to_start,
+                    ..LeasePolicy::default()
                 };
+                if let Some(limit) = processing_heartbeat {
+                    // A kind's own timeout beside the session's: both clocks run in one session.
+                    c.leases.kinds.insert(
+                        NodeKind::Processing,
+                        TaskTimeouts {
+                            heartbeat_timeout_ms: Some(limit),
+                            ..TaskTimeouts::default()
+                        },
+                    );
+                }
                 c
             },
         )

@@ -135,10 +135,15 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 }
             };
             planner.drain_log();
+            let lease_terms = match &command {
+                Command::ClaimAttempt { task_id, .. } => planner.attempt_timeouts(task_id),
+                _ => None,
+            };
             if events.is_empty() {
                 let handled = Handled {
                     version: before,
                     events,
+                    lease_terms,
                 };
                 return Ok((handled, Vec::new()));
             }
@@ -161,7 +166,12 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     }
                     self.arm(session, deadline);
                     tracing::debug!(version, events = events.len(), "persisted and published");
-                    return Ok((Handled { version, events }, undeliverable));
+                    let handled = Handled {
+                        version,
+                        events,
+                        lease_terms,
+                    };
+                    return Ok((handled, undeliverable));
                 }
                 Err(error) => {
                     // The planner applied events that are not in the store: drop it.

@@ -90,6 +90,9 @@ pub struct Handled {
     pub version: u64,
     /// The events it caused, persisted.
     pub events: Vec<Event>,
+    /// For a granted claim: the timeouts of its attempt (its own, its target's, its kind's or
+    /// the session's), from which the executor learns how often to heartbeat.
+    pub lease_terms: Option<planner_core::TaskTimeouts>,
 }
 
 /// Sessions, their locks and their timers. See the module docs.

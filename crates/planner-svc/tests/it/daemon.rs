@@ -621,12 +621,19 @@ async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers()
 
 /// An executor that claims a task and dies (no heartbeat, no report) used to leave its session
 /// waiting for ever. The attempt is timed out after the heartbeat timeout and retried as a new
-/// attempt, which a live executor runs; attempt 1 never runs again.
+/// attempt, which a live executor runs; attempt 1 never runs again. The timeout here is the
+/// target's own, from the config (the session-wide one stays at 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_that_dies_after_claiming_is_timed_out_and_the_task_retried() {
     let server = NatsServer::start().unwrap();
     let mut config = config(&server);
-    config.planner.leases.heartbeat_timeout_ms = Some(1_000);
+    config.planner.leases.targets.insert(
+        "fragile".into(),
+        planner_core::TaskTimeouts {
+            heartbeat_timeout_ms: Some(1_000),
+            ..Default::default()
+        },
+    );
     let daemon = Daemon::start(config).await;
     let executors = Executors::start(
         &server.url(),
@@ -746,6 +753,49 @@ async fn only_the_executor_holding_the_claim_can_report() {
     .await
     .unwrap();
     assert!(ended_completed(&wait_for_end(&store, "s-fence").await));
+    daemon.stop().await;
+}
+
+/// The claim reply tells the executor how often to heartbeat: a third of its task's own
+/// heartbeat timeout (here a target's, from config), not the session-wide one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_tells_the_executor_the_heartbeat_of_its_task() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.planner.leases.targets.insert(
+        "quick".into(),
+        planner_core::TaskTimeouts {
+            heartbeat_timeout_ms: Some(3_000),
+            ..Default::default()
+        },
+    );
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(
+        &client,
+        "s-terms",
+        plan(&[("a", "tool", &[]), ("q", "quick", &[])]),
+    )
+    .await;
+    for (task, expected) in [("a", 10_000), ("q", 1_000)] {
+        let body = json!({"task_id": task, "attempt": 1});
+        let reply = client
+            .request(
+                "planner.claim.s-terms",
+                serde_json::to_vec(&body).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let reply: LeaseReply = serde_json::from_slice(&reply.payload).unwrap();
+        let LeaseReply::Granted {
+            heartbeat_interval_ms,
+            ..
+        } = reply
+        else {
+            panic!("the claim of {task} is granted: {reply:?}");
+        };
+        assert_eq!(heartbeat_interval_ms, Some(expected), "task {task}");
+    }
     daemon.stop().await;
 }
 

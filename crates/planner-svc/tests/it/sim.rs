@@ -415,6 +415,7 @@ impl Sim {
                 heartbeat_timeout_ms: Some(30_000),
                 start_to_close_ms: None,
                 schedule_to_start_ms: None,
+                ..LeasePolicy::default()
             },
             ..PlannerConfig::default()
         };

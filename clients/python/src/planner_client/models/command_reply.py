@@ -82,42 +82,6 @@ class FailureReasonBudgetExceeded(BaseModel):
     """
 
 
-class LeasePolicy(BaseModel):
-    """
-    How the planner knows an attempt is still being worked on.
-
-    An executor **claims** an attempt before running it and gets a lease token; the claim is
-    the fence that makes a second delivery of one dispatch harmless (a second claim is refused).
-    While it runs it **heartbeats** with the token, and its report must carry it. An attempt
-    whose executor went silent, ran too long, or was never claimed in time is closed as failed
-    (retryable) and retried as a new attempt under the retry policy.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-    )
-    heartbeat_timeout_ms: Annotated[int | None, Field(ge=0)] = 30000
-    """
-    A claimed attempt with no heartbeat for this long is timed out.
-    """
-    require_claim: bool = False
-    """
-    Reports on an attempt must carry the lease of a claim: an executor cannot complete a
-    task it never claimed. Off in the core's default (tests and embedded use without
-    executors that claim); the daemon's configuration turns it on.
-    """
-    schedule_to_start_ms: Annotated[int | None, Field(ge=0)] = None
-    """
-    With `require_claim`, a dispatched attempt no executor claimed within this long is
-    timed out (a queue with no live executor). None: it waits.
-    """
-    start_to_close_ms: Annotated[int | None, Field(ge=0)] = None
-    """
-    A claimed attempt running longer than this is timed out, heartbeats or not.
-    """
-
-
 class OnClarificationTimeoutFail(BaseModel):
     """
     The task fails (and the failure policy applies).
@@ -584,6 +548,52 @@ class FailureReasonTasksFailed(BaseModel):
     task_ids: list[str]
     """
     The tasks that failed, in plan order.
+    """
+
+
+class LeasePolicy(BaseModel):
+    """
+    How the planner knows an attempt is still being worked on.
+
+    An executor **claims** an attempt before running it and gets a lease token; the claim is
+    the fence that makes a second delivery of one dispatch harmless (a second claim is refused).
+    While it runs it **heartbeats** with the token, and its report must carry it. An attempt
+    whose executor went silent, ran too long, or was never claimed in time is closed as failed
+    (retryable) and retried as a new attempt under the retry policy.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+    )
+    heartbeat_timeout_ms: Annotated[int | None, Field(ge=0)] = 30000
+    """
+    A claimed attempt with no heartbeat for this long is timed out.
+    """
+    kinds: dict[str, TaskTimeouts] | None = None
+    """
+    Timeouts for one kind of task (`tool_call`, `processing`): each one set replaces the
+    session-wide one above. Clarifications have their own (`clarification.timeout_ms`).
+    """
+    require_claim: bool = False
+    """
+    Reports on an attempt must carry the lease of a claim: an executor cannot complete a
+    task it never claimed. Off in the core's default (tests and embedded use without
+    executors that claim); the daemon's configuration turns it on.
+    """
+    schedule_to_start_ms: Annotated[int | None, Field(ge=0)] = None
+    """
+    With `require_claim`, a dispatched attempt no executor claimed within this long is
+    timed out (a queue with no live executor). None: it waits.
+    """
+    start_to_close_ms: Annotated[int | None, Field(ge=0)] = None
+    """
+    A claimed attempt running longer than this is timed out, heartbeats or not.
+    """
+    targets: dict[str, TaskTimeouts] | None = None
+    """
+    Timeouts for one target (`web_search`, `summarize`, ...): each one set replaces the
+    kind's and the session's. A task of a supplied plan may still set its own, which win.
     """
 
 
