@@ -216,17 +216,32 @@ async fn claim(
     subjects: &Subjects,
     task: &TaskMessage,
 ) -> anyhow::Result<LeaseReply> {
+    // One id for this claim, sent again on a retry: a claim whose reply was lost is then
+    // granted again instead of refused as someone else's.
     let body = serde_json::to_vec(&ClaimRequest {
         task_id: task.assignment.task_id.clone(),
         attempt: task.assignment.attempt,
+        claim_id: Some(uuid::Uuid::new_v4().simple().to_string()),
     })?;
-    let reply = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        client.request(subjects.claim(&task.session), body.into()),
-    )
-    .await
-    .context("no claim reply in time")??;
-    Ok(serde_json::from_slice(&reply.payload)?)
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let reply = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.request(subjects.claim(&task.session), body.clone().into()),
+        )
+        .await
+        .context("no claim reply in time")
+        .and_then(|reply| reply.context("claim request failed"));
+        match reply {
+            Ok(reply) => return Ok(serde_json::from_slice(&reply.payload)?),
+            Err(error) if tries >= CLAIM_TRIES => return Err(error),
+            Err(error) => {
+                tracing::debug!(%error, tries, "claim not answered; asking again");
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+        }
+    }
 }
 
 /// Works for `latency`, heartbeating every `interval`; returns why the planner stopped the
@@ -274,6 +289,8 @@ async fn work_with_heartbeats(
 
 /// How long a claim or heartbeat waits for the planner.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Claim requests per dispatch (with one claim id) before the dispatch is left to come again.
+const CLAIM_TRIES: u64 = 3;
 
 /// Publishes a report through JetStream, retrying until it is acknowledged.
 async fn publish(

@@ -361,6 +361,37 @@ pub struct ClaimRequest {
     pub task_id: TaskId,
     /// The attempt, as dispatched.
     pub attempt: u32,
+    /// Optional: an id the executor makes for this claim (e.g. a UUID, 16 to 64 letters,
+    /// digits, `_` or `-`) and sends again when it retries the request after a lost reply. The
+    /// same id is granted again, with the same lease; without it a retried claim is refused as
+    /// `claimed_by_another` and the attempt waits for its heartbeat timeout. Never derive it
+    /// from the message (its stream sequence, say): a redelivery to another executor must not
+    /// pass as the same claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_id: Option<String>,
+}
+
+impl ClaimRequest {
+    /// Shortest claim id accepted: short ones are too easy to collide or guess.
+    pub const MIN_CLAIM_ID: usize = 16;
+    /// Longest claim id accepted.
+    pub const MAX_CLAIM_ID: usize = 64;
+
+    /// Why `claim_id` cannot be a lease token, if it cannot.
+    pub fn claim_id_problem(&self) -> Option<String> {
+        let id = self.claim_id.as_deref()?;
+        let length = id.chars().count();
+        if !(Self::MIN_CLAIM_ID..=Self::MAX_CLAIM_ID).contains(&length)
+            || !planner_core::is_valid_token(id)
+        {
+            return Some(format!(
+                "claim_id must be {} to {} letters, digits, `_` or `-`",
+                Self::MIN_CLAIM_ID,
+                Self::MAX_CLAIM_ID
+            ));
+        }
+        None
+    }
 }
 
 /// A heartbeat on `{p}.heartbeat.{session}`.

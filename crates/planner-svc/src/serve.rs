@@ -594,8 +594,14 @@ async fn lease_reply<S: EventStore>(
     let (command, granted) = match kind {
         LeaseRequest::Claim => match serde_json::from_slice::<ClaimRequest>(payload) {
             Ok(claim) => {
-                // Lease tokens are ids: made here, outside the core, and recorded in its event.
-                let lease = uuid::Uuid::new_v4().simple().to_string();
+                if let Some(problem) = claim.claim_id_problem() {
+                    return refuse(ErrorKind::Malformed, problem);
+                }
+                // Lease tokens are ids: the executor's claim id, so that a retried claim is
+                // the same claim, or one made here; either way recorded in the core's event.
+                let lease = claim
+                    .claim_id
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
                 let command = Command::ClaimAttempt {
                     task_id: claim.task_id,
                     attempt: claim.attempt,

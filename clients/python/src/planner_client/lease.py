@@ -3,9 +3,11 @@
 A claim asks the planner for the attempt before running it; a heartbeat, every
 `heartbeat_interval_ms` while it runs, says the executor is alive and learns whether it should
 go on. Either reply can be `stop` (the attempt was cancelled, superseded, or is someone else's):
-then the executor runs nothing more and reports nothing. Neither request is retried here: a
-claim that gets no answer leaves the dispatch to come again, and a missed heartbeat is covered
-by the next one (the planner's timeout allows about three).
+then the executor runs nothing more and reports nothing. A claim carries an id made for it and
+is asked again with the same id when its reply is lost (a planner or server restart), so that
+the planner grants it again instead of refusing it as someone else's; one that is never
+answered leaves the dispatch to come again. A missed heartbeat is covered by the next one (the
+planner's timeout allows about three).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -40,12 +43,29 @@ class NoAnswer(Exception):
     """The planner did not answer in time, or its answer could not be read."""
 
 
+CLAIM_TRIES = 3
+"""Claim requests per dispatch (one claim id) before the dispatch is left to come again."""
+
+
 async def claim(
     nc: NatsClient, subjects: Subjects, task: TaskMessage, timeout: float
 ) -> AnyLeaseReply:
-    """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard."""
-    body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt))
-    return await _request(nc, subjects.claim(task.session), body, timeout)
+    """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard.
+
+    Asks up to `CLAIM_TRIES` times with one claim id: a retried claim whose first reply was lost
+    is the same claim, granted again with the same lease.
+    """
+    claim_id = uuid.uuid4().hex
+    body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt, claim_id=claim_id))
+    subject = subjects.claim(task.session)
+    for tries in range(1, CLAIM_TRIES):
+        try:
+            return await _request(nc, subject, body, timeout)
+        except NoAnswer as error:
+            log.debug("claim of %s/%s attempt %s not answered (%s); asking again",
+                      task.session, task.task_id, task.attempt, error)
+            await asyncio.sleep(0.2 * tries)
+    return await _request(nc, subject, body, timeout)
 
 
 async def heartbeat(

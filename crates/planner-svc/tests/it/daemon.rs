@@ -438,6 +438,68 @@ async fn the_plan_completes_across_a_nats_server_restart() {
     daemon.stop().await;
 }
 
+/// The chaos run of #9: the server forgets its duplicate table when it restarts (acked
+/// work-queue messages are gone), so the re-publish every planner start-up does passed the
+/// `Nats-Msg-Id` check and an attempt ran twice. Here attempts are running when nats-server is
+/// killed and restarted, then the planner is killed and replaced: every session completes and
+/// no attempt is executed twice (executions counted after a granted claim, not deliveries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_running_through_a_server_restart_and_a_planner_restart_run_once() {
+    let mut server = NatsServer::start().unwrap();
+    let first = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(1_500),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let sessions: Vec<String> = (0..8).map(|i| format!("s-chaos-{i}")).collect();
+    for session in &sessions {
+        // Two parallel branches joined by a third: attempts in flight at every moment.
+        let body = plan(&[
+            ("a", "tool", &[]),
+            ("b", "tool", &[]),
+            ("c", "tool", &["a", "b"]),
+        ]);
+        command(&client, session, body).await;
+    }
+    // Wait until attempts are claimed (running), then crash the server under them.
+    let running = || executors.executions.lock().unwrap().len();
+    for _ in 0..200 {
+        if running() >= sessions.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        running() >= sessions.len(),
+        "attempts started before the crash"
+    );
+    server.restart().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.kill();
+    let second = Daemon::start(config(&server)).await;
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        let events = wait_for_end(&store, session).await;
+        assert!(ended_completed(&events), "{session}: {events:#?}");
+    }
+    let executions = executors.executions.lock().unwrap().clone();
+    let twice: Vec<_> = executions.iter().filter(|(_, runs)| **runs > 1).collect();
+    assert!(twice.is_empty(), "attempts executed twice: {twice:?}");
+    for session in &sessions {
+        for task in ["a", "b", "c"] {
+            let runs: u32 = executions
+                .iter()
+                .filter(|((s, t, _), _)| s == session && t == task)
+                .map(|(_, runs)| runs)
+                .sum();
+            assert!(runs >= 1, "{session}/{task} never ran");
+        }
+    }
+    second.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
     use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
@@ -795,6 +857,58 @@ async fn a_claim_tells_the_executor_the_heartbeat_of_its_task() {
             panic!("the claim of {task} is granted: {reply:?}");
         };
         assert_eq!(heartbeat_interval_ms, Some(expected), "task {task}");
+    }
+    daemon.stop().await;
+}
+
+/// A claim whose reply was lost is asked again with its claim id and granted again, same
+/// lease; a claim with another id is still fenced out, and a claim id that cannot be a lease
+/// token is refused as malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_asked_again_with_its_id_is_the_same_claim() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-again", plan(&[("a", "tool", &[])])).await;
+    let claim = |claim_id: &str| {
+        let client = client.clone();
+        let body = json!({"task_id": "a", "attempt": 1, "claim_id": claim_id});
+        async move {
+            let reply = client
+                .request(
+                    "planner.claim.s-again",
+                    serde_json::to_vec(&body).unwrap().into(),
+                )
+                .await
+                .unwrap();
+            serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap()
+        }
+    };
+    let mine = "0123456789abcdef0123456789abcdef";
+    for _ in 0..2 {
+        let reply = claim(mine).await;
+        assert!(
+            matches!(&reply, LeaseReply::Granted { lease, .. } if lease == mine),
+            "{reply:?}"
+        );
+    }
+    let other = claim("fedcba9876543210fedcba9876543210").await;
+    assert!(
+        matches!(
+            other,
+            LeaseReply::Stop {
+                reason: FenceReason::ClaimedByAnother,
+                ..
+            }
+        ),
+        "{other:?}"
+    );
+    for bad in ["short", "has a space in it, so no token", &"x".repeat(65)] {
+        let reply = claim(bad).await;
+        assert!(
+            matches!(&reply, LeaseReply::Error(e) if e.kind.as_str() == "malformed"),
+            "{bad:?}: {reply:?}"
+        );
     }
     daemon.stop().await;
 }

@@ -148,14 +148,27 @@ impl Executors {
                 let task: TaskMessage = serde_json::from_slice(&message.payload).unwrap();
                 seen.lock().unwrap().insert(message.subject.to_string());
                 let a = &task.assignment;
-                // Claim before running (docs/protocol.md); count runs, not deliveries.
-                let claim = json!({"task_id": a.task_id, "attempt": a.attempt});
-                let reply = client
-                    .request(
-                        format!("planner.claim.{}", task.session),
-                        serde_json::to_vec(&claim).unwrap().into(),
+                // Claim before running (docs/protocol.md); count runs, not deliveries. A claim
+                // whose reply is lost (a server restart) is asked again with the same id.
+                let claim_id = uuid::Uuid::new_v4().simple().to_string();
+                let claim =
+                    json!({"task_id": a.task_id, "attempt": a.attempt, "claim_id": claim_id});
+                let mut reply = Err(());
+                for tries in 1..=5u64 {
+                    let asked = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.request(
+                            format!("planner.claim.{}", task.session),
+                            serde_json::to_vec(&claim).unwrap().into(),
+                        ),
                     )
                     .await;
+                    if let Ok(Ok(answer)) = asked {
+                        reply = Ok(answer);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
                 let Ok(reply) = reply else {
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))

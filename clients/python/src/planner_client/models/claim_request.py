@@ -21,6 +21,15 @@ class ClaimRequest(BaseModel):
     """
     The attempt, as dispatched.
     """
+    claim_id: str | None = None
+    """
+    Optional: an id the executor makes for this claim (e.g. a UUID, 16 to 64 letters,
+    digits, `_` or `-`) and sends again when it retries the request after a lost reply. The
+    same id is granted again, with the same lease; without it a retried claim is refused as
+    `claimed_by_another` and the attempt waits for its heartbeat timeout. Never derive it
+    from the message (its stream sequence, say): a redelivery to another executor must not
+    pass as the same claim.
+    """
     task_id: str
     """
     The task.
