@@ -36,6 +36,18 @@ pub struct RunOptions {
 
 /// Runs the request to its end, printing progress to `out`; returns how the plan ended.
 pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<PlanPhase> {
+    let unknown_session = |id: &str| {
+        anyhow::anyhow!(
+            "no session {id} in {dir}: --session continues an existing session; list them with `planner-svc sessions --data-dir {dir}`, or leave out --session to start a new one",
+            dir = options.data_dir.display()
+        )
+    };
+    // Not even a directory: say so before opening the store creates one.
+    if let Some(id) = &options.session {
+        if !options.data_dir.is_dir() {
+            return Err(unknown_session(id));
+        }
+    }
     let data_dir = options.data_dir.clone();
     let store =
         tokio::task::spawn_blocking(move || FileStore::open(FileStoreConfig::new(data_dir)))
@@ -62,6 +74,12 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         .session
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let existing = planner_store::load_planner(engine.store().as_ref(), &session)
+        .await
+        .with_context(|| format!("loading session {session}"))?;
+    if existing.version() == 0 && options.session.is_some() {
+        return Err(unknown_session(&session));
+    }
     writeln!(
         out,
         "session {session} (events in {})",
@@ -84,9 +102,6 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
 
     // Every handled command's events come back here to be printed, in order.
     let (progress_tx, mut progress) = mpsc::unbounded_channel::<Vec<Event>>();
-    let existing = planner_store::load_planner(engine.store().as_ref(), &session)
-        .await
-        .with_context(|| format!("loading session {session}"))?;
     if existing.version() > 0 {
         let phase = existing.state().phase.clone();
         if phase.is_terminal() && options.request.is_none() {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use planner_core::{PlanPhase, Planner};
 use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
 use planner_svc::config::{Config, LogFormat, StoreKind};
@@ -46,14 +46,15 @@ enum Cmd {
     },
     /// Plan and run a request in-process with simulated executors: no NATS needed.
     Run {
-        /// The request (words are joined); a demo request when empty, or with --session and no
-        /// request, the session resumed as it was left (after Ctrl-C).
+        /// The request (words are joined; blank is refused); a demo request when left out,
+        /// or with --session and no request, the session resumed as it was left (after
+        /// Ctrl-C).
         request: Vec<String>,
         /// Where the file store keeps events (overrides store.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Continue an existing session: resume it where it was left, then run the follow-up
-        /// request if one is given.
+        /// Continue an existing session (`sessions` lists them; an unknown id is an error):
+        /// resume it where it was left, then run the follow-up request if one is given.
         #[arg(long)]
         session: Option<String>,
         /// Answer every question "yes" instead of asking.
@@ -196,12 +197,20 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             session,
             ..
         } => {
-            let request = request.join(" ");
             // No request: resume the given session as it was left, or plan the demo request.
-            let request = match (request.trim().is_empty(), &session) {
-                (false, _) => Some(request),
-                (true, Some(_)) => None,
-                (true, None) => Some(DEMO_REQUEST.to_owned()),
+            // A request given but blank is refused, as the daemon refuses it.
+            let given = !request.is_empty();
+            let request = request.join(" ");
+            let request = match (request.trim().is_empty(), given, &session) {
+                (false, _, _) => Some(request),
+                (true, true, _) => Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        "the request is empty: nothing to plan (leave it out for the demo request)",
+                    )
+                    .exit(),
+                (true, false, Some(_)) => None,
+                (true, false, None) => Some(DEMO_REQUEST.to_owned()),
             };
             let options = RunOptions {
                 request,
@@ -291,6 +300,13 @@ where
     let store = match config.store.kind {
         StoreKind::File => {
             let dir = config.store.data_dir.clone();
+            // A typo in the directory must not read as an empty store.
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "no data directory {} (`planner-svc run` keeps its sessions in planner-data unless given --data-dir)",
+                    dir.display()
+                );
+            }
             // Read-only: no lock, so a `run` or `serve` may keep writing meanwhile.
             AnyStore::File(
                 tokio::task::spawn_blocking(move || {

@@ -178,6 +178,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
 #[test]
 fn replay_of_an_unknown_session_says_so() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
     let output = planner_svc()
         .current_dir(dir.path())
         .args(["replay", "--data-dir", "data", "nobody"])
@@ -381,30 +382,32 @@ async fn a_context_over_budget_gets_an_llm_summary_recorded_in_the_log() {
 #[test]
 fn a_second_run_with_the_same_session_is_a_follow_up() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |request: &str| {
-        planner_svc()
-            .current_dir(dir.path())
-            .args([
-                "run",
-                "--yes",
-                "--data-dir",
-                "data",
-                "--session",
-                "trip",
-                "--latency-ms",
-                "1",
-                request,
-            ])
-            .output()
-            .unwrap()
+    let run = |session: Option<&str>, request: &str| {
+        let mut command = planner_svc();
+        command.current_dir(dir.path()).args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+        ]);
+        if let Some(session) = session {
+            command.args(["--session", session]);
+        }
+        command.arg(request).output().unwrap()
     };
-    let first = run("search for hotels in Porto");
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stdout)
-    );
-    let second = run("then book the cheapest one");
+    let first = run(None, "search for hotels in Porto");
+    let first_out = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{first_out}");
+    let session = first_out
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let second = run(Some(&session), "then book the cheapest one");
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success(), "{stdout}");
     // Numbering continues and the plan reopens: the follow-up's task is t2.
@@ -647,4 +650,105 @@ fn sessions_without_a_data_dir_point_to_runs_store() {
     let stderr = String::from_utf8_lossy(&sessions.stderr);
     assert!(!sessions.status.success());
     assert!(stderr.contains("add --data-dir planner-data"), "{stderr}");
+}
+
+/// `run ""` and `run "   "` ran the demo request, while the daemon refuses an empty request.
+#[test]
+fn run_refuses_an_empty_request() {
+    let dir = tempfile::tempdir().unwrap();
+    for empty in ["", "   ", "\n"] {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args([
+                "run",
+                "--yes",
+                "--data-dir",
+                "data",
+                "--latency-ms",
+                "1",
+                empty,
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{empty:?}: {stdout}{stderr}");
+        assert!(stderr.contains("the request is empty"), "{stderr}");
+        assert!(!stdout.contains("planned"), "{stdout}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was stored");
+}
+
+/// `run --session does-not-exist "…"` silently started a new session, though `--session`
+/// continues an existing one: a typo in an id lost the follow-up's context.
+#[test]
+fn run_with_a_session_that_does_not_exist_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |data: &str| {
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["run", "--yes", "--data-dir", data, "--latency-ms", "1"])
+            .args(["--session", "does-not-exist", "book the cheapest"])
+            .output()
+            .unwrap()
+    };
+    // A data directory holding another session, and none at all.
+    let other = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+            "search",
+        ])
+        .output()
+        .unwrap();
+    assert!(other.status.success());
+    for data in ["data", "nothing-here"] {
+        let output = run(data);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("no session does-not-exist")
+                && stderr.contains(&format!("planner-svc sessions --data-dir {data}")),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("planned"), "{stdout}");
+    }
+    assert!(!dir.path().join("nothing-here").exists());
+    let sessions = planner_svc()
+        .current_dir(dir.path())
+        .args(["sessions", "--data-dir", "data"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&sessions.stdout).contains("does-not-exist"));
+}
+
+/// `replay --data-dir planner-dat` (a typo) said "no events for session" as if the directory
+/// were a store, and `sessions` listed nothing and exited 0: a missing data directory is an
+/// error naming it, and is not created.
+#[test]
+fn replay_and_sessions_of_a_missing_data_dir_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["replay", "--data-dir", "planner-dat", "s1"][..],
+        &["sessions", "--data-dir", "planner-dat"][..],
+    ] {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no data directory planner-dat"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!dir.path().join("planner-dat").exists(), "{args:?}");
+    }
 }
