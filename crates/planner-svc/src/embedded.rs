@@ -132,6 +132,11 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
     }
 
     let auto_answer = options.auto_answer || !std::io::stdin().is_terminal();
+    // Held by an executor from handling a report until its events are sent to `progress`: a
+    // message on the bus was published inside such a turn, so once the printer holds it, the
+    // events that led to the message are in `progress` and are printed first. (One session:
+    // its handling is one at a time anyway.)
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
     let mut seed = 1;
     loop {
         tokio::select! {
@@ -143,7 +148,17 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     return Ok(phase);
                 }
             }
-            Some(message) = bus.recv() => match message {
+            Some(message) = bus.recv() => {
+                {
+                    let _turn = turn.lock().await;
+                    while let Ok(events) = progress.try_recv() {
+                        print_events(out, &events)?;
+                        if let Some(phase) = ended(&events) {
+                            return Ok(phase);
+                        }
+                    }
+                }
+                match message {
                 Outgoing::Task(task) => {
                     writeln!(out, "-> {} attempt {} to {}", task.assignment.task_id, task.assignment.attempt, task.assignment.target)?;
                     let engine = Arc::clone(&engine);
@@ -151,6 +166,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     let session = session.clone();
                     seed += 1;
                     let mut executor = SimExecutor::new(options.behaviour, seed);
+                    let turn = Arc::clone(&turn);
                     tokio::spawn(async move {
                         // Like any executor: claim the attempt, then report under its lease.
                         // (Simulated work is far shorter than the heartbeat timeout.)
@@ -161,8 +177,12 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                             lease: lease.clone(),
                             now: engine.now(),
                         };
-                        match engine.handle(&session, claim).await {
-                            Ok(handled) => { let _ = progress.send(handled.events); }
+                        let claimed = {
+                            let _turn = turn.lock().await;
+                            engine.handle(&session, claim).await.map(|handled| { let _ = progress.send(handled.events); })
+                        };
+                        match claimed {
+                            Ok(()) => {}
                             Err(error) => {
                                 tracing::info!(%error, "attempt not claimed; not running it");
                                 return;
@@ -171,6 +191,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                         for event in [SimExecutor::started(&task), executor.outcome(&task)] {
                             tokio::time::sleep(executor.latency() / 2).await;
                             let report = Command::HandleExecutorEvent { event, lease: Some(lease.clone()), now: engine.now() };
+                            let _turn = turn.lock().await;
                             match engine.handle(&session, report).await {
                                 Ok(handled) => { let _ = progress.send(handled.events); }
                                 Err(error) => tracing::warn!(%error, "report refused"),
@@ -191,7 +212,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 Outgoing::Notice(notice) => {
                     writeln!(out, "!  {}", notice.error.message)?;
                 }
-            },
+            }},
         }
     }
 }

@@ -752,3 +752,32 @@ fn replay_and_sessions_of_a_missing_data_dir_say_so() {
         assert!(!dir.path().join("planner-dat").exists(), "{args:?}");
     }
 }
+
+/// When piped, a question's auto-answer could print before the result that led to it: the
+/// executor's report published the question before its events reached the printer.
+#[test]
+fn run_prints_each_result_before_what_it_led_to() {
+    let dir = tempfile::tempdir().unwrap();
+    // A race: a few runs, each of which used to lose it about every other time.
+    for _ in 0..6 {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args(["run", "--yes", "--data-dir", "data", "--latency-ms", "1"])
+            .arg("1. search for flights\n2. Which date suits you?\n3. summarize the options")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}");
+        let line = |prefix: &str| {
+            stdout
+                .lines()
+                .position(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in:\n{stdout}"))
+        };
+        assert!(
+            line("<- t1 completed") < line("?  Which date suits you?"),
+            "{stdout}"
+        );
+        assert!(line("<- t2 answered") < line("-> t3 attempt 1"), "{stdout}");
+    }
+}
