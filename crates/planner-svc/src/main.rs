@@ -1,5 +1,6 @@
 //! `planner-svc`: the planner daemon and its tools. See `--help`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -158,10 +159,28 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("planner-svc: {e:#}");
+            eprintln!("planner-svc: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its causes, `: `-separated, each said once: many errors print their source in
+/// their own message and return it as their source too (`…: Not a directory (os error 20):
+/// Not a directory (os error 20)`).
+fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_logging(config: &Config, quiet: bool) {
@@ -282,8 +301,9 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
         }
         Cmd::Sessions { .. } => {
             with_store(&config, |store| async move {
+                let mut out = std::io::stdout().lock();
                 for session in store.list_streams().await? {
-                    println!("{session}");
+                    writeln!(out, "{session}")?;
                 }
                 Ok(ExitCode::SUCCESS)
             })
@@ -383,14 +403,14 @@ async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<E
         eprintln!("no events for session {session}");
         return Ok(ExitCode::from(1));
     }
+    let mut out = std::io::stdout();
     if json {
         for event in &events {
-            println!("{}", serde_json::to_string(event)?);
+            writeln!(out, "{}", serde_json::to_string(event)?)?;
         }
     } else {
-        let mut out = std::io::stdout();
         for (version, event) in events.iter().enumerate() {
-            println!("{version:>6} {}", event.event_type());
+            writeln!(out, "{version:>6} {}", event.event_type())?;
             print_events(&mut out, std::slice::from_ref(event))?;
         }
     }

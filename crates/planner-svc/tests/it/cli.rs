@@ -781,3 +781,20 @@ fn run_prints_each_result_before_what_it_led_to() {
         assert!(line("<- t2 answered") < line("-> t3 attempt 1"), "{stdout}");
     }
 }
+
+/// An error with an OS cause printed it twice: `Not a directory (os error 20): Not a directory
+/// (os error 20)`.
+#[test]
+fn an_os_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let output = planner_svc()
+        .current_dir(dir.path())
+        .args(["run", "--yes", "--data-dir", "a-file/data", "search"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("(os error 20)").count(), 1, "{stderr}");
+    assert!(stderr.contains("a-file/data"), "{stderr}");
+}
