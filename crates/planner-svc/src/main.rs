@@ -158,11 +158,22 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
+        // The reader went away (`planner-svc run … | head`): nothing more to say, to no one.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("planner-svc: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from writing into a pipe whose reader is gone.
+fn broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// `error` and its causes, `: `-separated, each said once: many errors print their source in

@@ -798,3 +798,64 @@ fn an_os_error_is_printed_once() {
     assert_eq!(stderr.matches("(os error 20)").count(), 1, "{stderr}");
     assert!(stderr.contains("a-file/data"), "{stderr}");
 }
+
+/// `run … | head` ended with `Broken pipe (os error 32)` (and `replay … | head` panicked): a
+/// reader that stops reading ends the command quietly.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let steps: Vec<String> = (1..=40).map(|i| format!("{i}. fetch page {i}")).collect();
+    let run = planner_svc()
+        .current_dir(dir.path())
+        .args(["run", "--yes", "--data-dir", "data", "--latency-ms", "1"])
+        .arg(steps.join("\n"))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let session = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let requests = [
+        vec!["run", "--yes", "--data-dir", "data", "--latency-ms", "20"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([steps.join("\n")])
+            .collect::<Vec<_>>(),
+        ["replay", "--data-dir", "data", &session]
+            .map(str::to_owned)
+            .to_vec(),
+        ["replay", "--json", "--data-dir", "data", &session]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for args in requests {
+        let mut child = planner_svc()
+            .current_dir(dir.path())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Like `head -n 1`: read a line, then close the pipe.
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?}\n{stderr}",
+            output.status
+        );
+        assert!(
+            !stderr.contains("Broken pipe") && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
