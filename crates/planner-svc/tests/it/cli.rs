@@ -859,3 +859,23 @@ fn output_into_a_closed_pipe_ends_quietly() {
         );
     }
 }
+
+/// Logs written into a pipe or a file carried ANSI colour codes.
+#[test]
+fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = planner_svc()
+        .args(["serve"])
+        .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+        .env("PLANNER_NATS__STARTUP_WAIT_S", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("NATS not reachable yet"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+}
