@@ -208,6 +208,10 @@ fn init_logging(config: &Config, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        // A log line that cannot be written (stderr's reader gone) is dropped: tracing's
+        // report of it goes through eprintln!, which panics on the same closed pipe, and took
+        // down the task that was logging (the one stopping `executor` on SIGTERM among them).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

@@ -879,3 +879,51 @@ fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
     assert!(stderr.contains("NATS not reachable yet"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
 }
+
+/// Once its stderr pipe was closed, `executor` ignored SIGINT and SIGTERM: logging the signal
+/// failed, and tracing's report of that failure panicked the task that was to stop the pool.
+#[test]
+fn executor_stops_on_sigterm_with_its_stderr_closed() {
+    use std::io::BufRead as _;
+    let server = planner_testkit::NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = planner_svc()
+        .current_dir(dir.path())
+        .args(["serve", "--nats-url", &server.url()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(serving(&server.url()), "planner-svc serve did not start");
+    let mut executor = planner_svc()
+        .args(["executor", "--nats-url", &server.url()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(executor.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("executor pool running") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "executor ended");
+    }
+    drop(stderr);
+    for signal in ["-TERM", "-INT"] {
+        let _ = Command::new("kill")
+            .args([signal, &executor.id().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(5) {
+            if executor.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let stopped = executor.try_wait().unwrap();
+    let _ = executor.kill();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        stopped.is_some_and(|status| status.success()),
+        "still running 10 s after SIGTERM and SIGINT, or failed: {stopped:?}"
+    );
+}
