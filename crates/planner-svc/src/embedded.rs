@@ -283,12 +283,21 @@ async fn ask(
     })
 }
 
+/// `n` and `noun`, plural unless `n` is 1: "1 task", "3 tasks".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Prints what a person following the plan wants to see.
 pub fn print_events(out: &mut (dyn Write + Send), events: &[Event]) -> std::io::Result<()> {
     for event in events {
         match event {
             Event::TasksPlanned { tasks, source, .. } => {
-                writeln!(out, "planned {} tasks ({source:?}):", tasks.len())?;
+                writeln!(out, "planned {} ({source:?}):", count(tasks.len(), "task"))?;
                 for t in tasks {
                     let deps: Vec<&str> = t.dependencies.iter().map(|d| d.as_str()).collect();
                     let after = if deps.is_empty() {

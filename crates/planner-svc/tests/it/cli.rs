@@ -410,9 +410,10 @@ fn a_second_run_with_the_same_session_is_a_follow_up() {
     let second = run(Some(&session), "then book the cheapest one");
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success(), "{stdout}");
-    // Numbering continues and the plan reopens: the follow-up's task is t2.
+    // Numbering continues and the plan reopens: the follow-up's task is t2 (one task, not
+    // "1 tasks").
     assert!(
-        stdout.contains("planned 1 tasks") && stdout.contains("   t2 "),
+        stdout.contains("planned 1 task (") && stdout.contains("   t2 "),
         "{stdout}"
     );
     assert!(stdout.contains("plan completed"), "{stdout}");
