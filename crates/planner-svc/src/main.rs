@@ -11,6 +11,7 @@ use planner_core::{PlanPhase, Planner};
 use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
+use planner_svc::inspect::{print_sessions, print_summary, SessionRow};
 use planner_svc::protocol::Subjects;
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
@@ -319,10 +320,20 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
         }
         Cmd::Sessions { .. } => {
             with_store(&config, |store| async move {
-                let mut out = std::io::stdout().lock();
+                let mut rows = Vec::new();
                 for session in store.list_streams().await? {
-                    writeln!(out, "{session}")?;
+                    let events = store.load_all(&session).await?;
+                    rows.push(SessionRow::new(&session, &events));
                 }
+                // Oldest first: the newest end up next to the prompt.
+                rows.sort_by_key(|row| row.started);
+                let now = planner_core::Timestamp(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                );
+                let terminal = std::io::stdout().is_terminal();
+                print_sessions(&mut std::io::stdout().lock(), &rows, now, terminal)?;
                 Ok(ExitCode::SUCCESS)
             })
             .await
@@ -433,23 +444,13 @@ async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<E
         }
     }
     let planner = Planner::fold(&events);
-    let state = planner.state();
-    let open: Vec<&str> = state
-        .tasks
-        .iter()
-        .filter(|t| !t.status.is_terminal())
-        .map(|t| t.id.as_str())
-        .collect();
-    eprintln!(
-        "session {session}: version {}, phase {:?}, {} tasks ({} open: {}), {} dispatches, {} tokens",
-        state.version,
-        state.phase,
-        state.tasks.len(),
-        open.len(),
-        open.join(" "),
-        state.usage.dispatches,
-        state.usage.tokens
-    );
+    // After JSON lines, the summary would break a reader of them: it goes to stderr there.
+    if json {
+        print_summary(&mut std::io::stderr(), session, planner.state())?;
+    } else {
+        writeln!(out)?;
+        print_summary(&mut out, session, planner.state())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

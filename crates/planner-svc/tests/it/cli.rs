@@ -121,9 +121,12 @@ fn run_plans_and_finishes_a_request_with_simulated_executors() {
         .output()
         .unwrap();
     assert!(replay.status.success());
-    let summary = String::from_utf8_lossy(&replay.stderr);
+    // The summary is on stdout, after the events, for people (it was `3 tasks (0 open: )` on
+    // stderr).
+    let summary = String::from_utf8_lossy(&replay.stdout);
     assert!(
-        summary.contains("phase Completed") && summary.contains("3 tasks"),
+        summary.contains(&format!("session {session}: completed"))
+            && summary.contains("3 tasks: 3 completed\n"),
         "{summary}"
     );
 }
@@ -606,18 +609,23 @@ fn replay_and_sessions_read_a_store_a_run_is_using() {
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    assert!(String::from_utf8_lossy(&replay.stderr).contains("phase Running"));
+    let summary = String::from_utf8_lossy(&replay.stdout);
+    assert!(summary.contains(": running"), "{summary}");
+    assert!(summary.contains("1 running (t1)"), "{summary}");
     assert!(
         sessions.status.success(),
         "{}",
         String::from_utf8_lossy(&sessions.stderr)
     );
-    let listed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&sessions.stdout),
-        String::from_utf8_lossy(&sessions.stderr)
-    );
-    assert!(listed.contains(&session), "{listed}");
+    // Piped: one line per session, its status, age and request tab-separated (bare ids
+    // before).
+    let listed = String::from_utf8_lossy(&sessions.stdout);
+    let fields: Vec<&str> = listed.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 4, "{listed:?}");
+    assert_eq!(fields[0], session);
+    assert_eq!(fields[1], "running");
+    assert!(fields[2].ends_with('s'), "an age in seconds: {listed:?}");
+    assert_eq!(fields[3], "search for flights");
 }
 
 /// After the README's `run`, `planner-svc sessions` went to the daemon's JetStream store and
