@@ -99,7 +99,8 @@ fn run_plans_and_finishes_a_request_with_simulated_executors() {
         "planned 3 tasks",
         "-> t1 attempt 1 to web_search",
         "?  Which dates? -> yes (auto)",
-        "<- t3 completed",
+        // The summary gets the hotels t1 found as well as the dates (only t2's before).
+        "<- t3 completed: [summarize] summarize the options (from t1, t2)",
         "plan completed",
     ] {
         assert!(
