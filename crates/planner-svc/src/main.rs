@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
-use planner_core::{PlanPhase, Planner};
+use planner_core::{CancelTarget, PlanPhase, Planner, TaskId};
 use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
+use planner_svc::client::{self, Client, WatchOptions};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
 use planner_svc::inspect::{print_sessions, print_summary, SessionRow};
-use planner_svc::protocol::Subjects;
+use planner_svc::protocol::{ClientCommand, Subjects};
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
 use tracing_subscriber::EnvFilter;
@@ -101,6 +102,62 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         fail_percent: u8,
     },
+    /// Start a session on the daemon from a request; prints its id (follow it with `watch`).
+    Submit {
+        /// The request (words are joined).
+        #[arg(required = true)]
+        request: Vec<String>,
+        /// The session id (default: a new one). An existing session takes it as a follow-up.
+        #[arg(long)]
+        session: Option<String>,
+        /// A plan (JSON, as `docs/protocol.md` shows) to run instead of the planner's own.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+        /// Watch the session to its end after submitting it.
+        #[arg(long)]
+        watch: bool,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Follow a session on the daemon: its tasks as they go, until the plan ends. On a
+    /// terminal, open questions are asked and the answers sent; piped, plain lines.
+    Watch {
+        /// The session id.
+        session: String,
+        /// Never ask questions, only print them (the default when not on a terminal).
+        #[arg(long)]
+        no_ask: bool,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Answer a question a session asked (its task id, as `watch` shows it).
+    Answer {
+        /// The session id.
+        session: String,
+        /// The task that asked.
+        task: String,
+        /// The answer (words are joined).
+        #[arg(required = true)]
+        answer: Vec<String>,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Cancel a session's plan, or one task and what depends on it.
+    Cancel {
+        /// The session id.
+        session: String,
+        /// The task (default: the whole plan).
+        task: Option<String>,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: Option<String>,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
     /// List the sessions in the configured store.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -119,6 +176,22 @@ fn main() -> ExitCode {
             nats_url: Some(url),
         }
         | Cmd::Executor {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Submit {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Watch {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Answer {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Cancel {
             nats_url: Some(url),
             ..
         } => overrides.push(format!("nats.url=\"{url}\"")),
@@ -312,6 +385,88 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             client.drain().await?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Submit {
+            request,
+            session,
+            plan,
+            watch,
+            ..
+        } => {
+            let input = request.join(" ");
+            if input.trim().is_empty() {
+                anyhow::bail!("the request is empty: nothing to plan");
+            }
+            let plan =
+                match plan {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading the plan {}", path.display()))?;
+                        Some(serde_json::from_str(&text).with_context(|| {
+                            format!("the plan {} is not a plan", path.display())
+                        })?)
+                    }
+                    None => None,
+                };
+            let session = session.unwrap_or_else(client::new_session_id);
+            let client = Client::connect(&config).await?;
+            let command = ClientCommand::Initialize {
+                request_id: Some(client::new_session_id()),
+                input,
+                attachments: vec![],
+                plan,
+                planning: None,
+            };
+            client.command(&session, &command).await?;
+            writeln!(std::io::stdout(), "{session}")?;
+            if !watch {
+                eprintln!("submitted; follow it with `planner-svc watch {session}`");
+                return Ok(ExitCode::SUCCESS);
+            }
+            watch_session(&client, &session, false).await
+        }
+        Cmd::Watch {
+            session, no_ask, ..
+        } => {
+            let client = Client::connect(&config).await?;
+            watch_session(&client, &session, no_ask).await
+        }
+        Cmd::Answer {
+            session,
+            task,
+            answer,
+            ..
+        } => {
+            let client = Client::connect(&config).await?;
+            let command = ClientCommand::AnswerClarification {
+                task_id: TaskId(task.clone()),
+                answer: answer.join(" "),
+            };
+            client.command(&session, &command).await?;
+            eprintln!("answered {task} of session {session}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cancel {
+            session,
+            task,
+            reason,
+            ..
+        } => {
+            let client = Client::connect(&config).await?;
+            let target = match &task {
+                Some(task) => CancelTarget::Task {
+                    task_id: TaskId(task.clone()),
+                },
+                None => CancelTarget::Plan,
+            };
+            client
+                .command(&session, &ClientCommand::Cancel { target, reason })
+                .await?;
+            match task {
+                Some(task) => eprintln!("cancelled {task} of session {session}"),
+                None => eprintln!("cancelled session {session}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {
                 replay(&store, &session, json).await
@@ -339,6 +494,20 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             .await
         }
     }
+}
+
+/// Follows `session` to its end: exit 0 when its plan completed, 1 otherwise.
+async fn watch_session(client: &Client, session: &str, no_ask: bool) -> anyhow::Result<ExitCode> {
+    let ask = !no_ask && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut out = std::io::stdout();
+    let phase = client
+        .watch(session, &mut out, WatchOptions { ask })
+        .await?;
+    Ok(if phase == PlanPhase::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn with_store<F, Fut>(config: &Config, f: F) -> anyhow::Result<ExitCode>
