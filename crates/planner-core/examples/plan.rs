@@ -144,7 +144,8 @@ fn report(
     for event in events {
         match event {
             Event::TasksPlanned { tasks, source, .. } => {
-                println!("planned {} tasks ({source:?}):", tasks.len());
+                let plural = if tasks.len() == 1 { "" } else { "s" };
+                println!("planned {} task{plural} ({source:?}):", tasks.len());
                 for t in tasks {
                     let deps: Vec<&str> = t.dependencies.iter().map(TaskId::as_str).collect();
                     println!(

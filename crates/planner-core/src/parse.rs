@@ -15,6 +15,11 @@
 //!    tool. Anything else is a [`NodeKind::Processing`] step.
 //! 4. **Missing details.** A step with a placeholder (`<...>`, `TBD`, `???`, `XXX`) gets a
 //!    clarification task before it asking for the detail, and depends on it.
+//! 5. **Summaries.** A processing step that summarises, compares or combines ("summarize",
+//!    "compare", "combine", "recap", ...) depends on every step of the request before it, not
+//!    only the one it follows: an executor gets the outputs of a task's dependencies as its
+//!    inputs, and a summary must see everything it summarises. In a bulleted list it waits
+//!    for the items before it.
 
 use crate::plan::{PlanSpec, TaskSpec};
 use crate::types::{NodeKind, TaskId};
@@ -41,7 +46,14 @@ pub fn parse_input_from(input: &str, first_number: u64) -> PlanSpec {
             previous_tail.clone()
         };
         for step in steps {
-            tail = Some(builder.push_step(&step, tail));
+            // A summarising step needs what it summarises: every step of the request before
+            // it, not only the last (whose own inputs are not passed on).
+            let after = if summarises(&step) {
+                builder.tasks.iter().map(|t| t.id.clone()).collect()
+            } else {
+                tail.into_iter().collect()
+            };
+            tail = Some(builder.push_step(&step, after));
         }
         previous_tail = tail;
     }
@@ -63,8 +75,8 @@ impl Builder {
     }
 
     /// Adds one step (and the clarification it needs, if any); returns the id later steps wait on.
-    fn push_step(&mut self, step: &str, after: Option<TaskId>) -> TaskId {
-        let mut dependencies: Vec<TaskId> = after.into_iter().collect();
+    fn push_step(&mut self, step: &str, after: Vec<TaskId>) -> TaskId {
+        let mut dependencies = after;
         let (kind, target) = classify(step);
         if kind != NodeKind::Clarification {
             if let Some(placeholder) = find_placeholder(step) {
@@ -80,7 +92,13 @@ impl Builder {
                     attachments: Vec::new(),
                     question: Some(question),
                 });
-                dependencies = vec![id];
+                // The step waits on the answer; a summarising one still gets every step
+                // before it.
+                if summarises(step) {
+                    dependencies.push(id);
+                } else {
+                    dependencies = vec![id];
+                }
             }
         }
         let id = self.fresh_id();
@@ -322,6 +340,25 @@ const STEPS: [(&str, &[&str]); 5] = [
     ("extract", &["extract", "parse", "classify"]),
 ];
 
+/// Words of a step that gathers the results of the steps before it (rule 5).
+const SUMMARISING: [&str; 9] = [
+    "summar",
+    "tl;dr",
+    "condense",
+    "compare",
+    "combine",
+    "consolidate",
+    "recap",
+    "overview",
+    "merge",
+];
+
+/// Whether `step` is a processing step that summarises, compares or combines what came before.
+fn summarises(step: &str) -> bool {
+    let lower = step.to_lowercase();
+    classify(step).0 == NodeKind::Processing && SUMMARISING.iter().any(|w| lower.contains(w))
+}
+
 fn classify(step: &str) -> (NodeKind, &'static str) {
     let lower = step.to_lowercase();
     let asks = ["ask ", "confirm ", "clarify ", "check with "]
@@ -405,6 +442,65 @@ mod tests {
                 row("t3", ToolCall, "filesystem", "Save the report to report.md", &["t2"]),
             ]
         );
+    }
+
+    /// For the README's request, t3 "summarize the options" got only t2's answer: the flights
+    /// t1 found never reached it. A summarising step depends on every step before it in the
+    /// request, so each one's output is among its inputs (docs/protocol.md's example).
+    #[test]
+    fn a_summarising_step_gets_every_step_before_it() {
+        assert_eq!(
+            shape("1. search for flights\n2. Which date suits you?\n3. summarize the options"),
+            vec![
+                row("t1", ToolCall, "web_search", "search for flights", &[]),
+                row(
+                    "t2",
+                    Clarification,
+                    "user",
+                    "Which date suits you?",
+                    &["t1"]
+                ),
+                row(
+                    "t3",
+                    Processing,
+                    "summarize",
+                    "summarize the options",
+                    &["t1", "t2"]
+                ),
+            ]
+        );
+        assert_eq!(
+            shape("fetch the prices, then fetch the reviews, then compare them, then email Bob"),
+            vec![
+                row("t1", ToolCall, "http_fetch", "fetch the prices", &[]),
+                row("t2", ToolCall, "http_fetch", "fetch the reviews", &["t1"]),
+                row("t3", Processing, "analyze", "compare them", &["t1", "t2"]),
+                row("t4", ToolCall, "email", "email Bob", &["t3"]),
+            ]
+        );
+        // In a bulleted list the others run in parallel; the summary waits for them all.
+        assert_eq!(
+            shape("- fetch https://a.example\n- fetch https://b.example\n- summarize both"),
+            vec![
+                row("t1", ToolCall, "http_fetch", "fetch https://a.example", &[]),
+                row("t2", ToolCall, "http_fetch", "fetch https://b.example", &[]),
+                row(
+                    "t3",
+                    Processing,
+                    "summarize",
+                    "summarize both",
+                    &["t1", "t2"]
+                ),
+            ]
+        );
+        // A follow-up's summary summarises its own request's steps.
+        let follow_up = parse_input_from("search hotels, then summarize them", 4);
+        let deps: Vec<Vec<String>> = follow_up
+            .tasks
+            .iter()
+            .map(|t| t.dependencies.iter().map(|d| d.0.clone()).collect())
+            .collect();
+        assert_eq!(deps, vec![vec![], vec!["t4".to_owned()]]);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The daemon's settings: `config/planner.toml`, then `PLANNER_*` environment variables, then
 //! command-line flags, each overriding the one before. Every key has a default (see
-//! `config/planner.toml`, which documents them all); problems are reported together, each
-//! naming its key, and the binary exits with status 64.
+//! `config/planner.toml`, which documents them all); problems are reported together (a value
+//! of the wrong type is reported and put back to its default so that the rest is still read
+//! and validated), each naming its key and where it was set (the file, the environment
+//! variable or the `--set` flag), and the binary exits with status 64.
 //!
 //! Environment variables name a key by its path, upper-cased, sections joined with `__`:
 //! `PLANNER_NATS__URL`, `PLANNER_SESSIONS__MAX_LOADED`, `PLANNER_PLANNER__RETRY__MAX_ATTEMPTS`.
@@ -497,6 +499,8 @@ impl Config {
         overrides: &[String],
     ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        // Where each key was last set, so that a problem names what the user has to change.
+        let mut sources = Sources::new();
         let file = match path {
             Some(path) => read_table(path, &mut problems),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
@@ -504,51 +508,68 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let mut table = match toml::Value::try_from(Config::default()) {
+        let file_name = path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH)).display();
+        record_file_keys(&file, "", &file_name.to_string(), &mut sources);
+        let defaults = match toml::Value::try_from(Config::default()) {
             Ok(toml::Value::Table(defaults)) => defaults,
             _ => toml::Table::new(),
         };
+        let mut table = defaults.clone();
         merge(&mut table, file);
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
             let key = rest.to_lowercase().replace("__", ".");
-            set_path(
-                &mut table,
-                &key,
-                &value,
-                &format!("environment variable {name}"),
-                &mut problems,
-            );
+            let source = format!("environment variable {name}");
+            set_path(&mut table, &key, &value, &source, &mut problems);
+            sources.insert(key, source);
         }
         for entry in overrides {
             match entry.split_once('=') {
-                Some((key, value)) => set_path(
-                    &mut table,
-                    key.trim(),
-                    value.trim(),
-                    &format!("--set {key}"),
-                    &mut problems,
-                ),
+                Some((key, value)) => {
+                    let source = format!("--set {}", key.trim());
+                    set_path(&mut table, key.trim(), value.trim(), &source, &mut problems);
+                    sources.insert(key.trim().to_owned(), source);
+                }
                 None => problems.push(format!("--set {entry:?}: expected key.path=value")),
             }
         }
         // Unknown keys are reported and set aside, so that type and value problems in the rest
         // are reported in the same run.
-        unknown_keys(&mut table, &mut problems);
-        // Through text, so that type errors name their key.
-        let text = toml::to_string(&table).unwrap_or_default();
-        match toml::from_str::<Config>(&text) {
-            Ok(config) => {
-                if let Err(e) = config.validate() {
-                    problems.extend(e.problems);
+        unknown_keys(&mut table, &sources, &mut problems);
+        // Through text, so that type errors point at their key. Each refused value is reported
+        // and put back to its default, and the rest read again: every bad value is reported in
+        // one run, and the values that parse are then validated too. Bounded, as each round
+        // resets one key that was set.
+        for _ in 0..=MAX_TYPE_PROBLEMS {
+            let text = toml::to_string(&table).unwrap_or_default();
+            let error = match toml::from_str::<Config>(&text) {
+                Ok(config) => {
+                    if let Err(e) = config.validate() {
+                        problems.extend(
+                            e.problems
+                                .into_iter()
+                                .map(|problem| attribute(problem, &sources)),
+                        );
+                    }
+                    if problems.is_empty() {
+                        return Ok(config);
+                    }
+                    break;
                 }
-                if problems.is_empty() {
-                    return Ok(config);
+                Err(error) => error,
+            };
+            let key = error_key(&error, &text);
+            match &key {
+                Some(key) => {
+                    problems.push(attribute(format!("{key}: {}", error.message()), &sources))
                 }
+                None => problems.push(error.message().to_owned()),
             }
-            Err(e) => problems.push(e.message().to_owned() + &key_hint(&e, &text)),
+            if !key.is_some_and(|key| reset_to_default(&mut table, &defaults, &key)) {
+                break;
+            }
         }
         Err(ConfigError { problems })
     }
@@ -610,6 +631,9 @@ impl Config {
             if !matches!(replicas, 1 | 3 | 5) {
                 problems.push(format!("{key} must be 1, 3 or 5, not {replicas}"));
             }
+        }
+        if let Err(problem) = check_log_level(&self.log.level) {
+            problems.push(problem);
         }
         if self.store.max_append_bytes < 1024 {
             problems.push("store.max_append_bytes must be at least 1024".into());
@@ -724,14 +748,21 @@ fn set_path(
             }
         }
     }
-    // A string-typed key keeps a value like "123" as a string: compare with the default.
-    let value = parse_value(raw);
-    current.insert(parts[parts.len() - 1].to_owned(), value);
+    // A string-typed key keeps a value like "123" as a string: the value it replaces (the
+    // default, or the file's) says which type the key has.
+    let last = parts[parts.len() - 1];
+    let value = match (current.get(last), parse_value(raw)) {
+        (Some(toml::Value::String(_)), parsed) if !parsed.is_str() => {
+            toml::Value::String(raw.to_owned())
+        }
+        (_, parsed) => parsed,
+    };
+    current.insert(last.to_owned(), value);
 }
 
 /// Reports and removes every key the config does not have (outside `planner`, which serde
 /// checks itself).
-fn unknown_keys(table: &mut toml::Table, problems: &mut Vec<String>) {
+fn unknown_keys(table: &mut toml::Table, sources: &Sources, problems: &mut Vec<String>) {
     let Ok(toml::Value::Table(known)) = toml::Value::try_from(Config::default()) else {
         return;
     };
@@ -739,7 +770,11 @@ fn unknown_keys(table: &mut toml::Table, problems: &mut Vec<String>) {
     for (section, value) in table.iter_mut() {
         match (known.get(section), value) {
             (None, _) => {
-                problems.push(format!("unknown section or key {section:?}"));
+                problems.push(named(
+                    format!("unknown section or key {section:?}"),
+                    section,
+                    sources,
+                ));
                 unknown_sections.push(section.clone());
             }
             (Some(_), _) if section == "planner" => {}
@@ -750,12 +785,13 @@ fn unknown_keys(table: &mut toml::Table, problems: &mut Vec<String>) {
                     .cloned()
                     .collect();
                 for key in unknown {
-                    problems.push(format!("unknown key {section}.{key}"));
+                    let path = format!("{section}.{key}");
+                    problems.push(named(format!("unknown key {path}"), &path, sources));
                     keys.remove(&key);
                 }
             }
             (Some(_), _) => {
-                problems.push(format!("{section} must be a section"));
+                problems.push(attribute(format!("{section} must be a section"), sources));
                 unknown_sections.push(section.clone());
             }
         }
@@ -765,16 +801,138 @@ fn unknown_keys(table: &mut toml::Table, problems: &mut Vec<String>) {
     }
 }
 
-fn key_hint(error: &toml::de::Error, text: &str) -> String {
-    error
-        .span()
-        .and_then(|span| {
-            let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-            let line_end = text[span.start..]
-                .find('\n')
-                .map_or(text.len(), |i| span.start + i);
-            text.get(line_start..line_end)
+/// The dotted key a deserialization error points at in `text` (as `toml::to_string` writes a
+/// table: `[section.sub]` headers, then `key = value` lines).
+fn error_key(error: &toml::de::Error, text: &str) -> Option<String> {
+    let start = error.span()?.start;
+    let before = text.get(..start)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?.trim();
+    let (key, _) = line.split_once('=')?;
+    let key = unquote(key.trim());
+    let section = before
+        .get(..line_start)?
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|header| {
+            header
+                .trim_matches(|c| c == '[' || c == ']')
+                .split('.')
+                .map(|part| unquote(part.trim()))
+                .collect::<Vec<_>>()
+                .join(".")
+        });
+    Some(match section {
+        Some(section) if !section.is_empty() => format!("{section}.{key}"),
+        _ => key,
+    })
+}
+
+fn unquote(part: &str) -> String {
+    part.trim_matches(|c| c == '"' || c == '\'').to_owned()
+}
+
+/// Puts `key` back to its value in `defaults` (or removes it when it has none). Whether the
+/// table changed.
+fn reset_to_default(table: &mut toml::Table, defaults: &toml::Table, key: &str) -> bool {
+    let parts: Vec<&str> = key.split('.').collect();
+    let Some((last, sections)) = parts.split_last() else {
+        return false;
+    };
+    let mut current = table;
+    let mut default = Some(defaults);
+    for part in sections {
+        match current.get_mut(*part) {
+            Some(toml::Value::Table(t)) => current = t,
+            _ => return false,
+        }
+        default = default
+            .and_then(|d| d.get(*part))
+            .and_then(toml::Value::as_table);
+    }
+    match default.and_then(|d| d.get(*last)) {
+        Some(value) if current.get(*last) != Some(value) => {
+            current.insert((*last).to_owned(), value.clone());
+            true
+        }
+        Some(_) => false,
+        None => current.remove(*last).is_some(),
+    }
+}
+
+/// Where each key was set: `key.path` to "--set key.path", "environment variable PLANNER_…" or
+/// the file's name.
+type Sources = std::collections::BTreeMap<String, String>;
+
+/// The most type problems reported in one run (each costs a parse).
+const MAX_TYPE_PROBLEMS: usize = 64;
+
+fn record_file_keys(table: &toml::Table, prefix: &str, file: &str, sources: &mut Sources) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => record_file_keys(inner, &path, file, sources),
+            _ => {
+                sources.insert(path, file.to_owned());
+            }
+        }
+    }
+}
+
+/// `problem`, which starts with the key it is about, with where that key was set when it was
+/// not left at its default.
+fn attribute(problem: String, sources: &Sources) -> String {
+    let source = sources
+        .iter()
+        .filter(|(key, _)| {
+            problem
+                .strip_prefix(key.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', ':']))
         })
-        .map(|line| format!(" (at `{}`)", line.trim()))
-        .unwrap_or_default()
+        .max_by_key(|(key, _)| key.len())
+        .map(|(_, source)| source);
+    match source {
+        Some(source) => format!("{problem} (set by {source})"),
+        None => problem,
+    }
+}
+
+/// `problem` about `key`, with where that key was set.
+fn named(problem: String, key: &str, sources: &Sources) -> String {
+    let source = sources
+        .iter()
+        .find(|(set, _)| *set == key || set.starts_with(&format!("{key}.")));
+    match source {
+        Some((_, source)) => format!("{problem} (set by {source})"),
+        None => problem,
+    }
+}
+
+/// The levels a `log.level` directive may end with.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a tracing filter: comma-separated directives, each a level or `target=level`. A
+/// bare word that is no level is refused, though tracing would take it as a target name (with
+/// every level), which turns every other log off.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LOG_LEVELS.contains(&level.trim().to_lowercase().as_str()) {
+            return Err(format!(
+                "log.level {filter:?}: {level:?} is not a level; use one of {} or target=level directives (e.g. \"planner_svc=debug,info\")",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("log.level {filter:?}: {e}"))
 }

@@ -36,6 +36,18 @@ pub struct RunOptions {
 
 /// Runs the request to its end, printing progress to `out`; returns how the plan ended.
 pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<PlanPhase> {
+    let unknown_session = |id: &str| {
+        anyhow::anyhow!(
+            "no session {id} in {dir}: --session continues an existing session; list them with `planner-svc sessions --data-dir {dir}`, or leave out --session to start a new one",
+            dir = options.data_dir.display()
+        )
+    };
+    // Not even a directory: say so before opening the store creates one.
+    if let Some(id) = &options.session {
+        if !options.data_dir.is_dir() {
+            return Err(unknown_session(id));
+        }
+    }
     let data_dir = options.data_dir.clone();
     let store =
         tokio::task::spawn_blocking(move || FileStore::open(FileStoreConfig::new(data_dir)))
@@ -62,6 +74,12 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         .session
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let existing = planner_store::load_planner(engine.store().as_ref(), &session)
+        .await
+        .with_context(|| format!("loading session {session}"))?;
+    if existing.version() == 0 && options.session.is_some() {
+        return Err(unknown_session(&session));
+    }
     writeln!(
         out,
         "session {session} (events in {})",
@@ -84,9 +102,6 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
 
     // Every handled command's events come back here to be printed, in order.
     let (progress_tx, mut progress) = mpsc::unbounded_channel::<Vec<Event>>();
-    let existing = planner_store::load_planner(engine.store().as_ref(), &session)
-        .await
-        .with_context(|| format!("loading session {session}"))?;
     if existing.version() > 0 {
         let phase = existing.state().phase.clone();
         if phase.is_terminal() && options.request.is_none() {
@@ -117,6 +132,11 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
     }
 
     let auto_answer = options.auto_answer || !std::io::stdin().is_terminal();
+    // Held by an executor from handling a report until its events are sent to `progress`: a
+    // message on the bus was published inside such a turn, so once the printer holds it, the
+    // events that led to the message are in `progress` and are printed first. (One session:
+    // its handling is one at a time anyway.)
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
     let mut seed = 1;
     loop {
         tokio::select! {
@@ -128,7 +148,17 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     return Ok(phase);
                 }
             }
-            Some(message) = bus.recv() => match message {
+            Some(message) = bus.recv() => {
+                {
+                    let _turn = turn.lock().await;
+                    while let Ok(events) = progress.try_recv() {
+                        print_events(out, &events)?;
+                        if let Some(phase) = ended(&events) {
+                            return Ok(phase);
+                        }
+                    }
+                }
+                match message {
                 Outgoing::Task(task) => {
                     writeln!(out, "-> {} attempt {} to {}", task.assignment.task_id, task.assignment.attempt, task.assignment.target)?;
                     let engine = Arc::clone(&engine);
@@ -136,6 +166,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     let session = session.clone();
                     seed += 1;
                     let mut executor = SimExecutor::new(options.behaviour, seed);
+                    let turn = Arc::clone(&turn);
                     tokio::spawn(async move {
                         // Like any executor: claim the attempt, then report under its lease.
                         // (Simulated work is far shorter than the heartbeat timeout.)
@@ -146,8 +177,12 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                             lease: lease.clone(),
                             now: engine.now(),
                         };
-                        match engine.handle(&session, claim).await {
-                            Ok(handled) => { let _ = progress.send(handled.events); }
+                        let claimed = {
+                            let _turn = turn.lock().await;
+                            engine.handle(&session, claim).await.map(|handled| { let _ = progress.send(handled.events); })
+                        };
+                        match claimed {
+                            Ok(()) => {}
                             Err(error) => {
                                 tracing::info!(%error, "attempt not claimed; not running it");
                                 return;
@@ -156,6 +191,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                         for event in [SimExecutor::started(&task), executor.outcome(&task)] {
                             tokio::time::sleep(executor.latency() / 2).await;
                             let report = Command::HandleExecutorEvent { event, lease: Some(lease.clone()), now: engine.now() };
+                            let _turn = turn.lock().await;
                             match engine.handle(&session, report).await {
                                 Ok(handled) => { let _ = progress.send(handled.events); }
                                 Err(error) => tracing::warn!(%error, "report refused"),
@@ -176,7 +212,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 Outgoing::Notice(notice) => {
                     writeln!(out, "!  {}", notice.error.message)?;
                 }
-            },
+            }},
         }
     }
 }
@@ -247,12 +283,21 @@ async fn ask(
     })
 }
 
+/// `n` and `noun`, plural unless `n` is 1: "1 task", "3 tasks".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Prints what a person following the plan wants to see.
 pub fn print_events(out: &mut (dyn Write + Send), events: &[Event]) -> std::io::Result<()> {
     for event in events {
         match event {
             Event::TasksPlanned { tasks, source, .. } => {
-                writeln!(out, "planned {} tasks ({source:?}):", tasks.len())?;
+                writeln!(out, "planned {} ({source:?}):", count(tasks.len(), "task"))?;
                 for t in tasks {
                     let deps: Vec<&str> = t.dependencies.iter().map(|d| d.as_str()).collect();
                     let after = if deps.is_empty() {

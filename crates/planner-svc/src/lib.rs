@@ -9,15 +9,19 @@
 //!   IO goes through seams (`engine/seams.rs`).
 //! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
+//! - `client.rs`: the CLI's client of a daemon (`submit`, `watch`, `answer`, `cancel`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
+//! - `inspect.rs`: what `replay` and `sessions` print about a session.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
 pub mod bus;
+pub mod client;
 pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod executor;
+pub mod inspect;
 pub mod protocol;
 pub mod serve;
 pub mod sim;

@@ -1,16 +1,19 @@
 //! `planner-svc`: the planner daemon and its tools. See `--help`.
 
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use planner_core::{PlanPhase, Planner};
+use clap::{CommandFactory as _, Parser, Subcommand};
+use planner_core::{CancelTarget, PlanPhase, Planner, TaskId};
 use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
+use planner_svc::client::{self, Client, WatchOptions};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
-use planner_svc::protocol::Subjects;
+use planner_svc::inspect::{print_sessions, print_summary, SessionRow};
+use planner_svc::protocol::{ClientCommand, Subjects};
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
 use tracing_subscriber::EnvFilter;
@@ -46,14 +49,15 @@ enum Cmd {
     },
     /// Plan and run a request in-process with simulated executors: no NATS needed.
     Run {
-        /// The request (words are joined); a demo request when empty, or with --session and no
-        /// request, the session resumed as it was left (after Ctrl-C).
+        /// The request (words are joined; blank is refused); a demo request when left out,
+        /// or with --session and no request, the session resumed as it was left (after
+        /// Ctrl-C).
         request: Vec<String>,
         /// Where the file store keeps events (overrides store.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Continue an existing session: resume it where it was left, then run the follow-up
-        /// request if one is given.
+        /// Continue an existing session (`sessions` lists them; an unknown id is an error):
+        /// resume it where it was left, then run the follow-up request if one is given.
         #[arg(long)]
         session: Option<String>,
         /// Answer every question "yes" instead of asking.
@@ -98,6 +102,62 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         fail_percent: u8,
     },
+    /// Start a session on the daemon from a request; prints its id (follow it with `watch`).
+    Submit {
+        /// The request (words are joined).
+        #[arg(required = true)]
+        request: Vec<String>,
+        /// The session id (default: a new one). An existing session takes it as a follow-up.
+        #[arg(long)]
+        session: Option<String>,
+        /// A plan (JSON, as `docs/protocol.md` shows) to run instead of the planner's own.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+        /// Watch the session to its end after submitting it.
+        #[arg(long)]
+        watch: bool,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Follow a session on the daemon: its tasks as they go, until the plan ends. On a
+    /// terminal, open questions are asked and the answers sent; piped, plain lines.
+    Watch {
+        /// The session id.
+        session: String,
+        /// Never ask questions, only print them (the default when not on a terminal).
+        #[arg(long)]
+        no_ask: bool,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Answer a question a session asked (its task id, as `watch` shows it).
+    Answer {
+        /// The session id.
+        session: String,
+        /// The task that asked.
+        task: String,
+        /// The answer (words are joined).
+        #[arg(required = true)]
+        answer: Vec<String>,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
+    /// Cancel a session's plan, or one task and what depends on it.
+    Cancel {
+        /// The session id.
+        session: String,
+        /// The task (default: the whole plan).
+        task: Option<String>,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: Option<String>,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
     /// List the sessions in the configured store.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -116,6 +176,22 @@ fn main() -> ExitCode {
             nats_url: Some(url),
         }
         | Cmd::Executor {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Submit {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Watch {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Answer {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Cancel {
             nats_url: Some(url),
             ..
         } => overrides.push(format!("nats.url=\"{url}\"")),
@@ -156,11 +232,40 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
+        // The reader went away (`planner-svc run … | head`): nothing more to say, to no one.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("planner-svc: {e:#}");
+            eprintln!("planner-svc: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `error` comes from writing into a pipe whose reader is gone.
+fn broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `error` and its causes, `: `-separated, each said once: many errors print their source in
+/// their own message and return it as their source too (`…: Not a directory (os error 20):
+/// Not a directory (os error 20)`).
+fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_logging(config: &Config, quiet: bool) {
@@ -172,8 +277,15 @@ fn init_logging(config: &Config, quiet: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal (and not for one who set NO_COLOR).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
+        // A log line that cannot be written (stderr's reader gone) is dropped: tracing's
+        // report of it goes through eprintln!, which panics on the same closed pipe, and took
+        // down the task that was logging (the one stopping `executor` on SIGTERM among them).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -196,12 +308,20 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             session,
             ..
         } => {
-            let request = request.join(" ");
             // No request: resume the given session as it was left, or plan the demo request.
-            let request = match (request.trim().is_empty(), &session) {
-                (false, _) => Some(request),
-                (true, Some(_)) => None,
-                (true, None) => Some(DEMO_REQUEST.to_owned()),
+            // A request given but blank is refused, as the daemon refuses it.
+            let given = !request.is_empty();
+            let request = request.join(" ");
+            let request = match (request.trim().is_empty(), given, &session) {
+                (false, _, _) => Some(request),
+                (true, true, _) => Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ValueValidation,
+                        "the request is empty: nothing to plan (leave it out for the demo request)",
+                    )
+                    .exit(),
+                (true, false, Some(_)) => None,
+                (true, false, None) => Some(DEMO_REQUEST.to_owned()),
             };
             let options = RunOptions {
                 request,
@@ -265,6 +385,88 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             client.drain().await?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Submit {
+            request,
+            session,
+            plan,
+            watch,
+            ..
+        } => {
+            let input = request.join(" ");
+            if input.trim().is_empty() {
+                anyhow::bail!("the request is empty: nothing to plan");
+            }
+            let plan =
+                match plan {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading the plan {}", path.display()))?;
+                        Some(serde_json::from_str(&text).with_context(|| {
+                            format!("the plan {} is not a plan", path.display())
+                        })?)
+                    }
+                    None => None,
+                };
+            let session = session.unwrap_or_else(client::new_session_id);
+            let client = Client::connect(&config).await?;
+            let command = ClientCommand::Initialize {
+                request_id: Some(client::new_session_id()),
+                input,
+                attachments: vec![],
+                plan,
+                planning: None,
+            };
+            client.command(&session, &command).await?;
+            writeln!(std::io::stdout(), "{session}")?;
+            if !watch {
+                eprintln!("submitted; follow it with `planner-svc watch {session}`");
+                return Ok(ExitCode::SUCCESS);
+            }
+            watch_session(&client, &session, false).await
+        }
+        Cmd::Watch {
+            session, no_ask, ..
+        } => {
+            let client = Client::connect(&config).await?;
+            watch_session(&client, &session, no_ask).await
+        }
+        Cmd::Answer {
+            session,
+            task,
+            answer,
+            ..
+        } => {
+            let client = Client::connect(&config).await?;
+            let command = ClientCommand::AnswerClarification {
+                task_id: TaskId(task.clone()),
+                answer: answer.join(" "),
+            };
+            client.command(&session, &command).await?;
+            eprintln!("answered {task} of session {session}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cancel {
+            session,
+            task,
+            reason,
+            ..
+        } => {
+            let client = Client::connect(&config).await?;
+            let target = match &task {
+                Some(task) => CancelTarget::Task {
+                    task_id: TaskId(task.clone()),
+                },
+                None => CancelTarget::Plan,
+            };
+            client
+                .command(&session, &ClientCommand::Cancel { target, reason })
+                .await?;
+            match task {
+                Some(task) => eprintln!("cancelled {task} of session {session}"),
+                None => eprintln!("cancelled session {session}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {
                 replay(&store, &session, json).await
@@ -273,14 +475,39 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
         }
         Cmd::Sessions { .. } => {
             with_store(&config, |store| async move {
+                let mut rows = Vec::new();
                 for session in store.list_streams().await? {
-                    println!("{session}");
+                    let events = store.load_all(&session).await?;
+                    rows.push(SessionRow::new(&session, &events));
                 }
+                // Oldest first: the newest end up next to the prompt.
+                rows.sort_by_key(|row| row.started);
+                let now = planner_core::Timestamp(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                );
+                let terminal = std::io::stdout().is_terminal();
+                print_sessions(&mut std::io::stdout().lock(), &rows, now, terminal)?;
                 Ok(ExitCode::SUCCESS)
             })
             .await
         }
     }
+}
+
+/// Follows `session` to its end: exit 0 when its plan completed, 1 otherwise.
+async fn watch_session(client: &Client, session: &str, no_ask: bool) -> anyhow::Result<ExitCode> {
+    let ask = !no_ask && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut out = std::io::stdout();
+    let phase = client
+        .watch(session, &mut out, WatchOptions { ask })
+        .await?;
+    Ok(if phase == PlanPhase::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn with_store<F, Fut>(config: &Config, f: F) -> anyhow::Result<ExitCode>
@@ -291,6 +518,13 @@ where
     let store = match config.store.kind {
         StoreKind::File => {
             let dir = config.store.data_dir.clone();
+            // A typo in the directory must not read as an empty store.
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "no data directory {} (`planner-svc run` keeps its sessions in planner-data unless given --data-dir)",
+                    dir.display()
+                );
+            }
             // Read-only: no lock, so a `run` or `serve` may keep writing meanwhile.
             AnyStore::File(
                 tokio::task::spawn_blocking(move || {
@@ -367,35 +601,25 @@ async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<E
         eprintln!("no events for session {session}");
         return Ok(ExitCode::from(1));
     }
+    let mut out = std::io::stdout();
     if json {
         for event in &events {
-            println!("{}", serde_json::to_string(event)?);
+            writeln!(out, "{}", serde_json::to_string(event)?)?;
         }
     } else {
-        let mut out = std::io::stdout();
         for (version, event) in events.iter().enumerate() {
-            println!("{version:>6} {}", event.event_type());
+            writeln!(out, "{version:>6} {}", event.event_type())?;
             print_events(&mut out, std::slice::from_ref(event))?;
         }
     }
     let planner = Planner::fold(&events);
-    let state = planner.state();
-    let open: Vec<&str> = state
-        .tasks
-        .iter()
-        .filter(|t| !t.status.is_terminal())
-        .map(|t| t.id.as_str())
-        .collect();
-    eprintln!(
-        "session {session}: version {}, phase {:?}, {} tasks ({} open: {}), {} dispatches, {} tokens",
-        state.version,
-        state.phase,
-        state.tasks.len(),
-        open.len(),
-        open.join(" "),
-        state.usage.dispatches,
-        state.usage.tokens
-    );
+    // After JSON lines, the summary would break a reader of them: it goes to stderr there.
+    if json {
+        print_summary(&mut std::io::stderr(), session, planner.state())?;
+    } else {
+        writeln!(out)?;
+        print_summary(&mut out, session, planner.state())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

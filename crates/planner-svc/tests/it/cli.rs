@@ -99,7 +99,8 @@ fn run_plans_and_finishes_a_request_with_simulated_executors() {
         "planned 3 tasks",
         "-> t1 attempt 1 to web_search",
         "?  Which dates? -> yes (auto)",
-        "<- t3 completed",
+        // The summary gets the hotels t1 found as well as the dates (only t2's before).
+        "<- t3 completed: [summarize] summarize the options (from t1, t2)",
         "plan completed",
     ] {
         assert!(
@@ -121,9 +122,12 @@ fn run_plans_and_finishes_a_request_with_simulated_executors() {
         .output()
         .unwrap();
     assert!(replay.status.success());
-    let summary = String::from_utf8_lossy(&replay.stderr);
+    // The summary is on stdout, after the events, for people (it was `3 tasks (0 open: )` on
+    // stderr).
+    let summary = String::from_utf8_lossy(&replay.stdout);
     assert!(
-        summary.contains("phase Completed") && summary.contains("3 tasks"),
+        summary.contains(&format!("session {session}: completed"))
+            && summary.contains("3 tasks: 3 completed\n"),
         "{summary}"
     );
 }
@@ -178,6 +182,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
 #[test]
 fn replay_of_an_unknown_session_says_so() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
     let output = planner_svc()
         .current_dir(dir.path())
         .args(["replay", "--data-dir", "data", "nobody"])
@@ -381,35 +386,38 @@ async fn a_context_over_budget_gets_an_llm_summary_recorded_in_the_log() {
 #[test]
 fn a_second_run_with_the_same_session_is_a_follow_up() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |request: &str| {
-        planner_svc()
-            .current_dir(dir.path())
-            .args([
-                "run",
-                "--yes",
-                "--data-dir",
-                "data",
-                "--session",
-                "trip",
-                "--latency-ms",
-                "1",
-                request,
-            ])
-            .output()
-            .unwrap()
+    let run = |session: Option<&str>, request: &str| {
+        let mut command = planner_svc();
+        command.current_dir(dir.path()).args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+        ]);
+        if let Some(session) = session {
+            command.args(["--session", session]);
+        }
+        command.arg(request).output().unwrap()
     };
-    let first = run("search for hotels in Porto");
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stdout)
-    );
-    let second = run("then book the cheapest one");
+    let first = run(None, "search for hotels in Porto");
+    let first_out = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{first_out}");
+    let session = first_out
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let second = run(Some(&session), "then book the cheapest one");
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success(), "{stdout}");
-    // Numbering continues and the plan reopens: the follow-up's task is t2.
+    // Numbering continues and the plan reopens: the follow-up's task is t2 (one task, not
+    // "1 tasks").
     assert!(
-        stdout.contains("planned 1 tasks") && stdout.contains("   t2 "),
+        stdout.contains("planned 1 task (") && stdout.contains("   t2 "),
         "{stdout}"
     );
     assert!(stdout.contains("plan completed"), "{stdout}");
@@ -602,18 +610,23 @@ fn replay_and_sessions_read_a_store_a_run_is_using() {
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    assert!(String::from_utf8_lossy(&replay.stderr).contains("phase Running"));
+    let summary = String::from_utf8_lossy(&replay.stdout);
+    assert!(summary.contains(": running"), "{summary}");
+    assert!(summary.contains("1 running (t1)"), "{summary}");
     assert!(
         sessions.status.success(),
         "{}",
         String::from_utf8_lossy(&sessions.stderr)
     );
-    let listed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&sessions.stdout),
-        String::from_utf8_lossy(&sessions.stderr)
-    );
-    assert!(listed.contains(&session), "{listed}");
+    // Piped: one line per session, its status, age and request tab-separated (bare ids
+    // before).
+    let listed = String::from_utf8_lossy(&sessions.stdout);
+    let fields: Vec<&str> = listed.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 4, "{listed:?}");
+    assert_eq!(fields[0], session);
+    assert_eq!(fields[1], "running");
+    assert!(fields[2].ends_with('s'), "an age in seconds: {listed:?}");
+    assert_eq!(fields[3], "search for flights");
 }
 
 /// After the README's `run`, `planner-svc sessions` went to the daemon's JetStream store and
@@ -647,4 +660,280 @@ fn sessions_without_a_data_dir_point_to_runs_store() {
     let stderr = String::from_utf8_lossy(&sessions.stderr);
     assert!(!sessions.status.success());
     assert!(stderr.contains("add --data-dir planner-data"), "{stderr}");
+}
+
+/// `run ""` and `run "   "` ran the demo request, while the daemon refuses an empty request.
+#[test]
+fn run_refuses_an_empty_request() {
+    let dir = tempfile::tempdir().unwrap();
+    for empty in ["", "   ", "\n"] {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args([
+                "run",
+                "--yes",
+                "--data-dir",
+                "data",
+                "--latency-ms",
+                "1",
+                empty,
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{empty:?}: {stdout}{stderr}");
+        assert!(stderr.contains("the request is empty"), "{stderr}");
+        assert!(!stdout.contains("planned"), "{stdout}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was stored");
+}
+
+/// `run --session does-not-exist "…"` silently started a new session, though `--session`
+/// continues an existing one: a typo in an id lost the follow-up's context.
+#[test]
+fn run_with_a_session_that_does_not_exist_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |data: &str| {
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["run", "--yes", "--data-dir", data, "--latency-ms", "1"])
+            .args(["--session", "does-not-exist", "book the cheapest"])
+            .output()
+            .unwrap()
+    };
+    // A data directory holding another session, and none at all.
+    let other = planner_svc()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--yes",
+            "--data-dir",
+            "data",
+            "--latency-ms",
+            "1",
+            "search",
+        ])
+        .output()
+        .unwrap();
+    assert!(other.status.success());
+    for data in ["data", "nothing-here"] {
+        let output = run(data);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("no session does-not-exist")
+                && stderr.contains(&format!("planner-svc sessions --data-dir {data}")),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("planned"), "{stdout}");
+    }
+    assert!(!dir.path().join("nothing-here").exists());
+    let sessions = planner_svc()
+        .current_dir(dir.path())
+        .args(["sessions", "--data-dir", "data"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&sessions.stdout).contains("does-not-exist"));
+}
+
+/// `replay --data-dir planner-dat` (a typo) said "no events for session" as if the directory
+/// were a store, and `sessions` listed nothing and exited 0: a missing data directory is an
+/// error naming it, and is not created.
+#[test]
+fn replay_and_sessions_of_a_missing_data_dir_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["replay", "--data-dir", "planner-dat", "s1"][..],
+        &["sessions", "--data-dir", "planner-dat"][..],
+    ] {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no data directory planner-dat"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!dir.path().join("planner-dat").exists(), "{args:?}");
+    }
+}
+
+/// When piped, a question's auto-answer could print before the result that led to it: the
+/// executor's report published the question before its events reached the printer.
+#[test]
+fn run_prints_each_result_before_what_it_led_to() {
+    let dir = tempfile::tempdir().unwrap();
+    // A race: a few runs, each of which used to lose it about every other time.
+    for _ in 0..6 {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args(["run", "--yes", "--data-dir", "data", "--latency-ms", "1"])
+            .arg("1. search for flights\n2. Which date suits you?\n3. summarize the options")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}");
+        let line = |prefix: &str| {
+            stdout
+                .lines()
+                .position(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in:\n{stdout}"))
+        };
+        assert!(
+            line("<- t1 completed") < line("?  Which date suits you?"),
+            "{stdout}"
+        );
+        assert!(line("<- t2 answered") < line("-> t3 attempt 1"), "{stdout}");
+    }
+}
+
+/// An error with an OS cause printed it twice: `Not a directory (os error 20): Not a directory
+/// (os error 20)`.
+#[test]
+fn an_os_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let output = planner_svc()
+        .current_dir(dir.path())
+        .args(["run", "--yes", "--data-dir", "a-file/data", "search"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("(os error 20)").count(), 1, "{stderr}");
+    assert!(stderr.contains("a-file/data"), "{stderr}");
+}
+
+/// `run … | head` ended with `Broken pipe (os error 32)` (and `replay … | head` panicked): a
+/// reader that stops reading ends the command quietly.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let steps: Vec<String> = (1..=40).map(|i| format!("{i}. fetch page {i}")).collect();
+    let run = planner_svc()
+        .current_dir(dir.path())
+        .args(["run", "--yes", "--data-dir", "data", "--latency-ms", "1"])
+        .arg(steps.join("\n"))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let session = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("session "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let requests = [
+        vec!["run", "--yes", "--data-dir", "data", "--latency-ms", "20"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([steps.join("\n")])
+            .collect::<Vec<_>>(),
+        ["replay", "--data-dir", "data", &session]
+            .map(str::to_owned)
+            .to_vec(),
+        ["replay", "--json", "--data-dir", "data", &session]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for args in requests {
+        let mut child = planner_svc()
+            .current_dir(dir.path())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Like `head -n 1`: read a line, then close the pipe.
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?}\n{stderr}",
+            output.status
+        );
+        assert!(
+            !stderr.contains("Broken pipe") && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// Logs written into a pipe or a file carried ANSI colour codes.
+#[test]
+fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = planner_svc()
+        .args(["serve"])
+        .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
+        .env("PLANNER_NATS__STARTUP_WAIT_S", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("NATS not reachable yet"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+}
+
+/// Once its stderr pipe was closed, `executor` ignored SIGINT and SIGTERM: logging the signal
+/// failed, and tracing's report of that failure panicked the task that was to stop the pool.
+#[test]
+fn executor_stops_on_sigterm_with_its_stderr_closed() {
+    use std::io::BufRead as _;
+    let server = planner_testkit::NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = planner_svc()
+        .current_dir(dir.path())
+        .args(["serve", "--nats-url", &server.url()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(serving(&server.url()), "planner-svc serve did not start");
+    let mut executor = planner_svc()
+        .args(["executor", "--nats-url", &server.url()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(executor.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("executor pool running") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "executor ended");
+    }
+    drop(stderr);
+    for signal in ["-TERM", "-INT"] {
+        let _ = Command::new("kill")
+            .args([signal, &executor.id().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(5) {
+            if executor.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let stopped = executor.try_wait().unwrap();
+    let _ = executor.kill();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        stopped.is_some_and(|status| status.success()),
+        "still running 10 s after SIGTERM and SIGINT, or failed: {stopped:?}"
+    );
 }

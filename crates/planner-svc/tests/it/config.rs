@@ -87,3 +87,87 @@ fn problems_name_their_keys() {
     let err = Config::load(None, env(&[]), &["nats.user=\"me\"".to_owned()]).unwrap_err();
     assert!(err.to_string().contains("nats.password"), "{err}");
 }
+
+/// Loading stopped at the first value serde refused: with a bad store kind, a negative budget
+/// and a zero parallelism, only the budget was reported.
+#[test]
+fn every_bad_value_is_reported_in_one_run() {
+    let err = Config::load(
+        None,
+        env(&[]),
+        &[
+            "store.kind=postgres".to_owned(),
+            "planner.token_budget=-5".to_owned(),
+            "planner.max_parallel=0".to_owned(),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 3, "{err}");
+    for expected in [
+        "store.kind",
+        "postgres",
+        "planner.token_budget",
+        "-5",
+        "planner.max_parallel must be at least 1",
+    ] {
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}
+
+/// A problem in an environment variable named the key as the file spells it, never the
+/// variable the user has to change.
+#[test]
+fn problems_from_the_environment_name_the_variable() {
+    let err = Config::load(
+        None,
+        env(&[
+            ("PLANNER_PLANNER__TOKEN_BUDGET", "-5"),
+            ("PLANNER_STORE__REPLICAS", "2"),
+        ]),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("planner.token_budget")
+                && p.contains("environment variable PLANNER_PLANNER__TOKEN_BUDGET")),
+        "{err}"
+    );
+    assert!(
+        err.problems.iter().any(|p| p.contains("store.replicas")
+            && p.contains("environment variable PLANNER_STORE__REPLICAS")),
+        "{err}"
+    );
+}
+
+/// `log.level=verbose` was accepted (as a target name) and turned every log off.
+#[test]
+fn a_log_level_that_is_no_level_is_refused_with_the_valid_ones() {
+    let err = Config::load(None, env(&[]), &["log.level=verbose".to_owned()]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("log.level") && text.contains("verbose"),
+        "{text}"
+    );
+    for level in ["trace", "debug", "info", "warn", "error", "off"] {
+        assert!(text.contains(level), "{level} missing: {text}");
+    }
+    for good in [
+        "debug",
+        "WARN",
+        "planner_svc=debug,info",
+        "info,async_nats=warn",
+    ] {
+        let config = Config::load(None, env(&[]), &[format!("log.level={good:?}")]);
+        assert!(config.is_ok(), "{good}: {config:?}");
+    }
+}
+
+/// A string setting given digits stays a string.
+#[test]
+fn a_string_setting_takes_a_value_that_looks_like_a_number() {
+    let config = Config::load(None, env(&[("PLANNER_NATS__NAME", "1234")]), &[]).unwrap();
+    assert_eq!(config.nats.name, "1234");
+}
