@@ -30,6 +30,11 @@ use planner_svc::sim::SimBehaviour;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+/// The executors here are the shipped pool (`planner-svc executor`), which runs on mimalloc in
+/// `planner-svc`: the same allocator here, so the load generator costs what the pool does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "Drive concurrent sessions through a planner-svc daemon and measure it")]
 struct Args {

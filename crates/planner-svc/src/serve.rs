@@ -275,7 +275,7 @@ async fn run_with<S: EventStore>(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let mut reports = ensure_streams(&config, &client).await?;
+    let reports = ensure_streams(&config, &client).await?;
     let service = client
         .service_builder()
         .description("event-sourced task planner")
@@ -345,14 +345,37 @@ async fn run_with<S: EventStore>(
         });
     }
 
-    let limits = Arc::new(Semaphore::new(config.reports.max_in_flight));
     let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
     let max_bytes = config.limits.max_message_bytes;
-    let max_deliver = config.reports.max_deliver;
+    // Reports have a pump of their own: waiting for a free report slot must never hold up
+    // claims, heartbeats and commands. (It did, when one loop served all four: at
+    // `reports.max_in_flight` every claim waited for a report to finish, and executors with it.)
+    let intake = CancellationToken::new();
+    let mut report_pump = tokio::spawn(pump_reports(
+        reports,
+        ReportPump {
+            engine: Arc::clone(&engine),
+            subjects: subjects.clone(),
+            client: client.clone(),
+            limits: Arc::new(Semaphore::new(config.reports.max_in_flight)),
+            max_bytes,
+            max_deliver: config.reports.max_deliver,
+            tracker: tracker.clone(),
+        },
+        intake.clone(),
+    ));
+    let mut pump_ended = false;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = &mut report_pump => {
+                // The consumer ended (it does not on a server restart): without reports no
+                // plan moves on, so stop and let the supervisor restart the daemon.
+                tracing::error!("the executor report consumer ended; shutting down");
+                pump_ended = true;
+                break;
+            }
             request = commands.next() => {
                 let Some(request) = request else { break };
                 answer(Endpoint::Command, request, &admission, &tracker, &engine, &subjects, max_bytes);
@@ -365,29 +388,14 @@ async fn run_with<S: EventStore>(
                 let Some(request) = request else { break };
                 answer(Endpoint::Heartbeat, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
-            message = reports.next() => {
-                let Some(message) = message else { break };
-                let message = match message {
-                    Ok(message) => message,
-                    Err(error) => {
-                        // Missed heartbeats while the server restarts; the stream recovers.
-                        tracing::warn!(%error, "executor report stream error");
-                        continue;
-                    }
-                };
-                let Ok(permit) = Arc::clone(&limits).acquire_owned().await else { break };
-                let engine = Arc::clone(&engine);
-                let subjects = subjects.clone();
-                let client = client.clone();
-                tracker.spawn(async move {
-                    handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
-                    drop(permit);
-                });
-            }
         }
     }
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
+    intake.cancel();
+    if !pump_ended {
+        let _ = report_pump.await;
+    }
     let _ = commands.stop().await;
     let _ = claims.stop().await;
     let _ = heartbeats.stop().await;
@@ -407,6 +415,58 @@ async fn run_with<S: EventStore>(
         .context("draining the NATS connection")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the report pump needs.
+struct ReportPump<S> {
+    engine: Arc<Engine<S, NatsPublisher>>,
+    subjects: Subjects,
+    client: async_nats::Client,
+    /// `reports.max_in_flight` slots: past it, the pump pulls nothing more.
+    limits: Arc<Semaphore>,
+    max_bytes: usize,
+    max_deliver: u64,
+    tracker: TaskTracker,
+}
+
+/// Takes executor reports off the consumer, each handled in a task of its own within the
+/// in-flight limit, until `intake` is cancelled or the consumer ends.
+async fn pump_reports<S: EventStore>(
+    mut reports: pull::Stream,
+    pump: ReportPump<S>,
+    intake: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            () = intake.cancelled() => return,
+            permit = Arc::clone(&pump.limits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let message = tokio::select! {
+            () = intake.cancelled() => return,
+            message = reports.next() => match message {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    // Missed heartbeats while the server restarts; the stream recovers.
+                    tracing::warn!(%error, "executor report stream error");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        let (engine, subjects, client) = (
+            Arc::clone(&pump.engine),
+            pump.subjects.clone(),
+            pump.client.clone(),
+        );
+        let (max_bytes, max_deliver) = (pump.max_bytes, pump.max_deliver);
+        pump.tracker.spawn(async move {
+            handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
+            drop(permit);
+        });
+    }
 }
 
 async fn command_reply<S: EventStore>(

@@ -113,6 +113,11 @@ impl TimerLoop {
                 update = self.updates.recv() => {
                     let Some(arm) = update else { return };
                     self.due.arm(arm);
+                    // Under load every command arms its session: take all that queued up in
+                    // one wake-up, not one loop turn (and one new sleep) each.
+                    while let Ok(arm) = self.updates.try_recv() {
+                        self.due.arm(arm);
+                    }
                 }
                 () = tokio::time::sleep(sleep), if next.is_some() => {
                     let now = engine.clock.now();
