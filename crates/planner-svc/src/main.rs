@@ -12,7 +12,9 @@ use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, Jet
 use planner_svc::client::{self, Client, WatchOptions};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
-use planner_svc::inspect::{print_sessions, print_summary, SessionRow};
+use planner_svc::inspect::{
+    print_sessions, print_summary, select, SessionFilter, SessionRow, STATUSES,
+};
 use planner_svc::protocol::{ClientCommand, Subjects};
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
@@ -158,11 +160,20 @@ enum Cmd {
         #[arg(long)]
         nats_url: Option<String>,
     },
-    /// List the sessions in the configured store.
+    /// List the sessions in the configured store, newest first: id, status, age, request.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Only sessions with this status.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATUSES))]
+        status: Option<String>,
+        /// Only sessions one of whose requests contains this text (case-insensitive).
+        #[arg(long, value_name = "TEXT")]
+        search: Option<String>,
+        /// At most this many sessions (the newest).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
 }
 
@@ -205,6 +216,7 @@ fn main() -> ExitCode {
         }
         | Cmd::Sessions {
             data_dir: Some(dir),
+            ..
         } => {
             overrides.push(format!("store.data_dir=\"{}\"", dir.display()));
             overrides.push("store.kind=\"file\"".into());
@@ -473,15 +485,24 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             })
             .await
         }
-        Cmd::Sessions { .. } => {
+        Cmd::Sessions {
+            status,
+            search,
+            limit,
+            ..
+        } => {
+            let filter = SessionFilter {
+                status,
+                search,
+                limit,
+            };
             with_store(&config, |store| async move {
                 let mut rows = Vec::new();
                 for session in store.list_streams().await? {
                     let events = store.load_all(&session).await?;
                     rows.push(SessionRow::new(&session, &events));
                 }
-                // Oldest first: the newest end up next to the prompt.
-                rows.sort_by_key(|row| row.started);
+                let rows = select(rows, &filter);
                 let now = planner_core::Timestamp(
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
