@@ -247,7 +247,7 @@ fn main() -> ExitCode {
         // The reader went away (`planner-svc run … | head`): nothing more to say, to no one.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("planner-svc: {}", report(&e));
+            eprintln!("planner-svc: {}", planner_svc::report(&e));
             ExitCode::FAILURE
         }
     }
@@ -260,24 +260,6 @@ fn broken_pipe(error: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
-}
-
-/// `error` and its causes, `: `-separated, each said once: many errors print their source in
-/// their own message and return it as their source too (`…: Not a directory (os error 20):
-/// Not a directory (os error 20)`).
-fn report(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let part = cause.to_string();
-        if text.ends_with(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
 }
 
 fn init_logging(config: &Config, quiet: bool) {

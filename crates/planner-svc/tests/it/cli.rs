@@ -466,7 +466,8 @@ fn serve_never_prints_its_secrets() {
 }
 
 /// `serve` exited 1 when NATS was not up yet (every instance restarted during a one-second
-/// server restart died). It waits for the server, logging, and serves once it comes.
+/// server restart died). It waits for the server, logging (each cause once), and serves once it
+/// comes.
 #[test]
 fn serve_waits_for_nats_at_start_up() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -500,6 +501,11 @@ fn serve_waits_for_nats_at_start_up() {
     );
     assert!(serving, "serve did not come up once NATS did:\n{all}");
     assert!(all.contains("NATS not reachable yet"), "{all}");
+    // Its cause once per line: it was `IO error: Connection refused (os error 111): Connection
+    // refused (os error 111)`.
+    for line in all.lines().filter(|l| l.contains("not reachable")) {
+        assert_eq!(line.matches("(os error").count(), 1, "{line}");
+    }
 }
 
 /// A `run` interrupted with Ctrl-C could not be resumed: `run --session <id>` added the demo
