@@ -14,12 +14,55 @@ pub struct SessionRow {
     /// The session id.
     pub session: String,
     /// Where its plan is: `running`, `asking` (waiting for an answer), `completed`,
-    /// `failed`, `cancelled`, `not started`.
+    /// `failed`, `cancelled`, `not-started` (one of [`STATUSES`]).
     pub status: String,
     /// When its first event was recorded.
     pub started: Option<Timestamp>,
     /// Its first request on one line, with how many follow-ups came after it.
     pub request: String,
+    /// Every request of the session, lowercased: what `--search` looks in.
+    searched: String,
+}
+
+/// The statuses a session row can have, in the order a plan goes through them.
+pub const STATUSES: [&str; 6] = [
+    "not-started",
+    "running",
+    "asking",
+    "completed",
+    "failed",
+    "cancelled",
+];
+
+/// Which sessions `sessions` lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    /// Only sessions with this status (one of [`STATUSES`]).
+    pub status: Option<String>,
+    /// Only sessions one of whose requests contains this text, ignoring case.
+    pub search: Option<String>,
+    /// At most this many, the newest.
+    pub limit: Option<usize>,
+}
+
+/// The rows `filter` keeps, newest first (sessions with no start time last, then by id).
+pub fn select(mut rows: Vec<SessionRow>, filter: &SessionFilter) -> Vec<SessionRow> {
+    let search = filter.search.as_deref().map(str::to_lowercase);
+    rows.retain(|row| {
+        filter.status.as_ref().is_none_or(|s| *s == row.status)
+            && search
+                .as_ref()
+                .is_none_or(|s| row.searched.contains(s.as_str()))
+    });
+    rows.sort_by(|a, b| {
+        b.started
+            .cmp(&a.started)
+            .then_with(|| a.session.cmp(&b.session))
+    });
+    if let Some(limit) = filter.limit {
+        rows.truncate(limit);
+    }
+    rows
 }
 
 impl SessionRow {
@@ -45,6 +88,12 @@ impl SessionRow {
             status: status(state),
             started,
             request,
+            searched: state
+                .requests
+                .iter()
+                .map(|r| one_line(r).to_lowercase())
+                .collect::<Vec<_>>()
+                .join("\n"),
         }
     }
 }
@@ -155,7 +204,7 @@ fn status(state: &PlannerState) -> String {
     match &state.phase {
         PlanPhase::Running if !state.awaiting_answer.is_empty() => "asking".to_owned(),
         PlanPhase::Running => "running".to_owned(),
-        PlanPhase::NotStarted => "not started".to_owned(),
+        PlanPhase::NotStarted => "not-started".to_owned(),
         PlanPhase::Completed => "completed".to_owned(),
         PlanPhase::Failed { .. } => "failed".to_owned(),
         PlanPhase::Cancelled => "cancelled".to_owned(),
@@ -262,6 +311,62 @@ mod tests {
             lines[2].starts_with("s2       running       1m  search"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn sessions_are_filtered_by_status_and_request_text_newest_first() {
+        let at = |mut events: Vec<Event>, ms: u64| {
+            for event in &mut events {
+                if let Event::SessionStarted { at, .. } | Event::RequestReceived { at, .. } = event
+                {
+                    *at = Timestamp(ms);
+                }
+            }
+            events
+        };
+        let mut cancelled = session("search for hotels", None);
+        cancelled.extend(
+            Planner::fold(&cancelled)
+                .process(Command::Cancel {
+                    target: planner_core::CancelTarget::Plan,
+                    reason: None,
+                    now: Timestamp(5_000),
+                })
+                .unwrap(),
+        );
+        let rows = vec![
+            SessionRow::new("old", &at(session("Search for FLIGHTS", None), 1_000)),
+            SessionRow::new("cancelled", &at(cancelled, 2_000)),
+            SessionRow::new("new", &at(session("book", Some("then the flights")), 3_000)),
+        ];
+        let ids = |filter: SessionFilter| -> Vec<String> {
+            select(rows.clone(), &filter)
+                .into_iter()
+                .map(|r| r.session)
+                .collect()
+        };
+        assert_eq!(ids(SessionFilter::default()), ["new", "cancelled", "old"]);
+        let search = |text: &str| SessionFilter {
+            search: Some(text.into()),
+            ..SessionFilter::default()
+        };
+        // Any request of the session, whatever the case.
+        assert_eq!(ids(search("flights")), ["new", "old"]);
+        assert_eq!(ids(search("HOTELS")), ["cancelled"]);
+        assert!(ids(search("trains")).is_empty());
+        let status = |s: &str| SessionFilter {
+            status: Some(s.into()),
+            ..SessionFilter::default()
+        };
+        assert_eq!(ids(status("cancelled")), ["cancelled"]);
+        assert_eq!(ids(status("running")), ["new", "old"]);
+        assert!(ids(status("completed")).is_empty());
+        let newest = SessionFilter {
+            status: Some("running".into()),
+            search: Some("flights".into()),
+            limit: Some(1),
+        };
+        assert_eq!(ids(newest), ["new"]);
     }
 
     #[test]

@@ -25,3 +25,21 @@ pub mod inspect;
 pub mod protocol;
 pub mod serve;
 pub mod sim;
+
+/// `error` and its causes, `: `-separated, each said once: many errors print their source in
+/// their own message and return it as their source too (`…: Not a directory (os error 20):
+/// Not a directory (os error 20)`). What the CLI prints and the daemon's logs carry.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}

@@ -12,7 +12,9 @@ use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, Jet
 use planner_svc::client::{self, Client, WatchOptions};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
-use planner_svc::inspect::{print_sessions, print_summary, SessionRow};
+use planner_svc::inspect::{
+    print_sessions, print_summary, select, SessionFilter, SessionRow, STATUSES,
+};
 use planner_svc::protocol::{ClientCommand, Subjects};
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
@@ -163,11 +165,20 @@ enum Cmd {
         #[arg(long)]
         nats_url: Option<String>,
     },
-    /// List the sessions in the configured store.
+    /// List the sessions in the configured store, newest first: id, status, age, request.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Only sessions with this status.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(STATUSES))]
+        status: Option<String>,
+        /// Only sessions one of whose requests contains this text (case-insensitive).
+        #[arg(long, value_name = "TEXT")]
+        search: Option<String>,
+        /// At most this many sessions (the newest).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
     },
 }
 
@@ -210,6 +221,7 @@ fn main() -> ExitCode {
         }
         | Cmd::Sessions {
             data_dir: Some(dir),
+            ..
         } => {
             overrides.push(format!("store.data_dir=\"{}\"", dir.display()));
             overrides.push("store.kind=\"file\"".into());
@@ -240,7 +252,7 @@ fn main() -> ExitCode {
         // The reader went away (`planner-svc run … | head`): nothing more to say, to no one.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("planner-svc: {}", report(&e));
+            eprintln!("planner-svc: {}", planner_svc::report(&e));
             ExitCode::FAILURE
         }
     }
@@ -253,24 +265,6 @@ fn broken_pipe(error: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
-}
-
-/// `error` and its causes, `: `-separated, each said once: many errors print their source in
-/// their own message and return it as their source too (`…: Not a directory (os error 20):
-/// Not a directory (os error 20)`).
-fn report(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let part = cause.to_string();
-        if text.ends_with(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
 }
 
 fn init_logging(config: &Config, quiet: bool) {
@@ -478,15 +472,24 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             })
             .await
         }
-        Cmd::Sessions { .. } => {
+        Cmd::Sessions {
+            status,
+            search,
+            limit,
+            ..
+        } => {
+            let filter = SessionFilter {
+                status,
+                search,
+                limit,
+            };
             with_store(&config, |store| async move {
                 let mut rows = Vec::new();
                 for session in store.list_streams().await? {
                     let events = store.load_all(&session).await?;
                     rows.push(SessionRow::new(&session, &events));
                 }
-                // Oldest first: the newest end up next to the prompt.
-                rows.sort_by_key(|row| row.started);
+                let rows = select(rows, &filter);
                 let now = planner_core::Timestamp(
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)

@@ -51,7 +51,7 @@ async fn connect_patiently(config: &Config) -> anyhow::Result<async_nats::Client
         match connect(config).await {
             Ok(client) => return Ok(client),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "NATS not reachable yet; waiting for it");
+                tracing::warn!(error = %crate::report(&error), retry_in = ?delay, "NATS not reachable yet; waiting for it");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }

@@ -466,7 +466,8 @@ fn serve_never_prints_its_secrets() {
 }
 
 /// `serve` exited 1 when NATS was not up yet (every instance restarted during a one-second
-/// server restart died). It waits for the server, logging, and serves once it comes.
+/// server restart died). It waits for the server, logging (each cause once), and serves once it
+/// comes.
 #[test]
 fn serve_waits_for_nats_at_start_up() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -500,6 +501,11 @@ fn serve_waits_for_nats_at_start_up() {
     );
     assert!(serving, "serve did not come up once NATS did:\n{all}");
     assert!(all.contains("NATS not reachable yet"), "{all}");
+    // Its cause once per line: it was `IO error: Connection refused (os error 111): Connection
+    // refused (os error 111)`.
+    for line in all.lines().filter(|l| l.contains("not reachable")) {
+        assert_eq!(line.matches("(os error").count(), 1, "{line}");
+    }
 }
 
 /// A `run` interrupted with Ctrl-C could not be resumed: `run --session <id>` added the demo
@@ -936,4 +942,72 @@ fn executor_stops_on_sigterm_with_its_stderr_closed() {
         stopped.is_some_and(|status| status.success()),
         "still running 10 s after SIGTERM and SIGINT, or failed: {stopped:?}"
     );
+}
+
+/// `sessions` listed every session, oldest first, with no way to find one: it now filters by
+/// status and by request text (any case), newest first, at most `--limit`.
+#[test]
+fn sessions_filter_by_status_and_text_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ids = Vec::new();
+    for request in [
+        "search for FLIGHTS",
+        "search for hotels",
+        "book the flights",
+    ] {
+        let run = planner_svc()
+            .current_dir(dir.path())
+            .args(["run", "--yes", "--data-dir", "data", "--latency-ms", "1"])
+            .arg(request)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{run:?}");
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let id = stdout.split_whitespace().nth(1).unwrap().to_owned();
+        ids.push(id);
+        // Distinct start times, to the millisecond.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sessions = |args: &[&str]| -> Vec<String> {
+        let output = planner_svc()
+            .current_dir(dir.path())
+            .args(["sessions", "--data-dir", "data"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| line.split('\t').next().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        sessions(&[]),
+        [ids[2].clone(), ids[1].clone(), ids[0].clone()],
+        "newest first"
+    );
+    assert_eq!(
+        sessions(&["--search", "Flights"]),
+        [ids[2].clone(), ids[0].clone()]
+    );
+    assert_eq!(
+        sessions(&[
+            "--search",
+            "flights",
+            "--status",
+            "completed",
+            "--limit",
+            "1"
+        ]),
+        [ids[2].clone()]
+    );
+    assert!(sessions(&["--status", "failed"]).is_empty());
+    let bad = planner_svc()
+        .current_dir(dir.path())
+        .args(["sessions", "--data-dir", "data", "--status", "done"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("running"), "names the statuses: {stderr}");
 }

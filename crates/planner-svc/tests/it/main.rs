@@ -10,4 +10,5 @@ mod daemon;
 mod deploy;
 mod harness;
 mod protocol;
+mod pty;
 mod sim;
