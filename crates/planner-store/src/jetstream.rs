@@ -557,9 +557,7 @@ impl EventStore for JetStreamStore {
         // "lz4 <stream sequence>\n" then the LZ4-compressed snapshot JSON: a large session's
         // state is many MiB of repetitive JSON, and compressing it cuts the transfer that
         // dominates loading.
-        let json = snapshot.encode();
-        let mut bytes = format!("{SNAPSHOT_FORMAT} {sequence}\n").into_bytes();
-        bytes.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
+        let bytes = encode_snapshot(sequence, snapshot);
         self.snapshots
             .put(stream, &mut bytes.as_slice())
             .await
@@ -602,7 +600,18 @@ impl EventStore for JetStreamStore {
 /// The first word of a stored snapshot: its layout.
 const SNAPSHOT_FORMAT: &str = "lz4";
 
-fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
+/// A snapshot as this store keeps it in the Object Store: `lz4 <stream sequence>\n`, then the
+/// LZ4-compressed JSON of [`Snapshot::encode`].
+pub fn encode_snapshot(sequence: u64, snapshot: &Snapshot) -> Vec<u8> {
+    let json = snapshot.encode();
+    let mut bytes = format!("{SNAPSHOT_FORMAT} {sequence}\n").into_bytes();
+    bytes.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
+    bytes
+}
+
+/// Reads an object written by [`encode_snapshot`]: the stream sequence and the snapshot, or why
+/// not. Stored bytes are input: public so the fuzz targets (`fuzz/`) can reach it.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
