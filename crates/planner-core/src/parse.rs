@@ -70,7 +70,9 @@ struct Builder {
 impl Builder {
     fn fresh_id(&mut self) -> TaskId {
         let id = TaskId(format!("t{}", self.next));
-        self.next += 1;
+        // A session can be numbered up to u64::MAX by a supplied plan (a task `t18446744073709551615`):
+        // the ids then repeat and the plan is refused as a duplicate, rather than overflowing.
+        self.next = self.next.saturating_add(1);
         id
     }
 
@@ -557,6 +559,14 @@ mod tests {
         assert_eq!(tasks[0].id.as_str(), "t7");
         assert_eq!(tasks[1].id.as_str(), "t8");
         assert_eq!(tasks[0].target, "llm");
+    }
+
+    #[test]
+    fn numbering_stops_at_the_largest_number_without_overflowing() {
+        // Found by the rule_parser fuzz target (fuzz/regressions/rule_parser/).
+        let tasks = parse_input_from("think hard. answer", u64::MAX).tasks;
+        assert_eq!(tasks[0].id.as_str(), "t18446744073709551615");
+        assert_eq!(tasks[1].id, tasks[0].id);
     }
 
     #[test]

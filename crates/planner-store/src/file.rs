@@ -411,6 +411,20 @@ fn read_records(
             version: record.base_version,
             source,
         })?;
+        // The header's count is what the index (and so the stream's version) was built from:
+        // a record holding another number of events would make the version lie, and every
+        // append at the version the caller folded to would conflict for ever.
+        if batch.len() != record.count as usize {
+            return Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                offset: record.offset,
+                reason: format!(
+                    "record of stream {stream} holds {} events, its header says {}",
+                    batch.len(),
+                    record.count
+                ),
+            });
+        }
         let skip = from.saturating_sub(record.base_version) as usize;
         events.extend(batch.into_iter().skip(skip));
     }

@@ -557,9 +557,7 @@ impl EventStore for JetStreamStore {
         // "lz4 <stream sequence>\n" then the LZ4-compressed snapshot JSON: a large session's
         // state is many MiB of repetitive JSON, and compressing it cuts the transfer that
         // dominates loading.
-        let json = snapshot.encode();
-        let mut bytes = format!("{SNAPSHOT_FORMAT} {sequence}\n").into_bytes();
-        bytes.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
+        let bytes = encode_snapshot(sequence, snapshot);
         self.snapshots
             .put(stream, &mut bytes.as_slice())
             .await
@@ -602,7 +600,18 @@ impl EventStore for JetStreamStore {
 /// The first word of a stored snapshot: its layout.
 const SNAPSHOT_FORMAT: &str = "lz4";
 
-fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
+/// A snapshot as this store keeps it in the Object Store: `lz4 <stream sequence>\n`, then the
+/// LZ4-compressed JSON of [`Snapshot::encode`].
+pub fn encode_snapshot(sequence: u64, snapshot: &Snapshot) -> Vec<u8> {
+    let json = snapshot.encode();
+    let mut bytes = format!("{SNAPSHOT_FORMAT} {sequence}\n").into_bytes();
+    bytes.extend_from_slice(&lz4_flex::compress_prepend_size(&json));
+    bytes
+}
+
+/// Reads an object written by [`encode_snapshot`]: the stream sequence and the snapshot, or why
+/// not. Stored bytes are input: public so the fuzz targets (`fuzz/`) can reach it.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
     let newline = bytes
         .iter()
         .position(|&b| b == b'\n')
@@ -612,14 +621,47 @@ fn decode_snapshot(bytes: &[u8]) -> Result<(u64, Snapshot), String> {
         Some((SNAPSHOT_FORMAT, sequence)) => sequence.parse::<u64>().map_err(|e| e.to_string())?,
         _ => return Err(format!("unknown snapshot header {header:?}")),
     };
-    let json =
-        lz4_flex::decompress_size_prepended(&bytes[newline + 1..]).map_err(|e| e.to_string())?;
+    let compressed = bytes.get(newline + 1..).unwrap_or_default();
+    // The size prefix is stored bytes like any other: the decompressor allocates it up front,
+    // so a damaged prefix would ask for up to 4 GiB. LZ4 expands a block at most about 255
+    // times; anything claiming more is not a block this store wrote.
+    let claimed = compressed
+        .get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let limit = compressed.len().saturating_mul(MAX_LZ4_RATIO);
+    if claimed > limit {
+        return Err(format!(
+            "the snapshot claims {claimed} bytes uncompressed, more than {} compressed bytes can hold",
+            compressed.len()
+        ));
+    }
+    let json = lz4_flex::decompress_size_prepended(compressed).map_err(|e| e.to_string())?;
     Ok((sequence, Snapshot::decode(&json)?))
 }
+
+/// The most an LZ4 block expands (a run of 255-byte length extensions), rounded up.
+const MAX_LZ4_RATIO: usize = 256;
 
 #[cfg(test)]
 mod tests {
     use super::major_minor;
+
+    #[test]
+    fn a_snapshot_claiming_more_than_lz4_can_expand_is_refused_before_allocating() {
+        // Found by the snapshot_decoding fuzz target: a damaged size prefix made the
+        // decompressor allocate 4 GiB (fuzz/regressions/snapshot_decoding/).
+        let mut bytes = b"lz4 7\n".to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(b"\x10{}");
+        let error = super::decode_snapshot(&bytes).expect_err("refused");
+        assert!(error.contains("claims 4294967295 bytes"), "{error}");
+        // A real snapshot, highly compressible, still reads.
+        let mut state = planner_core::PlannerState::default();
+        state.requests.push("x".repeat(100_000));
+        let snapshot = crate::Snapshot::of(&state);
+        let stored = super::encode_snapshot(9, &snapshot);
+        assert_eq!(super::decode_snapshot(&stored), Ok((9, snapshot)));
+    }
 
     #[test]
     fn server_versions_parse() {

@@ -80,6 +80,18 @@ fn bad_requests_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn a_follow_up_after_the_largest_task_number_is_refused_not_a_panic() {
+    // A supplied task `t<u64::MAX>` moves the parser's numbering to its end; a plain-text
+    // follow-up then used to overflow it (found by the rule_parser fuzz target).
+    Scenario::new()
+        .given_commands([init_plan(vec![work("t18446744073709551615", &[])])])
+        .when(init("search again, then summarize"))
+        .then_expect_error(Error::InvalidPlan(PlanError::DuplicateId {
+            task_id: "t18446744073709551615".into(),
+        }));
+}
+
+#[test]
 fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
     let attachment = Attachment {
         name: "data.csv".into(),

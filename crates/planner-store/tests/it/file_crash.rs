@@ -102,6 +102,36 @@ async fn a_flipped_bit_in_the_middle_is_reported_not_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_count_disagrees_with_its_events_is_corrupt_not_a_wrong_version() {
+    // A well-framed record (good checksum) whose header counts 2 events but holds 1: the
+    // stream's version said 2 while 1 event loaded, and every append conflicted. Found by the
+    // file_store_reader fuzz target's invariant (fuzz/regressions/file_store_reader/).
+    let dir = tempfile::tempdir().unwrap();
+    let batch = br#"[{"v":1,"event":{"type":"plan_completed","at":9}}]"#;
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&1u16.to_le_bytes());
+    payload.extend_from_slice(b"s");
+    payload.extend_from_slice(&0u64.to_le_bytes());
+    payload.extend_from_slice(&2u32.to_le_bytes());
+    payload.extend_from_slice(batch);
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    fs::write(dir.path().join("events.log"), &record).unwrap();
+    let store = open(dir.path()).unwrap();
+    match store.load_all("s").await.unwrap_err() {
+        StoreError::Corrupt { offset, reason, .. } => {
+            assert_eq!(offset, 0);
+            assert!(
+                reason.contains("holds 1 events, its header says 2"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected corruption, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_cannot_open_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
     let first = open(dir.path()).unwrap();
