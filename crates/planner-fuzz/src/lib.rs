@@ -488,6 +488,16 @@ fn fixtures() -> &'static [Session] {
                 heartbeat_timeout_ms: Some(1_000),
                 start_to_close_ms: Some(5_000),
                 schedule_to_start_ms: Some(2_000),
+                // A kind's own timeout beside the session's, so both layers are exercised.
+                kinds: [(
+                    planner_core::NodeKind::Processing,
+                    planner_core::TaskTimeouts {
+                        heartbeat_timeout_ms: Some(500),
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                ..LeasePolicy::default()
             },
             clarification: planner_core::ClarificationPolicy {
                 timeout_ms: Some(3_000),
