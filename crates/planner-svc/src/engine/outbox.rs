@@ -1,7 +1,7 @@
 //! Recovery and the outbox: the event log is the outbox.
 //!
 //! A session whose publish failed is marked; the sweep re-publishes the current attempt of
-//! every running task and every open question of marked sessions, and recovery (at start-up,
+//! every running task not yet claimed and every open question of marked sessions, and recovery (at start-up,
 //! then every `sessions.recovery_interval_s`) does the same for every unfinished session not
 //! in memory, so an instance that dies leaves no retry or deadline unfired for long. Dispatches
 //! carry `Nats-Msg-Id = session.task.attempt`, so a re-publish inside the dispatch stream's

@@ -103,7 +103,9 @@ pub fn in_flight(session: &str, planner: &Planner) -> Vec<Outgoing> {
     let mut out = Vec::new();
     for task in state.tasks.get(state.cursor..).unwrap_or_default() {
         match task.status {
-            TaskStatus::Running if task.kind != NodeKind::Clarification => {
+            // A claimed attempt is with its executor: sending it again could only be refused
+            // at the claim. If that executor died, the heartbeat timeout finds it.
+            TaskStatus::Running if task.kind != NodeKind::Clarification && task.lease.is_none() => {
                 let dispatch = Dispatch {
                     task_id: task.id.clone(),
                     attempt: task.attempts,

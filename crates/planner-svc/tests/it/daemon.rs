@@ -818,6 +818,71 @@ async fn only_the_executor_holding_the_claim_can_report() {
     daemon.stop().await;
 }
 
+/// A task running (and heartbeating) longer than the dispatch stream's duplicate window used
+/// to be dispatched again by the re-publish of running attempts (here: the recovery of a
+/// replacement planner). A claimed attempt is not re-published: it is delivered once, its
+/// executor keeps it across the planner restart, and a cancel after the restart reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_attempt_outliving_the_dedup_window_is_delivered_once() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.duplicate_window_s = 1;
+    let first = Daemon::start(config.clone()).await;
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            stall_targets: ["slow".to_owned()].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "s-long", plan(&[("long", "slow", &[])])).await;
+    let key = ("s-long".to_owned(), "long".to_owned(), 1);
+    for _ in 0..200 {
+        if executors.executions.lock().unwrap().contains_key(&key) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(executors.executions.lock().unwrap().contains_key(&key));
+    // Past the duplicate window, a new planner recovers the session and re-publishes what
+    // it has in flight; recovery then runs every second.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    first.kill();
+    let second = Daemon::start(config).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let deliveries = executors.deliveries.lock().unwrap().clone();
+    assert_eq!(deliveries.get(&key), Some(&1), "{deliveries:?}");
+    assert_eq!(deliveries.len(), 1, "no other attempt: {deliveries:?}");
+    assert!(executors.stops.lock().unwrap().is_empty(), "still its");
+
+    command(
+        &client,
+        "s-long",
+        json!({"type": "cancel", "target": {"scope": "plan"}}),
+    )
+    .await;
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "s-long").await;
+    for _ in 0..100 {
+        if !executors.stops.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stops = executors.stops.lock().unwrap().clone();
+    assert_eq!(
+        stops,
+        vec![(
+            "s-long".to_owned(),
+            "long".to_owned(),
+            FenceReason::Cancelled
+        )]
+    );
+    second.stop().await;
+}
+
 /// The claim reply tells the executor how often to heartbeat: a third of its task's own
 /// heartbeat timeout (here a target's, from config), not the session-wide one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

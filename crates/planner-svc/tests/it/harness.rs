@@ -99,6 +99,8 @@ pub struct ExecutorBehaviour {
 
 pub struct Executors {
     pub executions: Executions,
+    /// Deliveries of each (session, task, attempt), claimed or not.
+    pub deliveries: Executions,
     /// (session, task, why) of every attempt the planner told a heartbeating executor to stop.
     pub stops: Arc<Mutex<Vec<(String, String, FenceReason)>>>,
     pub subjects_seen: Arc<Mutex<BTreeSet<String>>>,
@@ -129,6 +131,8 @@ impl Executors {
             .await
             .unwrap();
         let executions: Executions = Arc::default();
+        let deliveries: Executions = Arc::default();
+        let delivered = deliveries.clone();
         let subjects_seen: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let token = CancellationToken::new();
         let stops_seen: Arc<Mutex<Vec<(String, String, FenceReason)>>> = Arc::default();
@@ -148,6 +152,11 @@ impl Executors {
                 let task: TaskMessage = serde_json::from_slice(&message.payload).unwrap();
                 seen.lock().unwrap().insert(message.subject.to_string());
                 let a = &task.assignment;
+                *delivered
+                    .lock()
+                    .unwrap()
+                    .entry((task.session.clone(), a.task_id.0.clone(), a.attempt))
+                    .or_default() += 1;
                 // Claim before running (docs/protocol.md); count runs, not deliveries. A claim
                 // whose reply is lost (a server restart) is asked again with the same id.
                 let claim_id = uuid::Uuid::new_v4().simple().to_string();
@@ -269,6 +278,7 @@ impl Executors {
         });
         Executors {
             executions,
+            deliveries,
             stops: stops_seen,
             subjects_seen,
             token,
