@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::{redact_urls, Config};
 use crate::embedded::print_events;
 use crate::inspect::print_summary;
+use crate::progress::LiveView;
 use crate::protocol::{ClientCommand, CommandReply, Subjects};
 
 /// A connection to the daemon's NATS.
@@ -34,6 +35,21 @@ pub struct WatchOptions {
     /// Ask open questions on the terminal and send the answers; otherwise only print them
     /// (with the command that answers them).
     pub ask: bool,
+    /// How the session is shown.
+    pub view: View,
+}
+
+/// How `watch` shows a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Plain lines in the order things happened (piped, or a terminal that cannot redraw).
+    Lines,
+    /// The live view on standard output, a terminal (`progress.rs`): a line per task, updated
+    /// in place; the outcome printed under it at the end.
+    Live {
+        /// Whether the states are coloured.
+        colour: bool,
+    },
 }
 
 impl Client {
@@ -85,8 +101,8 @@ impl Client {
     }
 
     /// Prints `session`'s tasks as they go, from its first event to the end of its plan, and
-    /// returns how the plan ended. With `options.ask`, open questions are asked on the
-    /// terminal and the answers sent.
+    /// returns how the plan ended: as plain lines, or as the live view (`options.view`). With
+    /// `options.ask`, open questions are asked on the terminal and the answers sent.
     pub async fn watch(
         &self,
         session: &str,
@@ -121,6 +137,13 @@ impl Client {
         let (answers, mut answered) = mpsc::unbounded_channel::<(TaskId, String)>();
         let mut questions: VecDeque<(TaskId, String)> = VecDeque::new();
         let mut asking = false;
+        let mut live = match options.view {
+            View::Lines => None,
+            View::Live { colour } => Some(LiveView::new(
+                (!options.ask).then(|| session.to_owned()),
+                colour,
+            )),
+        };
         loop {
             tokio::select! {
                 message = messages.next() => {
@@ -132,65 +155,122 @@ impl Client {
                         .with_context(|| format!("decoding an event batch of session {session}"))?;
                     let caught_up = message.info().map(|info| info.pending == 0).unwrap_or(false);
                     for event in &batch {
-                        match event {
-                            Event::TaskDispatched { cmd: PlannerCmd::ExecuteTool(d) | PlannerCmd::RunProcessing(d), .. } => {
-                                writeln!(out, "-> {} attempt {} to {}", d.task_id, d.attempt, d.target)?;
+                        if let Event::ClarificationRequested { cmd: PlannerCmd::AskUser { task_id, question, .. }, .. } = event {
+                            if options.ask {
+                                questions.push_back((task_id.clone(), question.clone()));
                             }
-                            Event::ClarificationRequested { cmd: PlannerCmd::AskUser { task_id, question, .. }, .. } => {
-                                if options.ask {
-                                    questions.push_back((task_id.clone(), question.clone()));
-                                } else {
-                                    writeln!(out, "?  {task_id}: {question} (answer with `planner-svc answer {session} {task_id} <answer>`)")?;
-                                }
-                            }
-                            Event::TaskCancelled { task_id, .. } => {
-                                writeln!(out, "x  {task_id} cancelled")?;
-                            }
-                            _ => {}
                         }
-                        print_events(out, std::slice::from_ref(event))?;
+                        if live.is_none() {
+                            print_line(out, session, event, options.ask)?;
+                        }
                     }
                     events.extend(batch);
                     let planner = Planner::fold(&events);
+                    if let Some(view) = live.as_mut() {
+                        view.update(planner.state());
+                    }
                     if caught_up && planner.state().phase.is_terminal() {
+                        if let Some(view) = live.take() {
+                            if asking {
+                                // Under the prompt left unanswered.
+                                writeln!(out)?;
+                            }
+                            view.finish(planner.state());
+                            // The outcome, as a line of its own under the view.
+                            if let Some(end) = events.iter().rev().find(|e| {
+                                matches!(e, Event::PlanCompleted { .. } | Event::PlanFailed { .. } | Event::PlanCancelled { .. })
+                            }) {
+                                print_events(out, std::slice::from_ref(end))?;
+                            }
+                        }
                         writeln!(out)?;
                         print_summary(out, session, planner.state())?;
                         return Ok(planner.state().phase.clone());
                     }
                     if !asking {
-                        asking = ask_next(out, &mut questions, &planner, &answers)?;
+                        asking = ask_next(out, &mut questions, &planner, &answers, live.as_mut())?;
                     }
                 }
                 Some((task_id, answer)) = answered.recv() => {
+                    if let Some(view) = live.as_mut() {
+                        view.resume();
+                    }
                     if answer.is_empty() {
-                        writeln!(out, "   no answer: answer later with `planner-svc answer {session} {task_id} <answer>`")?;
+                        say(out, live.as_ref(), &format!("   no answer: answer later with `planner-svc answer {session} {task_id} <answer>`"))?;
                         let planner = Planner::fold(&events);
-                        asking = ask_next(out, &mut questions, &planner, &answers)?;
+                        asking = ask_next(out, &mut questions, &planner, &answers, live.as_mut())?;
                         continue;
                     }
                     let command = ClientCommand::AnswerClarification { task_id: task_id.clone(), answer };
                     if let Err(error) = self.command(session, &command).await {
-                        writeln!(out, "!  answer to {task_id} not taken: {error:#}")?;
+                        say(out, live.as_ref(), &format!("!  answer to {task_id} not taken: {error:#}"))?;
                     }
                     let planner = Planner::fold(&events);
-                    asking = ask_next(out, &mut questions, &planner, &answers)?;
+                    asking = ask_next(out, &mut questions, &planner, &answers, live.as_mut())?;
                 }
             }
         }
     }
 }
 
+/// The plain lines of `event` (piped, or on a terminal that cannot redraw).
+fn print_line(
+    out: &mut (dyn Write + Send),
+    session: &str,
+    event: &Event,
+    ask: bool,
+) -> std::io::Result<()> {
+    match event {
+        Event::TaskDispatched {
+            cmd: PlannerCmd::ExecuteTool(d) | PlannerCmd::RunProcessing(d),
+            ..
+        } => {
+            writeln!(
+                out,
+                "-> {} attempt {} to {}",
+                d.task_id, d.attempt, d.target
+            )?;
+        }
+        Event::ClarificationRequested {
+            cmd: PlannerCmd::AskUser {
+                task_id, question, ..
+            },
+            ..
+        } if !ask => {
+            writeln!(out, "?  {task_id}: {question} (answer with `planner-svc answer {session} {task_id} <answer>`)")?;
+        }
+        Event::TaskCancelled { task_id, .. } => {
+            writeln!(out, "x  {task_id} cancelled")?;
+        }
+        _ => {}
+    }
+    print_events(out, std::slice::from_ref(event))
+}
+
+/// Prints `line`: above the live view when there is one.
+fn say(out: &mut (dyn Write + Send), live: Option<&LiveView>, line: &str) -> std::io::Result<()> {
+    match live {
+        Some(view) => view.println(line),
+        None => writeln!(out, "{line}"),
+    }
+}
+
 /// Asks the first of `questions` still open, reading the answer on another thread (the
-/// session goes on meanwhile); whether one is being asked.
+/// session goes on meanwhile); whether one is being asked. The live view, if any, is taken
+/// off the screen until the answer comes, so nothing is drawn over the prompt or the typing.
 fn ask_next(
     out: &mut (dyn Write + Send),
     questions: &mut VecDeque<(TaskId, String)>,
     planner: &Planner,
     answers: &mpsc::UnboundedSender<(TaskId, String)>,
+    live: Option<&mut LiveView>,
 ) -> std::io::Result<bool> {
     while let Some((task_id, question)) = questions.pop_front() {
         if !planner.state().awaiting_answer.contains_key(&task_id) {
             continue;
+        }
+        if let Some(view) = live {
+            view.pause();
         }
         write!(out, "?  {task_id}: {question} > ")?;
         out.flush()?;

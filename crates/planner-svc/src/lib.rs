@@ -11,6 +11,7 @@
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
 //! - `client.rs`: the CLI's client of a daemon (`submit`, `watch`, `answer`, `cancel`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
+//! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
 //! - `inspect.rs`: what `replay` and `sessions` print about a session.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
@@ -22,6 +23,7 @@ pub mod embedded;
 pub mod engine;
 pub mod executor;
 pub mod inspect;
+pub mod progress;
 pub mod protocol;
 pub mod serve;
 pub mod sim;

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use planner_core::{CancelTarget, PlanPhase, Planner, TaskId};
 use planner_store::{EventStore, FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore};
-use planner_svc::client::{self, Client, WatchOptions};
+use planner_svc::client::{self, Client, View, WatchOptions};
 use planner_svc::config::{Config, LogFormat, StoreKind};
 use planner_svc::embedded::{print_events, run, RunOptions};
 use planner_svc::inspect::{
@@ -128,7 +128,8 @@ enum Cmd {
         nats_url: Option<String>,
     },
     /// Follow a session on the daemon: its tasks as they go, until the plan ends. On a
-    /// terminal, open questions are asked and the answers sent; piped, plain lines.
+    /// terminal, a live view (a line per task, an overall line) and open questions asked and
+    /// the answers sent; piped (or TERM=dumb), plain lines. NO_COLOR: no colours.
     Watch {
         /// The session id.
         session: String,
@@ -506,10 +507,21 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
 
 /// Follows `session` to its end: exit 0 when its plan completed, 1 otherwise.
 async fn watch_session(client: &Client, session: &str, no_ask: bool) -> anyhow::Result<ExitCode> {
-    let ask = !no_ask && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let terminal = std::io::stdout().is_terminal();
+    let ask = !no_ask && std::io::stdin().is_terminal() && terminal;
+    // The live view needs a terminal that can move its cursor: with TERM unset or `dumb`,
+    // plain lines (indicatif would draw nothing there). Colours unless NO_COLOR is set.
+    let redraws = std::env::var_os("TERM").is_some_and(|t| !t.is_empty() && t != "dumb");
+    let view = if terminal && redraws {
+        View::Live {
+            colour: std::env::var_os("NO_COLOR").is_none(),
+        }
+    } else {
+        View::Lines
+    };
     let mut out = std::io::stdout();
     let phase = client
-        .watch(session, &mut out, WatchOptions { ask })
+        .watch(session, &mut out, WatchOptions { ask, view })
         .await?;
     Ok(if phase == PlanPhase::Completed {
         ExitCode::SUCCESS

@@ -9,6 +9,9 @@ use std::time::Duration;
 use expectrl::process::unix::WaitStatus;
 use expectrl::session::OsSession as Session;
 use expectrl::{ControlCode, Expect as _, Regex};
+use planner_testkit::NatsServer;
+
+use crate::harness::{self, Daemon, ExecutorBehaviour, Executors};
 
 /// `planner-svc` with `args` in `dir`, on a fresh pseudo-terminal.
 fn on_a_terminal(dir: &Path, args: &[&str]) -> Session {
@@ -124,4 +127,128 @@ fn ctrl_c_at_a_question_then_resume_and_answer_on_a_terminal() {
     resumed.expect("<- t2 answered: next Friday").unwrap();
     resumed.expect("<- t3 completed").unwrap();
     completes(resumed);
+}
+
+/// `planner-svc <args> --nats-url <url>` on a fresh pseudo-terminal that can redraw (TERM is
+/// not `dumb`), so `watch` shows its live view; `env` is added to its environment.
+fn client_on_a_terminal(url: &str, args: &[&str], env: &[(&str, &str)]) -> Session {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .envs(env.iter().copied())
+        .args(args)
+        .args(["--nats-url", url]);
+    let mut session = Session::spawn(command).unwrap();
+    session.set_expect_timeout(Some(Duration::from_secs(30)));
+    session
+}
+
+/// Everything the terminal showed up to and including `needle`'s match.
+fn shown<N: expectrl::Needle>(terminal: &mut Session, needle: N) -> String {
+    let found = terminal.expect(needle).unwrap();
+    let mut text = String::from_utf8_lossy(found.before()).into_owned();
+    text.push_str(&String::from_utf8_lossy(found.get(0).unwrap_or_default()));
+    text
+}
+
+/// Waits for the process to end with `code`.
+fn exits_with(mut terminal: Session, code: i32) {
+    terminal.expect(expectrl::Eof).unwrap();
+    let status = terminal.get_process().wait().unwrap();
+    assert!(
+        matches!(status, WaitStatus::Exited(_, c) if c == code),
+        "expected exit {code}: {status:?}"
+    );
+}
+
+/// `submit --watch` on a terminal: a line per task with its state (queued, running with a
+/// spinner, done), coloured, and an overall line, redrawn in place; then the outcome as lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_on_a_terminal_shows_tasks_live_then_the_outcome() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(harness::config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(1500),
+        ..ExecutorBehaviour::default()
+    };
+    let _executors = Executors::start(&server.url(), behaviour).await;
+    let url = server.url();
+    tokio::task::spawn_blocking(move || {
+        let mut terminal = client_on_a_terminal(
+            &url,
+            &[
+                "submit",
+                "--watch",
+                "search for flights, then summarize them",
+            ],
+            &[],
+        );
+        // Colours by default: the state words in theirs.
+        shown(&mut terminal, Regex("t1 +\u{1b}\\[36mrunning"));
+        // t2 waits on t1.
+        shown(&mut terminal, Regex("t2 +\u{1b}\\[2mqueued"));
+        shown(&mut terminal, "0/2 done, 1 running, 1 queued");
+        shown(&mut terminal, Regex("t1 +\u{1b}\\[32mdone"));
+        shown(&mut terminal, Regex("t2 +\u{1b}\\[36mrunning"));
+        shown(&mut terminal, Regex("t2 +\u{1b}\\[32mdone"));
+        shown(&mut terminal, "2/2 done");
+        // The outcome, as plain lines under the view.
+        shown(&mut terminal, "plan completed");
+        shown(&mut terminal, Regex("session [0-9a-f]{32}: completed"));
+        exits_with(terminal, 0);
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+}
+
+/// A question asked by `watch` on a terminal: the view is taken off the screen while the
+/// prompt waits (nothing is drawn over it or the typing), the typed answer reaches the plan,
+/// and the view comes back under it. NO_COLOR: no colours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_on_a_terminal_asks_a_question_at_a_quiet_prompt() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(harness::config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(300),
+        ..ExecutorBehaviour::default()
+    };
+    let _executors = Executors::start(&server.url(), behaviour).await;
+    let url = server.url();
+    tokio::task::spawn_blocking(move || {
+        let mut terminal = client_on_a_terminal(
+            &url,
+            &[
+                "submit",
+                "--watch",
+                "1. search for flights\n2. Which date suits you?\n3. summarize the options",
+            ],
+            &[("NO_COLOR", "1")],
+        );
+        let mut seen = shown(&mut terminal, Regex("t1 +running"));
+        seen += &shown(&mut terminal, "?  t2: Which date suits you? > ");
+        // The prompt waits: no spinner, no elapsed time drawn over it.
+        std::thread::sleep(Duration::from_millis(800));
+        let mut buf = [0u8; 256];
+        match terminal.try_read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!(
+                "drawn over the prompt: {other:?} {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+        terminal.send_line("next Friday").unwrap();
+        seen += &shown(&mut terminal, Regex("t2 +done +next Friday"));
+        seen += &shown(&mut terminal, Regex("t3 +done"));
+        seen += &shown(&mut terminal, "3/3 done");
+        seen += &shown(&mut terminal, "plan completed");
+        seen += &shown(&mut terminal, Regex("session [0-9a-f]{32}: completed"));
+        assert!(!seen.contains("\u{1b}[32m"), "NO_COLOR: {seen:?}");
+        exits_with(terminal, 0);
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
 }
