@@ -883,6 +883,73 @@ async fn a_claimed_attempt_outliving_the_dedup_window_is_delivered_once() {
     second.stop().await;
 }
 
+/// A dispatch still queued when its plan is cancelled is never run, even when the planner
+/// that cancelled it is gone and executors come only after a new one started: the claim is
+/// refused (`cancelled`) and the message terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_queued_when_cancelled_is_never_run_even_after_a_planner_restart() {
+    let server = NatsServer::start().unwrap();
+    let first = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // Two independent tasks; only `q` is cancelled, so the plan (and its fence) stays open.
+    command(
+        &client,
+        "s-queued",
+        plan(&[("q", "tool", &[]), ("r", "slow", &[])]),
+    )
+    .await;
+    assert_eq!(
+        dispatches_waiting(&js, 2).await,
+        2,
+        "queued, no executor yet"
+    );
+    let reply = command(
+        &client,
+        "s-queued",
+        json!({"type": "cancel", "target": {"scope": "task", "task_id": "q"}}),
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    first.kill();
+    let second = Daemon::start(config(&server)).await;
+    let behaviour = ExecutorBehaviour {
+        stall_targets: ["slow".to_owned()].into(),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let key = ("s-queued".to_owned(), "q".to_owned(), 1);
+    for _ in 0..200 {
+        if executors.deliveries.lock().unwrap().contains_key(&key) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(executors.deliveries.lock().unwrap().get(&key), Some(&1));
+    // The claim's answer decides; give it time to come back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let executions = executors.executions.lock().unwrap().clone();
+    assert!(
+        !executions.contains_key(&key),
+        "a cancelled attempt ran: {executions:?}"
+    );
+    assert!(
+        executions.contains_key(&("s-queued".to_owned(), "r".to_owned(), 1)),
+        "the other task runs: {executions:?}"
+    );
+    let mut waiting = u64::MAX;
+    for _ in 0..50 {
+        let mut tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+        waiting = tasks.info().await.unwrap().state.messages;
+        if waiting == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(waiting, 0, "terminated, not left to come again");
+    second.stop().await;
+}
+
 /// The claim reply tells the executor how often to heartbeat: a third of its task's own
 /// heartbeat timeout (here a target's, from config), not the session-wide one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
