@@ -129,6 +129,15 @@ pub struct PlannerState {
     /// The client ids of the requests received, so that a retried request is recognised.
     #[serde(default)]
     pub request_ids: BTreeSet<String>,
+    /// How many of the requests were the planner's own revised plans
+    /// ([`Command::Revise`](crate::Command::Revise)); the shell caps them.
+    #[serde(default)]
+    pub revisions: u32,
+    /// The turn of the latest request that was not a revision: the request a revision is
+    /// for. Absent in snapshots from before it was kept: see
+    /// [`PlannerState::last_user_request`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_user_turn: Option<u32>,
 
     // Derived from `tasks`: not serialized (snapshots stay smaller), rebuilt by
     // `rebuild_indexes` when a state is deserialized.
@@ -157,6 +166,18 @@ impl PlannerState {
             config,
             ..PlannerState::default()
         }
+    }
+
+    /// The text of the latest request that was not a revision: what a revision is for. For a
+    /// state from a snapshot older than `last_user_turn`, the latest request.
+    pub fn last_user_request(&self) -> Option<&str> {
+        match self.last_user_turn {
+            Some(turn) => usize::try_from(turn)
+                .ok()
+                .and_then(|t| self.requests.get(t)),
+            None => self.requests.last(),
+        }
+        .map(String::as_str)
     }
 
     /// Rebuilds the derived indexes (ready sets, dependency counts, counters) from `tasks`:
@@ -267,12 +288,18 @@ impl PlannerState {
                 self.tick(*at);
             }
             Event::RequestReceived {
-                turn: _,
+                turn,
                 request_id,
                 input,
                 attachments: _,
+                revision_of,
                 at,
             } => {
+                if revision_of.is_some() {
+                    self.revisions = self.revisions.saturating_add(1);
+                } else {
+                    self.last_user_turn = Some(*turn);
+                }
                 self.requests.push(input.clone());
                 if let Some(id) = request_id {
                     self.request_ids.insert(id.clone());

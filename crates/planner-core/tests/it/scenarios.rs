@@ -1095,3 +1095,95 @@ fn a_snapshot_with_positions_past_the_end_resumes_without_panicking() {
         .unwrap();
     assert!(resumed.state().phase.is_terminal());
 }
+
+// ----- revisions -----
+
+fn revise(failed: &str, tasks: Vec<TaskSpec>, now: u64) -> Command {
+    Command::Revise {
+        failed: failed.into(),
+        input: format!("[revision] {failed} failed"),
+        plan: PlanSpec { tasks },
+        note: Some(format!("revision after {failed} failed")),
+        now: at(now),
+    }
+}
+
+/// Revisions used to be counted by the text "[revision" at the start of a request, which a
+/// user can type. A revision is now a command of its own, recorded as `revision_of` and
+/// counted in the state; a user's request with that text is an ordinary request.
+#[test]
+fn a_revision_is_recorded_as_such_and_counted_and_a_typed_mark_is_not() {
+    let user = |text: &str| Command::Initialize {
+        request_id: None,
+        planning: Some(Planning {
+            source: PlanSource::Llm,
+            note: Some("revision after a failed".into()),
+        }),
+        input: text.into(),
+        attachments: vec![],
+        plan: Some(PlanSpec {
+            tasks: vec![work("a", &[])],
+        }),
+        now: at(0),
+    };
+    Scenario::with_config(config(|c| c.retry.max_attempts = 1))
+        .given_commands([user("[revision 1] fetch the report")])
+        .when(failed("a", 1, false, 1))
+        .then(|_, planner| {
+            let s = planner.state();
+            assert_eq!(s.revisions, 0, "a typed mark is no revision");
+            assert_eq!(s.last_user_request(), Some("[revision 1] fetch the report"));
+            assert!(matches!(s.phase, PlanPhase::Failed { .. }));
+        })
+        // Only a failed task is revised.
+        .when(revise("nope", vec![work("b", &[])], 2))
+        .then_expect_error(Error::UnknownTask {
+            task_id: "nope".into(),
+        })
+        .when(revise("a", vec![work("a2", &[])], 2))
+        .then(|events, planner| {
+            assert!(events.iter().any(|e| matches!(
+                e,
+                Event::RequestReceived { revision_of: Some(t), .. } if t.as_str() == "a"
+            )));
+            assert!(events.iter().any(|e| matches!(
+                e,
+                Event::TasksPlanned { source: PlanSource::Llm, note: Some(n), .. }
+                    if n == "revision after a failed"
+            )));
+            let s = planner.state();
+            assert_eq!(s.revisions, 1);
+            assert_eq!(s.phase, PlanPhase::Running);
+            // The request a revision is for is still the user's.
+            assert_eq!(s.last_user_request(), Some("[revision 1] fetch the report"));
+        })
+        .when(done("a2", 1, 3))
+        .then(|_, planner| {
+            assert_eq!(planner.state().phase, PlanPhase::Completed);
+            // Replay (checked by `then`) and a snapshot keep the count.
+            let bytes = serde_json::to_vec(planner.state()).expect("serializes");
+            let restored: PlannerState = serde_json::from_slice(&bytes).expect("deserializes");
+            assert_eq!(Planner::from_state(restored).state(), planner.state());
+        })
+        .when(revise("a2", vec![work("a3", &[])], 4))
+        .then_expect_error(Error::NotRevisable {
+            task_id: "a2".into(),
+            status: TaskStatus::Completed,
+        });
+}
+
+#[test]
+fn a_request_without_a_revision_serializes_as_before() {
+    let event = Event::RequestReceived {
+        turn: 0,
+        request_id: None,
+        input: "fetch x".into(),
+        attachments: vec![],
+        revision_of: None,
+        at: at(1),
+    };
+    assert_eq!(
+        serde_json::to_string(&event).expect("serializes"),
+        r#"{"type":"request_received","turn":0,"input":"fetch x","attachments":[],"at":1}"#
+    );
+}

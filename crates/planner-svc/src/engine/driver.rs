@@ -32,6 +32,19 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             planning,
             now: at,
         },
+        Command::Revise {
+            failed,
+            input,
+            plan,
+            note,
+            ..
+        } => Command::Revise {
+            failed,
+            input,
+            plan,
+            note,
+            now: at,
+        },
         Command::HandleExecutorEvent { event, lease, .. } => Command::HandleExecutorEvent {
             event,
             lease,
