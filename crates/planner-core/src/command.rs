@@ -94,6 +94,14 @@ pub enum Command {
         /// [`compact_thread`](crate::compact_thread) when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         summary: Option<String>,
+        /// What `summary` covers: the summary in place when it was written and the messages
+        /// before this number (counted over the session, as
+        /// [`Context::folded`](crate::Context::folded) + the messages then). Only those are
+        /// replaced; messages added since stay. A summary that covers less than the one in
+        /// place (another compaction came in between) changes nothing. When absent, everything
+        /// but the newest message is folded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        through: Option<u64>,
         /// When.
         #[serde(default)]
         now: Timestamp,

@@ -323,9 +323,13 @@ impl Decision<'_> {
                 self.tick(self.at(now));
                 Ok(())
             }
-            Command::CompactContext { summary, now } => {
+            Command::CompactContext {
+                summary,
+                through,
+                now,
+            } => {
                 self.require_started()?;
-                self.compact_now(summary, self.at(now))
+                self.compact_now(summary, through, self.at(now))
             }
             Command::Cancel {
                 target,

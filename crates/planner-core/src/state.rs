@@ -66,6 +66,14 @@ pub struct Context {
     pub messages: Vec<Message>,
     /// Estimated tokens of the summary and the messages.
     pub tokens: u64,
+    /// How many messages have been folded into summaries so far: `messages[0]` is message
+    /// number `folded` of the session (counting from 0). A summary written outside the core
+    /// says up to which message it covers
+    /// ([`Command::CompactContext::through`](crate::Command::CompactContext)), and this tells
+    /// which of today's messages that is. 0 in snapshots from before it was kept, and counted
+    /// on from there.
+    #[serde(default)]
+    pub folded: u64,
 }
 
 impl Context {
@@ -527,6 +535,10 @@ impl PlannerState {
                 self.tick(*at);
                 let folded = (*folded_messages).min(self.context.messages.len());
                 self.context.messages.drain(..folded);
+                self.context.folded = self
+                    .context
+                    .folded
+                    .saturating_add(u64::try_from(folded).unwrap_or(u64::MAX));
                 self.context.summary = Some(summary.clone());
                 self.context.tokens = estimate_tokens(summary)
                     + MESSAGE_OVERHEAD_TOKENS

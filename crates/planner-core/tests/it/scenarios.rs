@@ -18,6 +18,7 @@ fn commands_before_the_first_request_are_refused() {
         cancel_task("t1", 0),
         Command::CompactContext {
             summary: None,
+            through: None,
             now: at(0),
         },
     ] {
@@ -894,6 +895,7 @@ fn the_context_is_compacted_when_it_passes_the_budget_and_the_summary_travels() 
     planner
         .when(Command::CompactContext {
             summary: Some("the user wants a and b".into()),
+            through: None,
             now: at(2),
         })
         .then(|_, planner| {
@@ -910,6 +912,7 @@ fn compacting_nothing_is_a_no_op() {
         .given_commands([init("just one thing")])
         .when(Command::CompactContext {
             summary: None,
+            through: None,
             now: at(1),
         })
         .then_expect_nothing();
@@ -1186,4 +1189,60 @@ fn a_request_without_a_revision_serializes_as_before() {
         serde_json::to_string(&event).expect("serializes"),
         r#"{"type":"request_received","turn":0,"input":"fetch x","attachments":[],"at":1}"#
     );
+}
+
+// ----- summaries written outside the core -----
+
+/// An LLM's summary is written from the context as it was when the call started; a
+/// `CompactContext` without `through` folded everything but the newest message when it
+/// arrived, so messages that came in during the call were dropped unsummarised. With `through`
+/// only the messages the summary covers are replaced.
+#[test]
+fn a_summary_written_during_new_messages_replaces_only_what_it_covers() {
+    let compact = |through: Option<u64>, now: u64| Command::CompactContext {
+        summary: Some("LLM SUMMARY".into()),
+        through,
+        now: at(now),
+    };
+    let scenario = Scenario::new().given_commands([
+        init_plan(vec![work("a", &[]), work("b", &[])]),
+        done("a", 1, 1),
+    ]);
+    // The summary is asked for now: it covers the two messages there are.
+    let context = &scenario.planner().state().context;
+    assert_eq!(context.messages.len(), 2);
+    let through = context.folded + 2;
+    // Meanwhile b completes and the user asks for more.
+    let scenario = scenario
+        .given_commands([done("b", 1, 2), init_plan(vec![work("c", &[])])])
+        .when(compact(Some(through), 3))
+        .then(|events, planner| {
+            let Some(Event::ContextCompacted {
+                folded_messages, ..
+            }) = events.first()
+            else {
+                panic!("expected a compaction: {events:#?}");
+            };
+            assert_eq!(*folded_messages, 2);
+            let context = &planner.state().context;
+            assert_eq!(context.summary.as_deref(), Some("LLM SUMMARY"));
+            assert_eq!(context.folded, 2);
+            let kept: Vec<&str> = context
+                .messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect();
+            assert_eq!(kept, ["b (tool): output of b", "planned request"]);
+        });
+    // A summary written before that compaction covers less than the one in place: no change.
+    scenario
+        .when(compact(Some(1), 4))
+        .then_expect_nothing()
+        // One that covers everything folds everything.
+        .when(compact(Some(4), 5))
+        .then(|_, planner| {
+            let context = &planner.state().context;
+            assert!(context.messages.is_empty());
+            assert_eq!(context.folded, 4);
+        });
 }

@@ -95,7 +95,13 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             retryable,
             now: at,
         },
-        Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },
+        Command::CompactContext {
+            summary, through, ..
+        } => Command::CompactContext {
+            summary,
+            through,
+            now: at,
+        },
         Command::Cancel { target, reason, .. } => Command::Cancel {
             target,
             reason,

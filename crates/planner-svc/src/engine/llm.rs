@@ -162,10 +162,20 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 let state = slot.state.lock().await;
                 state.planner.as_ref().map(|p| {
                     let s = p.state();
-                    (s.context.thread(), s.config.token_budget, s.config.profile)
+                    // What the summary will cover: messages added during the call are not in
+                    // it, and the core keeps them.
+                    let through = s.context.folded.saturating_add(
+                        u64::try_from(s.context.messages.len()).unwrap_or(u64::MAX),
+                    );
+                    (
+                        s.context.thread(),
+                        through,
+                        s.config.token_budget,
+                        s.config.profile,
+                    )
                 })
             };
-            let Some((thread, budget, profile)) = thread else {
+            let Some((thread, through, budget, profile)) = thread else {
                 return;
             };
             let Some(summary) = llm.summarize(&thread, budget / 2, profile).await else {
@@ -173,6 +183,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             };
             let command = Command::CompactContext {
                 summary: Some(summary),
+                through: Some(through),
                 now: engine.clock.now(),
             };
             if let Err(error) = Box::pin(engine.handle(&session, command)).await {

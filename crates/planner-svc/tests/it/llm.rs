@@ -179,3 +179,54 @@ async fn a_request_typed_like_a_revision_does_not_use_up_the_revisions() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(llm.prompts.lock().unwrap().len(), 1, "no second revision");
 }
+
+/// The summary rewrite read the context, called the LLM without the session's lock, then sent
+/// a `CompactContext` that folded everything but the newest message: messages that came in
+/// during the call were dropped without ever being summarised. Now the command says what the
+/// summary covers, and the core keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_arrive_during_a_summary_rewrite_are_kept() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let llm = Arc::new(ScriptedLlm {
+        summary_gate: Some(Arc::clone(&gate)),
+        ..ScriptedLlm::default()
+    });
+    let (engine, store, _bus) = engine(Arc::clone(&llm), |p| p.token_budget = 100);
+    let session = "s-slow-summary";
+    // A request over the budget: compacted at once, and the LLM asked for a better summary.
+    let long = "fetch the quarterly report and the appendix ".repeat(25);
+    engine
+        .handle(session, request(&long, &["a", "b"]))
+        .await
+        .unwrap();
+    llm.summarizing.notified().await;
+    // While the LLM writes, the user asks for more and a task completes.
+    engine
+        .handle(session, request("REMEMBER-ME: also fetch c", &["c"]))
+        .await
+        .unwrap();
+    let done = ExecutorOutcome::Completed {
+        output: "the report".into(),
+        tokens_used: None,
+    };
+    engine.handle(session, report("a", done)).await.unwrap();
+    gate.add_permits(10);
+    let events = wait_for(
+        &store,
+        session,
+        |e| matches!(e, Event::ContextCompacted { summary, .. } if summary == "LLM SUMMARY"),
+    )
+    .await;
+    let context = Planner::fold(&events).state().context.clone();
+    assert_eq!(context.summary.as_deref(), Some("LLM SUMMARY"));
+    let kept: Vec<&str> = context
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect();
+    assert!(
+        kept.iter().any(|m| m.starts_with("REMEMBER-ME")),
+        "the request made during the call was lost: {kept:?}"
+    );
+    assert!(kept.iter().any(|m| m.starts_with("a (tool)")), "{kept:?}");
+}
