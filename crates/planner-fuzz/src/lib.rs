@@ -492,6 +492,7 @@ fn fixtures() -> &'static [Session] {
                 heartbeat_timeout_ms: Some(1_000),
                 start_to_close_ms: Some(5_000),
                 schedule_to_start_ms: Some(2_000),
+                ..LeasePolicy::default()
             },
             clarification: planner_core::ClarificationPolicy {
                 timeout_ms: Some(3_000),
