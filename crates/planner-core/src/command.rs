@@ -38,6 +38,25 @@ pub enum Command {
         #[serde(default)]
         now: Timestamp,
     },
+    /// A revised plan, made outside the core (by the daemon's LLM) after `failed` failed for
+    /// good: recorded like a follow-up request whose plan came from an LLM, and marked as a
+    /// revision of `failed` ([`PlannerState::revisions`](crate::PlannerState::revisions)
+    /// counts them). Only the planner's shell sends it: no client message maps to it, so
+    /// revisions are counted from the log's structure, never from text a user can type.
+    Revise {
+        /// The task that failed for good; it must be a failed task of the session.
+        failed: TaskId,
+        /// The revision request, as shown to people and kept in the context.
+        input: String,
+        /// The revised plan.
+        plan: PlanSpec,
+        /// Details for people (recorded as the plan's note).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        /// When.
+        #[serde(default)]
+        now: Timestamp,
+    },
     /// A report from an executor about one attempt of one task.
     HandleExecutorEvent {
         /// The report.
@@ -75,6 +94,14 @@ pub enum Command {
         /// [`compact_thread`](crate::compact_thread) when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         summary: Option<String>,
+        /// What `summary` covers: the summary in place when it was written and the messages
+        /// before this number (counted over the session, as
+        /// [`Context::folded`](crate::Context::folded) + the messages then). Only those are
+        /// replaced; messages added since stay. A summary that covers less than the one in
+        /// place (another compaction came in between) changes nothing. When absent, everything
+        /// but the newest message is folded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        through: Option<u64>,
         /// When.
         #[serde(default)]
         now: Timestamp,
@@ -148,6 +175,7 @@ impl Command {
     pub fn command_type(&self) -> &'static str {
         match self {
             Command::Initialize { .. } => "initialize",
+            Command::Revise { .. } => "revise",
             Command::HandleExecutorEvent { .. } => "handle_executor_event",
             Command::AnswerClarification { .. } => "answer_clarification",
             Command::Continue => "continue",

@@ -66,6 +66,15 @@ pub enum Error {
         /// The task.
         task_id: TaskId,
     },
+    /// A revision names a task that has not failed: only a task that failed for good is
+    /// revised.
+    #[error("task {task_id} has not failed ({status:?}): there is nothing to revise")]
+    NotRevisable {
+        /// The task.
+        task_id: TaskId,
+        /// Its status.
+        status: crate::types::TaskStatus,
+    },
     /// The plan has ended; only a new request (Initialize) reopens it.
     #[error("the plan has already ended ({phase:?})")]
     PlanFinished {

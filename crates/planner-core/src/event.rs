@@ -34,6 +34,10 @@ pub enum Event {
         input: String,
         /// Its attachments.
         attachments: Vec<Attachment>,
+        /// Set when the request is the planner's own revised plan after this task failed for
+        /// good (a [`Command::Revise`](crate::Command::Revise)), not a user's request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision_of: Option<TaskId>,
         /// When.
         at: Timestamp,
     },

@@ -259,6 +259,16 @@ impl Decision<'_> {
                 planning,
                 now,
             } => self.request(request_id, input, attachments, plan, planning, self.at(now)),
+            Command::Revise {
+                failed,
+                input,
+                plan,
+                note,
+                now,
+            } => {
+                self.require_started()?;
+                self.revise(failed, input, plan, note, self.at(now))
+            }
             Command::HandleExecutorEvent { event, lease, now } => {
                 self.require_started()?;
                 self.executor_event(event, lease, self.at(now))
@@ -313,9 +323,13 @@ impl Decision<'_> {
                 self.tick(self.at(now));
                 Ok(())
             }
-            Command::CompactContext { summary, now } => {
+            Command::CompactContext {
+                summary,
+                through,
+                now,
+            } => {
                 self.require_started()?;
-                self.compact_now(summary, self.at(now))
+                self.compact_now(summary, through, self.at(now))
             }
             Command::Cancel {
                 target,

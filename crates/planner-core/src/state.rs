@@ -66,6 +66,14 @@ pub struct Context {
     pub messages: Vec<Message>,
     /// Estimated tokens of the summary and the messages.
     pub tokens: u64,
+    /// How many messages have been folded into summaries so far: `messages[0]` is message
+    /// number `folded` of the session (counting from 0). A summary written outside the core
+    /// says up to which message it covers
+    /// ([`Command::CompactContext::through`](crate::Command::CompactContext)), and this tells
+    /// which of today's messages that is. 0 in snapshots from before it was kept, and counted
+    /// on from there.
+    #[serde(default)]
+    pub folded: u64,
 }
 
 impl Context {
@@ -129,6 +137,15 @@ pub struct PlannerState {
     /// The client ids of the requests received, so that a retried request is recognised.
     #[serde(default)]
     pub request_ids: BTreeSet<String>,
+    /// How many of the requests were the planner's own revised plans
+    /// ([`Command::Revise`](crate::Command::Revise)); the shell caps them.
+    #[serde(default)]
+    pub revisions: u32,
+    /// The turn of the latest request that was not a revision: the request a revision is
+    /// for. Absent in snapshots from before it was kept: see
+    /// [`PlannerState::last_user_request`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_user_turn: Option<u32>,
 
     // Derived from `tasks`: not serialized (snapshots stay smaller), rebuilt by
     // `rebuild_indexes` when a state is deserialized.
@@ -157,6 +174,18 @@ impl PlannerState {
             config,
             ..PlannerState::default()
         }
+    }
+
+    /// The text of the latest request that was not a revision: what a revision is for. For a
+    /// state from a snapshot older than `last_user_turn`, the latest request.
+    pub fn last_user_request(&self) -> Option<&str> {
+        match self.last_user_turn {
+            Some(turn) => usize::try_from(turn)
+                .ok()
+                .and_then(|t| self.requests.get(t)),
+            None => self.requests.last(),
+        }
+        .map(String::as_str)
     }
 
     /// Rebuilds the derived indexes (ready sets, dependency counts, counters) from `tasks`:
@@ -267,12 +296,18 @@ impl PlannerState {
                 self.tick(*at);
             }
             Event::RequestReceived {
-                turn: _,
+                turn,
                 request_id,
                 input,
                 attachments: _,
+                revision_of,
                 at,
             } => {
+                if revision_of.is_some() {
+                    self.revisions = self.revisions.saturating_add(1);
+                } else {
+                    self.last_user_turn = Some(*turn);
+                }
                 self.requests.push(input.clone());
                 if let Some(id) = request_id {
                     self.request_ids.insert(id.clone());
@@ -500,6 +535,10 @@ impl PlannerState {
                 self.tick(*at);
                 let folded = (*folded_messages).min(self.context.messages.len());
                 self.context.messages.drain(..folded);
+                self.context.folded = self
+                    .context
+                    .folded
+                    .saturating_add(u64::try_from(folded).unwrap_or(u64::MAX));
                 self.context.summary = Some(summary.clone());
                 self.context.tokens = estimate_tokens(summary)
                     + MESSAGE_OVERHEAD_TOKENS

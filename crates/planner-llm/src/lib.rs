@@ -1,8 +1,9 @@
 //! LLM planning and summaries over any OpenAI-compatible chat-completions endpoint.
 //!
 //! Everything here runs *outside* the core and outside any session lock: its results enter the
-//! planner as command data (`Initialize { plan, planning }`, `CompactContext { summary }`) and
-//! are recorded in events, so a replay never calls an LLM.
+//! planner as command data (`Initialize { plan, planning }`, `Revise { plan, .. }`,
+//! `CompactContext { summary, through }`) and are recorded in events, so a replay never calls
+//! an LLM.
 //!
 //! # Layout
 //!

@@ -167,7 +167,7 @@ pub enum ClientCommand {
 
 /// Command types of the core that clients may not send, and where that input comes from
 /// instead: the refusal names it.
-const PLANNER_ONLY: [(&str, &str); 3] = [
+const PLANNER_ONLY: [(&str, &str); 4] = [
     (
         "handle_executor_event",
         "executors report on the durable report subject, <prefix>.report.<session>",
@@ -176,6 +176,10 @@ const PLANNER_ONLY: [(&str, &str); 3] = [
     (
         "compact_context",
         "the planner compacts the context itself, with its configured LLM if any",
+    ),
+    (
+        "revise",
+        "the planner revises a failed plan itself, with its configured LLM if any",
     ),
 ];
 

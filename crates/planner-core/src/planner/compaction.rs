@@ -26,16 +26,27 @@ impl Decision<'_> {
         self.emit_compaction(compacted.summary, folded_messages, now);
     }
 
-    /// A `CompactContext` command: folds everything but the newest message. A supplied summary
-    /// that is too long is refused before anything is emitted.
+    /// A `CompactContext` command: folds the messages its summary covers (`through`), or
+    /// everything but the newest message. A supplied summary that is too long is refused before
+    /// anything is emitted; one that covers less than the summary in place changes nothing.
     pub(super) fn compact_now(
         &mut self,
         summary: Option<String>,
+        through: Option<u64>,
         now: Timestamp,
     ) -> Result<(), Error> {
         let context = &self.state.context;
-        // Fold everything but the newest message.
-        let fold = context.messages.len().saturating_sub(1);
+        let fold = match through {
+            // Written while other messages came in: fold only the ones it covers.
+            Some(through) => match through.checked_sub(context.folded) {
+                Some(covered) => usize::try_from(covered)
+                    .unwrap_or(usize::MAX)
+                    .min(context.messages.len()),
+                // A later compaction folded messages this summary never saw: it is stale.
+                None => return Ok(()),
+            },
+            None => context.messages.len().saturating_sub(1),
+        };
         if fold == 0 && summary.is_none() {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use crate::event::{Event, FailureReason, PlanSource};
 use crate::parse::parse_input_from;
 use crate::plan::{validate_plan, PlanSpec};
 use crate::state::PlanPhase;
-use crate::types::{Attachment, TaskId, Timestamp};
+use crate::types::{Attachment, TaskId, TaskStatus, Timestamp};
 
 /// A request's plan, made and checked, ready to record.
 struct Planned {
@@ -36,7 +36,36 @@ impl Decision<'_> {
             return Ok(());
         }
         let planned = self.plan_request(&input, &attachments, plan, planning)?;
-        self.record_request(request_id, input, attachments, planned, now);
+        self.record_request(request_id, input, attachments, None, planned, now);
+        Ok(())
+    }
+
+    /// The shell's revised plan after `failed` failed for good: a follow-up request whose plan
+    /// came from an LLM, recorded as a revision of `failed`. Refused unless `failed` is a task
+    /// of the session that failed.
+    pub(super) fn revise(
+        &mut self,
+        failed: TaskId,
+        input: String,
+        plan: PlanSpec,
+        note: Option<String>,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let Some(task) = self.state.task(&failed) else {
+            return Err(Error::UnknownTask { task_id: failed });
+        };
+        if task.status != TaskStatus::Failed {
+            return Err(Error::NotRevisable {
+                task_id: failed,
+                status: task.status,
+            });
+        }
+        let planning = Planning {
+            source: PlanSource::Llm,
+            note,
+        };
+        let planned = self.plan_request(&input, &[], Some(plan), Some(planning))?;
+        self.record_request(None, input, vec![], Some(failed), planned, now);
         Ok(())
     }
 
@@ -136,6 +165,7 @@ impl Decision<'_> {
         request_id: Option<String>,
         input: String,
         attachments: Vec<Attachment>,
+        revision_of: Option<TaskId>,
         planned: Planned,
         now: Timestamp,
     ) {
@@ -153,6 +183,7 @@ impl Decision<'_> {
             request_id,
             input,
             attachments,
+            revision_of,
             at: now,
         });
         self.emit(Event::TasksPlanned {

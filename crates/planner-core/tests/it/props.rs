@@ -29,6 +29,7 @@ enum Op {
     Continue,
     Compact {
         supplied: bool,
+        through: Option<u64>,
     },
     CancelTask {
         task: usize,
@@ -63,7 +64,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..16usize).prop_map(|task| Op::Answer { task }),
         2 => (0u64..4_000).prop_map(|advance| Op::Tick { advance }),
         1 => Just(Op::Continue),
-        1 => any::<bool>().prop_map(|supplied| Op::Compact { supplied }),
+        1 => (any::<bool>(), proptest::option::of(0u64..40))
+            .prop_map(|(supplied, through)| Op::Compact { supplied, through }),
         1 => (0..16usize).prop_map(|task| Op::CancelTask { task }),
         1 => Just(Op::CancelPlan),
         2 => Just(Op::Continue),
@@ -317,8 +319,9 @@ impl Runner {
                 }
             }
             Op::Continue => Command::Continue,
-            Op::Compact { supplied } => Command::CompactContext {
+            Op::Compact { supplied, through } => Command::CompactContext {
                 summary: supplied.then(|| "an outside summary".to_owned()),
+                through: *through,
                 now,
             },
             Op::CancelTask { task } => Command::Cancel {

@@ -18,6 +18,7 @@ fn commands_before_the_first_request_are_refused() {
         cancel_task("t1", 0),
         Command::CompactContext {
             summary: None,
+            through: None,
             now: at(0),
         },
     ] {
@@ -894,6 +895,7 @@ fn the_context_is_compacted_when_it_passes_the_budget_and_the_summary_travels() 
     planner
         .when(Command::CompactContext {
             summary: Some("the user wants a and b".into()),
+            through: None,
             now: at(2),
         })
         .then(|_, planner| {
@@ -910,6 +912,7 @@ fn compacting_nothing_is_a_no_op() {
         .given_commands([init("just one thing")])
         .when(Command::CompactContext {
             summary: None,
+            through: None,
             now: at(1),
         })
         .then_expect_nothing();
@@ -1094,4 +1097,152 @@ fn a_snapshot_with_positions_past_the_end_resumes_without_panicking() {
         })
         .unwrap();
     assert!(resumed.state().phase.is_terminal());
+}
+
+// ----- revisions -----
+
+fn revise(failed: &str, tasks: Vec<TaskSpec>, now: u64) -> Command {
+    Command::Revise {
+        failed: failed.into(),
+        input: format!("[revision] {failed} failed"),
+        plan: PlanSpec { tasks },
+        note: Some(format!("revision after {failed} failed")),
+        now: at(now),
+    }
+}
+
+/// Revisions used to be counted by the text "[revision" at the start of a request, which a
+/// user can type. A revision is now a command of its own, recorded as `revision_of` and
+/// counted in the state; a user's request with that text is an ordinary request.
+#[test]
+fn a_revision_is_recorded_as_such_and_counted_and_a_typed_mark_is_not() {
+    let user = |text: &str| Command::Initialize {
+        request_id: None,
+        planning: Some(Planning {
+            source: PlanSource::Llm,
+            note: Some("revision after a failed".into()),
+        }),
+        input: text.into(),
+        attachments: vec![],
+        plan: Some(PlanSpec {
+            tasks: vec![work("a", &[])],
+        }),
+        now: at(0),
+    };
+    Scenario::with_config(config(|c| c.retry.max_attempts = 1))
+        .given_commands([user("[revision 1] fetch the report")])
+        .when(failed("a", 1, false, 1))
+        .then(|_, planner| {
+            let s = planner.state();
+            assert_eq!(s.revisions, 0, "a typed mark is no revision");
+            assert_eq!(s.last_user_request(), Some("[revision 1] fetch the report"));
+            assert!(matches!(s.phase, PlanPhase::Failed { .. }));
+        })
+        // Only a failed task is revised.
+        .when(revise("nope", vec![work("b", &[])], 2))
+        .then_expect_error(Error::UnknownTask {
+            task_id: "nope".into(),
+        })
+        .when(revise("a", vec![work("a2", &[])], 2))
+        .then(|events, planner| {
+            assert!(events.iter().any(|e| matches!(
+                e,
+                Event::RequestReceived { revision_of: Some(t), .. } if t.as_str() == "a"
+            )));
+            assert!(events.iter().any(|e| matches!(
+                e,
+                Event::TasksPlanned { source: PlanSource::Llm, note: Some(n), .. }
+                    if n == "revision after a failed"
+            )));
+            let s = planner.state();
+            assert_eq!(s.revisions, 1);
+            assert_eq!(s.phase, PlanPhase::Running);
+            // The request a revision is for is still the user's.
+            assert_eq!(s.last_user_request(), Some("[revision 1] fetch the report"));
+        })
+        .when(done("a2", 1, 3))
+        .then(|_, planner| {
+            assert_eq!(planner.state().phase, PlanPhase::Completed);
+            // Replay (checked by `then`) and a snapshot keep the count.
+            let bytes = serde_json::to_vec(planner.state()).expect("serializes");
+            let restored: PlannerState = serde_json::from_slice(&bytes).expect("deserializes");
+            assert_eq!(Planner::from_state(restored).state(), planner.state());
+        })
+        .when(revise("a2", vec![work("a3", &[])], 4))
+        .then_expect_error(Error::NotRevisable {
+            task_id: "a2".into(),
+            status: TaskStatus::Completed,
+        });
+}
+
+#[test]
+fn a_request_without_a_revision_serializes_as_before() {
+    let event = Event::RequestReceived {
+        turn: 0,
+        request_id: None,
+        input: "fetch x".into(),
+        attachments: vec![],
+        revision_of: None,
+        at: at(1),
+    };
+    assert_eq!(
+        serde_json::to_string(&event).expect("serializes"),
+        r#"{"type":"request_received","turn":0,"input":"fetch x","attachments":[],"at":1}"#
+    );
+}
+
+// ----- summaries written outside the core -----
+
+/// An LLM's summary is written from the context as it was when the call started; a
+/// `CompactContext` without `through` folded everything but the newest message when it
+/// arrived, so messages that came in during the call were dropped unsummarised. With `through`
+/// only the messages the summary covers are replaced.
+#[test]
+fn a_summary_written_during_new_messages_replaces_only_what_it_covers() {
+    let compact = |through: Option<u64>, now: u64| Command::CompactContext {
+        summary: Some("LLM SUMMARY".into()),
+        through,
+        now: at(now),
+    };
+    let scenario = Scenario::new().given_commands([
+        init_plan(vec![work("a", &[]), work("b", &[])]),
+        done("a", 1, 1),
+    ]);
+    // The summary is asked for now: it covers the two messages there are.
+    let context = &scenario.planner().state().context;
+    assert_eq!(context.messages.len(), 2);
+    let through = context.folded + 2;
+    // Meanwhile b completes and the user asks for more.
+    let scenario = scenario
+        .given_commands([done("b", 1, 2), init_plan(vec![work("c", &[])])])
+        .when(compact(Some(through), 3))
+        .then(|events, planner| {
+            let Some(Event::ContextCompacted {
+                folded_messages, ..
+            }) = events.first()
+            else {
+                panic!("expected a compaction: {events:#?}");
+            };
+            assert_eq!(*folded_messages, 2);
+            let context = &planner.state().context;
+            assert_eq!(context.summary.as_deref(), Some("LLM SUMMARY"));
+            assert_eq!(context.folded, 2);
+            let kept: Vec<&str> = context
+                .messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect();
+            assert_eq!(kept, ["b (tool): output of b", "planned request"]);
+        });
+    // A summary written before that compaction covers less than the one in place: no change.
+    scenario
+        .when(compact(Some(1), 4))
+        .then_expect_nothing()
+        // One that covers everything folds everything.
+        .when(compact(Some(4), 5))
+        .then(|_, planner| {
+            let context = &planner.state().context;
+            assert!(context.messages.is_empty());
+            assert_eq!(context.folded, 4);
+        });
 }

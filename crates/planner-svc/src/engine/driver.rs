@@ -32,6 +32,19 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             planning,
             now: at,
         },
+        Command::Revise {
+            failed,
+            input,
+            plan,
+            note,
+            ..
+        } => Command::Revise {
+            failed,
+            input,
+            plan,
+            note,
+            now: at,
+        },
         Command::HandleExecutorEvent { event, lease, .. } => Command::HandleExecutorEvent {
             event,
             lease,
@@ -82,7 +95,13 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
             retryable,
             now: at,
         },
-        Command::CompactContext { summary, .. } => Command::CompactContext { summary, now: at },
+        Command::CompactContext {
+            summary, through, ..
+        } => Command::CompactContext {
+            summary,
+            through,
+            now: at,
+        },
         Command::Cancel { target, reason, .. } => Command::Cancel {
             target,
             reason,

@@ -10,7 +10,9 @@ use planner_store::EventStore;
 
 use super::{Engine, EngineError, Publisher};
 
-/// How a revision request starts (`[revision N] ...`): counted to cap revisions per session.
+/// How the text of a revision request starts (`[revision N] ...`), for the LLM and for people.
+/// Revisions are not counted by it (a user may type it): they are [`Command::Revise`]s,
+/// counted by the core in `PlannerState::revisions`.
 pub const REVISION_MARK: &str = "[revision";
 
 impl<S: EventStore, P: Publisher> Engine<S, P> {
@@ -76,8 +78,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 
     /// After a task failed for good, asks the LLM for a revised plan for what is left and, if it
-    /// gives a valid one, sends it as a follow-up request marked as a revision (recorded like any
-    /// plan, with its note). At most `llm.max_revisions` per session; a failed revision changes
+    /// gives a valid one, sends it as a [`Command::Revise`] (recorded like a follow-up request
+    /// with an LLM plan and its note, marked as a revision of `failed`). At most `llm.max_revisions` per session; a failed revision changes
     /// nothing (the plan stays failed).
     pub(super) fn revise(self: &Arc<Self>, session: &str, failed: planner_core::TaskId) {
         let Some(llm) = self.config.llm.clone() else {
@@ -97,12 +99,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     return;
                 };
                 let s = planner.state();
-                let done = s
-                    .requests
-                    .iter()
-                    .filter(|r| r.starts_with(REVISION_MARK))
-                    .count();
-                if done >= limit as usize {
+                // Counted from the log's structure (`RequestReceived::revision_of`), never
+                // from a request's text, which a user chooses.
+                let done = s.revisions;
+                if done >= limit {
                     return;
                 }
                 let error = s
@@ -115,16 +115,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     .filter(|t| t.status == TaskStatus::Completed)
                     .map(|t| format!("{} ({})", t.id, t.description))
                     .collect();
-                let original = s
-                    .requests
-                    .iter()
-                    .rev()
-                    .find(|r| !r.starts_with(REVISION_MARK))
-                    .cloned()
-                    .unwrap_or_default();
+                let original = s.last_user_request().unwrap_or_default();
                 let request = format!(
                     "{REVISION_MARK} {}] The request was: {original}\nTask {failed} failed for good: {error}\nCompleted so far: {}\nPlan what is left to fulfil the request without repeating the failed approach. New tasks may depend on completed ones.",
-                    done + 1,
+                    done.saturating_add(1),
                     if completed.is_empty() { "nothing".to_owned() } else { completed.join("; ") },
                 );
                 planner_llm::PlanContext {
@@ -143,15 +137,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 return;
             };
             let note = format!("revision after {failed} failed");
-            let command = Command::Initialize {
-                request_id: None,
+            let command = Command::Revise {
+                failed: failed.clone(),
                 input: context.request,
-                attachments: vec![],
-                plan: Some(plan),
-                planning: Some(planner_core::Planning {
-                    source: planner_core::PlanSource::Llm,
-                    note: Some(note),
-                }),
+                plan,
+                note: Some(note),
                 now: engine.clock.now(),
             };
             if let Err(error) = Box::pin(engine.handle(&session, command)).await {
@@ -172,10 +162,20 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 let state = slot.state.lock().await;
                 state.planner.as_ref().map(|p| {
                     let s = p.state();
-                    (s.context.thread(), s.config.token_budget, s.config.profile)
+                    // What the summary will cover: messages added during the call are not in
+                    // it, and the core keeps them.
+                    let through = s.context.folded.saturating_add(
+                        u64::try_from(s.context.messages.len()).unwrap_or(u64::MAX),
+                    );
+                    (
+                        s.context.thread(),
+                        through,
+                        s.config.token_budget,
+                        s.config.profile,
+                    )
                 })
             };
-            let Some((thread, budget, profile)) = thread else {
+            let Some((thread, through, budget, profile)) = thread else {
                 return;
             };
             let Some(summary) = llm.summarize(&thread, budget / 2, profile).await else {
@@ -183,6 +183,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             };
             let command = Command::CompactContext {
                 summary: Some(summary),
+                through: Some(through),
                 now: engine.clock.now(),
             };
             if let Err(error) = Box::pin(engine.handle(&session, command)).await {

@@ -9,6 +9,7 @@ mod config;
 mod daemon;
 mod deploy;
 mod harness;
+mod llm;
 mod protocol;
 mod pty;
 mod sim;

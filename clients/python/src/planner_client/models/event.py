@@ -195,6 +195,11 @@ class EventRequestReceived(BaseModel):
     """
     The client's id for the request, if it gave one.
     """
+    revision_of: str | None = None
+    """
+    Set when the request is the planner's own revised plan after this task failed for
+    good (a [`Command::Revise`](crate::Command::Revise)), not a user's request.
+    """
     turn: Annotated[int, Field(ge=0)]
     """
     Which request of the session, from 0.
