@@ -461,7 +461,11 @@ impl Session {
             self.step(Command::Tick { now });
         }
         let now = self.now(1);
-        self.step(Command::CompactContext { summary: None, now });
+        self.step(Command::CompactContext {
+            summary: None,
+            through: None,
+            now,
+        });
     }
 }
 
