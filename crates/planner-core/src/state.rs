@@ -485,6 +485,7 @@ impl PlannerState {
                         token: lease.clone(),
                         claimed_at: *at,
                         beat_at: *at,
+                        graced: false,
                     });
                 }
             }
@@ -501,6 +502,7 @@ impl PlannerState {
                 if task.attempts == *attempt {
                     if let Some(lease) = task.lease.as_mut() {
                         lease.beat_at = *at;
+                        lease.graced = false;
                     }
                 }
             }
@@ -508,8 +510,9 @@ impl PlannerState {
                 self.tick(*at);
                 for task in &mut self.tasks {
                     if task.status == TaskStatus::Running {
-                        if let Some(lease) = task.lease.as_mut() {
+                        if let Some(lease) = task.lease.as_mut().filter(|l| !l.graced) {
                             lease.beat_at = lease.beat_at.max(*at);
+                            lease.graced = true;
                         }
                     }
                 }

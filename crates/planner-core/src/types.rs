@@ -245,6 +245,12 @@ pub struct Lease {
     pub token: String,
     /// When it was claimed.
     pub claimed_at: Timestamp,
-    /// The last heartbeat recorded (heartbeats are recorded at most every half timeout).
+    /// The last heartbeat recorded (heartbeats are recorded at most every half timeout), or
+    /// the last grace a planner gave after an outage.
     pub beat_at: Timestamp,
+    /// `beat_at` is a planner's grace, not a beat of the executor: no second grace comes
+    /// before the executor beats again. Without this, a session evicted and recovered over and
+    /// over would keep the lease of a dead executor alive for ever.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub graced: bool,
 }

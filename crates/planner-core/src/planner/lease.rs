@@ -256,7 +256,9 @@ impl Decision<'_> {
     }
 
     /// One heartbeat timeout of grace for every claimed, running attempt, recorded only when
-    /// some lease's last beat is older than half the timeout (as heartbeats are).
+    /// some lease's last beat is older than half the timeout (as heartbeats are). A lease gets
+    /// one grace per beat of its executor: a dead executor's lease is not kept alive by a
+    /// session that is recovered again and again.
     pub(super) fn extend_leases(&mut self, now: Timestamp) {
         if self.state.phase != crate::state::PlanPhase::Running {
             return;
@@ -271,6 +273,7 @@ impl Decision<'_> {
                 t.status == TaskStatus::Running
                     && t.lease
                         .as_ref()
+                        .filter(|l| !l.graced)
                         .zip(heartbeat_timeout(state, t))
                         .is_some_and(|(l, limit)| now >= l.beat_at.plus_millis(limit / 2))
             });

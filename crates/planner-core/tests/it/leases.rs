@@ -265,6 +265,34 @@ fn a_planner_coming_back_gives_running_attempts_one_timeout_of_grace() {
         .then_expect_types(&["task_status_updated", "plan_completed"]);
 }
 
+/// Seed 315 of the service simulation: a session evicted and recovered over and over gave
+/// its dead executor's lease a new grace at every recovery, so it never timed out. One grace
+/// per beat: after a grace, only a heartbeat earns the next one.
+#[test]
+fn a_lease_gets_one_grace_until_its_executor_beats_again() {
+    let graced = || {
+        Scenario::with_config(strict()).given_commands([
+            init("paint the wall"),
+            claim("t1", 1, "L1", 0),
+            Command::ExtendLeases { now: at(100_000) },
+        ])
+    };
+    assert_eq!(graced().planner().next_deadline(), Some(at(130_000)));
+    // Recovered again, with no beat in between: no second grace; the timeout stands.
+    let again = graced()
+        .when(Command::ExtendLeases { now: at(120_000) })
+        .then_expect_nothing();
+    assert_eq!(again.planner().next_deadline(), Some(at(130_000)));
+    again
+        .when(Command::Tick { now: at(130_000) })
+        .then_expect_types(&["retry_scheduled"]);
+    // A live executor beats; a later outage earns it a grace again.
+    graced()
+        .given_commands([beat("t1", 1, "L1", 116_000)])
+        .when(Command::ExtendLeases { now: at(200_000) })
+        .then_expect_types(&["leases_extended"]);
+}
+
 #[test]
 fn a_task_of_a_supplied_plan_can_carry_its_own_timeouts() {
     let quick = TaskSpec {
