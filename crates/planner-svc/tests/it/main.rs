@@ -13,4 +13,5 @@ mod harness;
 mod llm;
 mod protocol;
 mod pty;
+mod roles;
 mod sim;
