@@ -50,6 +50,9 @@ async fn connect_patiently(config: &Config) -> anyhow::Result<async_nats::Client
     loop {
         match connect(config).await {
             Ok(client) => return Ok(client),
+            // A server that answers and refuses the TLS handshake or the credentials will
+            // refuse them again: say why now rather than after `startup_wait_s`.
+            Err(error) if error.downcast_ref::<ConnectRefusal>().is_some() => return Err(error),
             Err(error) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(error = %crate::report(&error), retry_in = ?delay, "NATS not reachable yet; waiting for it");
                 tokio::time::sleep(delay).await;
@@ -119,12 +122,63 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
                 crate::config::redact_urls(&nats.url)
             )
         })?;
-    options.connect(urls).await.with_context(|| {
-        format!(
-            "connecting to NATS at {}",
-            crate::config::redact_urls(&nats.url)
-        )
+    let at = crate::config::redact_urls(&nats.url);
+    options.connect(urls).await.map_err(|error| {
+        let refusal = ConnectRefusal::of(&error, nats);
+        let error = anyhow::Error::new(error).context(format!("connecting to NATS at {at}"));
+        match refusal {
+            Some(refusal) => error.context(refusal),
+            None => error,
+        }
     })
+}
+
+/// A server that answered and refused us: the TLS handshake failed or the credentials were
+/// not accepted. It names the settings to check (never their values).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// The TLS handshake failed (either side refused the other's certificate, or one side
+    /// does not speak TLS).
+    #[error("TLS with the NATS server failed; check nats.tls_ca_file (the CA that signed the server's certificate), nats.tls_cert_file and nats.tls_key_file (a client certificate, when the server verifies clients) and nats.tls_required")]
+    Tls,
+    /// The server refused the credentials.
+    #[error("the NATS server refused the credentials; check nats.user and nats.password, nats.token, nats.nkey_seed_file or nats.creds_file")]
+    Credentials,
+}
+
+impl ConnectRefusal {
+    fn of(error: &async_nats::ConnectError, nats: &crate::config::NatsConfig) -> Option<Self> {
+        use async_nats::ConnectErrorKind as Kind;
+        match error.kind() {
+            Kind::Tls => Some(ConnectRefusal::Tls),
+            Kind::AuthorizationViolation | Kind::Authentication => {
+                Some(ConnectRefusal::Credentials)
+            }
+            // async-nats reports a failed handshake as the IO error rustls gives it
+            // ("invalid peer certificate: UnknownIssuer", "received fatal alert: ..."): its
+            // text is all there is to tell it from a refused connection.
+            Kind::Io => {
+                let text = error_chain(error).to_lowercase();
+                let tls = ["certificate", "tls", "handshake", "alert"]
+                    .iter()
+                    .any(|word| text.contains(word));
+                (tls || (nats.tls_required && text.contains("unexpected eof")))
+                    .then_some(ConnectRefusal::Tls)
+            }
+            _ => None,
+        }
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 fn engine_config(config: &Config) -> EngineConfig {

@@ -38,13 +38,13 @@ impl Daemon {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let url = config.nats.url.clone();
+        // The ping goes through the daemon's own connect path: with its credentials and TLS.
+        let client = planner_svc::serve::connect(&config).await.unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(planner_svc::serve::serve(config, async move {
             let _ = stopped.await;
         }));
         // Ready when the micro-service answers a ping.
-        let client = async_nats::connect(url).await.unwrap();
         for _ in 0..200 {
             if let Ok(Ok(_)) = tokio::time::timeout(
                 Duration::from_millis(200),

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod auth;
 mod cli;
 mod client;
 mod config;
@@ -12,4 +13,5 @@ mod harness;
 mod llm;
 mod protocol;
 mod pty;
+mod roles;
 mod sim;

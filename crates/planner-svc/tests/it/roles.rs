@@ -1,0 +1,244 @@
+//! The per-role users of deploy/nats/nats-server.conf, with the daemon running as its
+//! `planner` user (#10 item 6): each role can do its job, and the server refuses what a role
+//! must not do (forged reports, forged dispatches or events, commands from an executor), so the
+//! store does not change.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use planner_svc::protocol::{CommandReply, ErrorKind, ErrorNotice};
+use planner_testkit::NatsServer;
+use serde_json::json;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::harness::{config, Daemon};
+
+const ROLES: [&str; 4] = ["planner", "executor", "ui", "operator"];
+
+fn password(role: &str) -> String {
+    format!("test-{role}-pw")
+}
+
+/// The shipped config with each `change-me-<role>` placeholder replaced by a test password.
+fn shipped_server(dir: &std::path::Path) -> NatsServer {
+    let conf =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/nats-server.conf");
+    let mut text = std::fs::read_to_string(conf).unwrap();
+    for role in ROLES {
+        text = text.replace(&format!("change-me-{role}"), &password(role));
+    }
+    assert!(!text.contains("change-me"), "a role the test does not know");
+    let path = dir.join("nats-server.conf");
+    std::fs::write(&path, text).unwrap();
+    NatsServer::start_with_args(&["-c", path.to_str().unwrap()]).unwrap()
+}
+
+/// A connection as `role`, and the server's errors (permission violations) it receives.
+async fn connect_as(
+    server: &NatsServer,
+    role: &str,
+) -> (async_nats::Client, UnboundedReceiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(role.into(), password(role))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event.to_string());
+            }
+        })
+        .connect(server.url())
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Waits for the server's permissions violation naming `subject`.
+async fn refused(events: &mut UnboundedReceiver<String>, subject: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        let lower = event.to_lowercase();
+        if lower.contains("permission") && event.contains(subject) {
+            return;
+        }
+        seen.push(event);
+    }
+    panic!("no permissions violation for {subject}; events: {seen:?}");
+}
+
+async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+async fn request(
+    client: &async_nats::Client,
+    subject: String,
+    body: serde_json::Value,
+) -> async_nats::Message {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject, serde_json::to_vec(&body).unwrap().into()),
+    )
+    .await
+    .expect("a reply within 10 s")
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = shipped_server(dir.path());
+    let mut daemon_config = config(&server);
+    daemon_config.nats.user = "planner".into();
+    daemon_config.nats.password = password("planner").as_str().into();
+    let planner = planner_svc::serve::connect(&daemon_config).await.unwrap();
+    let daemon = Daemon::start(daemon_config).await;
+    let js = jetstream::new(planner.clone());
+
+    let (operator, mut operator_events) = connect_as(&server, "operator").await;
+    let mut errors = operator.subscribe("planner.errors").await.unwrap();
+    operator.flush().await.unwrap();
+
+    // The UI starts a session: one task is dispatched.
+    let (ui, mut ui_events) = connect_as(&server, "ui").await;
+    let plan = json!({"tasks": [{"id": "t1", "kind": "tool_call", "target": "fetch", "description": "fetch a"}]});
+    let reply = request(
+        &ui,
+        "planner.cmd.s1".into(),
+        json!({"type": "initialize", "input": "fetch a", "plan": plan}),
+    )
+    .await;
+    let reply: CommandReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+
+    // The executor pulls it and claims it.
+    let (executor, mut executor_events) = connect_as(&server, "executor").await;
+    let executor_js = jetstream::new(executor.clone());
+    let tasks = executor_js.get_stream("PLANNER_TASKS").await.unwrap();
+    let consumer = tasks
+        .get_or_create_consumer(
+            "pool",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("pool".into()),
+                filter_subject: "planner.task.>".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let task = batch.next().await.expect("a dispatch").unwrap();
+    task.ack().await.unwrap();
+    let claim = request(
+        &executor,
+        "planner.claim.s1".into(),
+        json!({"task_id": "t1", "attempt": 1, "claim_id": "claim-roles-0001"}),
+    )
+    .await;
+    let claim: serde_json::Value = serde_json::from_slice(&claim.payload).unwrap();
+    assert_eq!(claim["status"], "granted", "{claim}");
+
+    let events_before = messages(&js, "PLANNER_EVENTS").await;
+    let reports_before = messages(&js, "PLANNER_REPORTS").await;
+    let tasks_before = messages(&js, "PLANNER_TASKS").await;
+
+    // An executor may not send commands: not a new session, not an answer to any session's
+    // question.
+    executor
+        .publish(
+            "planner.cmd.s2",
+            serde_json::to_vec(&json!({"type": "initialize", "input": "forged"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    executor.flush().await.unwrap();
+    refused(&mut executor_events, "planner.cmd.s2").await;
+    // Nor read what the UIs are asked, nor the stored events.
+    let _questions = executor.subscribe("planner.ui.>").await.unwrap();
+    executor.flush().await.unwrap();
+    refused(&mut executor_events, "planner.ui.>").await;
+    let _events = executor.subscribe("planner.events.>").await.unwrap();
+    executor.flush().await.unwrap();
+    refused(&mut executor_events, "planner.events.>").await;
+
+    // A UI may not forge an executor's result, a dispatch or a stored event.
+    let forged = json!({"event": {"task_id": "t1", "attempt": 1, "outcome": {"status": "completed", "output": "forged"}}});
+    for subject in [
+        "planner.report.s1",
+        "planner.task.tool_call.fetch",
+        "planner.events.s1",
+    ] {
+        ui.publish(subject, serde_json::to_vec(&forged).unwrap().into())
+            .await
+            .unwrap();
+        ui.flush().await.unwrap();
+        refused(&mut ui_events, subject).await;
+    }
+    // Compaction (a summary written into the context) is the planner's own: refused by the
+    // daemon, as every planner-only command.
+    let compact = request(
+        &ui,
+        "planner.cmd.s1".into(),
+        json!({"type": "compact_context", "summary": "forged", "now": 1}),
+    )
+    .await;
+    match serde_json::from_slice::<CommandReply>(&compact.payload).unwrap() {
+        CommandReply::Error(error) => assert_eq!(error.kind, ErrorKind::Forbidden, "{error:?}"),
+        other => panic!("a UI compacted the context: {other:?}"),
+    }
+    // The operator reads; it does not command.
+    operator
+        .publish("planner.cmd.s3", "{}".into())
+        .await
+        .unwrap();
+    operator.flush().await.unwrap();
+    refused(&mut operator_events, "planner.cmd.s3").await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        messages(&js, "PLANNER_EVENTS").await,
+        events_before,
+        "a refused publish reached the store"
+    );
+    assert_eq!(
+        messages(&js, "PLANNER_REPORTS").await,
+        reports_before,
+        "a forged report was captured"
+    );
+    assert_eq!(
+        messages(&js, "PLANNER_TASKS").await,
+        tasks_before,
+        "a forged dispatch was queued"
+    );
+
+    // What an operator watches: a report the planner cannot read is said on planner.errors.
+    let ack = executor_js
+        .publish("planner.report.s1", "not json".into())
+        .await
+        .unwrap();
+    ack.await.unwrap();
+    let notice = tokio::time::timeout(Duration::from_secs(10), errors.next())
+        .await
+        .expect("an error notice within 10 s")
+        .unwrap();
+    let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
+    assert_eq!(notice.error.kind, ErrorKind::Malformed, "{notice:?}");
+
+    daemon.stop().await;
+}
