@@ -289,6 +289,17 @@ impl EventStore for InstanceStore {
         self.world.store.list_streams().await
     }
 
+    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
+        self.gate(false)?;
+        self.world.store.list_open().await
+    }
+
+    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
+        let fault = self.gate(true)?;
+        self.world.store.forget_open(stream, version).await?;
+        self.after(fault)
+    }
+
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         let fault = self.gate(true)?;
         self.world.store.save_snapshot(stream, snapshot).await?;
