@@ -12,4 +12,5 @@ mod harness;
 mod llm;
 mod protocol;
 mod pty;
+mod recovery;
 mod sim;

@@ -779,8 +779,9 @@ impl Sim {
                     .map(|t| format!("{}:{:?}#{}", t.id, t.status, t.attempts))
                     .collect();
                 problems.push(format!(
-                    "session {session} did not end ({:?}); open tasks {open:?}",
-                    planner.state().phase
+                    "session {session} did not end ({:?}); open tasks {open:?}; index {:?}",
+                    planner.state().phase,
+                    self.world.store.list_open().await
                 ));
             }
             for (i, instance) in self.instances.iter().enumerate() {
