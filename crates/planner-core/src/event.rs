@@ -197,6 +197,30 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// What this event does to whether its session's plan is unfinished: `Some(true)` when it
+    /// opens (or reopens) the plan, `Some(false)` when it ends it, `None` when it leaves it as
+    /// it was. Mirrors the phase changes of `apply`: `SessionStarted` and `TasksPlanned` (a
+    /// follow-up or revision reopens an ended plan) open; `PlanCompleted`, `PlanFailed` and
+    /// `PlanCancelled` end.
+    pub fn opens_plan(&self) -> Option<bool> {
+        match self {
+            Event::SessionStarted { .. } | Event::TasksPlanned { .. } => Some(true),
+            Event::PlanCompleted { .. }
+            | Event::PlanFailed { .. }
+            | Event::PlanCancelled { .. } => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a session is unfinished after `batch` was appended to it: the effect of the batch's
+/// last event that opens or ends the plan (see [`Event::opens_plan`]), `None` when none does
+/// and the session is as it was. Stores use it to keep their index of unfinished sessions.
+pub fn open_after(batch: &[Event]) -> Option<bool> {
+    batch.iter().rev().find_map(Event::opens_plan)
+}
+
 /// The current version of the persisted event schema. See [`crate::codec`].
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 

@@ -85,8 +85,8 @@ pub use config::{
 };
 pub use error::{ConfigError, Error};
 pub use event::{
-    Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd, TaskAssignment,
-    TaskOutput, EVENT_SCHEMA_VERSION,
+    open_after, Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd,
+    TaskAssignment, TaskOutput, EVENT_SCHEMA_VERSION,
 };
 pub use handler::Handler;
 pub use parse::{parse_input, parse_input_from};

@@ -19,6 +19,7 @@ use thiserror::Error;
 /// - An acknowledged append is durable to the degree the store's configuration promises (see each
 ///   store's docs), and is seen by every later load.
 /// - Stream ids are valid subject tokens ([`planner_core::is_valid_token`]).
+/// - [`EventStore::list_open`] never omits a stream whose plan is unfinished.
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream` if it is at `expected_version`; returns the new version.
     fn append(
@@ -49,6 +50,22 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Every stream with at least one event, sorted: the sessions to recover at start-up.
     fn list_streams(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The streams whose plan may be unfinished, sorted: what recovery visits. Read from an
+    /// index the store keeps on `append` (from [`planner_core::open_after`]), so it costs
+    /// O(unfinished sessions), not O(every session ever). It never omits an unfinished stream;
+    /// it may name one that ended (a crash between an append and the index update), which the
+    /// caller drops with [`EventStore::forget_open`] once it has loaded it.
+    fn list_open(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The caller loaded `stream` at `version` and found its plan ended: drop it from the index
+    /// of [`EventStore::list_open`], unless an append at `version` or later (a follow-up that
+    /// reopened it) has marked it open since.
+    fn forget_open(
+        &self,
+        stream: &str,
+        version: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Keeps `snapshot` as the newest snapshot of `stream`, replacing any older one.
     fn save_snapshot(

@@ -16,6 +16,26 @@
 //!   and the object store chunks it under the server's `max_payload`), LZ4-compressed after a
 //!   header line `lz4 <stream sequence>` that lets a load start replay right after it.
 //!
+//! - The index of unfinished sessions ([`EventStore::list_open`]) is a second stream,
+//!   `{stream_name}_OPEN`, capturing `{subject_prefix}.open.*` with one message per subject
+//!   (`max_msgs_per_subject = 1`): a session's *marker* says "may be unfinished". Listing reads
+//!   the stream's subjects (the stream-info subjects filter), so it costs O(unfinished); a KV
+//!   bucket was not used because a deleted key leaves a tombstone that listing its keys still
+//!   delivers (O(every session ever)), while a purged subject leaves nothing.
+//!
+//! # The index of unfinished sessions
+//!
+//! Its one promise: it never omits an unfinished session. A batch that opens a plan
+//! ([`planner_core::open_after`]) writes the marker *before* the batch is appended, with
+//! header `Planner-Version` = the version the batch is appended at; a batch that ends it purges
+//! the marker *after* it is appended. A crash between the two leaves a marker for an ended
+//! session, which recovery loads once and drops ([`EventStore::forget_open`]). A purge removes
+//! only a marker written for an earlier version than the end it saw (a purge up to the marker's
+//! sequence), so it never removes the marker of a follow-up that reopened the session
+//! meanwhile. A store written before the index is backfilled once at connect: every session
+//! gets a marker, unless it has one, and the stream's metadata records that the backfill ended
+//! (a crash during it runs it again).
+//!
 //! # Concurrency and duplicates
 //!
 //! An append sends `Nats-Expected-Last-Subject-Sequence`: the stream sequence of the session's
@@ -64,6 +84,9 @@ use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
 
 const VERSION: &str = "Planner-Version";
 const BATCH_ID: &str = "Planner-Batch-Id";
+/// The open index stream's metadata key saying its backfill ended.
+const INDEX_METADATA: &str = "planner-open-index";
+const INDEX_COMPLETE: &str = "complete";
 /// Messages per pull while replaying through a consumer.
 const REPLAY_BATCH: usize = 16;
 /// Messages read one request each before a replay switches to a consumer.
@@ -121,6 +144,8 @@ impl Default for JetStreamConfig {
 pub struct JetStreamStore {
     context: Context,
     stream: stream::Stream,
+    /// The index of unfinished sessions (see the module docs).
+    open: stream::Stream,
     snapshots: object_store::ObjectStore,
     config: JetStreamConfig,
     /// This writer's id (see [`JetStreamConfig::writer_id`]).
@@ -215,14 +240,106 @@ impl JetStreamStore {
                 .await
                 .map_err(|e| nats("creating the snapshot bucket")(&e))?,
         };
-        Ok(JetStreamStore {
+        let open_config = stream::Config {
+            name: format!("{}_OPEN", config.stream_name),
+            subjects: vec![format!("{}.open.*", config.subject_prefix)],
+            storage: config.storage,
+            num_replicas: config.replicas,
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let open = context
+            .get_or_create_stream(open_config.clone())
+            .await
+            .map_err(|e| nats("creating the open-session index")(&e))?;
+        let store = JetStreamStore {
             writer: config.writer_id.clone().unwrap_or_else(random_writer_id),
             context,
             stream,
+            open,
             snapshots,
             config,
             positions: Mutex::new(Positions::default()),
-        })
+        };
+        let complete = store
+            .open
+            .cached_info()
+            .config
+            .metadata
+            .get(INDEX_METADATA)
+            .is_some_and(|v| v == INDEX_COMPLETE);
+        if !complete {
+            store.backfill_open_index().await?;
+            let mut done = open_config;
+            done.metadata
+                .insert(INDEX_METADATA.to_owned(), INDEX_COMPLETE.to_owned());
+            store
+                .context
+                .update_stream(done)
+                .await
+                .map_err(|e| nats("recording the open-session index's backfill")(&e))?;
+        }
+        Ok(store)
+    }
+
+    /// Marks every session of a store written before the index as possibly unfinished: one
+    /// O(every session) pass, once; recovery then loads each once and drops the ended ones. A
+    /// session that already has a marker keeps it (the marker write expects an empty subject).
+    async fn backfill_open_index(&self) -> Result<(), StoreError> {
+        let sessions = self.list_streams().await?;
+        if !sessions.is_empty() {
+            tracing::info!(
+                sessions = sessions.len(),
+                "backfilling the index of unfinished sessions (once, for a store written before it)"
+            );
+        }
+        // Acks awaited 64 at a time: a one-time pass, pipelined so a large store is quick.
+        for chunk in sessions.chunks(64) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for session in chunk {
+                let publish = PublishMessage::build()
+                    .expected_last_subject_sequence(0)
+                    .header(VERSION, "0");
+                acks.push(
+                    self.context
+                        .send_publish(self.open_subject(session), publish)
+                        .await,
+                );
+            }
+            for ack in acks {
+                let result = match ack {
+                    Ok(pending) => pending.await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => {}
+                    // It has a marker already: an append marked it.
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+                    Err(e) => return Err(nats("backfilling the open-session index")(&e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open_subject(&self, stream: &str) -> String {
+        format!("{}.open.{stream}", self.config.subject_prefix)
+    }
+
+    /// Writes the marker saying `stream` may be unfinished, for a batch appended at `version`.
+    async fn mark_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
+        let publish = PublishMessage::build().header(VERSION, version.to_string().as_str());
+        let ack = match self
+            .context
+            .send_publish(self.open_subject(stream), publish)
+            .await
+        {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        ack.map(|_| ())
+            .map_err(|e| nats("marking a session unfinished")(&e))
     }
 
     fn subject(&self, stream: &str) -> String {
@@ -359,6 +476,19 @@ impl JetStreamStore {
     }
 }
 
+impl JetStreamStore {
+    /// After a batch that ended the plan landed at `version`: drops the session's marker. A
+    /// failure only leaves a marker too many (recovery drops it), so it is logged, not
+    /// returned: the append itself succeeded.
+    async fn after_end(&self, stream: &str, version: u64, opens: Option<bool>) {
+        if opens == Some(false) {
+            if let Err(error) = self.forget_open(stream, version).await {
+                tracing::warn!(stream, %error, "could not drop an ended session from the open index; recovery will");
+            }
+        }
+    }
+}
+
 /// A replay in progress: the events at or after `version`, until the message at
 /// `last_sequence`.
 struct Replay<'a> {
@@ -423,6 +553,11 @@ impl EventStore for JetStreamStore {
         }
         let sequence = self.sequence_for(stream, expected_version).await?;
         let new_version = expected_version + events.len() as u64;
+        let opens = planner_core::open_after(events);
+        if opens == Some(true) {
+            // Before the append: a crash in between leaves a marker too many, never one short.
+            self.mark_open(stream, expected_version).await?;
+        }
         // The writer is part of the id: another instance that computed the very same batch
         // (same command, same millisecond) lost the race, and must hear so (a conflict, then a
         // reload), not be told its append landed.
@@ -448,6 +583,7 @@ impl EventStore for JetStreamStore {
             Ok(ack) => {
                 // A duplicate ack means this very batch was stored by an earlier try.
                 self.remember(stream, new_version, ack.sequence);
+                self.after_end(stream, new_version, opens).await;
                 Ok(new_version)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -464,6 +600,7 @@ impl EventStore for JetStreamStore {
                     let same = last.headers.get(BATCH_ID).is_some_and(|v| v.as_str() == id);
                     if same {
                         self.remember(stream, new_version, last.sequence);
+                        self.after_end(stream, new_version, opens).await;
                         return Ok(new_version);
                     }
                 }
@@ -546,6 +683,51 @@ impl EventStore for JetStreamStore {
         }
         streams.sort();
         Ok(streams)
+    }
+
+    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}.open.", self.config.subject_prefix);
+        let mut info = self
+            .open
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(|e| nats("listing unfinished sessions")(&e))?;
+        let mut streams = Vec::new();
+        while let Some(subject) = info.next().await {
+            let (subject, _count) = subject.map_err(|e| nats("listing unfinished sessions")(&e))?;
+            if let Some(session) = subject.strip_prefix(&prefix) {
+                streams.push(session.to_owned());
+            }
+        }
+        streams.sort();
+        Ok(streams)
+    }
+
+    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
+        check_stream(stream)?;
+        let subject = self.open_subject(stream);
+        let marker = match self.open.get_last_raw_message_by_subject(&subject).await {
+            Ok(marker) => marker,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(nats("reading a session's open marker")(&e)),
+        };
+        // The version the marking batch was appended at; a marker without one (not written by
+        // this store) is kept: dropping a marker wrongly loses a session, keeping one costs a load.
+        let marked_at = marker
+            .headers
+            .get(VERSION)
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        if marked_at.is_some_and(|at| at < version) {
+            // Up to (not including) the next sequence: a newer marker, written by a follow-up
+            // since, survives.
+            self.open
+                .purge()
+                .filter(subject)
+                .sequence(marker.sequence + 1)
+                .await
+                .map_err(|e| nats("dropping a session's open marker")(&e))?;
+        }
+        Ok(())
     }
 
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {

@@ -1,6 +1,6 @@
 //! The in-memory store: for tests and the embedded run. Nothing survives the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use planner_core::Event;
@@ -18,6 +18,8 @@ pub struct MemoryStore {
 struct Inner {
     streams: BTreeMap<String, Vec<Event>>,
     snapshots: BTreeMap<String, Snapshot>,
+    /// Unfinished streams: exact, as it changes under the same lock as the events.
+    open: BTreeSet<String>,
 }
 
 impl MemoryStore {
@@ -55,6 +57,15 @@ impl EventStore for MemoryStore {
         if events.is_empty() {
             return Ok(current);
         }
+        match planner_core::open_after(events) {
+            Some(true) => {
+                inner.open.insert(stream.to_owned());
+            }
+            Some(false) => {
+                inner.open.remove(stream);
+            }
+            None => {}
+        }
         let log = inner.streams.entry(stream.to_owned()).or_default();
         log.extend_from_slice(events);
         Ok(log.len() as u64)
@@ -77,6 +88,20 @@ impl EventStore for MemoryStore {
 
     async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.lock().streams.keys().cloned().collect())
+    }
+
+    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock().open.iter().cloned().collect())
+    }
+
+    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
+        check_stream(stream)?;
+        // The index is exact; this only matters if it was not (nothing appended since).
+        let mut inner = self.lock();
+        if inner.streams.get(stream).map_or(0, Vec::len) as u64 == version {
+            inner.open.remove(stream);
+        }
+        Ok(())
     }
 
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {

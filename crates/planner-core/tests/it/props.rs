@@ -456,6 +456,11 @@ proptest! {
             let before = runner.planner.clone();
             match runner.planner.process(command.clone()) {
                 Ok(events) => {
+                    // The stores' index of unfinished sessions follows the batch: what
+                    // `open_after` says is what the phase is now; no effect leaves it as it was.
+                    let running = runner.planner.state().phase == PlanPhase::Running;
+                    let expected = open_after(&events).unwrap_or(before.state().phase == PlanPhase::Running);
+                    prop_assert_eq!(expected, running, "open_after disagrees with the phase after {:?}: {:?}", command, events);
                     // Every event carries an `at` no earlier than the clock before it.
                     runner.history.extend(events);
                 }

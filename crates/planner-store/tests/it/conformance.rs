@@ -5,7 +5,7 @@ use std::sync::Arc;
 use planner_core::{Event, Planner};
 use planner_store::*;
 
-use crate::support::{events, real_session};
+use crate::support::{events, lifecycle, real_session};
 
 /// Runs every case of the suite; `fresh` gives an empty store for each case.
 pub async fn run_suite<S, F, Fut>(fresh: F)
@@ -22,6 +22,7 @@ where
     snapshot_and_tail_equal_full_replay(&fresh().await).await;
     bad_stream_ids_are_refused(&fresh().await).await;
     long_stream(&fresh().await).await;
+    open_index_lists_exactly_the_unfinished_streams(&fresh().await).await;
 }
 
 async fn append_and_load<S: EventStore>(store: &S) {
@@ -232,4 +233,67 @@ async fn jetstream_store_keeps_the_contract() {
         }
     })
     .await;
+}
+
+/// The index of unfinished streams after a mix of open, ended and reopened sessions: exactly
+/// the unfinished ones, and `forget_open` at a version a follow-up has passed keeps a reopened
+/// session.
+async fn open_index_lists_exactly_the_unfinished_streams<S: EventStore>(store: &S) {
+    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+    // open: started; ended: started then completed; reopened: ended, then a follow-up;
+    // cancelled: started, worked on, cancelled in a batch that carries other events after.
+    store
+        .append("open", 0, &[lifecycle::started()])
+        .await
+        .unwrap();
+    store.append("open", 1, &events(2, "w")).await.unwrap();
+    store
+        .append("ended", 0, &[lifecycle::started()])
+        .await
+        .unwrap();
+    store
+        .append("ended", 1, &[lifecycle::completed()])
+        .await
+        .unwrap();
+    store
+        .append("reopened", 0, &[lifecycle::started()])
+        .await
+        .unwrap();
+    store
+        .append("reopened", 1, &[lifecycle::completed()])
+        .await
+        .unwrap();
+    store
+        .append("reopened", 2, &[lifecycle::planned()])
+        .await
+        .unwrap();
+    store
+        .append("cancelled", 0, &[lifecycle::started()])
+        .await
+        .unwrap();
+    let mut last = events(1, "c");
+    last.insert(0, lifecycle::cancelled());
+    store.append("cancelled", 1, &last).await.unwrap();
+    // A batch that neither opens nor ends leaves a stream as it was.
+    store.append("plain", 0, &events(3, "p")).await.unwrap();
+    // A real session, batch by batch, ends.
+    for (i, batch) in real_session().iter().enumerate() {
+        let version = store.version("real").await.unwrap();
+        store.append("real", version, batch).await.unwrap();
+        let open = store
+            .list_open()
+            .await
+            .unwrap()
+            .contains(&"real".to_owned());
+        let ended = i + 1 == real_session().len();
+        assert_eq!(open, !ended, "after batch {i}");
+    }
+    assert_eq!(store.list_open().await.unwrap(), ["open", "reopened"]);
+    // A caller that loaded "reopened" when it had ended (version 2) must not drop it: a
+    // follow-up reopened it since.
+    store.forget_open("reopened", 2).await.unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["open", "reopened"]);
+    // Nor does forgetting a stream that is not listed do anything.
+    store.forget_open("ended", 2).await.unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["open", "reopened"]);
 }

@@ -228,3 +228,35 @@ async fn a_store_in_use_can_be_read_without_its_lock() {
     ));
     drop(writer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_index_is_rebuilt_from_the_log_when_the_store_reopens() {
+    use crate::support::lifecycle;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path()).unwrap();
+        store.append("a", 0, &[lifecycle::started()]).await.unwrap();
+        store.append("a", 1, &events(2, "x")).await.unwrap();
+        store.append("b", 0, &[lifecycle::started()]).await.unwrap();
+        store
+            .append("b", 1, &[lifecycle::completed()])
+            .await
+            .unwrap();
+        store.append("c", 0, &[lifecycle::started()]).await.unwrap();
+        store
+            .append("c", 1, &[lifecycle::completed()])
+            .await
+            .unwrap();
+        store.append("c", 2, &[lifecycle::planned()]).await.unwrap();
+        // A user's text naming an event type does not fool the scan's filter.
+        let mut mention = events(1, "plan_completed session_started");
+        mention.insert(0, lifecycle::completed());
+        store.append("d", 0, &[lifecycle::started()]).await.unwrap();
+        store.append("d", 1, &mention).await.unwrap();
+        assert_eq!(store.list_open().await.unwrap(), ["a", "c"]);
+    }
+    let store = open(dir.path()).unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["a", "c"]);
+    let reader = FileStore::open_read_only(FileStoreConfig::new(dir.path())).unwrap();
+    assert_eq!(reader.list_open().await.unwrap(), ["a", "c"]);
+}

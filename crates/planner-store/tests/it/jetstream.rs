@@ -173,3 +173,99 @@ async fn ten_thousand_loads_leave_no_consumer_behind() {
         "loads left consumers on the server"
     );
 }
+
+/// A store written before the index existed (its index stream deleted here) is backfilled once
+/// at connect: every session is listed as possibly unfinished, and each ended one drops out
+/// when recovery forgets it; the backfill is not repeated on the next connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_before_the_index_is_backfilled_once() {
+    use crate::support::lifecycle;
+    let server = NatsServer::start().unwrap();
+    let store = connect(&server).await;
+    for i in 0..20 {
+        let s = format!("s{i}");
+        store.append(&s, 0, &[lifecycle::started()]).await.unwrap();
+        if i % 4 != 0 {
+            store
+                .append(&s, 1, &[lifecycle::completed()])
+                .await
+                .unwrap();
+        }
+    }
+    let open: Vec<String> = (0..20).step_by(4).map(|i| format!("s{i}")).collect();
+    let mut open_sorted = open.clone();
+    open_sorted.sort();
+    assert_eq!(store.list_open().await.unwrap(), open_sorted);
+    drop(store);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.delete_stream("PLANNER_EVENTS_OPEN").await.unwrap();
+
+    let store = connect(&server).await;
+    let listed = store.list_open().await.unwrap();
+    assert_eq!(listed.len(), 20, "{listed:?}");
+    for session in listed {
+        let version = store.version(&session).await.unwrap();
+        if version == 2 {
+            store.forget_open(&session, version).await.unwrap();
+        }
+    }
+    assert_eq!(store.list_open().await.unwrap(), open_sorted);
+    // Connecting again does not backfill again.
+    drop(store);
+    let store = connect(&server).await;
+    assert_eq!(store.list_open().await.unwrap(), open_sorted);
+}
+
+/// What a crash leaves: a marker for a session whose end was appended but whose marker was not
+/// purged (or whose opening batch never landed). It is listed, and dropped by `forget_open`;
+/// a marker a follow-up wrote after the caller's load survives a stale `forget_open`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_left_by_a_crash_is_dropped_and_a_newer_one_survives() {
+    use crate::support::lifecycle;
+    let server = NatsServer::start().unwrap();
+    let store = connect(&server).await;
+    store.append("x", 0, &[lifecycle::started()]).await.unwrap();
+    store
+        .append("x", 1, &[lifecycle::completed()])
+        .await
+        .unwrap();
+    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+    // The crash: the marker of the opening batch is there, the purge after the end is not.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", "0");
+    js.publish_with_headers("planner.events.open.x", headers, Default::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["x"]);
+    // A follow-up (another instance) reopens it after a recovery loaded it at version 2.
+    let other = connect(&server).await;
+    other.append("x", 2, &[lifecycle::planned()]).await.unwrap();
+    store.forget_open("x", 2).await.unwrap();
+    assert_eq!(
+        store.list_open().await.unwrap(),
+        ["x"],
+        "the follow-up's marker survives"
+    );
+    // It ends again; the ending writer drops its marker itself.
+    other
+        .append("x", 3, &[lifecycle::completed()])
+        .await
+        .unwrap();
+    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+    // The leftover marker case: ended at 4, a marker for version 0 written late is dropped.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", "0");
+    js.publish_with_headers("planner.events.open.x", headers, Default::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["x"]);
+    store.forget_open("x", 4).await.unwrap();
+    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+}

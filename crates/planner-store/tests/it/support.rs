@@ -92,3 +92,35 @@ pub fn real_session() -> Vec<Vec<Event>> {
     batches.retain(|b| !b.is_empty());
     batches
 }
+
+/// Single events that open or end a plan, for the index of unfinished sessions.
+pub mod lifecycle {
+    use planner_core::*;
+
+    pub fn started() -> Event {
+        Event::SessionStarted {
+            config: Box::default(),
+            at: Timestamp(1),
+        }
+    }
+
+    pub fn planned() -> Event {
+        Event::TasksPlanned {
+            turn: 1,
+            source: PlanSource::Rules,
+            note: None,
+            tasks: vec![],
+        }
+    }
+
+    pub fn completed() -> Event {
+        Event::PlanCompleted { at: Timestamp(2) }
+    }
+
+    pub fn cancelled() -> Event {
+        Event::PlanCancelled {
+            reason: None,
+            at: Timestamp(2),
+        }
+    }
+}

@@ -68,13 +68,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// and deadlines of sessions whose instance died are picked up by the survivors. Sessions
     /// seen ended are skipped until their version moves.
     ///
+    /// The sessions visited come from the store's index of unfinished sessions
+    /// ([`EventStore::list_open`]): a pass costs O(unfinished), not O(every session ever). One
+    /// the index names but that turns out ended (a crash between an append and the index
+    /// update) is dropped from it ([`EventStore::forget_open`]).
+    ///
     /// One session never stops the others: a session whose log cannot be decoded is
     /// quarantined (skipped until its log changes, listed by [`Engine::quarantined`]) and one
     /// that fails for a reason that can pass is tried again on the next pass. Only failing to
     /// list the sessions at all is an error.
     pub async fn recover(&self) -> Result<Recovery, EngineError> {
         let mut report = Recovery::default();
-        for session in self.store.list_streams().await? {
+        for session in self.store.list_open().await? {
             if self.registry.contains(&session) {
                 continue;
             }
@@ -114,6 +119,9 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         self.registry.release_quarantine(session);
         if planner.state().phase != PlanPhase::Running {
             self.registry.mark_ended(session, planner.version());
+            if let Err(error) = self.store.forget_open(session, planner.version()).await {
+                tracing::warn!(session, %error, "could not drop an ended session from the store's open index; the next pass tries again");
+            }
             return Ok(false);
         }
         {

@@ -1141,6 +1141,14 @@ async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
     .unwrap()
     .await
     .unwrap();
+    // Its marker in the store's index of unfinished sessions, as its first append wrote it.
+    let mut marker = async_nats::HeaderMap::new();
+    marker.insert("Planner-Version", "0");
+    js.publish_with_headers("planner.events.open.broken", marker, Default::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let mut errors = client.subscribe("planner.errors").await.unwrap();
 
     let daemon = Daemon::start(config(&server)).await;

@@ -13,5 +13,6 @@ mod harness;
 mod llm;
 mod protocol;
 mod pty;
+mod recovery;
 mod roles;
 mod sim;

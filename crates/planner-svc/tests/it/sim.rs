@@ -289,6 +289,17 @@ impl EventStore for InstanceStore {
         self.world.store.list_streams().await
     }
 
+    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
+        self.gate(false)?;
+        self.world.store.list_open().await
+    }
+
+    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
+        let fault = self.gate(true)?;
+        self.world.store.forget_open(stream, version).await?;
+        self.after(fault)
+    }
+
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         let fault = self.gate(true)?;
         self.world.store.save_snapshot(stream, snapshot).await?;
@@ -768,8 +779,9 @@ impl Sim {
                     .map(|t| format!("{}:{:?}#{}", t.id, t.status, t.attempts))
                     .collect();
                 problems.push(format!(
-                    "session {session} did not end ({:?}); open tasks {open:?}",
-                    planner.state().phase
+                    "session {session} did not end ({:?}); open tasks {open:?}; index {:?}",
+                    planner.state().phase,
+                    self.world.store.list_open().await
                 ));
             }
             for (i, instance) in self.instances.iter().enumerate() {
