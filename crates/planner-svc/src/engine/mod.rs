@@ -269,37 +269,61 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 }
 
-/// What an operator following the log at INFO sees of a session: requests, plans and how
-/// they end. Each task's dispatch and result is at DEBUG: at thousands of tasks a second,
-/// INFO per task would drown the rest. Runs inside the `session` span, which names it.
+/// The log target of the activity lines: a daemon running thousands of tasks a second
+/// turns them down with `log.level = "info,planner::activity=warn"`.
+pub const ACTIVITY: &str = "planner::activity";
+
+/// What an operator following the log at INFO sees of a session, one line each: a request
+/// and its plan, each task's dispatch, result and question, retries, and how the plan ends.
+/// Runs inside the `session` span, which names the session.
 fn log_activity(events: &[Event]) {
     for event in events {
         match event {
             Event::RequestReceived { turn, input, .. } => {
-                tracing::info!(turn, chars = input.chars().count(), "request received");
+                tracing::info!(target: ACTIVITY, turn, chars = input.chars().count(), "request received");
             }
             Event::TasksPlanned { tasks, source, .. } => {
-                tracing::info!(tasks = tasks.len(), ?source, "tasks planned")
+                tracing::info!(target: ACTIVITY, tasks = tasks.len(), ?source, "tasks planned")
             }
-            Event::PlanCompleted { .. } => tracing::info!("plan completed"),
-            Event::PlanFailed { reason, .. } => tracing::info!(?reason, "plan failed"),
-            Event::PlanCancelled { reason, .. } => tracing::info!(?reason, "plan cancelled"),
+            Event::PlanCompleted { .. } => tracing::info!(target: ACTIVITY, "plan completed"),
+            Event::PlanFailed { reason, .. } => {
+                tracing::info!(target: ACTIVITY, ?reason, "plan failed")
+            }
+            Event::PlanCancelled { reason, .. } => {
+                tracing::info!(target: ACTIVITY, ?reason, "plan cancelled")
+            }
             Event::TaskDispatched {
-                task_id, attempt, ..
-            } => tracing::debug!(task = %task_id, attempt, "task dispatched"),
+                task_id,
+                attempt,
+                cmd,
+                ..
+            } => {
+                let target = match cmd {
+                    planner_core::PlannerCmd::ExecuteTool(d)
+                    | planner_core::PlannerCmd::RunProcessing(d) => d.target.as_str(),
+                    _ => "user",
+                };
+                tracing::info!(target: ACTIVITY, task = %task_id, attempt, target, "task dispatched")
+            }
             Event::TaskStatusUpdated {
                 task_id,
                 attempt,
                 status,
                 ..
-            } => tracing::debug!(task = %task_id, attempt, ?status, "task status"),
+            } => tracing::info!(target: ACTIVITY, task = %task_id, attempt, ?status, "task result"),
+            Event::ClarificationRequested {
+                task_id, attempt, ..
+            } => tracing::info!(target: ACTIVITY, task = %task_id, attempt, "question asked"),
+            Event::ClarificationAnswered { task_id, .. } => {
+                tracing::info!(target: ACTIVITY, task = %task_id, "question answered")
+            }
             Event::RetryScheduled {
                 task_id,
                 attempt,
                 error,
                 ..
             } => {
-                tracing::info!(task = %task_id, attempt, %error, "attempt failed; retry scheduled")
+                tracing::info!(target: ACTIVITY, task = %task_id, attempt, %error, "attempt failed; retry scheduled")
             }
             _ => {}
         }

@@ -234,10 +234,12 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "exit {status:?}\n{stderr}");
-    assert!(
-        stderr.contains("request received") && stderr.contains("tasks planned"),
-        "a session's activity is logged at INFO:\n{stderr}"
-    );
+    for line in ["request received", "tasks planned", "task dispatched"] {
+        assert!(
+            stderr.contains(line) && stderr.contains("planner::activity"),
+            "a session's activity ({line:?}) is logged at INFO:\n{stderr}"
+        );
+    }
     assert!(
         stderr.contains("shutting down") && stderr.contains("stopped"),
         "{stderr}"
