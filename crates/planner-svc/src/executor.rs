@@ -5,7 +5,9 @@
 //! stream filtered to the subjects it serves; a claim before running (ack on `granted`, term on
 //! `stop`, nak on no answer); heartbeats while the work runs, stopping when one says `stop`; a
 //! report with the lease through JetStream (retried until acknowledged); and no second run of a
-//! (session, task, attempt) it has already run (a redelivery gets the same report again).
+//! (session, task, attempt) it has already run (a redelivery gets the same report again). A
+//! cancellation stops a running attempt at once by its message on `{p}.cancel.<session>.<task>`
+//! (one wildcard subscription per pool), and within a heartbeat if that message is lost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,12 +23,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
 /// What a pool has run: (session, task, attempt) and the final report it sent.
 type RunAttempts = HashMap<(String, String, u32), ReportMessage>;
+
+/// The attempts running in a pool, each with the token that stops it.
+type Running = Arc<Mutex<HashMap<(String, String, u32), CancellationToken>>>;
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -51,6 +56,8 @@ pub trait PoolObserver: Send + Sync + 'static {
     fn dispatched(&self, _task: &TaskMessage, _at: Instant) {}
     /// A final report was acknowledged by JetStream.
     fn reported(&self, _task: &TaskMessage, _at: Instant) {}
+    /// The planner stopped a running attempt (cancelled, superseded, ...): no report.
+    fn stopped(&self, _task: &TaskMessage, _reason: FenceReason) {}
 }
 
 /// Observes nothing.
@@ -88,6 +95,12 @@ pub async fn run_pool(
         .await
         .context("creating the executor consumer")?;
     let mut messages = consumer.messages().await.context("pulling dispatches")?;
+    let running: Running = Arc::default();
+    let cancels = client
+        .subscribe(subjects.cancel("*", &planner_core::TaskId::from("*")))
+        .await
+        .context("subscribing to cancellations")?;
+    tokio::spawn(stop_cancelled(cancels, Arc::clone(&running)));
     let slots = Arc::new(Semaphore::new(options.concurrency));
     // What this pool has run: (session, task, attempt) -> its final report. Bounded: cleared
     // when large (a repeat older than that is re-run, which at-least-once executors tolerate).
@@ -119,12 +132,13 @@ pub async fn run_pool(
         };
         seed += 1;
         let mut executor = SimExecutor::new(options.behaviour, seed);
-        let (client, js, subjects, done, observer) = (
+        let (client, js, subjects, done, observer, running) = (
             client.clone(),
             js.clone(),
             subjects.clone(),
             done.clone(),
             observer.clone(),
+            Arc::clone(&running),
         );
         let report_started = options.report_started;
         tokio::spawn(async move {
@@ -180,10 +194,20 @@ pub async fn run_pool(
                 publish(&js, &subjects, &task.session, &started).await;
             }
             let latency = executor.latency();
-            let stopped =
-                work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency).await;
+            let cancelled = CancellationToken::new();
+            if let Ok(mut running) = running.lock() {
+                running.insert(key.clone(), cancelled.clone());
+            }
+            let stopped = tokio::select! {
+                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency) => stopped,
+                () = cancelled.cancelled() => Some(FenceReason::Cancelled),
+            };
+            if let Ok(mut running) = running.lock() {
+                running.remove(&key);
+            }
             if let Some(reason) = stopped {
                 tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
+                observer.stopped(&task, reason);
                 return;
             }
             let report = ReportMessage {
@@ -207,6 +231,21 @@ pub async fn run_pool(
             observer.reported(&task, Instant::now());
             drop(permit);
         });
+    }
+}
+
+/// Stops the running attempts that cancel messages name (the fast path; heartbeats are the
+/// sure one).
+async fn stop_cancelled(mut cancels: async_nats::Subscriber, running: Running) {
+    while let Some(message) = cancels.next().await {
+        let Ok(cancel) = serde_json::from_slice::<CancelMessage>(&message.payload) else {
+            tracing::warn!(subject = %message.subject, "not a cancel message; ignored");
+            continue;
+        };
+        let key = (cancel.session, cancel.task_id.0, cancel.attempt);
+        if let Some(token) = running.lock().ok().and_then(|r| r.get(&key).cloned()) {
+            token.cancel();
+        }
     }
 }
 

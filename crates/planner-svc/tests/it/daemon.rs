@@ -500,6 +500,94 @@ async fn attempts_running_through_a_server_restart_and_a_planner_restart_run_onc
     second.stop().await;
 }
 
+/// The shipped pool stops a running attempt as soon as its cancel message arrives, not at
+/// its next heartbeat (10 s away here, with the default 30 s timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_executor_pool_stops_a_cancelled_attempt_at_once() {
+    use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+    use planner_svc::protocol::TaskMessage;
+    use planner_svc::sim::SimBehaviour;
+    #[derive(Default)]
+    struct Stops(std::sync::Mutex<Vec<(String, FenceReason, std::time::Instant)>>);
+    impl PoolObserver for Stops {
+        fn stopped(&self, task: &TaskMessage, reason: FenceReason) {
+            let entry = (
+                task.assignment.task_id.0.clone(),
+                reason,
+                std::time::Instant::now(),
+            );
+            self.0.lock().unwrap().push(entry);
+        }
+    }
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stops = std::sync::Arc::new(Stops::default());
+    let pool = tokio::spawn(run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "cancel-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: true,
+            behaviour: SimBehaviour {
+                latency: Duration::from_secs(60),
+                jitter_percent: 0,
+                fail_percent: 0,
+                tokens: 1,
+            },
+        },
+        stops.clone() as std::sync::Arc<dyn PoolObserver>,
+        stop.clone(),
+    ));
+    command(&client, "s-stop", plan(&[("long", "tool", &[])])).await;
+    let store = store(&server.url()).await;
+    // Running once the pool reported it started.
+    for _ in 0..200 {
+        let started = store.load_all("s-stop").await.unwrap().iter().any(|e| {
+            matches!(
+                e,
+                Event::TaskStatusUpdated {
+                    status: planner_core::TaskStatus::Running,
+                    ..
+                }
+            )
+        });
+        if started {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled_at = std::time::Instant::now();
+    command(
+        &client,
+        "s-stop",
+        json!({"type": "cancel", "target": {"scope": "plan"}}),
+    )
+    .await;
+    for _ in 0..100 {
+        if !stops.0.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = stops.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (task, reason, at) = &seen[0];
+    assert_eq!((task.as_str(), *reason), ("long", FenceReason::Cancelled));
+    assert!(
+        at.duration_since(cancelled_at) < Duration::from_secs(2),
+        "stopped {:?} after the cancel: by a heartbeat, not the cancel message",
+        at.duration_since(cancelled_at)
+    );
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
     use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
