@@ -80,6 +80,10 @@ EXAMPLE_MODELS: dict[str, type[BaseModel]] = {
     "cancel": CancelMessage,
 }
 
+# Operator requests (`planner-svc quarantined`): the Python client has no models for them; the
+# Rust test checks these examples.
+OPERATOR_ONLY = {"quarantine_request", "quarantine_reply"}
+
 
 def protocol_examples() -> list[tuple[str, str]]:
     text = (REPO_ROOT / "docs" / "protocol.md").read_text()
@@ -93,6 +97,8 @@ def test_protocol_examples_decode(kind: str, body: str) -> None:
         for envelope in value:
             assert set(envelope) == {"v", "event"}
             Event.model_validate(envelope["event"])
+        return
+    if kind in OPERATOR_ONLY:
         return
     model = EXAMPLE_MODELS.get(kind)
     assert model is not None, f"docs/protocol.md has a `json {kind}` example this test does not map"

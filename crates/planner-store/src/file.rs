@@ -158,6 +158,15 @@ impl FileStore {
     ///
     /// Blocking: call it from `spawn_blocking` or before the runtime's hot path.
     pub fn open(config: FileStoreConfig) -> Result<Self, StoreError> {
+        Self::open_with(config, |file| Box::new(file))
+    }
+
+    /// [`FileStore::open`], with the log file as `wrap` makes it: the seam through which a
+    /// test makes the log's calls fail.
+    fn open_with(
+        config: FileStoreConfig,
+        wrap: impl FnOnce(File) -> Box<dyn LogFile>,
+    ) -> Result<Self, StoreError> {
         let dir = &config.dir;
         fs::create_dir_all(dir.join("snapshots"))
             .map_err(io(format!("creating {}", dir.display())))?;
@@ -181,14 +190,15 @@ impl FileStore {
         }
 
         let log_path = dir.join("events.log");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
-        let index = recover(&mut file, &log_path, config.max_record_bytes)?;
+        let mut file = wrap(file);
+        let (index, end) = recover(&mut *file, &log_path, config.max_record_bytes)?;
         let reader =
             File::open(&log_path).map_err(io(format!("opening {}", log_path.display())))?;
         let index = Arc::new(Mutex::new(index));
@@ -196,6 +206,7 @@ impl FileStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             file,
+            end,
             path: log_path.clone(),
             index: Arc::clone(&index),
             fsync: config.fsync,
@@ -527,13 +538,45 @@ fn scan_at(data: &[u8], offset: usize, max_record: usize) -> Scan {
     }
 }
 
-/// Scans the whole log, builds the index, and truncates a torn tail.
-fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, StoreError> {
+/// What the store does to its log file besides reading it: a seam, so that a test can make
+/// each call fail. Implemented by [`File`] (opened to append: every write goes to the end).
+trait LogFile: Read + Seek + Send {
+    /// The file's length.
+    fn length(&self) -> std::io::Result<u64>;
+    /// Writes all of `buf` at the end.
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()>;
+    /// `fdatasync`.
+    fn sync_data(&self) -> std::io::Result<()>;
+    /// Cuts the file to `len` bytes and syncs it.
+    fn truncate(&self, len: u64) -> std::io::Result<()>;
+}
+
+impl LogFile for File {
+    fn length(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
+    }
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.write_all(buf)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        File::sync_data(self)
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.set_len(len).and_then(|()| self.sync_all())
+    }
+}
+
+/// Scans the whole log, builds the index, and truncates a torn tail; the index and where the
+/// log ends (from there on, the writer keeps that itself).
+fn recover(
+    file: &mut dyn LogFile,
+    path: &Path,
+    max_record: usize,
+) -> Result<(Index, u64), StoreError> {
     let (index, good) = scan_log(file, path, max_record)?;
     let len = file
-        .metadata()
-        .map_err(io(format!("reading the length of {}", path.display())))?
-        .len();
+        .length()
+        .map_err(io(format!("reading the length of {}", path.display())))?;
     if good < len {
         tracing::warn!(
             path = %path.display(),
@@ -541,17 +584,20 @@ fn recover(file: &mut File, path: &Path, max_record: usize) -> Result<Index, Sto
             bytes = len - good,
             "truncating a torn write at the end of the event log"
         );
-        file.set_len(good)
-            .and_then(|()| file.sync_all())
+        file.truncate(good)
             .map_err(io(format!("truncating {}", path.display())))?;
     }
-    Ok(index)
+    Ok((index, good))
 }
 
 /// Reads the whole log and indexes its records; returns the index and where the good records
 /// end (before a torn tail, if any). Damage followed by a good record is refused: only a torn
 /// write at the end is something to skip.
-fn scan_log(file: &mut File, path: &Path, max_record: usize) -> Result<(Index, u64), StoreError> {
+fn scan_log(
+    file: &mut (impl Read + Seek + ?Sized),
+    path: &Path,
+    max_record: usize,
+) -> Result<(Index, u64), StoreError> {
     let mut data = Vec::new();
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut data))
@@ -631,7 +677,12 @@ fn record_opens(batch: &[u8]) -> Option<bool> {
 }
 
 struct Writer {
-    file: File,
+    file: Box<dyn LogFile>,
+    /// Where the log ends: what recovery kept, advanced by each write that succeeded. Kept
+    /// here, not asked of the file, so that a failed length query cannot misplace a record
+    /// (it used to be read per group, with a failure taken for 0: records indexed at offsets
+    /// counted from the start of the log, and a failed write truncating the whole log).
+    end: u64,
     path: PathBuf,
     index: Arc<Mutex<Index>>,
     fsync: FsyncPolicy,
@@ -669,12 +720,11 @@ impl Writer {
                 .index
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let start = self.file.metadata().map(|m| m.len()).unwrap_or(0);
             let versions: BTreeMap<String, u64> = group
                 .iter()
                 .map(|r| (r.stream.clone(), index.version(&r.stream)))
                 .collect();
-            (start, versions)
+            (self.end, versions)
         };
         let mut buf = Vec::new();
         let mut accepted = Vec::with_capacity(group.len());
@@ -711,14 +761,15 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
-        let written = self.file.write_all(&buf).and_then(|()| match self.fsync {
+        let written = self.file.append(&buf).and_then(|()| match self.fsync {
             FsyncPolicy::Never => Ok(()),
             _ => self.file.sync_data(),
         });
         if let Err(e) = written {
-            // Undo a partial write so the log stays a sequence of whole records; if even that
-            // fails, stop taking writes (a reopen recovers the tail).
-            if self.file.set_len(start).is_err() {
+            // Undo a partial write so the log stays a sequence of whole records, ending where
+            // it did (`self.end` is unchanged); if even that fails, where the log ends is not
+            // known: stop taking writes (a reopen recovers the tail).
+            if self.file.truncate(start).is_err() {
                 self.poisoned = true;
             }
             let message = e.to_string();
@@ -730,6 +781,7 @@ impl Writer {
             }
             return;
         }
+        self.end = start + buf.len() as u64;
         let mut index = self
             .index
             .lock()
@@ -750,5 +802,106 @@ impl Writer {
         for (reply, version) in replies {
             let _ = reply.send(Ok(version));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use planner_core::{Event, Timestamp};
+
+    use super::*;
+
+    /// Faults to inject into the log's calls.
+    #[derive(Default)]
+    struct Faults {
+        /// Every length query fails.
+        length: AtomicBool,
+        /// The next write writes half its bytes, then fails (a full disk).
+        tear_next_write: AtomicBool,
+    }
+
+    /// The real log file, whose calls fail as `faults` say.
+    struct FaultyLog {
+        file: File,
+        faults: Arc<Faults>,
+    }
+
+    impl Read for FaultyLog {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.file.read(buf)
+        }
+    }
+
+    impl Seek for FaultyLog {
+        fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+            self.file.seek(pos)
+        }
+    }
+
+    impl LogFile for FaultyLog {
+        fn length(&self) -> std::io::Result<u64> {
+            if self.faults.length.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected: fstat failed"));
+            }
+            self.file.length()
+        }
+        fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+            if self.faults.tear_next_write.swap(false, Ordering::SeqCst) {
+                self.file.write_all(&buf[..buf.len() / 2])?;
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            self.file.append(buf)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            LogFile::sync_data(&self.file)
+        }
+        fn truncate(&self, len: u64) -> std::io::Result<()> {
+            LogFile::truncate(&self.file, len)
+        }
+    }
+
+    fn events(at: u64) -> Vec<Event> {
+        vec![Event::PlanCompleted { at: Timestamp(at) }]
+    }
+
+    /// #10 item 9: the writer took the log's length from `metadata()` for every group and, when
+    /// that failed, started counting from 0: the next record was indexed at the offset of the
+    /// log's first record (reading a session back gave another session's events), and a failed
+    /// write truncated the whole log. The writer now keeps the end itself.
+    #[tokio::test]
+    async fn appends_after_failed_length_queries_and_a_torn_write_are_indexed_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let config = FileStoreConfig::new(dir.path());
+        let store = {
+            let faults = Arc::clone(&faults);
+            FileStore::open_with(config.clone(), move |file| {
+                Box::new(FaultyLog { file, faults })
+            })
+            .unwrap()
+        };
+        assert_eq!(store.append("first", 0, &events(1)).await.unwrap(), 1);
+
+        faults.length.store(true, Ordering::SeqCst);
+        faults.tear_next_write.store(true, Ordering::SeqCst);
+        let torn = store.append("second", 0, &events(2)).await;
+        assert!(matches!(torn, Err(StoreError::Io { .. })), "{torn:?}");
+        assert_eq!(store.append("second", 0, &events(3)).await.unwrap(), 1);
+        assert_eq!(store.append("first", 1, &events(4)).await.unwrap(), 2);
+
+        async fn read(store: &FileStore) -> (Vec<Event>, Vec<Event>) {
+            (
+                store.load_from("first", 0).await.unwrap(),
+                store.load_from("second", 0).await.unwrap(),
+            )
+        }
+        let expected = ([events(1), events(4)].concat(), events(3));
+        assert_eq!(read(&store).await, expected, "read back while running");
+        drop(store);
+        // The log on disk is whole records, as indexed: a reopen (which scans it) agrees.
+        let reopened = FileStore::open(config).unwrap();
+        assert_eq!(read(&reopened).await, expected, "read back after a reopen");
     }
 }

@@ -1,5 +1,5 @@
 //! The client commands of the CLI, for a daemon on NATS: `submit`, `watch`, `answer` and
-//! `cancel`. They speak the public protocol only (`docs/protocol.md`): commands are requests on
+//! `cancel`, and the operator's `quarantined`. They speak the public protocol only (`docs/protocol.md`): commands are requests on
 //! `{p}.cmd.<session>`, and a session is followed by reading its event log,
 //! `{p}.events.<session>`, with an ordered consumer.
 
@@ -17,7 +17,9 @@ use crate::config::{redact_urls, Config};
 use crate::embedded::print_events;
 use crate::inspect::print_summary;
 use crate::progress::LiveView;
-use crate::protocol::{ClientCommand, CommandReply, Subjects};
+use crate::protocol::{
+    ClientCommand, CommandReply, QuarantineReply, QuarantineRequest, QuarantinedSession, Subjects,
+};
 
 /// A connection to the daemon's NATS.
 #[derive(Debug)]
@@ -27,6 +29,50 @@ pub struct Client {
     events_stream: String,
     url: String,
     timeout: Duration,
+}
+
+/// How long [`Client::quarantined`] waits for more replies after the last one.
+pub const GATHER_QUIET: Duration = Duration::from_millis(500);
+
+/// One daemon instance's quarantined sessions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Quarantine {
+    /// The instance (its micro-service id, as `$SRV.INFO` shows it).
+    pub instance: String,
+    /// For a release: whether this instance held the session quarantined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released: Option<bool>,
+    /// Its quarantined sessions.
+    pub sessions: Vec<QuarantinedSession>,
+}
+
+/// Prints what [`Client::quarantined`] gathered: one line per quarantined session and
+/// instance (`session`, age, instance, reason; tab-separated), or, with `json`, one JSON
+/// object per instance and line.
+pub fn print_quarantined(
+    out: &mut dyn Write,
+    instances: &[Quarantine],
+    now: planner_core::Timestamp,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        for instance in instances {
+            writeln!(out, "{}", serde_json::to_string(instance)?)?;
+        }
+        return Ok(());
+    }
+    for instance in instances {
+        for q in &instance.sessions {
+            let reason = q.reason.replace(['\n', '\t'], " ");
+            let since = crate::inspect::ago(q.since, now);
+            writeln!(
+                out,
+                "{}\t{since}\t{}\t{reason}",
+                q.session, instance.instance
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// How `watch` behaves.
@@ -98,6 +144,73 @@ impl Client {
                 anyhow::bail!("refused ({}): {}", error.kind.as_str(), error.message)
             }
         }
+    }
+
+    /// Asks every daemon instance for the sessions it quarantined, after lifting `release`'s
+    /// quarantine on each if given. One request on `{p}.admin.quarantined`, which every
+    /// instance answers (each is alone in its queue group); the replies are gathered until
+    /// none came for [`GATHER_QUIET`] after the last one (or the request timeout passed), so a
+    /// listing costs a fraction of a second more than the slowest instance's reply. An
+    /// instance that replies later than that is missed: run the command again.
+    pub async fn quarantined(&self, release: Option<&str>) -> anyhow::Result<Vec<Quarantine>> {
+        let request = QuarantineRequest {
+            release: release.map(str::to_owned),
+        };
+        let inbox = self.nats.new_inbox();
+        let mut replies = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .context("subscribing to the replies")?;
+        self.nats
+            .publish_with_reply(
+                self.subjects.admin_quarantined(),
+                inbox,
+                serde_json::to_vec(&request)?.into(),
+            )
+            .await
+            .context("asking the planners")?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut gathered = Vec::new();
+        loop {
+            let until = if gathered.is_empty() {
+                deadline
+            } else {
+                (tokio::time::Instant::now() + GATHER_QUIET).min(deadline)
+            };
+            let Ok(Some(reply)) = tokio::time::timeout_at(until, replies.next()).await else {
+                break;
+            };
+            // A no-responders status (no instance subscribed) has an empty body.
+            if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                break;
+            }
+            match serde_json::from_slice::<QuarantineReply>(&reply.payload)
+                .context("a planner's reply is not a quarantine reply")?
+            {
+                QuarantineReply::Ok {
+                    instance,
+                    released,
+                    sessions,
+                } => gathered.push(Quarantine {
+                    instance,
+                    released,
+                    sessions,
+                }),
+                QuarantineReply::Error(error) => {
+                    anyhow::bail!("refused ({}): {}", error.kind.as_str(), error.message)
+                }
+            }
+        }
+        if gathered.is_empty() {
+            anyhow::bail!(
+                "no planner answered within {:?} (is `planner-svc serve` running on {}?)",
+                self.timeout,
+                self.url
+            );
+        }
+        gathered.sort_by(|a, b| a.instance.cmp(&b.instance));
+        Ok(gathered)
     }
 
     /// Prints `session`'s tasks as they go, from its first event to the end of its plan, and

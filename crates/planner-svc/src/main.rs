@@ -166,6 +166,20 @@ enum Cmd {
         #[arg(long)]
         nats_url: Option<String>,
     },
+    /// List the sessions the daemon quarantined (their log could not be loaded), asking every
+    /// instance: session, since when, instance, reason.
+    Quarantined {
+        /// First lift this session's quarantine on every instance (after repairing its log):
+        /// the next recovery pass loads it again.
+        #[arg(long, value_name = "SESSION")]
+        release: Option<String>,
+        /// One JSON object per instance and line.
+        #[arg(long)]
+        json: bool,
+        /// NATS server URL(s) (overrides nats.url).
+        #[arg(long)]
+        nats_url: Option<String>,
+    },
     /// List the sessions in the configured store, newest first: id, status, age, request.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -209,6 +223,10 @@ fn main() -> ExitCode {
             ..
         }
         | Cmd::Cancel {
+            nats_url: Some(url),
+            ..
+        }
+        | Cmd::Quarantined {
             nats_url: Some(url),
             ..
         } => overrides.push(format!("nats.url=\"{url}\"")),
@@ -467,6 +485,22 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Quarantined { release, json, .. } => {
+            let client = Client::connect(&config).await?;
+            let instances = client.quarantined(release.as_deref()).await?;
+            if let Some(session) = &release {
+                let lifted = instances
+                    .iter()
+                    .filter(|i| i.released == Some(true))
+                    .count();
+                eprintln!(
+                    "released {session} on {lifted} of {} instances",
+                    instances.len()
+                );
+            }
+            client::print_quarantined(&mut std::io::stdout().lock(), &instances, now(), json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {
                 replay(&store, &session, json).await
@@ -491,18 +525,22 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                     rows.push(SessionRow::new(&session, &events));
                 }
                 let rows = select(rows, &filter);
-                let now = planner_core::Timestamp(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                );
                 let terminal = std::io::stdout().is_terminal();
-                print_sessions(&mut std::io::stdout().lock(), &rows, now, terminal)?;
+                print_sessions(&mut std::io::stdout().lock(), &rows, now(), terminal)?;
                 Ok(ExitCode::SUCCESS)
             })
             .await
         }
     }
+}
+
+/// The wall clock, for ages.
+fn now() -> planner_core::Timestamp {
+    planner_core::Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 /// Follows `session` to its end: exit 0 when its plan completed, 1 otherwise.

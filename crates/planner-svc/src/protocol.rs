@@ -106,6 +106,12 @@ impl Subjects {
         format!("{}.errors", self.prefix)
     }
 
+    /// `{p}.admin.quarantined`: the operator's request for the sessions each instance
+    /// quarantined (or to release one). Every instance answers, for itself.
+    pub fn admin_quarantined(&self) -> String {
+        format!("{}.admin.quarantined", self.prefix)
+    }
+
     /// The session id in a subject `{p}.{kind}.{session}[...]`, if the subject has that shape.
     pub fn session_of<'a>(&self, subject: &'a str, kind: &str) -> Option<&'a str> {
         let rest = subject
@@ -115,6 +121,47 @@ impl Subjects {
             .strip_prefix('.')?;
         rest.split('.').next()
     }
+}
+
+/// A request on `{p}.admin.quarantined`. Empty (`{}`) lists; with `release`, lifts that
+/// session's quarantine first (after an operator repaired its log), so that the next recovery
+/// pass loads it again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineRequest {
+    /// The session whose quarantine to lift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+}
+
+/// One instance's reply on `{p}.admin.quarantined`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum QuarantineReply {
+    /// The sessions this instance holds quarantined (after the release, if one was asked).
+    Ok {
+        /// The instance that answers (its micro-service id, as `$SRV.INFO` shows it).
+        instance: String,
+        /// For a release: whether this instance held the session quarantined.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        released: Option<bool>,
+        /// Its quarantined sessions, by session id.
+        sessions: Vec<QuarantinedSession>,
+    },
+    /// The request could not be read.
+    Error(ErrorBody),
+}
+
+/// A session whose log could not be loaded: recovery skips it until its log changes or an
+/// operator releases it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct QuarantinedSession {
+    /// The session id.
+    pub session: String,
+    /// Why its log could not be loaded.
+    pub reason: String,
+    /// When this instance first quarantined it (ms since the Unix epoch).
+    pub since: Timestamp,
 }
 
 /// A command a client may send on `{p}.cmd.{session}`: what users, UIs and upstream agents

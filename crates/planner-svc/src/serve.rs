@@ -8,6 +8,8 @@
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
 //!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
 //!   reaches one executor of a pool, and waits while none is online.
+//! - Operators: endpoint `quarantined` on `{p}.admin.quarantined`, in a queue group of each
+//!   instance's own, so every instance answers for the sessions it quarantined.
 //! - Questions and cancellations on core subjects; the event log is the JetStream store.
 
 use std::sync::Arc;
@@ -35,7 +37,7 @@ use crate::config::{Config, FsyncSetting, StoreKind};
 use crate::engine::{Disposition, Engine, EngineConfig, EngineError, Llm};
 use crate::protocol::{
     ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
-    LeaseReply, ReportMessage, Subjects,
+    LeaseReply, QuarantineReply, QuarantineRequest, ReportMessage, Subjects,
 };
 
 /// The daemon's version, reported to `$SRV.INFO`.
@@ -355,6 +357,16 @@ async fn run_with<S: EventStore>(
         .add(subjects.heartbeats())
         .await
         .map_err(|e| anyhow::anyhow!("adding the heartbeat endpoint: {e}"))?;
+    // Every instance answers the operator for its own quarantine: a queue group of its own
+    // (the service's id), so the request reaches them all, and the CLI gathers the replies.
+    let instance = service.info().await.id;
+    let mut admin = service
+        .endpoint_builder()
+        .name("quarantined")
+        .queue_group(format!("planner-admin-{instance}"))
+        .add(subjects.admin_quarantined())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the quarantined endpoint: {e}"))?;
     // Serving starts now; recovery runs beside it (its first pass at once), so one slow or
     // broken session delays nothing and stops nothing.
     tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
@@ -442,6 +454,14 @@ async fn run_with<S: EventStore>(
                 let Some(request) = request else { break };
                 answer(Endpoint::Heartbeat, request, &admission, &tracker, &engine, &subjects, max_bytes);
             }
+            request = admin.next() => {
+                let Some(request) = request else { break };
+                let reply = quarantine_reply(&engine, &instance, &request.message.payload, max_bytes);
+                let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                tracker.spawn(async move {
+                    let _ = request.respond(Ok(body)).await;
+                });
+            }
         }
     }
 
@@ -453,6 +473,7 @@ async fn run_with<S: EventStore>(
     let _ = commands.stop().await;
     let _ = claims.stop().await;
     let _ = heartbeats.stop().await;
+    let _ = admin.stop().await;
     token.cancel();
     tracker.close();
     let grace = Duration::from_secs(config.shutdown.grace_s);
@@ -564,6 +585,51 @@ async fn command_reply<S: EventStore>(
             tracing::warn!(session, error = %e, kind = %e.kind(), "command refused");
             CommandReply::Error(ErrorBody::new(e.kind(), e.to_string()))
         }
+    }
+}
+
+/// The reply to an operator's `{p}.admin.quarantined` request: this instance's quarantined
+/// sessions, after lifting the one named by `release`.
+fn quarantine_reply<S: EventStore>(
+    engine: &Engine<S, NatsPublisher>,
+    instance: &str,
+    payload: &[u8],
+    max_bytes: usize,
+) -> QuarantineReply {
+    if payload.len() > max_bytes {
+        return QuarantineReply::Error(ErrorBody::new(
+            ErrorKind::TooLarge,
+            format!("the request is more than the limit of {max_bytes} bytes"),
+        ));
+    }
+    // An empty body lists, as `{}` does.
+    let request = if payload.iter().all(u8::is_ascii_whitespace) {
+        QuarantineRequest::default()
+    } else {
+        match serde_json::from_slice::<QuarantineRequest>(payload) {
+            Ok(request) => request,
+            Err(error) => {
+                return QuarantineReply::Error(ErrorBody::new(
+                    ErrorKind::Malformed,
+                    format!("not a quarantine request: {error}"),
+                ))
+            }
+        }
+    };
+    let released = request.release.as_deref().map(|session| {
+        let released = engine.release_quarantine(session);
+        if released {
+            tracing::info!(
+                session,
+                "quarantine lifted by an operator; the next recovery pass loads the session again"
+            );
+        }
+        released
+    });
+    QuarantineReply::Ok {
+        instance: instance.to_owned(),
+        released,
+        sessions: engine.quarantined(),
     }
 }
 

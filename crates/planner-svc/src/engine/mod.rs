@@ -138,9 +138,25 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         self.clock.now()
     }
 
-    /// Sessions this instance quarantined (their log could not be loaded), with the reason.
-    pub fn quarantined(&self) -> Vec<(String, String)> {
-        self.registry.quarantined()
+    /// Sessions this instance quarantined (their log could not be loaded): why, and since when.
+    pub fn quarantined(&self) -> Vec<crate::protocol::QuarantinedSession> {
+        self.registry
+            .quarantined()
+            .into_iter()
+            .map(
+                |(session, reason, since)| crate::protocol::QuarantinedSession {
+                    session,
+                    reason,
+                    since: Timestamp::from_millis(since),
+                },
+            )
+            .collect()
+    }
+
+    /// Lifts `session`'s quarantine (after an operator repaired its log): the next recovery
+    /// pass loads it again, even if its log did not change. Whether it was quarantined here.
+    pub fn release_quarantine(&self, session: &str) -> bool {
+        self.registry.release_quarantine(session)
     }
 
     /// How many sessions are in memory.

@@ -90,8 +90,12 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     Disposition::Reject => {
                         let version = self.store.version(&session).await.unwrap_or(0);
                         tracing::error!(session, %error, "session quarantined: its log cannot be loaded; recovery skips it until it changes");
-                        self.registry
-                            .quarantine(&session, version, error.to_string());
+                        self.registry.quarantine(
+                            &session,
+                            version,
+                            error.to_string(),
+                            self.clock.now().as_millis(),
+                        );
                         report.quarantined.push((session, error.to_string()));
                     }
                     Disposition::Retry => {

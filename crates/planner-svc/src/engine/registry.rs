@@ -36,8 +36,8 @@ pub(super) struct Registry {
     /// Sessions seen ended, with the version they ended at: recovery skips them until their
     /// version moves (a follow-up reopened them).
     ended: Mutex<HashMap<String, u64>>,
-    /// Sessions whose log could not be loaded: the version then, and why.
-    quarantined: Mutex<HashMap<String, (u64, String)>>,
+    /// Sessions whose log could not be loaded: the version then, why, and since when (ms).
+    quarantined: Mutex<HashMap<String, (u64, String, u64)>>,
 }
 
 /// Both maps are only held for lookups and inserts; nothing can leave them half-changed, so a
@@ -101,27 +101,33 @@ impl Registry {
         ended.insert(session.to_owned(), version);
     }
 
-    pub(super) fn quarantine(&self, session: &str, version: u64, reason: String) {
+    /// Quarantines `session` at `version` for `reason`, first at `now_ms` (a session
+    /// quarantined again keeps the time it was first quarantined).
+    pub(super) fn quarantine(&self, session: &str, version: u64, reason: String, now_ms: u64) {
         let mut quarantined = lock(&self.quarantined);
         if quarantined.len() >= self.max_remembered {
             quarantined.clear();
         }
-        quarantined.insert(session.to_owned(), (version, reason));
+        let since = quarantined
+            .get(session)
+            .map_or(now_ms, |(_, _, since)| *since);
+        quarantined.insert(session.to_owned(), (version, reason, since));
     }
 
     pub(super) fn quarantined_at(&self, session: &str) -> Option<u64> {
-        lock(&self.quarantined).get(session).map(|(v, _)| *v)
+        lock(&self.quarantined).get(session).map(|(v, _, _)| *v)
     }
 
-    pub(super) fn release_quarantine(&self, session: &str) {
-        lock(&self.quarantined).remove(session);
+    /// Drops `session` from the quarantine; whether it was in it.
+    pub(super) fn release_quarantine(&self, session: &str) -> bool {
+        lock(&self.quarantined).remove(session).is_some()
     }
 
-    /// Quarantined sessions and why, sorted.
-    pub(super) fn quarantined(&self) -> Vec<(String, String)> {
-        let mut list: Vec<(String, String)> = lock(&self.quarantined)
+    /// Quarantined sessions: (session, why, since when in ms), sorted by session.
+    pub(super) fn quarantined(&self) -> Vec<(String, String, u64)> {
+        let mut list: Vec<(String, String, u64)> = lock(&self.quarantined)
             .iter()
-            .map(|(s, (_, why))| (s.clone(), why.clone()))
+            .map(|(s, (_, why, since))| (s.clone(), why.clone(), *since))
             .collect();
         list.sort();
         list
@@ -165,7 +171,7 @@ mod tests {
         let registry = Registry::new(100);
         for i in 0..10_000u64 {
             registry.mark_ended(&format!("s{i}"), i);
-            registry.quarantine(&format!("q{i}"), i, "corrupt".into());
+            registry.quarantine(&format!("q{i}"), i, "corrupt".into(), i);
         }
         assert!(registry.ended.lock().map_or(0, |e| e.len()) <= 100);
         assert!(registry.quarantined().len() <= 100);

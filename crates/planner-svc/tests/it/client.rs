@@ -11,7 +11,7 @@ use planner_testkit::NatsServer;
 use crate::harness::{self, Daemon, ExecutorBehaviour, Executors};
 
 /// Runs `planner-svc <args> --nats-url <url>` to its end, off the runtime's threads.
-async fn cli(url: &str, args: &[&str]) -> Output {
+pub(crate) async fn cli(url: &str, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
     command
         .env_clear()
@@ -25,7 +25,7 @@ async fn cli(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(output: &Output) -> (String, String) {
+pub(crate) fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),

@@ -1256,6 +1256,113 @@ async fn a_session_that_cannot_be_loaded_is_quarantined_and_stops_nothing() {
     daemon.stop().await;
 }
 
+/// The quarantine of every instance, as `planner-svc quarantined --json` prints it.
+async fn quarantined_json(url: &str, extra: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let mut args = vec!["quarantined", "--json"];
+    args.extend_from_slice(extra);
+    let output = crate::client::cli(url, &args).await;
+    let (out, err) = crate::client::text(&output);
+    assert!(output.status.success(), "{out}\n{err}");
+    let instances = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (instances, err)
+}
+
+/// The `since` of `session` on every instance that lists it.
+fn since(instances: &[serde_json::Value], session: &str) -> Vec<u64> {
+    instances
+        .iter()
+        .flat_map(|i| i["sessions"].as_array().unwrap().iter())
+        .filter(|q| q["session"] == session)
+        .map(|q| q["since"].as_u64().unwrap())
+        .collect()
+}
+
+/// #10 item 3: an operator lists the quarantined sessions of every instance (each answers
+/// for itself; the CLI gathers the replies), and lifts a quarantine on all of them, after
+/// which recovery loads the session again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_the_quarantined_sessions_of_every_instance_and_releases_one() {
+    let server = NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // The stores' streams, then a session whose log cannot be decoded, and its open marker.
+    let _store = store(&server.url()).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", "1");
+    js.publish_with_headers(
+        "planner.events.broken",
+        headers,
+        b"{ not a batch".to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut marker = async_nats::HeaderMap::new();
+    marker.insert("Planner-Version", "0");
+    js.publish_with_headers("planner.events.open.broken", marker, Default::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let first = Daemon::start(config(&server)).await;
+    let second = Daemon::start(config(&server)).await;
+    // Both instances quarantine it on their first recovery pass.
+    let mut instances = Vec::new();
+    for _ in 0..100 {
+        (instances, _) = quarantined_json(&server.url(), &[]).await;
+        if since(&instances, "broken").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(instances.len(), 2, "one reply per instance: {instances:?}");
+    assert_ne!(instances[0]["instance"], instances[1]["instance"]);
+    let before = since(&instances, "broken");
+    assert_eq!(before.len(), 2, "{instances:?}");
+    let quarantined = &instances[0]["sessions"][0];
+    assert!(
+        !quarantined["reason"].as_str().unwrap().is_empty(),
+        "{quarantined}"
+    );
+
+    // As people read it: session, age, instance, reason.
+    let output = crate::client::cli(&server.url(), &["quarantined"]).await;
+    let (out, err) = crate::client::text(&output);
+    assert!(output.status.success(), "{out}\n{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("broken\t")), "{out}");
+
+    // Released on every instance; the reply lists what is left.
+    let (instances, err) = quarantined_json(&server.url(), &["--release", "broken"]).await;
+    assert!(err.contains("released broken on 2 of 2 instances"), "{err}");
+    assert!(
+        instances.iter().all(|i| i["released"] == true),
+        "{instances:?}"
+    );
+    // The log is as broken as before: recovery loads it again and quarantines it anew.
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        let (instances, _) = quarantined_json(&server.url(), &[]).await;
+        after = since(&instances, "broken");
+        if after.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after.len(), 2, "quarantined again on both");
+    assert!(
+        after.iter().min() > before.iter().max(),
+        "a new quarantine: {before:?} then {after:?}"
+    );
+    first.stop().await;
+    second.stop().await;
+}
+
 /// Five 250 KB results feeding one task make a dispatch over the server's 1 MB max_payload.
 /// It used to be recorded as dispatched, never delivered, and re-published every 30 s for
 /// ever. Now the attempt fails at once with a clear error, and operators get a notice.

@@ -4,7 +4,7 @@
 use planner_core::codec;
 use planner_svc::protocol::{
     CancelMessage, ClaimRequest, ClientCommand, CommandReply, ErrorNotice, HeartbeatRequest,
-    LeaseReply, QuestionMessage, ReportMessage, TaskMessage,
+    LeaseReply, QuarantineReply, QuarantineRequest, QuestionMessage, ReportMessage, TaskMessage,
 };
 
 #[test]
@@ -56,6 +56,12 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
             "lease_reply" => serde_json::from_str::<LeaseReply>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
+            "quarantine_request" => serde_json::from_str::<QuarantineRequest>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "quarantine_reply" => serde_json::from_str::<QuarantineReply>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
             "batch" => codec::decode_batch(body.as_bytes())
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -78,6 +84,8 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
         "claim",
         "heartbeat",
         "lease_reply",
+        "quarantine_request",
+        "quarantine_reply",
     ] {
         assert!(
             checked.contains_key(kind),

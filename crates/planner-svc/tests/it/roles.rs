@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use planner_svc::protocol::{CommandReply, ErrorKind, ErrorNotice};
+use planner_svc::protocol::{CommandReply, ErrorKind, ErrorNotice, QuarantineReply};
 use planner_testkit::NatsServer;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -239,6 +239,19 @@ async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do()
         .unwrap();
     let notice: ErrorNotice = serde_json::from_slice(&notice.payload).unwrap();
     assert_eq!(notice.error.kind, ErrorKind::Malformed, "{notice:?}");
+
+    // The operator lists the quarantined sessions (none here); the planner may serve the
+    // subject. A UI may not ask (nor release a quarantine).
+    let reply = request(&operator, "planner.admin.quarantined".into(), json!({})).await;
+    let reply: QuarantineReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(&reply, QuarantineReply::Ok { sessions, .. } if sessions.is_empty()),
+        "{reply:?}"
+    );
+    ui.publish("planner.admin.quarantined", r#"{"release": "s1"}"#.into())
+        .await
+        .unwrap();
+    refused(&mut ui_events, "planner.admin.quarantined").await;
 
     daemon.stop().await;
 }
