@@ -59,6 +59,10 @@ struct Args {
     /// The daemon binary (default: planner-svc next to this one).
     #[arg(long)]
     daemon: Option<PathBuf>,
+    /// A setting for the daemon, passed as its `--set KEY=VALUE` (repeatable; wins over the
+    /// load generator's own: reports.max_in_flight=1024, sessions.max_loaded=100000).
+    #[arg(long = "daemon-set", value_name = "KEY=VALUE")]
+    daemon_set: Vec<String>,
 }
 
 #[derive(Default)]
@@ -169,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let workdir = tempfile::tempdir()?;
     let mut daemon = Command::new(&daemon_bin)
+        .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
         .arg("serve")
         .current_dir(workdir.path())
         .env("PLANNER_NATS__URL", &url)

@@ -38,6 +38,10 @@ pub(super) struct Registry {
     ended: Mutex<HashMap<String, u64>>,
     /// Sessions whose log could not be loaded: the version then, why, and since when (ms).
     quarantined: Mutex<HashMap<String, (u64, String, u64)>>,
+    /// How many sessions in memory trigger an eviction between sweeps: an eighth over the
+    /// bound, or over what the last eviction could not drop (sessions in use), so that the
+    /// O(n log n) pass runs once per n/8 new sessions at most.
+    evict_above: std::sync::atomic::AtomicUsize,
 }
 
 /// Both maps are only held for lookups and inserts; nothing can leave them half-changed, so a
@@ -53,7 +57,25 @@ impl Registry {
             sessions: Mutex::default(),
             ended: Mutex::default(),
             quarantined: Mutex::default(),
+            evict_above: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Evicts now if the sessions in memory passed the trigger (see `evict_above`): the bound
+    /// `max_loaded` holds between sweeps too, whatever the rate new sessions arrive at.
+    pub(super) fn evict_if_over(&self, now_ms: u64, idle_ms: u64, max_loaded: usize) {
+        let len = self.len();
+        let trigger = self
+            .evict_above
+            .load(Ordering::Relaxed)
+            .max(max_loaded.saturating_add(max_loaded / 8));
+        if len <= trigger {
+            return;
+        }
+        self.evict(now_ms, idle_ms, max_loaded);
+        let left = self.len();
+        self.evict_above
+            .store(left.saturating_add(left / 8), Ordering::Relaxed);
     }
 
     /// The session's slot, created empty if absent, marked used at `now_ms`.
@@ -165,6 +187,25 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::Registry;
+
+    #[test]
+    fn sessions_in_memory_stay_near_the_bound_between_sweeps() {
+        let registry = Registry::new(100);
+        let busy = registry.slot("busy", 0);
+        for i in 0..10_000u64 {
+            drop(registry.slot(&format!("s{i}"), i));
+            // What the engine does on every slot it hands out; nothing idles long enough here.
+            registry.evict_if_over(i, u64::MAX, 100);
+            assert!(
+                registry.len() <= 100 + 100 / 8 + 1,
+                "{} at {i}",
+                registry.len()
+            );
+        }
+        // A session in use is never dropped.
+        assert!(registry.contains("busy"));
+        drop(busy);
+    }
 
     #[test]
     fn sessions_remembered_as_ended_stay_within_the_bound() {
