@@ -179,10 +179,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
 
     fn slot(&self, session: &str) -> Arc<Slot> {
         let now_ms = self.clock.now().as_millis();
-        let slot = self.registry.slot(session, now_ms);
+        let (slot, len) = self.registry.slot(session, now_ms);
         let idle_ms = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         self.registry
-            .evict_if_over(now_ms, idle_ms, self.config.max_loaded);
+            .evict_if_over(len, now_ms, idle_ms, self.config.max_loaded);
         slot
     }
 

@@ -62,9 +62,9 @@ impl Registry {
     }
 
     /// Evicts now if the sessions in memory passed the trigger (see `evict_above`): the bound
-    /// `max_loaded` holds between sweeps too, whatever the rate new sessions arrive at.
-    pub(super) fn evict_if_over(&self, now_ms: u64, idle_ms: u64, max_loaded: usize) {
-        let len = self.len();
+    /// `max_loaded` holds between sweeps too, whatever the rate new sessions arrive at. `len`
+    /// is what [`Registry::slot`] saw, so the common case costs one atomic load, no lock.
+    pub(super) fn evict_if_over(&self, len: usize, now_ms: u64, idle_ms: u64, max_loaded: usize) {
         let trigger = self
             .evict_above
             .load(Ordering::Relaxed)
@@ -78,20 +78,20 @@ impl Registry {
             .store(left.saturating_add(left / 8), Ordering::Relaxed);
     }
 
-    /// The session's slot, created empty if absent, marked used at `now_ms`.
-    pub(super) fn slot(&self, session: &str, now_ms: u64) -> Arc<Slot> {
-        let slot = Arc::clone(
-            lock(&self.sessions)
-                .entry(session.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(Slot {
-                        state: tokio::sync::Mutex::new(SlotState::default()),
-                        last_used_ms: AtomicU64::new(now_ms),
-                    })
-                }),
-        );
+    /// The session's slot, created empty if absent, marked used at `now_ms`; and how many
+    /// sessions are in memory with it.
+    pub(super) fn slot(&self, session: &str, now_ms: u64) -> (Arc<Slot>, usize) {
+        let mut sessions = lock(&self.sessions);
+        let slot = Arc::clone(sessions.entry(session.to_owned()).or_insert_with(|| {
+            Arc::new(Slot {
+                state: tokio::sync::Mutex::new(SlotState::default()),
+                last_used_ms: AtomicU64::new(now_ms),
+            })
+        }));
+        let len = sessions.len();
+        drop(sessions);
         slot.last_used_ms.store(now_ms, Ordering::Relaxed);
-        slot
+        (slot, len)
     }
 
     pub(super) fn len(&self) -> usize {
@@ -191,11 +191,12 @@ mod tests {
     #[test]
     fn sessions_in_memory_stay_near_the_bound_between_sweeps() {
         let registry = Registry::new(100);
-        let busy = registry.slot("busy", 0);
+        let (busy, _) = registry.slot("busy", 0);
         for i in 0..10_000u64 {
-            drop(registry.slot(&format!("s{i}"), i));
+            let (slot, len) = registry.slot(&format!("s{i}"), i);
+            drop(slot);
             // What the engine does on every slot it hands out; nothing idles long enough here.
-            registry.evict_if_over(i, u64::MAX, 100);
+            registry.evict_if_over(len, i, u64::MAX, 100);
             assert!(
                 registry.len() <= 100 + 100 / 8 + 1,
                 "{} at {i}",
