@@ -776,14 +776,7 @@ async fn a_daemon_restarts_over_more_sessions_than_the_server_allows_consumers()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_that_dies_after_claiming_is_timed_out_and_the_task_retried() {
     let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.planner.leases.targets.insert(
-        "fragile".into(),
-        planner_core::TaskTimeouts {
-            heartbeat_timeout_ms: Some(1_000),
-            ..Default::default()
-        },
-    );
+    let config = with_target_heartbeat(config(&server), "fragile", 1_000);
     let daemon = Daemon::start(config).await;
     let executors = Executors::start(
         &server.url(),
@@ -826,16 +819,7 @@ async fn only_the_executor_holding_the_claim_can_report() {
     command(&client, "s-fence", plan(&[("a", "tool", &[])])).await;
     let claim = |body: serde_json::Value| {
         let client = client.clone();
-        async move {
-            let reply = client
-                .request(
-                    "planner.claim.s-fence",
-                    serde_json::to_vec(&body).unwrap().into(),
-                )
-                .await
-                .unwrap();
-            serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap()
-        }
+        async move { claim(&client, "s-fence", body).await }
     };
     let LeaseReply::Granted {
         lease,
@@ -1043,14 +1027,7 @@ async fn a_dispatch_queued_when_cancelled_is_never_run_even_after_a_planner_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_tells_the_executor_the_heartbeat_of_its_task() {
     let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.planner.leases.targets.insert(
-        "quick".into(),
-        planner_core::TaskTimeouts {
-            heartbeat_timeout_ms: Some(3_000),
-            ..Default::default()
-        },
-    );
+    let config = with_target_heartbeat(config(&server), "quick", 3_000);
     let daemon = Daemon::start(config).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     command(
@@ -1060,15 +1037,7 @@ async fn a_claim_tells_the_executor_the_heartbeat_of_its_task() {
     )
     .await;
     for (task, expected) in [("a", 10_000), ("q", 1_000)] {
-        let body = json!({"task_id": task, "attempt": 1});
-        let reply = client
-            .request(
-                "planner.claim.s-terms",
-                serde_json::to_vec(&body).unwrap().into(),
-            )
-            .await
-            .unwrap();
-        let reply: LeaseReply = serde_json::from_slice(&reply.payload).unwrap();
+        let reply = claim(&client, "s-terms", json!({"task_id": task, "attempt": 1})).await;
         let LeaseReply::Granted {
             heartbeat_interval_ms,
             ..
@@ -1093,16 +1062,7 @@ async fn a_claim_asked_again_with_its_id_is_the_same_claim() {
     let claim = |claim_id: &str| {
         let client = client.clone();
         let body = json!({"task_id": "a", "attempt": 1, "claim_id": claim_id});
-        async move {
-            let reply = client
-                .request(
-                    "planner.claim.s-again",
-                    serde_json::to_vec(&body).unwrap().into(),
-                )
-                .await
-                .unwrap();
-            serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap()
-        }
+        async move { claim(&client, "s-again", body).await }
     };
     let mine = "0123456789abcdef0123456789abcdef";
     for _ in 0..2 {

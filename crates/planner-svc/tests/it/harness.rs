@@ -315,6 +315,34 @@ pub async fn start_ui(url: &str, answer: &'static str) -> Arc<Mutex<Vec<Question
     seen
 }
 
+/// Claims on `planner.claim.{session}` with `body` (the executor's side of docs/protocol.md).
+pub async fn claim(
+    client: &async_nats::Client,
+    session: &str,
+    body: serde_json::Value,
+) -> LeaseReply {
+    let reply = client
+        .request(
+            format!("planner.claim.{session}"),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// `config` with a heartbeat timeout of its own for tasks of `target`.
+pub fn with_target_heartbeat(mut config: Config, target: &str, timeout_ms: u64) -> Config {
+    config.planner.leases.targets.insert(
+        target.into(),
+        planner_core::TaskTimeouts {
+            heartbeat_timeout_ms: Some(timeout_ms),
+            ..Default::default()
+        },
+    );
+    config
+}
+
 pub async fn command(
     client: &async_nats::Client,
     session: &str,
