@@ -97,7 +97,11 @@ pub fn compact_thread(
     // message all the same, so a caller looping on "over budget" always makes progress.
     let folded = fold_point(messages, keep_budget).max(1);
     Some(CompactedThread {
-        summary: summarize_messages(&messages[..folded], token_budget - keep_budget, profile),
+        summary: summarize_messages(
+            messages.get(..folded).unwrap_or(messages),
+            token_budget - keep_budget,
+            profile,
+        ),
         folded,
     })
 }
@@ -106,16 +110,19 @@ pub fn compact_thread(
 /// are kept: the messages before it are the ones to fold.
 pub fn fold_point(messages: &[Message], keep_tokens: u64) -> usize {
     let mut kept_tokens = 0;
-    let mut keep_from = messages.len();
-    while keep_from > 0 {
-        let cost = message_tokens(&messages[keep_from - 1]);
-        if kept_tokens + cost > keep_tokens {
-            break;
-        }
-        kept_tokens += cost;
-        keep_from -= 1;
-    }
-    keep_from
+    let kept = messages
+        .iter()
+        .rev()
+        .take_while(|message| {
+            let cost = message_tokens(message);
+            if kept_tokens + cost > keep_tokens {
+                return false;
+            }
+            kept_tokens += cost;
+            true
+        })
+        .count();
+    messages.len() - kept
 }
 
 /// A deterministic summary of `messages` in at most `summary_tokens` (estimated).
@@ -176,14 +183,14 @@ pub fn summarize_messages(messages: &[Message], summary_tokens: u64, profile: Pr
     // Newest first within each class: salient lines, then plain ones, while they fit.
     let mut keep = vec![false; lines.len()];
     for wanted in [true, false] {
-        for (k, (line, salient)) in lines.iter().enumerate().rev() {
+        for ((line, salient), kept) in lines.iter().zip(keep.iter_mut()).rev() {
             if *salient != wanted {
                 continue;
             }
             let cost = estimate_tokens(line) + 1;
             if tokens + cost <= summary_tokens {
                 tokens += cost;
-                keep[k] = true;
+                *kept = true;
             }
         }
     }

@@ -60,6 +60,7 @@
 // panics, so text is cut with `str::get`, `split_once` and friends. (The parser panicked on
 // "Überprüfe ..." before this lint.)
 #![warn(clippy::string_slice)]
+#![warn(clippy::indexing_slicing)]
 
 pub mod codec;
 pub mod command;

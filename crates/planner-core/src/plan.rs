@@ -219,7 +219,7 @@ pub fn validate_plan(
     // Kahn's algorithm over the new tasks only: existing tasks cannot depend on new ones, so no
     // cycle can pass through them.
     let n = plan.tasks.len();
-    let mut indegree = vec![0usize; n];
+    let mut indegree = Vec::with_capacity(n);
     let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, task) in plan.tasks.iter().enumerate() {
         let deps: BTreeSet<usize> = task
@@ -227,29 +227,38 @@ pub fn validate_plan(
             .iter()
             .filter_map(|d| position.get(d).copied())
             .collect();
-        indegree[i] = deps.len();
+        indegree.push(deps.len());
         for d in deps {
-            dependents[d].push(i);
+            if let Some(list) = dependents.get_mut(d) {
+                list.push(i);
+            }
         }
     }
-    let mut queue: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut queue: Vec<usize> = (0..n).filter(|&i| indegree.get(i) == Some(&0)).collect();
     let mut seen = 0;
     while let Some(i) = queue.pop() {
         seen += 1;
-        for &j in &dependents[i] {
-            indegree[j] -= 1;
-            if indegree[j] == 0 {
+        for &j in dependents.get(i).map_or(&[][..], Vec::as_slice) {
+            let Some(count) = indegree.get_mut(j) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
                 queue.push(j);
             }
         }
     }
-    if seen < n {
-        let on_cycle = (0..n).find(|&i| indegree[i] > 0).unwrap_or(0);
-        return Err(PlanError::Cycle {
-            task_id: plan.tasks[on_cycle].id.clone(),
-        });
+    // Kahn's algorithm leaves a task with unmet dependencies exactly when there is a cycle.
+    let on_cycle = indegree
+        .iter()
+        .position(|&d| d > 0)
+        .and_then(|i| plan.tasks.get(i));
+    match on_cycle {
+        Some(task) if seen < n => Err(PlanError::Cycle {
+            task_id: task.id.clone(),
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -204,28 +204,35 @@ impl PlannerState {
             .map(|(i, t)| (t.id.clone(), i))
             .collect();
         self.dependents = vec![Vec::new(); n];
-        self.unmet_dependencies = vec![0; n];
+        self.unmet_dependencies = Vec::with_capacity(n);
         self.ready_work.clear();
         self.ready_questions.clear();
         self.delayed.clear();
         self.running = 0;
         self.open = 0;
-        for i in 0..n {
+        for (i, task) in self.tasks.iter().enumerate() {
+            let mut unmet = 0;
             let mut seen = BTreeSet::new();
-            for dep in &self.tasks[i].dependencies {
+            for dep in &task.dependencies {
                 if let Some(&d) = self.index.get(dep) {
                     if d != i && seen.insert(d) {
-                        self.dependents[d].push(i);
-                        if self.tasks[d].status != TaskStatus::Completed {
-                            self.unmet_dependencies[i] += 1;
+                        if let Some(dependents) = self.dependents.get_mut(d) {
+                            dependents.push(i);
+                        }
+                        if self
+                            .tasks
+                            .get(d)
+                            .is_some_and(|t| t.status != TaskStatus::Completed)
+                        {
+                            unmet += 1;
                         }
                     }
                 }
             }
-            let task = &self.tasks[i];
+            self.unmet_dependencies.push(unmet);
             match task.status {
                 TaskStatus::Running => self.running += 1,
-                TaskStatus::Planned if self.unmet_dependencies[i] == 0 => match task.not_before {
+                TaskStatus::Planned if unmet == 0 => match task.not_before {
                     Some(at) => {
                         self.delayed.insert((at, i));
                     }
@@ -246,7 +253,7 @@ impl PlannerState {
 
     /// The task with this id.
     pub fn task(&self, id: &TaskId) -> Option<&Task> {
-        self.index.get(id).map(|&i| &self.tasks[i])
+        self.index.get(id).and_then(|&i| self.tasks.get(i))
     }
 
     /// Whether some question waits for a human.
@@ -269,7 +276,18 @@ impl PlannerState {
     }
 
     pub(crate) fn dependents_of(&self, i: usize) -> &[usize] {
-        &self.dependents[i]
+        self.dependents.get(i).map_or(&[], Vec::as_slice)
+    }
+
+    /// The task at position `i` (a position from the indexes: `index_of`, the ready sets).
+    pub(crate) fn task_at(&self, i: usize) -> Option<&Task> {
+        self.tasks.get(i)
+    }
+
+    /// The position and the task with this id.
+    pub(crate) fn lookup(&self, id: &TaskId) -> Option<(usize, &Task)> {
+        let i = self.index_of(id)?;
+        Some((i, self.tasks.get(i)?))
     }
 
     pub(crate) fn ready_work(&self) -> &BTreeSet<usize> {
@@ -329,7 +347,9 @@ impl PlannerState {
                     return;
                 };
                 self.unschedule(i);
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 task.attempts = *attempt;
                 task.status = TaskStatus::Running;
                 task.started = false;
@@ -355,14 +375,19 @@ impl PlannerState {
                     } => (question.clone(), *deadline),
                     _ => (String::new(), None),
                 };
-                if self.tasks[i].status == TaskStatus::Running {
+                let Some(status) = self.tasks.get(i).map(|t| t.status) else {
+                    return;
+                };
+                if status == TaskStatus::Running {
                     self.running = self.running.saturating_sub(1);
                 } else {
                     // A clarification task being asked: that is its dispatch.
                     self.unschedule(i);
                     self.usage.dispatches += 1;
                 }
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 task.attempts = *attempt;
                 task.status = TaskStatus::NeedsClarification;
                 task.question = Some(question.clone());
@@ -393,7 +418,9 @@ impl PlannerState {
                     Role::User,
                     format!("answer ({task_id}): {answer}"),
                 ));
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 task.answer = Some(answer.clone());
                 if task.kind == NodeKind::Clarification {
                     task.output = Some(answer.clone());
@@ -418,10 +445,16 @@ impl PlannerState {
                     return;
                 };
                 match status {
-                    TaskStatus::Running => self.tasks[i].started = true,
+                    TaskStatus::Running => {
+                        if let Some(task) = self.tasks.get_mut(i) {
+                            task.started = true;
+                        }
+                    }
                     TaskStatus::Completed => {
                         self.end_attempt(i);
-                        let task = &mut self.tasks[i];
+                        let Some(task) = self.tasks.get_mut(i) else {
+                            return;
+                        };
                         task.output = output.clone();
                         let content = format!(
                             "{task_id} ({}): {}",
@@ -432,11 +465,16 @@ impl PlannerState {
                         self.complete(i);
                     }
                     TaskStatus::Failed => {
-                        if self.tasks[i].attempts == *attempt && *attempt > 0 {
-                            self.tasks[i].failures += 1;
+                        let Some(task) = self.tasks.get_mut(i) else {
+                            return;
+                        };
+                        if task.attempts == *attempt && *attempt > 0 {
+                            task.failures += 1;
                         }
                         self.end_attempt(i);
-                        let task = &mut self.tasks[i];
+                        let Some(task) = self.tasks.get_mut(i) else {
+                            return;
+                        };
                         task.error = error.clone();
                         let content =
                             format!("{task_id} failed: {}", error.as_deref().unwrap_or(""));
@@ -461,7 +499,9 @@ impl PlannerState {
                     return;
                 };
                 self.end_attempt(i);
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 task.failures += 1;
                 task.status = TaskStatus::Planned;
                 task.error = Some(error.clone());
@@ -478,7 +518,9 @@ impl PlannerState {
                 let Some(i) = self.index_of(task_id) else {
                     return;
                 };
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 if task.attempts == *attempt {
                     task.started = true;
                     task.lease = Some(crate::types::Lease {
@@ -498,7 +540,9 @@ impl PlannerState {
                 let Some(i) = self.index_of(task_id) else {
                     return;
                 };
-                let task = &mut self.tasks[i];
+                let Some(task) = self.tasks.get_mut(i) else {
+                    return;
+                };
                 if task.attempts == *attempt {
                     if let Some(lease) = task.lease.as_mut() {
                         lease.beat_at = *at;
@@ -522,7 +566,7 @@ impl PlannerState {
                 let Some(i) = self.index_of(task_id) else {
                     return;
                 };
-                if self.tasks[i].status.is_terminal() {
+                if self.tasks.get(i).is_none_or(|t| t.status.is_terminal()) {
                     return;
                 }
                 self.end_attempt(i);
@@ -619,52 +663,59 @@ impl PlannerState {
             self.dependents.push(Vec::new());
             self.unmet_dependencies.push(0);
         }
-        for i in first..self.tasks.len() {
+        let new = self.tasks.get(first..).unwrap_or_default();
+        for (i, task) in (first..).zip(new) {
             let mut unmet = 0;
             let mut seen = BTreeSet::new();
-            for k in 0..self.tasks[i].dependencies.len() {
-                let Some(d) = self.index.get(&self.tasks[i].dependencies[k]).copied() else {
+            for dep in &task.dependencies {
+                let Some(d) = self.index.get(dep).copied() else {
                     continue;
                 };
                 if d != i && seen.insert(d) {
-                    self.dependents[d].push(i);
-                    if self.tasks[d].status != TaskStatus::Completed {
+                    if let Some(dependents) = self.dependents.get_mut(d) {
+                        dependents.push(i);
+                    }
+                    if self
+                        .tasks
+                        .get(d)
+                        .is_some_and(|t| t.status != TaskStatus::Completed)
+                    {
                         unmet += 1;
                     }
                 }
             }
-            self.unmet_dependencies[i] = unmet;
+            if let Some(count) = self.unmet_dependencies.get_mut(i) {
+                *count = unmet;
+            }
             self.open += 1;
             if unmet == 0 {
-                self.make_ready(i);
+                if task.kind == NodeKind::Clarification {
+                    self.ready_questions.insert(i);
+                } else {
+                    self.ready_work.insert(i);
+                }
             }
         }
         self.advance_cursor();
     }
 
-    fn make_ready(&mut self, i: usize) {
-        if self.tasks[i].kind == NodeKind::Clarification {
-            self.ready_questions.insert(i);
-        } else {
-            self.ready_work.insert(i);
-        }
-    }
-
     fn unschedule(&mut self, i: usize) {
         self.ready_work.remove(&i);
         self.ready_questions.remove(&i);
-        if let Some(at) = self.tasks[i].not_before.take() {
+        if let Some(at) = self.tasks.get_mut(i).and_then(|t| t.not_before.take()) {
             self.delayed.remove(&(at, i));
         }
     }
 
     /// Releases what an attempt in flight held: its parallel slot or its pending question.
     fn end_attempt(&mut self, i: usize) {
-        match self.tasks[i].status {
+        let Some(task) = self.tasks.get(i) else {
+            return;
+        };
+        match task.status {
             TaskStatus::Running => self.running = self.running.saturating_sub(1),
             TaskStatus::NeedsClarification => {
-                let id = self.tasks[i].id.clone();
-                self.awaiting_answer.remove(&id);
+                self.awaiting_answer.remove(&task.id);
             }
             _ => {}
         }
@@ -672,28 +723,44 @@ impl PlannerState {
 
     fn complete(&mut self, i: usize) {
         self.finish(i, TaskStatus::Completed);
-        for k in 0..self.dependents[i].len() {
-            let d = self.dependents[i][k];
-            self.unmet_dependencies[d] = self.unmet_dependencies[d].saturating_sub(1);
-            if self.unmet_dependencies[d] == 0 && self.tasks[d].status == TaskStatus::Planned {
-                self.make_ready(d);
+        let Some(dependents) = self.dependents.get(i) else {
+            return;
+        };
+        for &d in dependents {
+            let (Some(unmet), Some(task)) = (self.unmet_dependencies.get_mut(d), self.tasks.get(d))
+            else {
+                continue;
+            };
+            *unmet = unmet.saturating_sub(1);
+            if *unmet == 0 && task.status == TaskStatus::Planned {
+                if task.kind == NodeKind::Clarification {
+                    self.ready_questions.insert(d);
+                } else {
+                    self.ready_work.insert(d);
+                }
             }
         }
     }
 
     fn finish(&mut self, i: usize, status: TaskStatus) {
-        if self.tasks[i].status.is_terminal() {
+        if self.tasks.get(i).is_none_or(|t| t.status.is_terminal()) {
             return;
         }
         self.unschedule(i);
-        self.tasks[i].status = status;
+        if let Some(task) = self.tasks.get_mut(i) {
+            task.status = status;
+        }
         self.open = self.open.saturating_sub(1);
         self.advance_cursor();
     }
 
     fn advance_cursor(&mut self) {
-        while self.cursor < self.tasks.len() && self.tasks[self.cursor].status.is_terminal() {
-            self.cursor += 1;
-        }
+        let unfinished = self
+            .tasks
+            .get(self.cursor..)
+            .unwrap_or_default()
+            .iter()
+            .position(|t| !t.status.is_terminal());
+        self.cursor = unfinished.map_or(self.tasks.len(), |k| self.cursor + k);
     }
 }

@@ -28,13 +28,13 @@ impl Decision<'_> {
                 self.emit(Event::PlanCancelled { reason, at: now });
             }
             CancelTarget::Task { task_id } => {
-                let i = self
+                let (i, task) = self
                     .state
-                    .index_of(&task_id)
+                    .lookup(&task_id)
                     .ok_or_else(|| Error::UnknownTask {
                         task_id: task_id.clone(),
                     })?;
-                if self.state.tasks[i].status.is_terminal() {
+                if task.status.is_terminal() {
                     return Ok(());
                 }
                 let why = reason.unwrap_or_else(|| format!("task {task_id} cancelled"));
@@ -50,7 +50,9 @@ impl Decision<'_> {
     }
 
     pub(super) fn cancel_task(&mut self, i: usize, reason: &str, now: Timestamp) {
-        let task = &self.state.tasks[i];
+        let Some(task) = self.state.task_at(i) else {
+            return;
+        };
         let cmd = match task.status {
             TaskStatus::Running | TaskStatus::NeedsClarification => Some(PlannerCmd::CancelTask {
                 task_id: task.id.clone(),
@@ -69,7 +71,11 @@ impl Decision<'_> {
     /// Cancels every unfinished task of the current run, in plan order.
     pub(super) fn cancel_all_open(&mut self, reason: &str, now: Timestamp) {
         for i in self.state.cursor..self.state.tasks.len() {
-            if !self.state.tasks[i].status.is_terminal() {
+            if self
+                .state
+                .task_at(i)
+                .is_some_and(|t| !t.status.is_terminal())
+            {
                 self.cancel_task(i, reason, now);
             }
         }

@@ -41,15 +41,15 @@ impl Decision<'_> {
         answer: String,
         now: Timestamp,
     ) -> Result<(), Error> {
-        let i = self
+        let (_, task) = self
             .state
-            .index_of(&task_id)
+            .lookup(&task_id)
             .ok_or_else(|| Error::UnknownTask {
                 task_id: task_id.clone(),
             })?;
         if !self.state.awaiting_answer.contains_key(&task_id) {
             // The same answer again is a redelivery; anything else answers nothing.
-            if self.state.tasks[i].answer.as_deref() == Some(answer.as_str()) {
+            if task.answer.as_deref() == Some(answer.as_str()) {
                 return Ok(());
             }
             return Err(Error::NotAwaitingClarification { task_id });
@@ -95,10 +95,10 @@ impl Decision<'_> {
                     });
                 }
                 OnClarificationTimeout::Fail => {
-                    let Some(i) = self.state.index_of(&task_id) else {
+                    let Some((i, task)) = self.state.lookup(&task_id) else {
                         continue;
                     };
-                    let attempt = self.state.tasks[i].attempts;
+                    let attempt = task.attempts;
                     self.emit(Event::TaskStatusUpdated {
                         task_id,
                         attempt,

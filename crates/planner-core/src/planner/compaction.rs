@@ -64,7 +64,7 @@ impl Decision<'_> {
                 if let Some(s) = &context.summary {
                     folded.push(Message::new(Role::Summary, s.clone()));
                 }
-                folded.extend(context.messages[..fold].iter().cloned());
+                folded.extend(context.messages.iter().take(fold).cloned());
                 let config = &self.state.config;
                 summarize_messages(&folded, config.token_budget / 2, config.profile)
             }
@@ -80,8 +80,10 @@ impl Decision<'_> {
         }
         let tokens_after = estimate_tokens(&summary)
             + MESSAGE_OVERHEAD_TOKENS
-            + context.messages[folded_messages.min(context.messages.len())..]
+            + context
+                .messages
                 .iter()
+                .skip(folded_messages)
                 .map(message_tokens)
                 .sum::<u64>();
         self.emit(Event::ContextCompacted {

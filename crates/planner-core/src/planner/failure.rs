@@ -24,7 +24,9 @@ impl Decision<'_> {
         tokens_used: Option<u64>,
         now: Timestamp,
     ) {
-        let task = &self.state.tasks[i];
+        let Some(task) = self.state.task_at(i) else {
+            return;
+        };
         let task_id = task.id.clone();
         let config = &self.state.config;
         let error = compact_error_message(&error, config.error_char_limit);
@@ -62,10 +64,7 @@ impl Decision<'_> {
     pub(super) fn task_failed(&mut self, i: usize, now: Timestamp) {
         self.fail_dependents(i, now);
         match self.state.config.failure {
-            FailurePolicy::FailFast => {
-                let task_id = self.state.tasks[i].id.clone();
-                self.stop(FailureReason::TaskFailed { task_id }, now);
-            }
+            FailurePolicy::FailFast => self.stop_for(i, now),
             FailurePolicy::ContinueOnFailure => {
                 self.auto_compact(now);
                 self.settle(now);
@@ -83,13 +82,18 @@ impl Decision<'_> {
     ) -> Option<usize> {
         let mut failed_root = None;
         for d in 0..first_new {
-            let status = self.state.tasks[d].status;
+            let Some(status) = self.state.task_at(d).map(|t| t.status) else {
+                break;
+            };
             match status {
                 TaskStatus::Failed if self.fail_dependents(d, now) => {
                     failed_root.get_or_insert(d);
                 }
                 TaskStatus::Cancelled => {
-                    let why = format!("dependency {} was cancelled", self.state.tasks[d].id);
+                    let Some(task) = self.state.task_at(d) else {
+                        continue;
+                    };
+                    let why = format!("dependency {} was cancelled", task.id);
                     for k in self.unfinished_dependents(d) {
                         self.cancel_task(k, &why, now);
                     }
@@ -103,21 +107,26 @@ impl Decision<'_> {
     /// Fails every unfinished task that depends on task `i`, directly or not, in plan order.
     /// Returns whether any was failed.
     fn fail_dependents(&mut self, i: usize, now: Timestamp) -> bool {
-        let affected = self.unfinished_dependents(i);
-        let cause = self.state.tasks[i].id.clone();
-        let verb = if self.state.tasks[i].status == TaskStatus::Cancelled {
+        let Some(cause) = self.state.task_at(i) else {
+            return false;
+        };
+        let verb = if cause.status == TaskStatus::Cancelled {
             "was cancelled"
         } else {
             "failed"
         };
+        let error = format!("dependency {} {verb}", cause.id);
+        let affected = self.unfinished_dependents(i);
         for &d in &affected {
-            let task = &self.state.tasks[d];
+            let Some(task) = self.state.task_at(d) else {
+                continue;
+            };
             self.emit(Event::TaskStatusUpdated {
                 task_id: task.id.clone(),
                 attempt: task.attempts,
                 status: TaskStatus::Failed,
                 output: None,
-                error: Some(format!("dependency {cause} {verb}")),
+                error: Some(error.clone()),
                 tokens_used: None,
                 at: now,
             });
@@ -131,11 +140,22 @@ impl Decision<'_> {
         let mut found = BTreeSet::new();
         let mut stack: Vec<usize> = self.state.dependents_of(i).to_vec();
         while let Some(d) = stack.pop() {
-            if !self.state.tasks[d].status.is_terminal() && found.insert(d) {
+            let unfinished = self
+                .state
+                .task_at(d)
+                .is_some_and(|t| !t.status.is_terminal());
+            if unfinished && found.insert(d) {
                 stack.extend_from_slice(self.state.dependents_of(d));
             }
         }
         found
+    }
+
+    /// Stops the plan because task `i` failed (the fail-fast policy).
+    pub(super) fn stop_for(&mut self, i: usize, now: Timestamp) {
+        if let Some(task_id) = self.state.task_at(i).map(|t| t.id.clone()) {
+            self.stop(FailureReason::TaskFailed { task_id }, now);
+        }
     }
 
     /// Stops the plan in failure: everything unfinished is cancelled.

@@ -93,15 +93,14 @@ pub(super) fn next_attempt_deadline(state: &PlannerState) -> Option<Timestamp> {
 
 impl Decision<'_> {
     /// Checks that `attempt` of `task_id` is the task's current, running attempt, and returns
-    /// the task's index; the reason it is not otherwise.
-    fn fence(&self, task_id: &TaskId, attempt: u32) -> Result<usize, Error> {
+    /// the task's index and the task; the reason it is not otherwise.
+    fn fence(&self, task_id: &TaskId, attempt: u32) -> Result<(usize, &Task), Error> {
         let fenced = |reason| Error::Fenced {
             task_id: task_id.clone(),
             attempt,
             reason,
         };
-        let i = self.locate(task_id, attempt)?;
-        let task = &self.state.tasks[i];
+        let (i, task) = self.locate(task_id, attempt)?;
         if task.status == TaskStatus::Cancelled {
             return Err(fenced(FenceReason::Cancelled));
         }
@@ -111,19 +110,19 @@ impl Decision<'_> {
         if task.status != TaskStatus::Running {
             return Err(fenced(FenceReason::NotRunning));
         }
-        Ok(i)
+        Ok((i, task))
     }
 
-    /// The index of an executable task that had `attempt` dispatched; what an executor may
-    /// speak about at all (reports, claims, heartbeats), before any judgment of its state.
-    pub(super) fn locate(&self, task_id: &TaskId, attempt: u32) -> Result<usize, Error> {
-        let i = self
+    /// The index of an executable task that had `attempt` dispatched, and the task; what an
+    /// executor may speak about at all (reports, claims, heartbeats), before any judgment of
+    /// its state.
+    pub(super) fn locate(&self, task_id: &TaskId, attempt: u32) -> Result<(usize, &Task), Error> {
+        let (i, task) = self
             .state
-            .index_of(task_id)
+            .lookup(task_id)
             .ok_or_else(|| Error::UnknownTask {
                 task_id: task_id.clone(),
             })?;
-        let task = &self.state.tasks[i];
         if task.kind == NodeKind::Clarification {
             return Err(Error::NotExecutable {
                 task_id: task_id.clone(),
@@ -136,17 +135,16 @@ impl Decision<'_> {
                 latest: task.attempts,
             });
         }
-        Ok(i)
+        Ok((i, task))
     }
 
-    /// Checks that `lease` is the claim on the current attempt of task `i`.
+    /// Checks that `lease` is the claim on the current attempt of `task`.
     pub(super) fn check_lease(
         &self,
-        i: usize,
+        task: &Task,
         attempt: u32,
         lease: Option<&str>,
     ) -> Result<(), Error> {
-        let task = &self.state.tasks[i];
         let reason = match (&task.lease, lease) {
             (Some(held), Some(given)) if held.token == given => return Ok(()),
             (Some(_), _) => FenceReason::LeaseMismatch,
@@ -170,9 +168,9 @@ impl Decision<'_> {
     ) -> Result<(), Error> {
         // The fence first: its reason (cancelled, superseded) tells the executor more than
         // "the plan ended" would.
-        let i = self.fence(&task_id, attempt)?;
+        let (_, task) = self.fence(&task_id, attempt)?;
         self.require_open()?;
-        match &self.state.tasks[i].lease {
+        match &task.lease {
             // The same claim again (its reply was lost): granted again, nothing new.
             Some(held) if held.token == lease => return Ok(()),
             Some(_) => {
@@ -206,17 +204,16 @@ impl Decision<'_> {
     ) -> Result<(), Error> {
         // The fence first: its reason (cancelled, superseded) tells the executor more than
         // "the plan ended" would.
-        let i = self.fence(&task_id, attempt)?;
+        let (_, task) = self.fence(&task_id, attempt)?;
         self.require_open()?;
-        if self.state.tasks[i].lease.is_none() {
+        if task.lease.is_none() {
             return Err(Error::Fenced {
                 task_id,
                 attempt,
                 reason: FenceReason::NotClaimed,
             });
         }
-        self.check_lease(i, attempt, Some(&lease))?;
-        let task = &self.state.tasks[i];
+        self.check_lease(task, attempt, Some(&lease))?;
         let (Some(limit), Some(held)) = (heartbeat_timeout(self.state, task), task.lease.as_ref())
         else {
             return Ok(());
@@ -247,10 +244,14 @@ impl Decision<'_> {
                 return;
             }
             // An earlier expiry in this loop may have ended this task (a dependency failed).
-            if self.state.tasks[i].status != TaskStatus::Running {
+            let Some(attempt) = self
+                .state
+                .task_at(i)
+                .filter(|t| t.status == TaskStatus::Running)
+                .map(|t| t.attempts)
+            else {
                 continue;
-            }
-            let attempt = self.state.tasks[i].attempts;
+            };
             self.attempt_failed(i, attempt, why.describe(limit), true, None, now);
         }
     }
@@ -291,7 +292,7 @@ impl Decision<'_> {
         retryable: bool,
         now: Timestamp,
     ) -> Result<(), Error> {
-        let i = self.fence(&task_id, attempt)?;
+        let (i, _) = self.fence(&task_id, attempt)?;
         self.require_open()?;
         self.attempt_failed(i, attempt, error, retryable, None, now);
         Ok(())

@@ -6,7 +6,7 @@ use super::Decision;
 use crate::command::{ExecutorEvent, ExecutorOutcome};
 use crate::error::Error;
 use crate::event::Event;
-use crate::types::{TaskStatus, Timestamp};
+use crate::types::{Task, TaskStatus, Timestamp};
 
 impl Decision<'_> {
     /// A report from an executor about one attempt of one task.
@@ -16,11 +16,12 @@ impl Decision<'_> {
         lease: Option<String>,
         now: Timestamp,
     ) -> Result<(), Error> {
-        let Some(i) = self.judge(&event)? else {
+        let Some((i, task)) = self.judge(&event)? else {
             return Ok(());
         };
         // Only the claim's holder may change what the attempt did.
-        self.check_lease(i, event.attempt, lease.as_deref())?;
+        self.check_lease(task, event.attempt, lease.as_deref())?;
+        let started = task.started;
         let ExecutorEvent {
             task_id,
             attempt,
@@ -28,7 +29,7 @@ impl Decision<'_> {
         } = event;
         match outcome {
             ExecutorOutcome::Started => {
-                if !self.state.tasks[i].started {
+                if !started {
                     self.emit(Event::TaskStatusUpdated {
                         task_id,
                         attempt,
@@ -73,15 +74,14 @@ impl Decision<'_> {
     }
 
     /// Judges a report: `Err` refuses it, `Ok(None)` ignores it (stale, duplicate, or about an
-    /// attempt that already ended), `Ok(Some(i))` means it is about the latest attempt of task
-    /// `i`, which is running.
-    fn judge(&self, event: &ExecutorEvent) -> Result<Option<usize>, Error> {
+    /// attempt that already ended), `Ok(Some((i, task)))` means it is about the latest attempt
+    /// of `task` (at position `i`), which is running.
+    fn judge(&self, event: &ExecutorEvent) -> Result<Option<(usize, &Task)>, Error> {
         let ExecutorEvent {
             task_id, attempt, ..
         } = event;
         let attempt = *attempt;
-        let i = self.locate(task_id, attempt)?;
-        let task = &self.state.tasks[i];
+        let (i, task) = self.locate(task_id, attempt)?;
         // A task cancelled while its executor worked on it (by the client, or because the plan
         // failed or was cancelled around it) gets its report late through no fault of the
         // executor: ignored, like any report on an attempt that already ended.
@@ -105,6 +105,6 @@ impl Decision<'_> {
         if task.status != TaskStatus::Running {
             return Ok(None);
         }
-        Ok(Some(i))
+        Ok(Some((i, task)))
     }
 }

@@ -8,7 +8,7 @@ use super::{Decision, MAX_REQUEST_ID_CHARS};
 use crate::command::Planning;
 use crate::config::FailurePolicy;
 use crate::error::Error;
-use crate::event::{Event, FailureReason, PlanSource};
+use crate::event::{Event, PlanSource};
 use crate::parse::parse_input_from;
 use crate::plan::{validate_plan, PlanSpec};
 use crate::state::PlanPhase;
@@ -197,8 +197,7 @@ impl Decision<'_> {
         self.auto_compact(now);
         match failed_root {
             Some(d) if self.state.config.failure == FailurePolicy::FailFast => {
-                let task_id = self.state.tasks[d].id.clone();
-                self.stop(FailureReason::TaskFailed { task_id }, now);
+                self.stop_for(d, now);
             }
             _ => self.settle(now),
         }

@@ -23,7 +23,9 @@ impl Decision<'_> {
             if !self.admit_dispatch(false, now) {
                 return;
             }
-            let task = &self.state.tasks[i];
+            let Some(task) = self.state.task_at(i) else {
+                continue;
+            };
             let attempt = task.attempts + 1;
             let question = task
                 .question
@@ -55,13 +57,14 @@ impl Decision<'_> {
             if !self.admit_dispatch(true, now) {
                 return;
             }
-            let event = self.dispatch_event(i, now);
-            self.emit(event);
+            if let Some(event) = self.dispatch_event(i, now) {
+                self.emit(event);
+            }
         }
     }
 
-    fn dispatch_event(&self, i: usize, now: Timestamp) -> Event {
-        let task = &self.state.tasks[i];
+    fn dispatch_event(&self, i: usize, now: Timestamp) -> Option<Event> {
+        let task = self.state.task_at(i)?;
         let dispatch = Dispatch {
             task_id: task.id.clone(),
             attempt: task.attempts + 1,
@@ -71,12 +74,12 @@ impl Decision<'_> {
             NodeKind::ToolCall => PlannerCmd::ExecuteTool(dispatch),
             _ => PlannerCmd::RunProcessing(dispatch),
         };
-        Event::TaskDispatched {
+        Some(Event::TaskDispatched {
             task_id: task.id.clone(),
             attempt: task.attempts + 1,
             cmd,
             at: now,
-        }
+        })
     }
 
     fn finish_plan(&mut self, now: Timestamp) {
