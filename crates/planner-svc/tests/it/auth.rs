@@ -1,7 +1,8 @@
 //! Authentication and transport security as a NATS user expects them (#10 item 6): the daemon
 //! and its client commands on a nats-server that requires TLS with client certificates, an
-//! NKey, a token or a user and password, each set the ways an operator sets them (file, env,
-//! `--set`); and a clear error, naming what is wrong, without them.
+//! NKey, a token, a user and password, or (in operator/JWT mode) a `.creds` file, each set the
+//! ways an operator sets them (file, env, `--set`); and a clear error, naming what is wrong,
+//! without them.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use planner_svc::protocol::ClientCommand;
 use planner_testkit::NatsServer;
 use serde_json::json;
 
-use crate::harness::Daemon;
+use crate::harness::{store_on, wait_for_end, Daemon, ExecutorBehaviour, Executors};
 
 /// Starts nats-server with `conf` (written to `dir`) on top of the test server's flags.
 fn server_with(dir: &Path, conf: &str) -> NatsServer {
@@ -250,4 +251,160 @@ async fn the_daemon_authenticates_with_a_token_or_a_user_and_password_from_the_e
     ))
     .await;
     assert!(error.contains("refused the credentials"), "{error}");
+}
+
+/// NATS decentralised auth reduced to what a test needs: an operator, a system account, the
+/// planner's account with JetStream, and users, as JWTs signed with their issuers' NKeys the
+/// way nats-server verifies them (`ed25519-nkey`, base64url without padding).
+struct Operator {
+    operator: nkeys::KeyPair,
+    system: nkeys::KeyPair,
+    account: nkeys::KeyPair,
+}
+
+impl Operator {
+    fn new() -> Operator {
+        Operator {
+            operator: nkeys::KeyPair::new_operator(),
+            system: nkeys::KeyPair::new_account(),
+            account: nkeys::KeyPair::new_account(),
+        }
+    }
+
+    /// A JWT of `claims` (the `nats` object) about `subject`, signed by `issuer`.
+    fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, claims: serde_json::Value) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        let part = |value: serde_json::Value| URL_SAFE_NO_PAD.encode(value.to_string());
+        let issued = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let signed = format!(
+            "{}.{}",
+            part(json!({"typ": "JWT", "alg": "ed25519-nkey"})),
+            part(json!({
+                "jti": format!("{name}-{issued}"),
+                "iat": issued,
+                "iss": issuer.public_key(),
+                "sub": subject,
+                "name": name,
+                "nats": claims,
+            })),
+        );
+        let signature = issuer.sign(signed.as_bytes()).unwrap();
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+
+    fn account_jwt(&self, account: &nkeys::KeyPair, name: &str, jetstream: bool) -> String {
+        let storage = if jetstream { -1 } else { 0 };
+        let limits = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": storage, "disk_storage": storage, "streams": storage, "consumer": storage,
+        });
+        Self::jwt(
+            &self.operator,
+            &account.public_key(),
+            name,
+            json!({"type": "account", "version": 2, "limits": limits}),
+        )
+    }
+
+    /// The server's config: this operator, its accounts preloaded into a memory resolver.
+    fn server_conf(&self) -> String {
+        let operator = Self::jwt(
+            &self.operator,
+            &self.operator.public_key(),
+            "test-operator",
+            json!({"type": "operator", "version": 2, "system_account": self.system.public_key()}),
+        );
+        format!(
+            "operator: {operator:?}\nsystem_account: {system}\nresolver: MEMORY\nresolver_preload: {{\n  {system}: {sys_jwt:?}\n  {account}: {acc_jwt:?}\n}}\n",
+            system = self.system.public_key(),
+            account = self.account.public_key(),
+            sys_jwt = self.account_jwt(&self.system, "SYS", false),
+            acc_jwt = self.account_jwt(&self.account, "PLANNER", true),
+        )
+    }
+
+    /// A `.creds` file (the user's JWT, signed by `account`, and its seed) written to `path`.
+    fn creds(account: &nkeys::KeyPair, name: &str, path: &Path) {
+        let user = nkeys::KeyPair::new_user();
+        let jwt = Self::jwt(
+            account,
+            &user.public_key(),
+            name,
+            json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+        );
+        let seed = user.seed().unwrap();
+        let text = format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        );
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_a_plan_to_its_end_with_a_creds_file_on_an_operator_mode_server() {
+    let operator = Operator::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(dir.path(), &operator.server_conf());
+    let creds = dir.path().join("planner.creds");
+    Operator::creds(&operator.account, "planner", &creds);
+    let config = load(
+        &server,
+        &[("PLANNER_NATS__CREDS_FILE", creds.to_str().unwrap())],
+        &[],
+    );
+    let daemon = Daemon::start(config.clone()).await;
+    let connect = || async {
+        async_nats::ConnectOptions::with_credentials_file(&creds)
+            .await
+            .unwrap()
+            .connect(server.url())
+            .await
+            .unwrap()
+    };
+    let _executors = Executors::start_on(connect().await, ExecutorBehaviour::default()).await;
+    let client = Client::connect(&config).await.unwrap();
+    let command: ClientCommand = serde_json::from_value(
+        json!({"type": "initialize", "input": "- fetch a.txt\n- summarize it"}),
+    )
+    .unwrap();
+    let (version, _) = client.command("s-creds", &command).await.unwrap();
+    assert!(version > 0);
+    let events = wait_for_end(&store_on(connect().await).await, "s-creds").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, planner_core::Event::PlanCompleted { .. })),
+        "{events:?}"
+    );
+    daemon.stop().await;
+
+    // A user of an account the server does not know is refused, and the error says what to
+    // check; a file that is no creds file names the file.
+    let stranger = dir.path().join("stranger.creds");
+    Operator::creds(&nkeys::KeyPair::new_account(), "stranger", &stranger);
+    let error = refused(load(
+        &server,
+        &[],
+        &[format!("nats.creds_file={}", stranger.display())],
+    ))
+    .await;
+    assert!(error.contains("refused the credentials"), "{error}");
+    assert!(error.contains("nats.creds_file"), "{error}");
+    let garbage = dir.path().join("garbage.creds");
+    std::fs::write(&garbage, "not a creds file\n").unwrap();
+    let error = refused(load(
+        &server,
+        &[],
+        &[format!("nats.creds_file={}", garbage.display())],
+    ))
+    .await;
+    assert!(error.contains("garbage.creds"), "{error}");
 }

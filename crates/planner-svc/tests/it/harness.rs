@@ -116,7 +116,11 @@ impl Drop for Executors {
 impl Executors {
     /// A pool pulling every dispatch (`planner.task.>`) through one durable consumer.
     pub async fn start(url: &str, behaviour: ExecutorBehaviour) -> Executors {
-        let client = async_nats::connect(url).await.unwrap();
+        Executors::start_on(async_nats::connect(url).await.unwrap(), behaviour).await
+    }
+
+    /// The same pool on a connection of the caller's (with its credentials).
+    pub async fn start_on(client: async_nats::Client, behaviour: ExecutorBehaviour) -> Executors {
         let js = jetstream::new(client.clone());
         let stream = js.get_stream("PLANNER_TASKS").await.unwrap();
         let consumer = stream
@@ -359,7 +363,11 @@ pub async fn command(
 }
 
 pub async fn store(url: &str) -> JetStreamStore {
-    let client = async_nats::connect(url).await.unwrap();
+    store_on(async_nats::connect(url).await.unwrap()).await
+}
+
+/// The daemon's store read on a connection of the caller's (with its credentials).
+pub async fn store_on(client: async_nats::Client) -> JetStreamStore {
     JetStreamStore::connect(client, JetStreamConfig::default())
         .await
         .unwrap()
