@@ -211,24 +211,7 @@ impl PlannerState {
         self.running = 0;
         self.open = 0;
         for (i, task) in self.tasks.iter().enumerate() {
-            let mut unmet = 0;
-            let mut seen = BTreeSet::new();
-            for dep in &task.dependencies {
-                if let Some(&d) = self.index.get(dep) {
-                    if d != i && seen.insert(d) {
-                        if let Some(dependents) = self.dependents.get_mut(d) {
-                            dependents.push(i);
-                        }
-                        if self
-                            .tasks
-                            .get(d)
-                            .is_some_and(|t| t.status != TaskStatus::Completed)
-                        {
-                            unmet += 1;
-                        }
-                    }
-                }
-            }
+            let unmet = link_dependencies(&self.index, &self.tasks, &mut self.dependents, i, task);
             self.unmet_dependencies.push(unmet);
             match task.status {
                 TaskStatus::Running => self.running += 1,
@@ -665,25 +648,7 @@ impl PlannerState {
         }
         let new = self.tasks.get(first..).unwrap_or_default();
         for (i, task) in (first..).zip(new) {
-            let mut unmet = 0;
-            let mut seen = BTreeSet::new();
-            for dep in &task.dependencies {
-                let Some(d) = self.index.get(dep).copied() else {
-                    continue;
-                };
-                if d != i && seen.insert(d) {
-                    if let Some(dependents) = self.dependents.get_mut(d) {
-                        dependents.push(i);
-                    }
-                    if self
-                        .tasks
-                        .get(d)
-                        .is_some_and(|t| t.status != TaskStatus::Completed)
-                    {
-                        unmet += 1;
-                    }
-                }
-            }
+            let unmet = link_dependencies(&self.index, &self.tasks, &mut self.dependents, i, task);
             if let Some(count) = self.unmet_dependencies.get_mut(i) {
                 *count = unmet;
             }
@@ -763,4 +728,34 @@ impl PlannerState {
             .position(|t| !t.status.is_terminal());
         self.cursor = unfinished.map_or(self.tasks.len(), |k| self.cursor + k);
     }
+}
+
+/// Records task `i` (`task`) as a dependent of each task it depends on (each once, never of
+/// itself; unknown ids are skipped), and returns how many of those are not completed.
+fn link_dependencies(
+    index: &HashMap<TaskId, usize>,
+    tasks: &[Task],
+    dependents: &mut [Vec<usize>],
+    i: usize,
+    task: &Task,
+) -> u32 {
+    let mut unmet = 0;
+    let mut seen = BTreeSet::new();
+    for dep in &task.dependencies {
+        let Some(d) = index.get(dep).copied() else {
+            continue;
+        };
+        if d != i && seen.insert(d) {
+            if let Some(list) = dependents.get_mut(d) {
+                list.push(i);
+            }
+            if tasks
+                .get(d)
+                .is_some_and(|t| t.status != TaskStatus::Completed)
+            {
+                unmet += 1;
+            }
+        }
+    }
+    unmet
 }
