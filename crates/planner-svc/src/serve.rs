@@ -46,11 +46,14 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Connects to NATS, waiting for it up to `nats.startup_wait_s` with a growing delay and a log
 /// line per attempt: a daemon started with (or just before) its server, or during a server
 /// restart, must not exit (under an orchestrator that is a crash loop).
-async fn connect_patiently(config: &Config) -> anyhow::Result<async_nats::Client> {
+async fn connect_patiently(
+    config: &Config,
+    denials: &Denials,
+) -> anyhow::Result<async_nats::Client> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(config.nats.startup_wait_s);
     let mut delay = Duration::from_millis(250);
     loop {
-        match connect(config).await {
+        match connect_watching(config, Some(denials.clone())).await {
             Ok(client) => return Ok(client),
             // A server that answers and refuses the TLS handshake or the credentials will
             // refuse them again: say why now rather than after `startup_wait_s`.
@@ -70,15 +73,64 @@ async fn connect_patiently(config: &Config) -> anyhow::Result<async_nats::Client
     }
 }
 
-/// Connects to NATS as configured.
+/// Where the connection's event callback sends the subscriptions the server refused.
+type Denials = tokio::sync::mpsc::UnboundedSender<String>;
+
+/// Connects to NATS as configured. The connection's events are logged: the server's errors
+/// (a permissions violation among them) at ERROR or WARN, the rest at INFO.
 pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
+    connect_watching(config, None).await
+}
+
+/// The server's refusal of a subscription (`Permissions Violation for Subscription to
+/// "<subject>"`): what the daemon cannot serve without.
+fn subscription_denial(event: &async_nats::Event) -> Option<&str> {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+            if text
+                .to_lowercase()
+                .starts_with("permissions violation for subscription") =>
+        {
+            Some(text)
+        }
+        _ => None,
+    }
+}
+
+fn log_event(event: &async_nats::Event) {
+    use async_nats::Event;
+    match event {
+        Event::ServerError(error) => {
+            let text = error.to_string();
+            if text.to_lowercase().contains("permissions violation") {
+                tracing::error!(%error, "the NATS server refused a subject to this user; check its permissions");
+            } else {
+                tracing::warn!(%error, "NATS server error");
+            }
+        }
+        Event::ClientError(error) => tracing::warn!(%error, "NATS client error"),
+        Event::SlowConsumer(_) => tracing::warn!(%event, "nats connection event"),
+        _ => tracing::info!(%event, "nats connection event"),
+    }
+}
+
+async fn connect_watching(
+    config: &Config,
+    denials: Option<Denials>,
+) -> anyhow::Result<async_nats::Client> {
     let nats = &config.nats;
     let mut options = async_nats::ConnectOptions::new()
         .name(&nats.name)
         .connection_timeout(Duration::from_millis(nats.connect_timeout_ms))
         .request_timeout(Some(config.request_timeout()))
-        .event_callback(|event| async move {
-            tracing::info!(%event, "nats connection event");
+        .event_callback(move |event| {
+            let denials = denials.clone();
+            async move {
+                log_event(&event);
+                if let (Some(denials), Some(denied)) = (denials, subscription_denial(&event)) {
+                    let _ = denials.send(denied.to_owned());
+                }
+            }
         });
     // Credentials in a URL are taken out of it and given to the client as options: the client
     // logs the server addresses it dials (at debug), and they must not carry a password.
@@ -205,14 +257,21 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    let (denials, denied) = tokio::sync::mpsc::unbounded_channel();
     let client = tokio::select! {
-        client = connect_patiently(&config) => client?,
+        client = connect_patiently(&config, &denials) => client?,
         () = &mut shutdown => return Ok(()),
     };
+    let run = Run {
+        config,
+        client,
+        denied,
+    };
+    let config = &run.config;
     match config.store.kind {
         StoreKind::Jetstream => {
             let store = JetStreamStore::connect(
-                client.clone(),
+                run.client.clone(),
                 JetStreamConfig {
                     stream_name: config.store.stream_name.clone(),
                     subject_prefix: Subjects::new(&config.subjects.prefix).events_prefix(),
@@ -227,7 +286,7 @@ pub async fn serve(
             )
             .await
             .context("opening the JetStream event store")?;
-            run_with(config, client, store, shutdown).await
+            run_with(run, store, shutdown).await
         }
         StoreKind::File => {
             let mut file = FileStoreConfig::new(&config.store.data_dir);
@@ -240,9 +299,9 @@ pub async fn serve(
             let store = tokio::task::spawn_blocking(move || FileStore::open(file))
                 .await?
                 .context("opening the file event store")?;
-            run_with(config, client, store, shutdown).await
+            run_with(run, store, shutdown).await
         }
-        StoreKind::Memory => run_with(config, client, MemoryStore::new(), shutdown).await,
+        StoreKind::Memory => run_with(run, MemoryStore::new(), shutdown).await,
     }
 }
 
@@ -306,12 +365,42 @@ async fn ensure_streams(
         .context("subscribing to executor reports")
 }
 
-async fn run_with<S: EventStore>(
+/// A connected daemon, before its store is open.
+struct Run {
     config: Config,
     client: async_nats::Client,
+    /// The subscriptions the server refused (from the connection's event callback).
+    denied: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// How long the server has, after a round trip that follows the daemon's subscriptions, to
+/// have refused one of them: the refusal arrives before the round trip's reply, and this only
+/// covers the hop from the client's reader to its event callback.
+const DENIAL_SETTLE: Duration = Duration::from_millis(250);
+
+/// What shutdown may take beyond `shutdown.grace_s` (stopping the endpoints and the report
+/// pump before the grace period, the micro-service and the drain after it), so the process
+/// always ends.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
+
+/// The daemon cannot serve without a subject the server refused it.
+fn denied_error(denial: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the NATS server refused a subscription the daemon needs ({denial}); allow it in the \
+         permissions of the daemon's NATS user (deploy/nats/nats-server.conf, user planner)"
+    )
+}
+
+async fn run_with<S: EventStore>(
+    run: Run,
     store: S,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let Run {
+        config,
+        client,
+        mut denied,
+    } = run;
     let subjects = Subjects::new(&config.subjects.prefix);
     let publisher = NatsPublisher::new(client.clone(), subjects.clone());
     let mut engine_config = engine_config(&config);
@@ -367,6 +456,16 @@ async fn run_with<S: EventStore>(
         .add(subjects.admin_quarantined())
         .await
         .map_err(|e| anyhow::anyhow!("adding the quarantined endpoint: {e}"))?;
+    // A subscription the server refuses is refused after the fact (the client does not wait
+    // for the server to accept a SUB): one round trip, then the refusals it flushed out. The
+    // daemon cannot serve without its subjects, so a refusal is the end of its start-up.
+    client
+        .flush()
+        .await
+        .context("checking the daemon's subscriptions with the NATS server")?;
+    if let Ok(Some(denial)) = tokio::time::timeout(DENIAL_SETTLE, denied.recv()).await {
+        return Err(denied_error(&denial));
+    }
     // Serving starts now; recovery runs beside it (its first pass at once), so one slow or
     // broken session delays nothing and stops nothing.
     tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
@@ -431,10 +530,17 @@ async fn run_with<S: EventStore>(
         intake.clone(),
     ));
     let mut pump_ended = false;
+    let mut failure = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            Some(denial) = denied.recv() => {
+                // Refused later (a reconnect to a server with other permissions): the same end.
+                failure = Some(denied_error(&denial));
+                tracing::error!("a subscription the daemon needs was refused; shutting down");
+                break;
+            }
             _ = &mut report_pump => {
                 // The consumer ended (it does not on a server restart): without reports no
                 // plan moves on, so stop and let the supervisor restart the daemon.
@@ -466,30 +572,42 @@ async fn run_with<S: EventStore>(
     }
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
-    intake.cancel();
-    if !pump_ended {
-        let _ = report_pump.await;
-    }
-    let _ = commands.stop().await;
-    let _ = claims.stop().await;
-    let _ = heartbeats.stop().await;
-    let _ = admin.stop().await;
-    token.cancel();
-    tracker.close();
     let grace = Duration::from_secs(config.shutdown.grace_s);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            ?grace,
-            "in-flight work did not finish within the grace period"
-        );
+    let stopping = async {
+        intake.cancel();
+        if !pump_ended {
+            let _ = report_pump.await;
+        }
+        let _ = commands.stop().await;
+        let _ = claims.stop().await;
+        let _ = heartbeats.stop().await;
+        let _ = admin.stop().await;
+        token.cancel();
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "in-flight work did not finish within the grace period"
+            );
+        }
+        let _ = service.stop().await;
+        client.drain().await.context("draining the NATS connection")
+    };
+    // Every step above waits on the server or on tasks: however they hang, the daemon ends.
+    match tokio::time::timeout(grace + SHUTDOWN_SLACK, stopping).await {
+        Ok(drained) => drained?,
+        Err(_) => tracing::warn!(
+            bound = ?(grace + SHUTDOWN_SLACK),
+            "shutdown did not finish within shutdown.grace_s and its slack; stopping anyway"
+        ),
     }
-    let _ = service.stop().await;
-    client
-        .drain()
-        .await
-        .context("draining the NATS connection")?;
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(failure) => Err(failure),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
 }
 
 /// What the report pump needs.

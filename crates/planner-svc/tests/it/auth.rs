@@ -272,7 +272,12 @@ impl Operator {
     }
 
     /// A JWT of `claims` (the `nats` object) about `subject`, signed by `issuer`.
-    fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, claims: serde_json::Value) -> String {
+    fn jwt(
+        issuer: &nkeys::KeyPair,
+        subject: &str,
+        name: &str,
+        claims: serde_json::Value,
+    ) -> String {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
         use base64::Engine as _;
         let part = |value: serde_json::Value| URL_SAFE_NO_PAD.encode(value.to_string());

@@ -16,3 +16,4 @@ mod pty;
 mod recovery;
 mod roles;
 mod sim;
+mod support;

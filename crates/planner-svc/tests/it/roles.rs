@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::harness::{config, Daemon};
+use crate::support::{planner_svc, Spawned};
 
 const ROLES: [&str; 4] = ["planner", "executor", "ui", "operator"];
 
@@ -22,9 +23,14 @@ fn password(role: &str) -> String {
 
 /// The shipped config with each `change-me-<role>` placeholder replaced by a test password.
 fn shipped_server(dir: &std::path::Path) -> NatsServer {
+    shipped_server_edited(dir, |text| text)
+}
+
+/// The shipped config, changed by `edit`, with test passwords.
+fn shipped_server_edited(dir: &std::path::Path, edit: impl FnOnce(String) -> String) -> NatsServer {
     let conf =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/nats-server.conf");
-    let mut text = std::fs::read_to_string(conf).unwrap();
+    let mut text = edit(std::fs::read_to_string(conf).unwrap());
     for role in ROLES {
         text = text.replace(&format!("change-me-{role}"), &password(role));
     }
@@ -254,4 +260,71 @@ async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do()
     refused(&mut ui_events, "planner.admin.quarantined").await;
 
     daemon.stop().await;
+}
+
+/// The shipped config, except that the planner user may not subscribe to `planner.claim.*`.
+fn server_denying_claims(dir: &std::path::Path) -> NatsServer {
+    shipped_server_edited(dir, |text| {
+        let allowed = r#"subscribe: { allow: ["planner.cmd.*", "planner.claim.*", "#;
+        assert!(text.contains(allowed), "the shipped planner user changed");
+        text.replace(allowed, r#"subscribe: { allow: ["planner.cmd.*", "#)
+    })
+}
+
+/// The daemon as a `planner` user the server does not let subscribe to `planner.claim.*`: it
+/// cannot serve executors, so it must say so at start-up and exit, not serve half-deaf (it
+/// served: the refusal was an INFO line, "nats connection event").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planner_denied_a_subject_it_serves_fails_at_start_up_naming_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_denying_claims(dir.path());
+    let mut daemon_config = config(&server);
+    daemon_config.nats.user = "planner".into();
+    daemon_config.nats.password = password("planner").as_str().into();
+    daemon_config.shutdown.grace_s = 2;
+    // Whatever happens, the test ends: a start-up that served anyway is stopped after 3 s, and
+    // the whole run is bounded.
+    let run = planner_svc::serve::serve(daemon_config, tokio::time::sleep(Duration::from_secs(3)));
+    let result = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("serve ended within 30 s");
+    let error = format!(
+        "{:#}",
+        result.expect_err("the daemon served without planner.claim.*")
+    );
+    assert!(error.contains("planner.claim.*"), "{error}");
+    assert!(error.to_lowercase().contains("permission"), "{error}");
+}
+
+/// The same as an operator sees it: `serve` exits with an error naming the subject, and the
+/// server's refusal is logged at ERROR, not INFO. Bounded: a daemon that serves on is killed.
+#[test]
+fn serve_as_a_planner_denied_a_subject_exits_1_with_the_refusal_logged_at_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_denying_claims(dir.path());
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve", "--nats-url", &server.url()])
+            .env("PLANNER_NATS__USER", "planner")
+            .env("PLANNER_NATS__PASSWORD", password("planner"))
+            .env("PLANNER_SHUTDOWN__GRACE_S", "2"),
+    );
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    let output = daemon.output();
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "exit {status:?}:\n{output}"
+    );
+    assert!(
+        output.lines().any(|line| line.contains("ERROR")
+            && line.contains("Permissions Violation")
+            && line.contains("planner.claim.*")),
+        "{output}"
+    );
+    assert!(
+        output.contains("refused a subscription the daemon needs"),
+        "{output}"
+    );
+    assert!(!output.contains("planner-svc serving"), "{output}");
 }
