@@ -393,23 +393,20 @@ async fn the_daemon_serves_a_plan_to_its_end_with_a_creds_file_on_an_operator_mo
 
     // A user of an account the server does not know is refused, and the error says what to
     // check; a file that is no creds file names the file.
+    let with_creds = |file: &Path| {
+        load(
+            &server,
+            &[],
+            &[format!("nats.creds_file={}", file.display())],
+        )
+    };
     let stranger = dir.path().join("stranger.creds");
     Operator::creds(&nkeys::KeyPair::new_account(), "stranger", &stranger);
-    let error = refused(load(
-        &server,
-        &[],
-        &[format!("nats.creds_file={}", stranger.display())],
-    ))
-    .await;
+    let error = refused(with_creds(&stranger)).await;
     assert!(error.contains("refused the credentials"), "{error}");
     assert!(error.contains("nats.creds_file"), "{error}");
     let garbage = dir.path().join("garbage.creds");
     std::fs::write(&garbage, "not a creds file\n").unwrap();
-    let error = refused(load(
-        &server,
-        &[],
-        &[format!("nats.creds_file={}", garbage.display())],
-    ))
-    .await;
+    let error = refused(with_creds(&garbage)).await;
     assert!(error.contains("garbage.creds"), "{error}");
 }

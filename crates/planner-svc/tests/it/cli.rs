@@ -2,14 +2,7 @@
 
 use std::process::Command;
 
-fn planner_svc() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
-    // Tests must not pick up the repository's config or the caller's overrides.
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    command
-}
+use crate::support::{answers_ping, planner_svc, Spawned};
 
 /// Starts `run` on `request` in `dir` (data under `data`), and returns it with its session
 /// once it printed a line starting with `until`. Its stdout is drained; stderr is piped.
@@ -57,19 +50,7 @@ fn run_until(
 /// Whether a daemon answers the micro-service ping on `url` within about ten seconds.
 fn serving(url: &str) -> bool {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
-        for _ in 0..200 {
-            let ping = client.request("$SRV.PING.planner", "".into());
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(std::time::Duration::from_millis(200), ping).await
-            {
-                return true;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        false
-    })
+    runtime.block_on(async { answers_ping(&async_nats::connect(url).await.unwrap()).await })
 }
 
 #[test]
@@ -196,13 +177,12 @@ fn replay_of_an_unknown_session_says_so() {
 fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
     let server = planner_testkit::NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = planner_svc()
-        .current_dir(dir.path())
-        .args(["serve", "--nats-url", &server.url()])
-        .env("PLANNER_SHUTDOWN__GRACE_S", "5")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve", "--nats-url", &server.url()])
+            .env("PLANNER_SHUTDOWN__GRACE_S", "5"),
+    );
     // Serving once it answers the micro-service ping.
     let serving = serving(&server.url());
     assert!(serving, "planner-svc serve did not start");
@@ -215,24 +195,10 @@ fn serve_stops_on_sigterm_and_exits_0_within_the_grace_bound() {
             .await
             .unwrap();
     });
-    let started = std::time::Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "did not exit within 10 s of SIGTERM"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
+    daemon.signal("-TERM");
+    let status = daemon.wait_exit(std::time::Duration::from_secs(10));
+    let stderr = daemon.output();
+    let status = status.unwrap_or_else(|| panic!("did not exit within 10 s of SIGTERM:\n{stderr}"));
     assert!(status.success(), "exit {status:?}\n{stderr}");
     for line in ["request received", "tasks planned", "task dispatched"] {
         assert!(
@@ -478,29 +444,18 @@ fn serve_waits_for_nats_at_start_up() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = planner_svc()
-        .current_dir(dir.path())
-        .args(["serve"])
-        .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
-        .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1_500));
-    assert!(
-        daemon.try_wait().unwrap().is_none(),
-        "serve gave up while NATS was down"
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve"])
+            .env("PLANNER_NATS__URL", format!("nats://127.0.0.1:{port}"))
+            .env("PLANNER_NATS__CONNECT_TIMEOUT_MS", "200"),
     );
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    assert!(daemon.is_running(), "serve gave up while NATS was down");
     let server = planner_testkit::NatsServer::start_on(port, &[]).unwrap();
     let serving = serving(&server.url());
-    let _ = daemon.kill();
-    let output = daemon.wait_with_output().unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let all = daemon.kill();
     assert!(serving, "serve did not come up once NATS did:\n{all}");
     assert!(all.contains("NATS not reachable yet"), "{all}");
     // Its cause once per line: it was `IO error: Connection refused (os error 111): Connection
@@ -905,12 +860,11 @@ fn executor_stops_on_sigterm_with_its_stderr_closed() {
     use std::io::BufRead as _;
     let server = planner_testkit::NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = planner_svc()
-        .current_dir(dir.path())
-        .args(["serve", "--nats-url", &server.url()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _daemon = Spawned::start(planner_svc().current_dir(dir.path()).args([
+        "serve",
+        "--nats-url",
+        &server.url(),
+    ]));
     assert!(serving(&server.url()), "planner-svc serve did not start");
     let mut executor = planner_svc()
         .args(["executor", "--nats-url", &server.url()])
@@ -938,8 +892,6 @@ fn executor_stops_on_sigterm_with_its_stderr_closed() {
     }
     let stopped = executor.try_wait().unwrap();
     let _ = executor.kill();
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     assert!(
         stopped.is_some_and(|status| status.success()),
         "still running 10 s after SIGTERM and SIGINT, or failed: {stopped:?}"

@@ -5,6 +5,8 @@ use std::process::Command;
 
 use planner_testkit::NatsServer;
 
+use crate::support;
+
 fn repo(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -44,32 +46,14 @@ async fn the_shipped_nats_config_starts_and_each_role_can_do_its_job() {
     }
     assert!(received, "the planner did not receive the UI's command");
     // A UI may not publish executor reports: the server refuses with a permissions error.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let restricted =
-        async_nats::ConnectOptions::with_user_and_password("ui".into(), "change-me-ui".into())
-            .event_callback(move |event| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(event.to_string());
-                }
-            })
-            .connect(server.url())
-            .await
-            .unwrap();
+    let (restricted, mut events) =
+        support::connect_watching(&server.url(), "ui", "change-me-ui").await;
     restricted
         .publish("planner.report.s1", "{}".into())
         .await
         .unwrap();
     restricted.flush().await.unwrap();
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-        if event.to_lowercase().contains("permission") {
-            return;
-        }
-        events.push(event);
-    }
-    panic!("no permissions violation reported; events: {events:?}");
+    support::refused(&mut events, "planner.report.s1").await;
 }
 
 #[test]

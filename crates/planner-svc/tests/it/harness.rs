@@ -45,21 +45,14 @@ impl Daemon {
             let _ = stopped.await;
         }));
         // Ready when the micro-service answers a ping.
-        for _ in 0..200 {
-            if let Ok(Ok(_)) = tokio::time::timeout(
-                Duration::from_millis(200),
-                client.request("$SRV.PING.planner", "".into()),
-            )
-            .await
-            {
-                return Daemon {
-                    stop: Some(stop),
-                    handle,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(
+            crate::support::answers_ping(&client).await,
+            "the daemon did not answer $SRV.PING.planner"
+        );
+        Daemon {
+            stop: Some(stop),
+            handle,
         }
-        panic!("the daemon did not answer $SRV.PING.planner");
     }
 
     /// SIGTERM-like: stop intake, finish, drain.

@@ -3,7 +3,6 @@
 //! into SIGINT for the foreground process group, not a `kill` aimed at one process).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use expectrl::process::unix::WaitStatus;
@@ -12,16 +11,12 @@ use expectrl::{ControlCode, Expect as _, Regex};
 use planner_testkit::NatsServer;
 
 use crate::harness::{self, Daemon, ExecutorBehaviour, Executors};
+use crate::support::planner_svc;
 
 /// `planner-svc` with `args` in `dir`, on a fresh pseudo-terminal.
 fn on_a_terminal(dir: &Path, args: &[&str]) -> Session {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
-    command
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TERM", "dumb")
-        .args(args);
+    let mut command = planner_svc();
+    command.current_dir(dir).env("TERM", "dumb").args(args);
     let mut session = Session::spawn(command).unwrap();
     session.set_expect_timeout(Some(Duration::from_secs(30)));
     session
@@ -132,10 +127,8 @@ fn ctrl_c_at_a_question_then_resume_and_answer_on_a_terminal() {
 /// `planner-svc <args> --nats-url <url>` on a fresh pseudo-terminal that can redraw (TERM is
 /// not `dumb`), so `watch` shows its live view; `env` is added to its environment.
 fn client_on_a_terminal(url: &str, args: &[&str], env: &[(&str, &str)]) -> Session {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_planner-svc"));
+    let mut command = planner_svc();
     command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TERM", "xterm")
         .envs(env.iter().copied())
         .args(args)

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::harness::{config, Daemon};
-use crate::support::{planner_svc, Spawned};
+use crate::support::{connect_watching, planner_svc, refused, Spawned};
 
 const ROLES: [&str; 4] = ["planner", "executor", "ui", "operator"];
 
@@ -40,37 +40,20 @@ fn shipped_server_edited(dir: &std::path::Path, edit: impl FnOnce(String) -> Str
     NatsServer::start_with_args(&["-c", path.to_str().unwrap()]).unwrap()
 }
 
+/// The daemon's config, as the shipped `planner` user.
+fn planner_config(server: &NatsServer) -> planner_svc::config::Config {
+    let mut daemon_config = config(server);
+    daemon_config.nats.user = "planner".into();
+    daemon_config.nats.password = password("planner").as_str().into();
+    daemon_config
+}
+
 /// A connection as `role`, and the server's errors (permission violations) it receives.
 async fn connect_as(
     server: &NatsServer,
     role: &str,
 ) -> (async_nats::Client, UnboundedReceiver<String>) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::with_user_and_password(role.into(), password(role))
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(event.to_string());
-            }
-        })
-        .connect(server.url())
-        .await
-        .unwrap();
-    (client, rx)
-}
-
-/// Waits for the server's permissions violation naming `subject`.
-async fn refused(events: &mut UnboundedReceiver<String>, subject: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut seen = Vec::new();
-    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
-        let lower = event.to_lowercase();
-        if lower.contains("permission") && event.contains(subject) {
-            return;
-        }
-        seen.push(event);
-    }
-    panic!("no permissions violation for {subject}; events: {seen:?}");
+    connect_watching(&server.url(), role, &password(role)).await
 }
 
 async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
@@ -102,9 +85,7 @@ async fn request(
 async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do() {
     let dir = tempfile::tempdir().unwrap();
     let server = shipped_server(dir.path());
-    let mut daemon_config = config(&server);
-    daemon_config.nats.user = "planner".into();
-    daemon_config.nats.password = password("planner").as_str().into();
+    let daemon_config = planner_config(&server);
     let planner = planner_svc::serve::connect(&daemon_config).await.unwrap();
     let daemon = Daemon::start(daemon_config).await;
     let js = jetstream::new(planner.clone());
@@ -278,9 +259,7 @@ fn server_denying_claims(dir: &std::path::Path) -> NatsServer {
 async fn a_planner_denied_a_subject_it_serves_fails_at_start_up_naming_the_subject() {
     let dir = tempfile::tempdir().unwrap();
     let server = server_denying_claims(dir.path());
-    let mut daemon_config = config(&server);
-    daemon_config.nats.user = "planner".into();
-    daemon_config.nats.password = password("planner").as_str().into();
+    let mut daemon_config = planner_config(&server);
     daemon_config.shutdown.grace_s = 2;
     // Whatever happens, the test ends: a start-up that served anyway is stopped after 3 s, and
     // the whole run is bounded.

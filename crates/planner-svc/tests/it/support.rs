@@ -92,6 +92,19 @@ impl Spawned {
         None
     }
 
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills it, and returns all it wrote.
+    pub fn kill(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.join_readers();
+        self.output()
+    }
+
     /// Once the process ended, what it wrote is all read.
     fn join_readers(&mut self) {
         for reader in self.readers.drain(..) {
@@ -105,4 +118,53 @@ impl Drop for Spawned {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection to `url` as `user`, and the events it receives (the server's permission
+/// violations among them), as text.
+pub async fn connect_watching(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(event.to_string());
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Waits (5 s at most) for the server's permissions violation naming `subject`.
+pub async fn refused(events: &mut tokio::sync::mpsc::UnboundedReceiver<String>, subject: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        if event.to_lowercase().contains("permission") && event.contains(subject) {
+            return;
+        }
+        seen.push(event);
+    }
+    panic!("no permissions violation for {subject}; events: {seen:?}");
+}
+
+/// Whether a daemon answers the micro-service ping on `client` within about ten seconds.
+pub async fn answers_ping(client: &async_nats::Client) -> bool {
+    for _ in 0..200 {
+        let ping = client.request("$SRV.PING.planner", "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), ping).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
 }
