@@ -912,7 +912,18 @@ async fn run_leases<S: EventStore>(
             () = stop.cancelled() => break,
             _ = refresh.tick() => true,
             entry = async { watch.as_mut()?.next().await }, if watch.is_some() => match entry {
-                Some(Ok(entry)) if relevant(&leases, &entry) => false,
+                Some(Ok(entry)) if relevant(&leases, &owned.partitions, &entry) => {
+                    // A handover frees many keys at once: one round for the burst.
+                    let quiet = tokio::time::sleep(Duration::from_millis(20));
+                    tokio::pin!(quiet);
+                    while let Some(watch) = watch.as_mut() {
+                        tokio::select! {
+                            () = &mut quiet => break,
+                            more = watch.next() => if more.is_none() { break },
+                        }
+                    }
+                    false
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(error)) => {
                     tracing::debug!(%error, "lease bucket watch error");
@@ -940,16 +951,31 @@ async fn run_leases<S: EventStore>(
     owned.release_all(&mut leases).await;
 }
 
-/// Whether a change in the lease bucket calls for a round: a partition freed, a member that
-/// joined or left. Refreshes (a member's or an owner's put of a known key) do not.
-fn relevant(leases: &Leases, entry: &async_nats::jetstream::kv::Entry) -> bool {
+/// Whether a change in the lease bucket calls for a round: a partition freed or taken by an
+/// owner not known for it, a member that joined or left. Refreshes (puts of what is known) do
+/// not: they come every third of the TTL from every instance.
+fn relevant(
+    leases: &Leases,
+    partitions: &Partitions,
+    entry: &async_nats::jetstream::kv::Entry,
+) -> bool {
     use async_nats::jetstream::kv::Operation;
     match entry.operation {
         Operation::Delete | Operation::Purge => true,
-        Operation::Put => match entry.key.strip_prefix("member.") {
-            Some(instance) => !leases.is_member(instance),
-            None => String::from_utf8_lossy(&entry.value) != leases.me(),
-        },
+        Operation::Put => {
+            if let Some(instance) = entry.key.strip_prefix("member.") {
+                return !leases.is_member(instance);
+            }
+            let owner = String::from_utf8_lossy(&entry.value);
+            let partition = entry
+                .key
+                .strip_prefix("owner.")
+                .and_then(|n| n.parse::<u32>().ok());
+            match partition {
+                Some(partition) => partitions.owner(partition).as_deref() != Some(owner.as_ref()),
+                None => false,
+            }
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::harness::{command, config, store, wait_for_end, Daemon, ExecutorBehav
 const PARTITIONS: u32 = 32;
 
 /// Every instance's answer on `planner.admin.ownership`.
-async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
+pub async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await.unwrap();
     client
@@ -353,4 +353,89 @@ async fn a_third_instance_joining_mid_run_takes_partitions_without_loss() {
     a.stop().await;
     b.stop().await;
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_reports_still_count() {
+    use planner_core::{ExecutorEvent, ExecutorOutcome};
+    use planner_svc::protocol::{LeaseReply, ReportMessage};
+    let server = NatsServer::start().unwrap();
+    let mut before = config(&server);
+    before.ownership.enabled = false;
+    let old = Daemon::start(before).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "migrated", chain_plan(3)).await;
+    let lease = match crate::harness::claim(
+        &client,
+        "migrated",
+        json!({"task_id": "t0", "attempt": 1, "claim_id": "c-migrated"}),
+    )
+    .await
+    {
+        LeaseReply::Granted { lease, .. } => lease,
+        other => panic!("claim refused: {other:?}"),
+    };
+    old.stop().await;
+    // A report stored while no daemon runs, under the subject of old.
+    let js = jetstream::new(client.clone());
+    let report = ReportMessage {
+        event: ExecutorEvent {
+            task_id: "t0".into(),
+            attempt: 1,
+            outcome: ExecutorOutcome::Completed {
+                output: "done".into(),
+                tokens_used: None,
+            },
+        },
+        lease: Some(lease),
+    };
+    js.publish(
+        "planner.report.migrated",
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut reports = js.get_stream("PLANNER_REPORTS").await.unwrap();
+    assert!(reports
+        .info()
+        .await
+        .unwrap()
+        .config
+        .subject_transform
+        .is_none());
+
+    let new = Daemon::start(config(&server)).await;
+    let transform = reports
+        .info()
+        .await
+        .unwrap()
+        .config
+        .subject_transform
+        .clone();
+    assert_eq!(
+        transform.map(|t| t.destination),
+        Some(Subjects::new("planner").report_transform_destination(PARTITIONS))
+    );
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "migrated").await;
+    assert!(completed(&events));
+    // t0 ran once: by hand, its stored report applied by the partitioned daemon.
+    assert!(!executors.executions.lock().unwrap().contains_key(&(
+        "migrated".to_owned(),
+        "t0".to_owned(),
+        1
+    )));
+    new.stop().await;
+
+    let mut wrong = config(&server);
+    wrong.ownership.partitions = 16;
+    let refused = planner_svc::serve::serve(wrong, std::future::pending()).await;
+    let error = planner_svc::report(&refused.unwrap_err());
+    assert!(
+        error.contains("ownership.partitions must not change"),
+        "{error}"
+    );
 }
