@@ -8,7 +8,8 @@
 //! ```
 //!
 //! It starts its own nats-server (2.10+, found like the tests find it) unless `--nats-url` is
-//! given, and spawns the `planner-svc` binary next to it as the daemon.
+//! given, and spawns the `planner-svc` binary next to it as the daemon: `--instances N` of
+//! them, which split the sessions' partitions between them (ARCHITECTURE.md, "Ownership").
 
 #![allow(clippy::print_stdout)]
 
@@ -23,9 +24,10 @@ use anyhow::{bail, Context as _};
 use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
+use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
 use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
-use planner_svc::protocol::{Subjects, TaskMessage};
+use planner_svc::protocol::{OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +55,9 @@ struct Args {
     /// Sessions start evenly over this many milliseconds (0: all at once).
     #[arg(long, default_value_t = 1000)]
     ramp_ms: u64,
+    /// Daemon instances to start, sharing the sessions (each owns a share of the partitions).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Use this NATS server instead of starting one.
     #[arg(long)]
     nats_url: Option<String>,
@@ -94,6 +99,30 @@ impl PoolObserver for Observer {
             m.insert(task.session.clone(), at);
         }
     }
+}
+
+/// Every daemon's answer on `planner.admin.ownership`, gathered for a quarter second.
+async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
+    let inbox = client.new_inbox();
+    let Ok(mut replies) = client.subscribe(inbox.clone()).await else {
+        return Vec::new();
+    };
+    if client
+        .publish_with_reply("planner.admin.ownership", inbox, Bytes::new())
+        .await
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut all = Vec::new();
+    while let Ok(Some(reply)) =
+        tokio::time::timeout(Duration::from_millis(250), replies.next()).await
+    {
+        if let Ok(answer) = serde_json::from_slice::<OwnershipReply>(&reply.payload) {
+            all.push(answer);
+        }
+    }
+    all
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -172,33 +201,49 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let workdir = tempfile::tempdir()?;
-    let mut daemon = Command::new(&daemon_bin)
-        .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
-        .arg("serve")
-        .current_dir(workdir.path())
-        .env("PLANNER_NATS__URL", &url)
-        .env("PLANNER_LOG__LEVEL", "warn")
-        .env("PLANNER_REPORTS__MAX_IN_FLIGHT", "1024")
-        .env("PLANNER_SESSIONS__MAX_LOADED", "100000")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", daemon_bin.display()))?;
+    let instances = args.instances.max(1);
+    let mut daemons = Vec::new();
+    for _ in 0..instances {
+        let daemon = Command::new(&daemon_bin)
+            .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
+            .arg("serve")
+            .current_dir(workdir.path())
+            .env("PLANNER_NATS__URL", &url)
+            .env("PLANNER_LOG__LEVEL", "warn")
+            .env("PLANNER_REPORTS__MAX_IN_FLIGHT", "1024")
+            .env("PLANNER_SESSIONS__MAX_LOADED", "100000")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", daemon_bin.display()))?;
+        daemons.push(daemon);
+    }
+    let kill_all = |daemons: &mut Vec<std::process::Child>| {
+        for daemon in daemons.iter_mut() {
+            let _ = daemon.kill();
+        }
+    };
+    // Ready when every instance answers for its partitions and together they hold them all
+    // (with ownership off, each answers with every partition).
     let mut ready = false;
-    for _ in 0..200 {
-        if let Ok(Ok(_)) = tokio::time::timeout(
-            Duration::from_millis(200),
-            client.request("$SRV.PING.planner", "".into()),
-        )
-        .await
+    for _ in 0..400 {
+        let owners = ownership(&client).await;
+        let covered: std::collections::BTreeSet<u32> = owners
+            .iter()
+            .flat_map(|o| o.partitions.iter().copied())
+            .collect();
+        if owners.len() == instances
+            && !covered.is_empty()
+            && owners.iter().all(|o| !o.partitions.is_empty())
+            && covered.len() == covered.iter().max().map_or(0, |m| *m as usize + 1)
         {
             ready = true;
             break;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if !ready {
-        let _ = daemon.kill();
-        bail!("the daemon did not answer $SRV.PING.planner");
+        kill_all(&mut daemons);
+        bail!("the {instances} daemon(s) did not answer with their partitions on planner.admin.ownership");
     }
 
     let observer = Arc::new(Observer::default());
@@ -256,14 +301,14 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if observer.reported.load(Ordering::Relaxed) >= total {
-            let mut consumer: jetstream::consumer::PullConsumer = js
-                .get_stream("PLANNER_REPORTS")
-                .await?
-                .get_consumer("planner-svc")
-                .await
-                .map_err(|e| anyhow::anyhow!("binding to the daemon's report consumer: {e}"))?;
-            let info = consumer.info().await?;
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
+            // Every report consumer (one per partition, and the shared one) is empty.
+            let stream = js.get_stream("PLANNER_REPORTS").await?;
+            let mut consumers = stream.consumers();
+            let mut busy = false;
+            while let Some(info) = consumers.try_next().await? {
+                busy |= info.num_pending > 0 || info.num_ack_pending > 0;
+            }
+            if !busy {
                 break;
             }
         }
@@ -276,7 +321,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = start.elapsed();
-    let rss = peak_rss_mib(daemon.id());
+    let rss = daemons
+        .iter()
+        .filter_map(|d| peak_rss_mib(d.id()))
+        .fold(None, |max: Option<f64>, r| {
+            Some(max.map_or(r, |m| m.max(r)))
+        });
+    let owners = ownership(&client).await;
 
     // Check a sample of sessions really completed, from the event store.
     let store = JetStreamStore::connect(client.clone(), JetStreamConfig::default()).await?;
@@ -292,11 +343,15 @@ async fn main() -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let _ = pool.await;
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(daemon.id().to_string())
-        .status();
-    let _ = daemon.wait();
+    for daemon in &daemons {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(daemon.id().to_string())
+            .status();
+    }
+    for daemon in &mut daemons {
+        let _ = daemon.wait();
+    }
 
     let mut latencies = observer
         .latencies_us
@@ -304,10 +359,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|l| l.clone())
         .unwrap_or_default();
     latencies.sort_unstable();
-    println!("| sessions | tasks each | ramp | executor latency (± jitter) | task completions/s | result → next dispatch p50 / p99 | daemon peak RSS | raw JetStream ceiling (512 in flight) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| instances | sessions | tasks each | ramp | executor latency (± jitter) | task completions/s | result → next dispatch p50 / p99 | daemon peak RSS (largest) | raw JetStream ceiling (512 in flight) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} ms | {} ms (± {}%) | {:.0} | {:.2} ms / {:.2} ms | {} | {:.0} msgs/s |",
+        "| {} | {} | {} | {} ms | {} ms (± {}%) | {:.0} | {:.2} ms / {:.2} ms | {} | {:.0} msgs/s |",
+        instances,
         args.sessions,
         args.tasks,
         args.ramp_ms,
@@ -323,6 +379,14 @@ async fn main() -> anyhow::Result<()> {
         "({completed} of {} sampled sessions completed; {total} tasks in {:.2} s)",
         sample.len(),
         elapsed.as_secs_f64()
+    );
+    let sum = |f: fn(&OwnershipReply) -> u64| owners.iter().map(f).sum::<u64>();
+    println!(
+        "(sessions loaded {}, lost races {}, requests forwarded {}, over {} instance(s) answering)",
+        sum(|o| o.loads),
+        sum(|o| o.conflicts),
+        sum(|o| o.forwarded),
+        owners.len()
     );
     if completed != sample.len() {
         bail!("some sampled sessions did not complete");

@@ -46,6 +46,8 @@ pub struct Config {
     pub planner: PlannerConfig,
     /// LLM planning and summaries (off by default: the rule parser plans).
     pub llm: planner_llm::LlmConfig,
+    /// Which instance serves which sessions: partitions leased through a KV bucket.
+    pub ownership: OwnershipConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
                 ..PlannerConfig::default()
             },
             llm: planner_llm::LlmConfig::default(),
+            ownership: OwnershipConfig::default(),
         }
     }
 }
@@ -388,6 +391,43 @@ impl Default for ReportsConfig {
     }
 }
 
+/// Session ownership (ARCHITECTURE.md, "Ownership"; docs/adr/0004): sessions fall into a fixed
+/// number of partitions, each leased by one instance through a KV bucket, which serves their
+/// commands and reports; the other instances forward to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OwnershipConfig {
+    /// Off: every instance serves every session (the shared consumer of old), and optimistic
+    /// concurrency alone keeps them apart.
+    pub enabled: bool,
+    /// Partitions sessions are hashed into. Fixed for the life of a deployment: it is written
+    /// into the report stream's subject transform, and a daemon refuses to start with another.
+    pub partitions: u32,
+    /// The KV bucket of leases (`owner.<n>`) and members (`member.<instance>`).
+    pub bucket: String,
+    /// A lease not refreshed for this long expires (the bucket's max age); it is refreshed
+    /// every third of it. A dead instance's partitions are taken over about this long after.
+    pub lease_ttl_ms: u64,
+    /// The bucket's replicas.
+    pub replicas: usize,
+    /// This instance's name in the bucket; empty: a random one per start. A stable, unique
+    /// name (a pod name) lets a restarted instance take its leases back at once.
+    pub instance_id: String,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        OwnershipConfig {
+            enabled: true,
+            partitions: 32,
+            bucket: "planner_owners".into(),
+            lease_ttl_ms: 10_000,
+            replicas: 1,
+            instance_id: String::new(),
+        }
+    }
+}
+
 /// Sessions held in memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -618,6 +658,7 @@ impl Config {
                 &self.reports.dead_letter_stream,
             ),
             ("store.snapshot_bucket", &self.store.snapshot_bucket),
+            ("ownership.bucket", &self.ownership.bucket),
         ] {
             if !planner_core::is_valid_token(name) {
                 problems.push(format!("{key} {name:?}: use 1 to 64 of A-Z a-z 0-9 _ -"));
@@ -627,6 +668,7 @@ impl Config {
             ("store.replicas", self.store.replicas),
             ("dispatch.replicas", self.dispatch.replicas),
             ("reports.replicas", self.reports.replicas),
+            ("ownership.replicas", self.ownership.replicas),
         ] {
             if !matches!(replicas, 1 | 3 | 5) {
                 problems.push(format!("{key} must be 1, 3 or 5, not {replicas}"));
@@ -643,6 +685,20 @@ impl Config {
         }
         if self.limits.max_requests_in_flight == 0 {
             problems.push("limits.max_requests_in_flight must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.ownership.partitions) {
+            problems.push("ownership.partitions must be between 1 and 1024".into());
+        }
+        if self.ownership.lease_ttl_ms < 1000 {
+            problems.push("ownership.lease_ttl_ms must be at least 1000".into());
+        }
+        if !self.ownership.instance_id.is_empty()
+            && !planner_core::is_valid_token(&self.ownership.instance_id)
+        {
+            problems.push(format!(
+                "ownership.instance_id {:?}: use 1 to 64 of A-Z a-z 0-9 _ -",
+                self.ownership.instance_id
+            ));
         }
         if self.reports.max_deliver == 0 {
             problems.push("reports.max_deliver must be at least 1".into());

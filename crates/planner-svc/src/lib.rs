@@ -9,6 +9,8 @@
 //!   IO goes through seams (`engine/seams.rs`).
 //! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
+//! - `partition.rs`: which partition a session falls into and which instance serves it (pure).
+//! - `ownership.rs`: partition leases in a KV bucket, handed over on join, leave and death.
 //! - `client.rs`: the CLI's client of a daemon (`submit`, `watch`, `answer`, `cancel`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
@@ -23,6 +25,8 @@ pub mod embedded;
 pub mod engine;
 pub mod executor;
 pub mod inspect;
+pub mod ownership;
+pub mod partition;
 pub mod progress;
 pub mod protocol;
 pub mod serve;

@@ -112,6 +112,61 @@ impl Subjects {
         format!("{}.admin.quarantined", self.prefix)
     }
 
+    /// `{p}.admin.ownership`: the operator's request for the partitions each instance serves,
+    /// and what sessions cost it (loads, lost races, forwarded requests). Every instance answers.
+    pub fn admin_ownership(&self) -> String {
+        format!("{}.admin.ownership", self.prefix)
+    }
+
+    /// `{p}.report.{{partition(n,1)}}.{{wildcard(1)}}`: where the report stream's subject
+    /// transform files `{p}.report.{session}` (nats-server computes the partition).
+    pub fn report_transform_destination(&self, partitions: u32) -> String {
+        format!(
+            "{}.report.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}",
+            self.prefix
+        )
+    }
+
+    /// `{p}.report.{partition}.*`: the reports of one partition, as the stream stores them.
+    pub fn partition_reports(&self, partition: u32) -> String {
+        format!("{}.report.{partition}.*", self.prefix)
+    }
+
+    /// The session of a stored report: `{p}.report.{session}` as published (and stored before
+    /// partitioning), or `{p}.report.{partition}.{session}` as the transform stores it.
+    pub fn report_session<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".report.")?;
+        match rest.split_once('.') {
+            Some((partition, session)) if partition.bytes().all(|b| b.is_ascii_digit()) => {
+                (!session.contains('.')).then_some(session)
+            }
+            Some(_) => None,
+            None => Some(rest),
+        }
+    }
+
+    /// `{p}.fwd.{instance}.{subject}`: a request for a session `instance` owns, forwarded to it
+    /// by the instance that received it (with the client's reply subject).
+    pub fn forward(&self, instance: &str, subject: &str) -> String {
+        format!("{}.fwd.{instance}.{subject}", self.prefix)
+    }
+
+    /// `{p}.fwd.{instance}.>`: what `instance` receives forwarded.
+    pub fn forwarded(&self, instance: &str) -> String {
+        format!("{}.fwd.{instance}.>", self.prefix)
+    }
+
+    /// The subject a forwarded request was first sent to.
+    pub fn unforward<'a>(&self, instance: &str, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".fwd.")?
+            .strip_prefix(instance)?
+            .strip_prefix('.')
+    }
+
     /// The session id in a subject `{p}.{kind}.{session}[...]`, if the subject has that shape.
     pub fn session_of<'a>(&self, subject: &'a str, kind: &str) -> Option<&'a str> {
         let rest = subject
@@ -150,6 +205,24 @@ pub enum QuarantineReply {
     },
     /// The request could not be read.
     Error(ErrorBody),
+}
+
+/// One instance's reply on `{p}.admin.ownership` (an operator's view; not part of the client
+/// protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnershipReply {
+    /// The instance that answers (its name in the lease bucket).
+    pub instance: String,
+    /// Whether sessions are routed to their owners (`ownership.enabled`).
+    pub enabled: bool,
+    /// The partitions it serves.
+    pub partitions: Vec<u32>,
+    /// Sessions it loaded from the store since it started.
+    pub loads: u64,
+    /// Appends it lost to another instance (each costs a reload).
+    pub conflicts: u64,
+    /// Requests it forwarded to the owner of their session.
+    pub forwarded: u64,
 }
 
 /// A session whose log could not be loaded: recovery skips it until its log changes or an

@@ -3,15 +3,24 @@
 //! - Commands: the micro-service `planner`, endpoint `command` on `{p}.cmd.*` (queue group
 //!   `planner`, so several instances share them; `$SRV.PING|INFO|STATS` work).
 //! - Executor reports: captured by the JetStream stream `PLANNER_REPORTS` on `{p}.report.*`,
-//!   consumed through one durable pull consumer every instance shares, acknowledged only after
-//!   the events they cause are persisted (and what those carry published).
+//!   which files each under its session's partition (`{p}.report.<n>.<session>`, a subject
+//!   transform); each partition is consumed through a durable pull consumer of its own
+//!   (`planner-svc-<n>`) by the instance that leases it (`ownership.rs`); reports acknowledged
+//!   only after the events they cause are persisted (and what those carry published). The
+//!   shared consumer of old (`planner-svc`) drains reports stored before partitioning.
+//! - Ownership: commands, claims and heartbeats for a session another instance owns are
+//!   forwarded to it on `{p}.fwd.<instance>.<subject>` with the client's reply subject, so it
+//!   answers the client; a forwarded request is handled where it lands, never forwarded again.
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
 //!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
 //!   reaches one executor of a pool, and waits while none is online.
-//! - Operators: endpoint `quarantined` on `{p}.admin.quarantined`, in a queue group of each
-//!   instance's own, so every instance answers for the sessions it quarantined.
+//! - Operators: endpoints `quarantined` on `{p}.admin.quarantined` and `ownership` on
+//!   `{p}.admin.ownership`, in a queue group of each instance's own, so every instance answers
+//!   for the sessions it quarantined and the partitions it serves.
 //! - Questions and cancellations on core subjects; the event log is the JetStream store.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,14 +39,16 @@ use planner_store::{
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::bus::NatsPublisher;
 use crate::config::{Config, FsyncSetting, StoreKind};
 use crate::engine::{Disposition, Engine, EngineConfig, EngineError, Llm};
+use crate::ownership::{Leases, Round};
+use crate::partition::Partitions;
 use crate::protocol::{
     ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
-    LeaseReply, QuarantineReply, QuarantineRequest, ReportMessage, Subjects,
+    LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, Subjects,
 };
 
 /// The daemon's version, reported to `$SRV.INFO`.
@@ -305,10 +316,13 @@ pub async fn serve(
     }
 }
 
+/// The streams the daemon uses, created or brought up to date; the report stream and the
+/// legacy shared consumer's messages (reports stored before partitioning, or all of them with
+/// ownership off).
 async fn ensure_streams(
     config: &Config,
     client: &async_nats::Client,
-) -> anyhow::Result<pull::Stream> {
+) -> anyhow::Result<(stream::Stream, pull::Stream)> {
     let subjects = Subjects::new(&config.subjects.prefix);
     let js = async_nats::jetstream::new(client.clone());
     js.get_or_create_stream(stream::Config {
@@ -332,7 +346,14 @@ async fn ensure_streams(
     })
     .await
     .context("creating the dead-letter stream")?;
-    let reports = js
+    // With ownership, the stream files each report under its session's partition
+    // (`{p}.report.<n>.<session>`, computed by the server), so that each partition's consumer
+    // sees only its own; executors keep publishing to `{p}.report.<session>`.
+    let transform = config.ownership.enabled.then(|| stream::SubjectTransform {
+        source: subjects.reports(),
+        destination: subjects.report_transform_destination(config.ownership.partitions),
+    });
+    let mut reports = js
         .get_or_create_stream(stream::Config {
             name: config.reports.stream_name.clone(),
             subjects: vec![subjects.reports()],
@@ -340,10 +361,49 @@ async fn ensure_streams(
             num_replicas: config.reports.replicas,
             max_age: Duration::from_secs(config.reports.max_age_days * 86_400),
             max_message_size: i32::try_from(config.limits.max_message_bytes).unwrap_or(i32::MAX),
+            subject_transform: transform.clone(),
             ..Default::default()
         })
         .await
         .context("creating the reports stream")?;
+    let existing = reports
+        .info()
+        .await
+        .context("reading the reports stream")?
+        .config
+        .clone();
+    match (&existing.subject_transform, &transform) {
+        (Some(have), Some(want)) if have.destination != want.destination => anyhow::bail!(
+            "the reports stream {} partitions reports as {:?}, not {:?}: ownership.partitions must not change for a deployment (set it back)",
+            config.reports.stream_name,
+            have.destination,
+            want.destination
+        ),
+        (Some(have), None) => anyhow::bail!(
+            "the reports stream {} partitions reports ({:?}): ownership.enabled = false cannot read them; enable ownership again",
+            config.reports.stream_name,
+            have.destination
+        ),
+        (None, Some(_)) => {
+            // A stream from before ownership: add the transform. Reports stored until now keep
+            // their subjects and go through the legacy consumer below.
+            tracing::info!(
+                stream = %config.reports.stream_name,
+                "partitioning the reports stream (adding its subject transform)"
+            );
+            js.update_stream(stream::Config {
+                subject_transform: transform,
+                ..existing
+            })
+            .await
+            .context("adding the subject transform to the reports stream")?;
+            reports = js
+                .get_stream(&config.reports.stream_name)
+                .await
+                .context("reading the reports stream")?;
+        }
+        _ => {}
+    }
     let consumer = reports
         .get_or_create_consumer(
             &config.reports.consumer,
@@ -359,10 +419,11 @@ async fn ensure_streams(
         )
         .await
         .context("creating the reports consumer")?;
-    consumer
+    let legacy = consumer
         .messages()
         .await
-        .context("subscribing to executor reports")
+        .context("subscribing to executor reports")?;
+    Ok((reports, legacy))
 }
 
 /// A connected daemon, before its store is open.
@@ -416,11 +477,23 @@ async fn run_with<S: EventStore>(
             );
         }
     }
+    let ownership = &config.ownership;
+    let partitions = if ownership.enabled {
+        Partitions::new(ownership.partitions)
+    } else {
+        Partitions::all_owned(ownership.partitions)
+    };
+    // Dropped with this future (a stop, or a task aborted as a crash): its timers and
+    // recovery passes, which may outlive it, leave every session to the new owners.
+    let _disown = Disown(Arc::clone(&partitions));
+    if ownership.enabled {
+        engine_config.scope = Some(Arc::clone(&partitions));
+    }
     let (engine, timers) = Engine::new(Arc::new(store), Arc::new(publisher), engine_config);
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
-    let reports = ensure_streams(&config, &client).await?;
+    let (report_stream, legacy_reports) = ensure_streams(&config, &client).await?;
     let service = client
         .service_builder()
         .description("event-sourced task planner")
@@ -428,6 +501,67 @@ async fn run_with<S: EventStore>(
         .start("planner", VERSION)
         .await
         .map_err(|e| anyhow::anyhow!("registering the micro-service: {e}"))?;
+    // Every instance answers the operator for its own quarantine: a queue group of its own
+    // (the service's id), so the request reaches them all, and the CLI gathers the replies.
+    let service_id = service.info().await.id;
+    let instance = if ownership.instance_id.is_empty() {
+        service_id.clone()
+    } else {
+        ownership.instance_id.clone()
+    };
+    let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
+    let max_bytes = config.limits.max_message_bytes;
+    let report_pump = Arc::new(ReportPump {
+        engine: Arc::clone(&engine),
+        subjects: subjects.clone(),
+        client: client.clone(),
+        limits: Arc::new(Semaphore::new(config.reports.max_in_flight)),
+        max_bytes,
+        max_deliver: config.reports.max_deliver,
+        tracker: tracker.clone(),
+    });
+    let router = Arc::new(Router {
+        enabled: ownership.enabled,
+        me: instance.clone(),
+        partitions: Arc::clone(&partitions),
+        subjects: subjects.clone(),
+        client: client.clone(),
+        forwarded: AtomicU64::new(0),
+    });
+    let recover_now = Arc::new(tokio::sync::Notify::new());
+    // Leases first: a single instance takes every partition before it serves, as before.
+    let ownership_stop = CancellationToken::new();
+    let mut ownership_task = if ownership.enabled {
+        let js = async_nats::jetstream::new(client.clone());
+        let mut leases =
+            Leases::open(&js, ownership, instance.clone(), Arc::clone(&partitions)).await?;
+        let mut owned = Owned {
+            partitions: Arc::clone(&partitions),
+            pumps: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            engine: Arc::clone(&engine),
+            report_pump: Arc::clone(&report_pump),
+            reports: report_stream,
+            config: config.clone(),
+            recover_now: Arc::clone(&recover_now),
+        };
+        match leases.round(true).await {
+            Ok(round) => owned.apply(&mut leases, round).await,
+            Err(error) => {
+                tracing::warn!(error = %crate::report(&error), "first lease round failed; retrying")
+            }
+        }
+        tracing::info!(instance = %instance, partitions = ?leases.held(), "partition leases");
+        Some(AbortOnDropHandle::new(tokio::spawn(run_leases(
+            leases,
+            owned,
+            ownership_stop.clone(),
+        ))))
+    } else {
+        drop(report_stream);
+        None
+    };
+
     let mut commands = service
         .endpoint_builder()
         .name("command")
@@ -446,16 +580,25 @@ async fn run_with<S: EventStore>(
         .add(subjects.heartbeats())
         .await
         .map_err(|e| anyhow::anyhow!("adding the heartbeat endpoint: {e}"))?;
-    // Every instance answers the operator for its own quarantine: a queue group of its own
-    // (the service's id), so the request reaches them all, and the CLI gathers the replies.
-    let instance = service.info().await.id;
     let mut admin = service
         .endpoint_builder()
         .name("quarantined")
-        .queue_group(format!("planner-admin-{instance}"))
+        .queue_group(format!("planner-admin-{service_id}"))
         .add(subjects.admin_quarantined())
         .await
         .map_err(|e| anyhow::anyhow!("adding the quarantined endpoint: {e}"))?;
+    let mut admin_ownership = service
+        .endpoint_builder()
+        .name("ownership")
+        .queue_group(format!("planner-admin-{service_id}"))
+        .add(subjects.admin_ownership())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the ownership endpoint: {e}"))?;
+    // Requests other instances forward here, for sessions this one owns.
+    let mut forwarded = client
+        .subscribe(subjects.forwarded(&instance))
+        .await
+        .context("subscribing to forwarded requests")?;
     // A subscription the server refuses is refused after the fact (the client does not wait
     // for the server to accept a SUB): one round trip, then the refusals it flushed out. The
     // daemon cannot serve without its subjects, so a refusal is the end of its start-up.
@@ -468,7 +611,7 @@ async fn run_with<S: EventStore>(
     }
     // Serving starts now; recovery runs beside it (its first pass at once), so one slow or
     // broken session delays nothing and stops nothing.
-    tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, "planner-svc serving");
+    tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, instance = %instance, "planner-svc serving");
 
     tracker.spawn(timers.run(Arc::clone(&engine), token.clone()));
     {
@@ -476,61 +619,67 @@ async fn run_with<S: EventStore>(
         let token = token.clone();
         let (client, subjects) = (client.clone(), subjects.clone());
         let every = Duration::from_secs(config.sessions.recovery_interval_s);
+        let recover_now = Arc::clone(&recover_now);
         tracker.spawn(async move {
             let mut interval = tokio::time::interval(every);
             let mut first = true;
             loop {
-                tokio::select! {
+                let periodic = tokio::select! {
                     () = token.cancelled() => return,
-                    _ = interval.tick() => {
-                        if !first {
-                            engine.sweep().await;
+                    _ = interval.tick() => true,
+                    // Partitions acquired: recover their sessions now.
+                    () = recover_now.notified() => false,
+                };
+                if periodic && !first {
+                    engine.sweep().await;
+                }
+                match engine.recover().await {
+                    Ok(pass) => {
+                        if first || pass.recovered > 0 {
+                            tracing::info!(
+                                recovered = pass.recovered,
+                                failed = pass.failed,
+                                quarantined = pass.quarantined.len(),
+                                start_up = first,
+                                "recovery pass"
+                            );
                         }
-                        match engine.recover().await {
-                            Ok(pass) => {
-                                if first || pass.recovered > 0 {
-                                    tracing::info!(recovered = pass.recovered, failed = pass.failed, quarantined = pass.quarantined.len(), start_up = first, "recovery pass");
-                                }
-                                for (session, reason) in pass.quarantined {
-                                    let notice = ErrorNotice {
-                                        subject: subjects.events(&session),
-                                        session: Some(session),
-                                        error: ErrorBody::new(ErrorKind::Corrupt, format!("session quarantined: {reason}")),
-                                    };
-                                    let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
-                                    let _ = client.publish(subjects.errors(), body).await;
-                                }
-                            }
-                            Err(error) => tracing::warn!(%error, "recovery pass failed; the next one tries again"),
+                        for (session, reason) in pass.quarantined {
+                            let notice = ErrorNotice {
+                                subject: subjects.events(&session),
+                                session: Some(session),
+                                error: ErrorBody::new(
+                                    ErrorKind::Corrupt,
+                                    format!("session quarantined: {reason}"),
+                                ),
+                            };
+                            let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+                            let _ = client.publish(subjects.errors(), body).await;
                         }
-                        first = false;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "recovery pass failed; the next one tries again")
                     }
                 }
+                first = false;
             }
         });
     }
 
-    let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
-    let max_bytes = config.limits.max_message_bytes;
     // Reports have a pump of their own: waiting for a free report slot must never hold up
     // claims, heartbeats and commands. (It did, when one loop served all four: at
     // `reports.max_in_flight` every claim waited for a report to finish, and executors with it.)
+    // This one drains the shared consumer: every report with ownership off, and with it on
+    // the reports stored before the stream was partitioned.
     let intake = CancellationToken::new();
-    let mut report_pump = tokio::spawn(pump_reports(
-        reports,
-        ReportPump {
-            engine: Arc::clone(&engine),
-            subjects: subjects.clone(),
-            client: client.clone(),
-            limits: Arc::new(Semaphore::new(config.reports.max_in_flight)),
-            max_bytes,
-            max_deliver: config.reports.max_deliver,
-            tracker: tracker.clone(),
-        },
+    let mut report_pump_task = tokio::spawn(pump_reports(
+        legacy_reports,
+        Arc::clone(&report_pump),
         intake.clone(),
     ));
     let mut pump_ended = false;
     let mut failure = None;
+    let mut leases_ended = false;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -541,28 +690,56 @@ async fn run_with<S: EventStore>(
                 tracing::error!("a subscription the daemon needs was refused; shutting down");
                 break;
             }
-            _ = &mut report_pump => {
+                        _ = &mut report_pump_task => {
                 // The consumer ended (it does not on a server restart): without reports no
                 // plan moves on, so stop and let the supervisor restart the daemon.
                 tracing::error!("the executor report consumer ended; shutting down");
                 pump_ended = true;
                 break;
             }
+            _ = async { ownership_task.as_mut()?.await.ok() }, if ownership_task.is_some() && !leases_ended => {
+                tracing::error!("the partition lease loop ended; shutting down");
+                leases_ended = true;
+                break;
+            }
             request = commands.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Command, request, &admission, &tracker, &engine, &subjects, max_bytes);
+                answer(Endpoint::Command, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
             }
             request = claims.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Claim, request, &admission, &tracker, &engine, &subjects, max_bytes);
+                answer(Endpoint::Claim, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
             }
             request = heartbeats.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Heartbeat, request, &admission, &tracker, &engine, &subjects, max_bytes);
+                answer(Endpoint::Heartbeat, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+            }
+            message = forwarded.next() => {
+                let Some(message) = message else { break };
+                let Some(original) = subjects.unforward(&instance, &message.subject).map(str::to_owned) else { continue };
+                let Some(endpoint) = Endpoint::of(&subjects, &original) else { continue };
+                let incoming = Incoming { subject: original, payload: message.payload, reply: message.reply, forwarded: true };
+                answer(endpoint, incoming, &admission, &tracker, &engine, &router, max_bytes);
             }
             request = admin.next() => {
                 let Some(request) = request else { break };
-                let reply = quarantine_reply(&engine, &instance, &request.message.payload, max_bytes);
+                let reply = quarantine_reply(&engine, &service_id, &request.message.payload, max_bytes);
+                let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+                tracker.spawn(async move {
+                    let _ = request.respond(Ok(body)).await;
+                });
+            }
+            request = admin_ownership.next() => {
+                let Some(request) = request else { break };
+                let stats = engine.stats();
+                let reply = OwnershipReply {
+                    instance: instance.clone(),
+                    enabled: router.enabled,
+                    partitions: partitions.owned(),
+                    loads: stats.loads,
+                    conflicts: stats.conflicts,
+                    forwarded: router.forwarded.load(Ordering::Relaxed),
+                };
                 let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
                 tracker.spawn(async move {
                     let _ = request.respond(Ok(body)).await;
@@ -572,16 +749,31 @@ async fn run_with<S: EventStore>(
     }
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
+    // Partitions first, while requests are still answered: their reports drained, their
+    // leases deleted, so the other instances take them over at once rather than after the TTL.
+    ownership_stop.cancel();
+    if let Some(task) = ownership_task.as_mut() {
+        if !leases_ended {
+            let grace = Duration::from_secs(config.shutdown.grace_s);
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!(
+                    "handing partitions over did not finish within the grace period; they expire"
+                );
+            }
+        }
+    }
     let grace = Duration::from_secs(config.shutdown.grace_s);
     let stopping = async {
         intake.cancel();
         if !pump_ended {
-            let _ = report_pump.await;
+            let _ = report_pump_task.await;
         }
         let _ = commands.stop().await;
         let _ = claims.stop().await;
         let _ = heartbeats.stop().await;
         let _ = admin.stop().await;
+        let _ = admin_ownership.stop().await;
+        let _ = forwarded.unsubscribe().await;
         token.cancel();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -610,6 +802,301 @@ async fn run_with<S: EventStore>(
     }
 }
 
+/// Clears the partitions served when the daemon's future ends, however it ends.
+struct Disown(Arc<Partitions>);
+
+impl Drop for Disown {
+    fn drop(&mut self) {
+        self.0.disown_all();
+    }
+}
+
+/// Where a request goes: the instance that owns its session's partition, if another one.
+struct Router {
+    enabled: bool,
+    me: String,
+    partitions: Arc<Partitions>,
+    subjects: Subjects,
+    client: async_nats::Client,
+    forwarded: AtomicU64,
+}
+
+impl Router {
+    /// The owner to forward `incoming` to, when another instance owns its session. A
+    /// forwarded request is never forwarded again (no loops: its receiver handles it, owner or
+    /// not); one whose owner is unknown (a handover) is handled here, optimistic concurrency
+    /// keeping the two apart.
+    fn owner_elsewhere(&self, endpoint: Endpoint, incoming: &Incoming) -> Option<String> {
+        if !self.enabled || incoming.forwarded || incoming.reply.is_none() {
+            return None;
+        }
+        let session = self
+            .subjects
+            .session_of(&incoming.subject, endpoint.token())?;
+        let partition = self.partitions.of(session);
+        if self.partitions.owns(partition) {
+            return None;
+        }
+        self.partitions
+            .owner(partition)
+            .filter(|owner| *owner != self.me)
+    }
+
+    /// Sends `incoming` on to `owner`, with the client's reply subject: the owner answers the
+    /// client directly.
+    async fn forward(
+        &self,
+        owner: &str,
+        incoming: Incoming,
+    ) -> Result<(), async_nats::PublishError> {
+        let Some(reply) = incoming.reply else {
+            return Ok(());
+        };
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .publish_with_reply(
+                self.subjects.forward(owner, &incoming.subject),
+                reply,
+                incoming.payload,
+            )
+            .await
+    }
+}
+
+/// A request from a client or an executor, received directly or forwarded by another instance.
+struct Incoming {
+    subject: String,
+    payload: Bytes,
+    reply: Option<async_nats::Subject>,
+    forwarded: bool,
+}
+
+impl From<async_nats::service::Request> for Incoming {
+    fn from(request: async_nats::service::Request) -> Self {
+        Incoming {
+            subject: request.message.subject.to_string(),
+            payload: request.message.payload,
+            reply: request.message.reply,
+            forwarded: false,
+        }
+    }
+}
+
+/// The partitions this instance serves: a report pump each, and the engine's sessions.
+struct Owned<S> {
+    partitions: Arc<Partitions>,
+    pumps: BTreeMap<u32, PartitionPump>,
+    /// Partitions held whose consumer could not be opened yet: tried again every round.
+    pending: BTreeSet<u32>,
+    engine: Arc<Engine<S, NatsPublisher>>,
+    report_pump: Arc<ReportPump<S>>,
+    reports: stream::Stream,
+    config: Config,
+    recover_now: Arc<tokio::sync::Notify>,
+}
+
+/// One partition's report pump; aborted if dropped (the lease lost, or the daemon gone).
+struct PartitionPump {
+    stop: CancellationToken,
+    task: AbortOnDropHandle<()>,
+}
+
+/// How long a released partition's pump keeps handling reports already delivered to it.
+const HANDOVER_DRAIN: Duration = Duration::from_millis(500);
+
+impl<S: EventStore> Owned<S> {
+    fn partitions(&self) -> u32 {
+        self.config.ownership.partitions
+    }
+
+    /// Acts on a lease round: stops what was lost at once, drains and releases what another
+    /// member should hold, starts what was acquired.
+    async fn apply(&mut self, leases: &mut Leases, round: Round) {
+        let count = self.partitions();
+        for partition in &round.lost {
+            tracing::warn!(partition, "partition lease lost; no longer serving it");
+            self.pumps.remove(partition);
+            self.pending.remove(partition);
+            self.partitions.set_owned(*partition, false);
+            self.engine.forget_partition(*partition, count);
+        }
+        if !round.to_release.is_empty() {
+            let mut draining = Vec::new();
+            for partition in &round.to_release {
+                self.partitions.set_owned(*partition, false);
+                self.pending.remove(partition);
+                if let Some(pump) = self.pumps.remove(partition) {
+                    pump.stop.cancel();
+                    draining.push(pump.task);
+                }
+            }
+            futures::future::join_all(draining).await;
+            for partition in &round.to_release {
+                self.engine.forget_partition(*partition, count);
+                leases.release(*partition).await;
+            }
+            tracing::info!(partitions = ?round.to_release, "partitions handed over");
+        }
+        for partition in &round.acquired {
+            self.engine.forget_partition(*partition, count);
+            self.partitions.set_owned(*partition, true);
+            self.pending.insert(*partition);
+        }
+        self.start_pending().await;
+        if !round.acquired.is_empty() {
+            tracing::info!(partitions = ?round.acquired, "partitions acquired");
+            self.recover_now.notify_one();
+        }
+    }
+
+    /// Opens the report consumer of each partition held without one.
+    async fn start_pending(&mut self) {
+        for partition in std::mem::take(&mut self.pending) {
+            match self.open(partition).await {
+                Ok(messages) => {
+                    let stop = CancellationToken::new();
+                    let task = AbortOnDropHandle::new(tokio::spawn(pump_partition(
+                        messages,
+                        Arc::clone(&self.report_pump),
+                        stop.clone(),
+                    )));
+                    self.pumps.insert(partition, PartitionPump { stop, task });
+                }
+                Err(error) => {
+                    tracing::warn!(partition, error = %crate::report(&error), "could not open a partition's report consumer; retrying");
+                    self.pending.insert(partition);
+                }
+            }
+        }
+    }
+
+    async fn open(&self, partition: u32) -> anyhow::Result<pull::Stream> {
+        let name = format!("{}-{partition}", self.config.reports.consumer);
+        let subjects = &self.report_pump.subjects;
+        let consumer = self
+            .reports
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects.partition_reports(partition),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(self.config.reports.ack_wait_s),
+                    max_ack_pending: i64::try_from(self.config.reports.max_in_flight * 4)
+                        .unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("creating the report consumer {name}"))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(64)
+            .messages()
+            .await
+            .with_context(|| format!("pulling from the report consumer {name}"))
+    }
+
+    /// A graceful stop: leave the membership, drain every partition, release every lease.
+    async fn release_all(&mut self, leases: &mut Leases) {
+        leases.leave().await;
+        let round = Round {
+            to_release: leases.held(),
+            ..Round::default()
+        };
+        self.apply(leases, round).await;
+    }
+}
+
+/// Runs lease rounds every third of the TTL and whenever the bucket changes, until `stop`;
+/// then hands every partition over.
+async fn run_leases<S: EventStore>(
+    mut leases: Leases,
+    mut owned: Owned<S>,
+    stop: CancellationToken,
+) {
+    let mut refresh = tokio::time::interval(leases.refresh_every());
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await;
+    let mut watch = match leases.bucket().watch_all().await {
+        Ok(watch) => Some(watch),
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch the lease bucket; acting on changes every refresh only");
+            None
+        }
+    };
+    loop {
+        let refreshing = tokio::select! {
+            () = stop.cancelled() => break,
+            _ = refresh.tick() => true,
+            entry = async { watch.as_mut()?.next().await }, if watch.is_some() => match entry {
+                Some(Ok(entry)) if relevant(&leases, &owned.partitions, &entry) => {
+                    // A handover frees many keys at once: one round for the burst.
+                    let quiet = tokio::time::sleep(Duration::from_millis(20));
+                    tokio::pin!(quiet);
+                    while let Some(watch) = watch.as_mut() {
+                        tokio::select! {
+                            () = &mut quiet => break,
+                            more = watch.next() => if more.is_none() { break },
+                        }
+                    }
+                    false
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "lease bucket watch error");
+                    continue;
+                }
+                None => {
+                    watch = None;
+                    continue;
+                }
+            },
+        };
+        match leases.round(refreshing).await {
+            Ok(round) => owned.apply(&mut leases, round).await,
+            Err(error) => {
+                tracing::warn!(error = %crate::report(&error), "lease round failed; retrying");
+                let round = Round {
+                    lost: leases.expired(),
+                    ..Round::default()
+                };
+                owned.apply(&mut leases, round).await;
+            }
+        }
+        owned.start_pending().await;
+    }
+    owned.release_all(&mut leases).await;
+}
+
+/// Whether a change in the lease bucket calls for a round: a partition freed or taken by an
+/// owner not known for it, a member that joined or left. Refreshes (puts of what is known) do
+/// not: they come every third of the TTL from every instance.
+fn relevant(
+    leases: &Leases,
+    partitions: &Partitions,
+    entry: &async_nats::jetstream::kv::Entry,
+) -> bool {
+    use async_nats::jetstream::kv::Operation;
+    match entry.operation {
+        Operation::Delete | Operation::Purge => true,
+        Operation::Put => {
+            if let Some(instance) = entry.key.strip_prefix("member.") {
+                return !leases.is_member(instance);
+            }
+            let owner = String::from_utf8_lossy(&entry.value);
+            let partition = entry
+                .key
+                .strip_prefix("owner.")
+                .and_then(|n| n.parse::<u32>().ok());
+            match partition {
+                Some(partition) => partitions.owner(partition).as_deref() != Some(owner.as_ref()),
+                None => false,
+            }
+        }
+    }
+}
+
 /// What the report pump needs.
 struct ReportPump<S> {
     engine: Arc<Engine<S, NatsPublisher>>,
@@ -622,11 +1109,30 @@ struct ReportPump<S> {
     tracker: TaskTracker,
 }
 
+impl<S: EventStore> ReportPump<S> {
+    fn spawn(
+        &self,
+        message: async_nats::jetstream::Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> tokio::task::JoinHandle<()> {
+        let (engine, subjects, client) = (
+            Arc::clone(&self.engine),
+            self.subjects.clone(),
+            self.client.clone(),
+        );
+        let (max_bytes, max_deliver) = (self.max_bytes, self.max_deliver);
+        self.tracker.spawn(async move {
+            handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
+            drop(permit);
+        })
+    }
+}
+
 /// Takes executor reports off the consumer, each handled in a task of its own within the
 /// in-flight limit, until `intake` is cancelled or the consumer ends.
 async fn pump_reports<S: EventStore>(
     mut reports: pull::Stream,
-    pump: ReportPump<S>,
+    pump: Arc<ReportPump<S>>,
     intake: CancellationToken,
 ) {
     loop {
@@ -649,17 +1155,55 @@ async fn pump_reports<S: EventStore>(
                 None => return,
             },
         };
-        let (engine, subjects, client) = (
-            Arc::clone(&pump.engine),
-            pump.subjects.clone(),
-            pump.client.clone(),
-        );
-        let (max_bytes, max_deliver) = (pump.max_bytes, pump.max_deliver);
-        pump.tracker.spawn(async move {
-            handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
-            drop(permit);
-        });
+        pump.spawn(message, permit);
     }
+}
+
+/// One partition's pump: as [`pump_reports`] until `stop`, then it handles what was already
+/// delivered to it for up to [`HANDOVER_DRAIN`] and waits for its reports in flight, so the
+/// next owner starts after them.
+async fn pump_partition<S: EventStore>(
+    mut reports: pull::Stream,
+    pump: Arc<ReportPump<S>>,
+    stop: CancellationToken,
+) {
+    let mut in_flight = Vec::new();
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = Arc::clone(&pump.limits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let message = tokio::select! {
+            () = stop.cancelled() => break,
+            message = reports.next() => match message {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "executor report stream error");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        in_flight.retain(|task: &tokio::task::JoinHandle<()>| !task.is_finished());
+        in_flight.push(pump.spawn(message, permit));
+    }
+    let until = tokio::time::Instant::now() + HANDOVER_DRAIN;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+        reports.next(),
+    )
+    .await
+    {
+        let Ok(permit) = Arc::clone(&pump.limits).acquire_owned().await else {
+            break;
+        };
+        in_flight.push(pump.spawn(message, permit));
+    }
+    drop(reports);
+    futures::future::join_all(in_flight).await;
 }
 
 async fn command_reply<S: EventStore>(
@@ -771,7 +1315,7 @@ async fn handle_report<S: EventStore>(
     max_deliver: u64,
 ) {
     let subject = message.subject.to_string();
-    let session = subjects.session_of(&subject, "report").map(str::to_owned);
+    let session = subjects.report_session(&subject).map(str::to_owned);
     let refuse = |kind: ErrorKind, text: String| {
         ReportOutcome::Refused(ErrorNotice {
             subject: subject.clone(),
@@ -1024,6 +1568,22 @@ impl Endpoint {
         }
     }
 
+    /// The subject token before the session: `{p}.<token>.<session>`.
+    fn token(self) -> &'static str {
+        match self {
+            Endpoint::Command => "cmd",
+            Endpoint::Claim => "claim",
+            Endpoint::Heartbeat => "heartbeat",
+        }
+    }
+
+    /// The endpoint a request's subject is for.
+    fn of(subjects: &Subjects, subject: &str) -> Option<Endpoint> {
+        [Endpoint::Command, Endpoint::Claim, Endpoint::Heartbeat]
+            .into_iter()
+            .find(|endpoint| subjects.session_of(subject, endpoint.token()).is_some())
+    }
+
     /// The reply for a refusal before the request is looked at.
     fn refusal(self, body: ErrorBody) -> Bytes {
         let json = match self {
@@ -1035,55 +1595,81 @@ impl Endpoint {
 }
 
 /// Answers one request in a task of its own, within the admission limit (past it: `busy` at
-/// once, without queueing).
+/// once, without queueing), or forwards it to the instance that owns its session.
 fn answer<S: EventStore>(
     endpoint: Endpoint,
-    request: async_nats::service::Request,
+    incoming: Incoming,
     admission: &Arc<Semaphore>,
     tracker: &TaskTracker,
     engine: &Arc<Engine<S, NatsPublisher>>,
-    subjects: &Subjects,
+    router: &Arc<Router>,
     max_bytes: usize,
 ) {
-    let (engine, subjects) = (Arc::clone(engine), subjects.clone());
+    if let Some(owner) = router.owner_elsewhere(endpoint, &incoming) {
+        let router = Arc::clone(router);
+        tracker.spawn(async move {
+            if let Err(error) = router.forward(&owner, incoming).await {
+                tracing::warn!(%error, owner, endpoint = endpoint.name(), "could not forward a request to its session's owner");
+            }
+        });
+        return;
+    }
+    let (engine, router) = (Arc::clone(engine), Arc::clone(router));
+    let Some(reply_to) = incoming.reply.clone() else {
+        // Nobody to answer: handled all the same (a command published without a reply).
+        tracker.spawn(async move {
+            let _ = handle(endpoint, &engine, &router.subjects, &incoming, max_bytes).await;
+        });
+        return;
+    };
     let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
         tracing::warn!(
             request = endpoint.name(),
             "at limits.max_requests_in_flight; answered busy"
         );
         tracker.spawn(async move {
-            let _ = request.respond(Ok(endpoint.refusal(busy()))).await;
+            let _ = router
+                .client
+                .publish(reply_to, endpoint.refusal(busy()))
+                .await;
         });
         return;
     };
     tracker.spawn(async move {
-        let (subject, payload) = (&request.message.subject, &request.message.payload);
-        let body = match endpoint {
-            Endpoint::Command => {
-                let reply = command_reply(&engine, &subjects, subject, payload, max_bytes).await;
-                serde_json::to_vec(&reply)
-            }
-            Endpoint::Claim => {
-                let kind = LeaseRequest::Claim;
-                let reply =
-                    lease_reply(&engine, &subjects, subject, payload, max_bytes, kind).await;
-                serde_json::to_vec(&reply)
-            }
-            Endpoint::Heartbeat => {
-                let kind = LeaseRequest::Heartbeat;
-                let reply =
-                    lease_reply(&engine, &subjects, subject, payload, max_bytes, kind).await;
-                serde_json::to_vec(&reply)
-            }
-        };
+        let body = handle(endpoint, &engine, &router.subjects, &incoming, max_bytes).await;
         drop(permit);
-        if let Err(error) = request
-            .respond(Ok(Bytes::from(body.unwrap_or_default())))
-            .await
-        {
+        if let Err(error) = router.client.publish(reply_to, body).await {
             tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
         }
     });
+}
+
+/// The reply to one request, handled here.
+async fn handle<S: EventStore>(
+    endpoint: Endpoint,
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    subjects: &Subjects,
+    incoming: &Incoming,
+    max_bytes: usize,
+) -> Bytes {
+    let (subject, payload) = (incoming.subject.as_str(), &incoming.payload);
+    let body = match endpoint {
+        Endpoint::Command => {
+            let reply = command_reply(engine, subjects, subject, payload, max_bytes).await;
+            serde_json::to_vec(&reply)
+        }
+        Endpoint::Claim => {
+            let kind = LeaseRequest::Claim;
+            let reply = lease_reply(engine, subjects, subject, payload, max_bytes, kind).await;
+            serde_json::to_vec(&reply)
+        }
+        Endpoint::Heartbeat => {
+            let kind = LeaseRequest::Heartbeat;
+            let reply = lease_reply(engine, subjects, subject, payload, max_bytes, kind).await;
+            serde_json::to_vec(&reply)
+        }
+    };
+    Bytes::from(body.unwrap_or_default())
 }
 
 fn busy() -> ErrorBody {

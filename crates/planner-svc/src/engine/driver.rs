@@ -113,6 +113,9 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
 impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// The session's planner from the store; a new session gets this instance's settings.
     pub(super) async fn load(&self, session: &str) -> Result<Planner, StoreError> {
+        self.stats
+            .loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let planner = load_planner(self.store.as_ref(), session).await?;
         if planner.version() == 0 {
             // From its first event on, the settings a session started with are in its log.
@@ -196,6 +199,9 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // The planner applied events that are not in the store: drop it.
                     state.planner = None;
                     if error.is_conflict() {
+                        self.stats
+                            .conflicts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(attempt, %error, "lost a race for the session; reloading");
                         continue;
                     }

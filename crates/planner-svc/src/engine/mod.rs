@@ -65,6 +65,10 @@ pub struct EngineConfig {
     /// The largest dispatch the bus accepts (the server's `max_payload`): a larger one is
     /// never published; its attempt fails with a clear error instead of waiting for ever.
     pub max_dispatch_bytes: usize,
+    /// The partitions this instance serves (`None`: every session). Recovery and timers leave
+    /// sessions outside them to their owner; commands are still handled for any session
+    /// (optimistic concurrency keeps instances apart), routing them is the transport's job.
+    pub scope: Option<Arc<crate::partition::Partitions>>,
 }
 
 impl Default for EngineConfig {
@@ -79,6 +83,7 @@ impl Default for EngineConfig {
             clock: Arc::new(SystemClock),
             max_dispatch_bytes: 1024 * 1024,
             max_remembered_ended: 100_000,
+            scope: None,
         }
     }
 }
@@ -103,6 +108,25 @@ pub struct Engine<S, P> {
     clock: Arc<dyn Clock>,
     registry: Registry,
     timers: mpsc::UnboundedSender<Arm>,
+    stats: Stats,
+}
+
+/// Counters of what sessions cost: loads from the store and lost races. With sessions routed
+/// to their owner both stay near zero after start-up; a stream of them means two instances
+/// fight over sessions.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) loads: std::sync::atomic::AtomicU64,
+    pub(crate) conflicts: std::sync::atomic::AtomicU64,
+}
+
+/// A copy of the engine's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineStats {
+    /// Sessions loaded (replayed) from the store.
+    pub loads: u64,
+    /// Appends that lost an optimistic-concurrency race (each costs a reload).
+    pub conflicts: u64,
 }
 
 impl<S, P> std::fmt::Debug for Engine<S, P> {
@@ -124,6 +148,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             registry: Registry::new(config.max_remembered_ended),
             config,
             timers: tx,
+            stats: Stats::default(),
         });
         (engine, TimerLoop::new(rx))
     }
@@ -157,6 +182,33 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// pass loads it again, even if its log did not change. Whether it was quarantined here.
     pub fn release_quarantine(&self, session: &str) -> bool {
         self.registry.release_quarantine(session)
+    }
+
+    /// Loads and lost races so far.
+    pub fn stats(&self) -> EngineStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        EngineStats {
+            loads: self.stats.loads.load(Relaxed),
+            conflicts: self.stats.conflicts.load(Relaxed),
+        }
+    }
+
+    /// Whether this instance serves `session` (see [`EngineConfig::scope`]).
+    pub fn in_scope(&self, session: &str) -> bool {
+        self.config
+            .scope
+            .as_ref()
+            .is_none_or(|scope| scope.owns_session(session))
+    }
+
+    /// Drops from memory every session of `partition` (of `partitions`), whatever it is
+    /// doing: another instance serves them now, so what is held here is about to be stale.
+    /// A command in flight on one finishes on its own copy; optimistic concurrency fences it.
+    /// Their timers fire nothing while the partition is not served here.
+    pub fn forget_partition(&self, partition: u32, partitions: u32) {
+        self.registry.remove_where(|session| {
+            crate::partition::partition_of(session, partitions) == partition
+        });
     }
 
     /// How many sessions are in memory.

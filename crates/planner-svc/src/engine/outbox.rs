@@ -63,7 +63,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         Ok(undeliverable)
     }
 
-    /// Every session in the store that has not ended and is not in memory gets its in-flight
+    /// Every session in the store that has not ended, is not in memory and is in this
+    /// instance's scope (its partitions, [`super::EngineConfig::scope`]) gets its in-flight
     /// work re-published and its timer armed: at start-up, and periodically, so that the retries
     /// and deadlines of sessions whose instance died are picked up by the survivors. Sessions
     /// seen ended are skipped until their version moves.
@@ -80,7 +81,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     pub async fn recover(&self) -> Result<Recovery, EngineError> {
         let mut report = Recovery::default();
         for session in self.store.list_open().await? {
-            if self.registry.contains(&session) {
+            if self.registry.contains(&session) || !self.in_scope(&session) {
                 continue;
             }
             match self.recover_one(&session).await {

@@ -102,6 +102,11 @@ impl Registry {
         lock(&self.sessions).contains_key(session)
     }
 
+    /// Drops every session `doomed` names, in use or not.
+    pub(super) fn remove_where(&self, doomed: impl Fn(&str) -> bool) {
+        lock(&self.sessions).retain(|session, _| !doomed(session));
+    }
+
     /// Every slot in memory, to visit without holding the map.
     pub(super) fn all(&self) -> Vec<(String, Arc<Slot>)> {
         lock(&self.sessions)

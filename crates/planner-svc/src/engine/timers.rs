@@ -159,6 +159,10 @@ async fn fire<S: EventStore, P: Publisher>(
     session: &str,
     failures: u32,
 ) {
+    // Its partition moved to another instance, which armed its own timer when it took it.
+    if !engine.in_scope(session) {
+        return;
+    }
     let tick = Command::Tick {
         now: engine.clock.now(),
     };

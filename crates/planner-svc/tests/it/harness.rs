@@ -24,6 +24,9 @@ pub fn config(server: &NatsServer) -> Config {
     config.planner.retry.initial_backoff_ms = 50;
     config.sessions.recovery_interval_s = 1;
     config.shutdown.grace_s = 5;
+    // A killed instance's partitions are taken over after this: short, so tests that kill
+    // and replace an instance do not wait the production TTL.
+    config.ownership.lease_ttl_ms = 2000;
     config
 }
 

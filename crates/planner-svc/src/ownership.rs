@@ -1,0 +1,306 @@
+//! Partition leases in a JetStream KV bucket (ARCHITECTURE.md, "Ownership"; docs/adr/0004).
+//!
+//! The bucket keeps every value for `ownership.lease_ttl_ms` (its max age), one revision per
+//! key. Each instance:
+//!
+//! - announces itself as `member.<instance>` and refreshes it every third of the TTL; an
+//!   instance that stops refreshing (it died) drops out when the server expires its key;
+//! - computes which live member each partition belongs to by rendezvous hashing
+//!   ([`crate::partition::assigned_member`]): all compute the same answer, and a member joining
+//!   or leaving moves only the partitions it takes or gives;
+//! - acquires `owner.<n>` for its partitions with `create` (a key absent or deleted), or over
+//!   the revision of an owner that is no longer a member (it died: its key has not expired
+//!   yet); refreshes each lease with `update` at its own last revision; a refresh that finds
+//!   another revision means the lease was lost: the partition is dropped at once;
+//! - releases a partition another member should hold (after draining its work, the caller's
+//!   job) and all of them on a graceful stop, by deleting the key at its revision, so the next
+//!   owner takes it at once instead of after the TTL.
+//!
+//! A [`Leases::round`] reads the bucket and does all of that but the draining; the daemon runs
+//! one every third of the TTL and whenever the bucket changes (a watch). Only the partition
+//! counts of this module do IO; the rules are in `partition.rs`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::stream::StorageType;
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use crate::config::OwnershipConfig;
+use crate::partition::{assigned_member, Partitions};
+
+/// What a round changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Partitions acquired: start serving them (recover their sessions).
+    pub acquired: Vec<u32>,
+    /// Partitions whose lease was lost (another instance holds it, or it expired): stop
+    /// serving them at once.
+    pub lost: Vec<u32>,
+    /// Partitions another member should hold: drain their work, then [`Leases::release`].
+    pub to_release: Vec<u32>,
+}
+
+/// This instance's leases.
+#[derive(Debug)]
+pub struct Leases {
+    kv: kv::Store,
+    me: String,
+    partitions: Arc<Partitions>,
+    ttl: Duration,
+    /// Partition -> the revision of our lease on it, and when it was last refreshed.
+    held: BTreeMap<u32, (u64, Instant)>,
+    /// Members seen in the last round.
+    members: BTreeSet<String>,
+}
+
+fn owner_key(partition: u32) -> String {
+    format!("owner.{partition}")
+}
+
+fn member_key(instance: &str) -> String {
+    format!("member.{instance}")
+}
+
+impl Leases {
+    /// Opens (creating it if needed) the lease bucket for instance `me`.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        config: &OwnershipConfig,
+        me: String,
+        partitions: Arc<Partitions>,
+    ) -> anyhow::Result<Leases> {
+        let ttl = Duration::from_millis(config.lease_ttl_ms);
+        let kv = match js.get_key_value(&config.bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: config.bucket.clone(),
+                    description: "planner partition leases and members".into(),
+                    history: 1,
+                    max_age: ttl,
+                    storage: StorageType::File,
+                    num_replicas: config.replicas,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("creating the lease bucket {}", config.bucket))?,
+        };
+        Ok(Leases {
+            kv,
+            me,
+            partitions,
+            ttl,
+            held: BTreeMap::new(),
+            members: BTreeSet::new(),
+        })
+    }
+
+    /// This instance's name in the bucket.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The bucket, to watch.
+    pub fn bucket(&self) -> &kv::Store {
+        &self.kv
+    }
+
+    /// How often leases are refreshed: a third of the TTL, so one lost refresh never costs one.
+    pub fn refresh_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Whether `instance` was a live member at the last round.
+    pub fn is_member(&self, instance: &str) -> bool {
+        self.members.contains(instance)
+    }
+
+    /// The partitions held.
+    pub fn held(&self) -> Vec<u32> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Live members (their key not expired or deleted), sorted.
+    async fn read_members(&self) -> anyhow::Result<BTreeSet<String>> {
+        let filter = format!("{}{}", self.kv.prefix, member_key("*"));
+        let mut subjects = self
+            .kv
+            .stream
+            .info_with_subjects(filter)
+            .await
+            .context("listing lease members")?;
+        let mut members = BTreeSet::new();
+        while let Some((subject, _)) = subjects.try_next().await.context("listing members")? {
+            let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) else {
+                continue;
+            };
+            if let Some(entry) = self.kv.entry(key).await.context("reading a member")? {
+                if entry.operation == Operation::Put {
+                    if let Some(instance) = key.strip_prefix("member.") {
+                        members.insert(instance.to_owned());
+                    }
+                }
+            }
+        }
+        Ok(members)
+    }
+
+    /// The owner (and revision) of each partition's lease, `None` where there is none.
+    async fn read_owners(&self) -> anyhow::Result<Vec<Option<(String, u64)>>> {
+        let reads = (0..self.partitions.count()).map(|p| self.kv.entry(owner_key(p)));
+        let entries = futures::future::try_join_all(reads)
+            .await
+            .context("reading partition leases")?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                entry.and_then(|e| {
+                    (e.operation == Operation::Put)
+                        .then(|| (String::from_utf8_lossy(&e.value).into_owned(), e.revision))
+                })
+            })
+            .collect())
+    }
+
+    /// One round: announce (when `refresh`), read the bucket, acquire what is ours and free,
+    /// refresh (when `refresh`) or give up what is ours no more. See the module docs.
+    pub async fn round(&mut self, refresh: bool) -> anyhow::Result<Round> {
+        let mut round = Round::default();
+        if refresh {
+            self.kv
+                .put(member_key(&self.me), Bytes::from(self.me.clone()))
+                .await
+                .context("announcing this instance")?;
+        }
+        let mut members = self.read_members().await?;
+        members.insert(self.me.clone());
+        let list: Vec<String> = members.iter().cloned().collect();
+        let mut owners = self.read_owners().await?;
+        let now = Instant::now();
+        for partition in 0..self.partitions.count() {
+            let index = partition as usize;
+            let ours = assigned_member(partition, &list) == Some(self.me.as_str());
+            let current = owners.get(index).cloned().flatten();
+            if let Some((revision, refreshed)) = self.held.get(&partition).copied() {
+                let still_ours = current
+                    .as_ref()
+                    .is_some_and(|(owner, rev)| *owner == self.me && *rev == revision);
+                if !still_ours {
+                    self.held.remove(&partition);
+                    round.lost.push(partition);
+                } else if !ours {
+                    round.to_release.push(partition);
+                } else if refresh {
+                    match self
+                        .kv
+                        .update(owner_key(partition), Bytes::from(self.me.clone()), revision)
+                        .await
+                    {
+                        Ok(revision) => {
+                            self.held.insert(partition, (revision, now));
+                            if let Some(slot) = owners.get_mut(index) {
+                                *slot = Some((self.me.clone(), revision));
+                            }
+                        }
+                        Err(error)
+                            if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                                || now.duration_since(refreshed) >= self.ttl =>
+                        {
+                            tracing::warn!(partition, %error, "partition lease lost");
+                            self.held.remove(&partition);
+                            round.lost.push(partition);
+                        }
+                        Err(error) => {
+                            tracing::warn!(partition, %error, "could not refresh a partition lease; trying again");
+                        }
+                    }
+                }
+                continue;
+            }
+            if !ours {
+                continue;
+            }
+            let value = Bytes::from(self.me.clone());
+            let acquired = match &current {
+                None => self
+                    .kv
+                    .create(owner_key(partition), value)
+                    .await
+                    .map_err(anyhow::Error::new),
+                // Ours from before (a restart under the same instance id), or a dead member's
+                // whose key has not expired yet: taken over at its revision, so a live holder
+                // refreshing meanwhile wins.
+                Some((owner, revision)) if *owner == self.me || !members.contains(owner) => self
+                    .kv
+                    .update(owner_key(partition), value, *revision)
+                    .await
+                    .map_err(anyhow::Error::new),
+                Some(_) => continue,
+            };
+            match acquired {
+                Ok(revision) => {
+                    self.held.insert(partition, (revision, now));
+                    if let Some(slot) = owners.get_mut(index) {
+                        *slot = Some((self.me.clone(), revision));
+                    }
+                    round.acquired.push(partition);
+                }
+                Err(error) => {
+                    tracing::debug!(partition, %error, "partition taken by another instance first")
+                }
+            }
+        }
+        self.members = members;
+        self.partitions.set_owners(
+            owners
+                .into_iter()
+                .map(|o| o.map(|(owner, _)| owner))
+                .collect(),
+        );
+        Ok(round)
+    }
+
+    /// Leases not refreshed for a whole TTL (the bucket unreachable): they have expired on
+    /// the server, or are about to; another instance may hold them. Dropped, and returned.
+    pub fn expired(&mut self) -> Vec<u32> {
+        let now = Instant::now();
+        let expired: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, (_, refreshed))| now.duration_since(*refreshed) >= self.ttl)
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in &expired {
+            self.held.remove(partition);
+        }
+        expired
+    }
+
+    /// Gives `partition` up (its work drained): deletes our lease at its revision, so the
+    /// member it belongs to takes it at once.
+    pub async fn release(&mut self, partition: u32) {
+        let Some((revision, _)) = self.held.remove(&partition) else {
+            return;
+        };
+        if let Err(error) = self
+            .kv
+            .delete_expect_revision(owner_key(partition), Some(revision))
+            .await
+        {
+            // Someone else holds it already, or it expired: nothing of ours to delete.
+            tracing::debug!(partition, %error, "releasing a partition lease");
+        }
+    }
+
+    /// Leaves the membership (a graceful stop): the others stop counting on this instance.
+    pub async fn leave(&mut self) {
+        if let Err(error) = self.kv.delete(member_key(&self.me)).await {
+            tracing::warn!(%error, "could not leave the lease membership; it expires");
+        }
+    }
+}

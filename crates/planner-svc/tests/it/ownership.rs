@@ -1,0 +1,441 @@
+//! Sessions have an owner: partitions leased through a KV bucket, reports routed by the
+//! server's subject transform, requests forwarded to the owner, failover and handover.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use planner_core::{Event, PlanPhase, Planner};
+use planner_store::EventStore;
+use planner_svc::partition::partition_of;
+use planner_svc::protocol::{OwnershipReply, Subjects};
+use planner_testkit::NatsServer;
+use serde_json::json;
+
+use crate::harness::{command, config, store, wait_for_end, Daemon, ExecutorBehaviour, Executors};
+
+const PARTITIONS: u32 = 32;
+
+/// Every instance's answer on `planner.admin.ownership`.
+pub async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("planner.admin.ownership", inbox, "".into())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while let Ok(Some(reply)) =
+        tokio::time::timeout(Duration::from_millis(300), replies.next()).await
+    {
+        // A status without a body (no responders yet) is no instance's answer.
+        if let Ok(answer) = serde_json::from_slice(&reply.payload) {
+            all.push(answer);
+        }
+    }
+    all.sort_by(|a: &OwnershipReply, b| a.instance.cmp(&b.instance));
+    all
+}
+
+/// Waits until `instances` instances answer and split all partitions between them, each
+/// holding some; returns their replies.
+async fn wait_for_split(
+    client: &async_nats::Client,
+    instances: usize,
+    within: Duration,
+) -> Vec<OwnershipReply> {
+    let deadline = Instant::now() + within;
+    loop {
+        let replies = ownership(client).await;
+        let mut seen = BTreeSet::new();
+        let disjoint = replies
+            .iter()
+            .all(|r| r.partitions.iter().all(|p| seen.insert(*p)));
+        if replies.len() == instances
+            && disjoint
+            && seen.len() == PARTITIONS as usize
+            && replies.iter().all(|r| !r.partitions.is_empty())
+        {
+            return replies;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions not split between {instances} instances: {replies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn chain_plan(tasks: usize) -> serde_json::Value {
+    let tasks: Vec<_> = (0..tasks)
+        .map(|i| {
+            let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] };
+            json!({"id": format!("t{i}"), "description": "step", "kind": "tool_call", "target": "tool", "dependencies": deps})
+        })
+        .collect();
+    json!({"type": "initialize", "input": "chain", "plan": {"tasks": tasks}})
+}
+
+fn completed(events: &[Event]) -> bool {
+    Planner::fold(events).state().phase == PlanPhase::Completed
+}
+
+/// A daemon as a process of its own, to be killed with SIGKILL.
+struct Process(Child);
+
+impl Process {
+    fn start(server: &NatsServer, ttl_ms: u64) -> Process {
+        let child = Command::new(env!("CARGO_BIN_EXE_planner-svc"))
+            .arg("serve")
+            .env("PLANNER_NATS__URL", server.url())
+            .env("PLANNER_LOG__LEVEL", "warn")
+            .env("PLANNER_OWNERSHIP__LEASE_TTL_MS", ttl_ms.to_string())
+            .env("PLANNER_REPORTS__ACK_WAIT_S", "2")
+            .env("PLANNER_SESSIONS__RECOVERY_INTERVAL_S", "1")
+            .env("PLANNER_PLANNER__RETRY__INITIAL_BACKOFF_MS", "50")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Process(child)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_of_a_session_is_the_one_the_server_files_its_reports_under() {
+    let server = NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let subjects = Subjects::new("ptest");
+    for partitions in [32, 7] {
+        let name = format!("PTEST{partitions}");
+        let reports = js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![subjects
+                    .reports()
+                    .replace("ptest", &format!("ptest{partitions}"))],
+                subject_transform: Some(stream::SubjectTransform {
+                    source: subjects
+                        .reports()
+                        .replace("ptest", &format!("ptest{partitions}")),
+                    destination: subjects
+                        .report_transform_destination(partitions)
+                        .replace("ptest", &format!("ptest{partitions}")),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let sessions: Vec<String> = (0..300)
+            .map(|i| format!("s-{i}"))
+            .chain(["a", "x", "session_with-Mixed_09", "Z"].map(String::from))
+            .collect();
+        for session in &sessions {
+            js.publish(format!("ptest{partitions}.report.{session}"), "{}".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        for (i, session) in sessions.iter().enumerate() {
+            let stored = reports.get_raw_message(i as u64 + 1).await.unwrap();
+            let expected = format!(
+                "ptest{partitions}.report.{}.{session}",
+                partition_of(session, partitions)
+            );
+            assert_eq!(stored.subject.as_str(), expected);
+            assert_eq!(
+                Subjects::new(format!("ptest{partitions}")).report_session(&stored.subject),
+                Some(session.as_str())
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_partitions_and_each_serves_its_own_sessions() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let b = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let sessions: Vec<String> = (0..24).map(|i| format!("own-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, chain_plan(5)).await;
+    }
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        assert!(completed(&wait_for_end(&store, session).await), "{session}");
+    }
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    let replies = ownership(&client).await;
+    let loads: u64 = replies.iter().map(|r| r.loads).sum();
+    let conflicts: u64 = replies.iter().map(|r| r.conflicts).sum();
+    let forwarded: u64 = replies.iter().map(|r| r.forwarded).sum();
+    // Each session is loaded once, by its owner (a new session's load finds it empty), and
+    // never raced: without routing, every report reaching the other instance reloads it.
+    assert!(
+        loads <= sessions.len() as u64 + 2,
+        "{loads} loads for {} sessions: {replies:?}",
+        sessions.len()
+    );
+    assert_eq!(conflicts, 0, "{replies:?}");
+    assert!(
+        forwarded > 0,
+        "requests reached the other instance and were forwarded: {replies:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_s_partitions_are_taken_over_within_the_ttl_and_nothing_runs_twice() {
+    let server = NatsServer::start().unwrap();
+    let ttl_ms = 3000;
+    let mut doomed = Process::start(&server, ttl_ms);
+    let _survivor = Process::start(&server, ttl_ms);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    wait_for_split(&client, 2, Duration::from_secs(20)).await;
+    let behaviour = ExecutorBehaviour {
+        delay: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let executors = Executors::start(&server.url(), behaviour).await;
+    let sessions: Vec<String> = (0..20).map(|i| format!("kill-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, chain_plan(10)).await;
+    }
+    // Mid-run: some results in, most not.
+    let store = store(&server.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut done = 0;
+        for session in &sessions {
+            done += store
+                .load_all(session)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.event_type() == "task_status_updated")
+                .count();
+        }
+        if done >= 30 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.0.kill().unwrap(); // SIGKILL
+    let killed_at = Instant::now();
+    let _ = doomed.0.wait();
+    // The survivor holds every partition within about the TTL (its key expires, the next
+    // refresh round sees it gone).
+    loop {
+        let replies = ownership(&client).await;
+        if replies.len() == 1 && replies[0].partitions.len() == PARTITIONS as usize {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_millis(2 * ttl_ms + 2000),
+            "partitions not taken over: {replies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let taken_over = killed_at.elapsed();
+    assert!(
+        taken_over >= Duration::from_millis(ttl_ms / 2),
+        "{taken_over:?}"
+    );
+    for session in &sessions {
+        assert!(completed(&wait_for_end(&store, session).await), "{session}");
+    }
+    assert_eq!(
+        executors.max_runs_of_one_attempt(),
+        1,
+        "an attempt ran twice: {:?}",
+        executors.executions.lock().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_partitions_over_without_waiting_for_the_ttl() {
+    let server = NatsServer::start().unwrap();
+    let mut slow_ttl = config(&server);
+    slow_ttl.ownership.lease_ttl_ms = 60_000;
+    let a = Daemon::start(slow_ttl.clone()).await;
+    let b = Daemon::start(slow_ttl).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sessions: Vec<String> = (0..16).map(|i| format!("handover-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, chain_plan(8)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped_at = Instant::now();
+    a.stop().await;
+    loop {
+        let replies = ownership(&client).await;
+        if replies.len() == 1 && replies[0].partitions.len() == PARTITIONS as usize {
+            break;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(10),
+            "not handed over well before the 60 s TTL: {replies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        assert!(completed(&wait_for_end(&store, session).await), "{session}");
+    }
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_instance_joining_mid_run_takes_partitions_without_loss() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let b = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let before = wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sessions: Vec<String> = (0..24).map(|i| format!("join-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, chain_plan(8)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let c = Daemon::start(config(&server)).await;
+    let after = wait_for_split(&client, 3, Duration::from_secs(10)).await;
+    // Rendezvous hashing: the newcomer took partitions; the two others only gave some up.
+    for old in &before {
+        let now = after.iter().find(|r| r.instance == old.instance).unwrap();
+        assert!(
+            now.partitions.iter().all(|p| old.partitions.contains(p)),
+            "a partition moved between the old instances: {before:?} -> {after:?}"
+        );
+    }
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        assert!(completed(&wait_for_end(&store, session).await), "{session}");
+    }
+    assert_eq!(
+        executors.max_runs_of_one_attempt(),
+        1,
+        "{:?}",
+        executors.executions.lock().unwrap()
+    );
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_reports_still_count() {
+    use planner_core::{ExecutorEvent, ExecutorOutcome};
+    use planner_svc::protocol::{LeaseReply, ReportMessage};
+    let server = NatsServer::start().unwrap();
+    let mut before = config(&server);
+    before.ownership.enabled = false;
+    let old = Daemon::start(before).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    command(&client, "migrated", chain_plan(3)).await;
+    let lease = match crate::harness::claim(
+        &client,
+        "migrated",
+        json!({"task_id": "t0", "attempt": 1, "claim_id": "c-migrated"}),
+    )
+    .await
+    {
+        LeaseReply::Granted { lease, .. } => lease,
+        other => panic!("claim refused: {other:?}"),
+    };
+    old.stop().await;
+    // A report stored while no daemon runs, under the subject of old.
+    let js = jetstream::new(client.clone());
+    let report = ReportMessage {
+        event: ExecutorEvent {
+            task_id: "t0".into(),
+            attempt: 1,
+            outcome: ExecutorOutcome::Completed {
+                output: "done".into(),
+                tokens_used: None,
+            },
+        },
+        lease: Some(lease),
+    };
+    js.publish(
+        "planner.report.migrated",
+        serde_json::to_vec(&report).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut reports = js.get_stream("PLANNER_REPORTS").await.unwrap();
+    assert!(reports
+        .info()
+        .await
+        .unwrap()
+        .config
+        .subject_transform
+        .is_none());
+
+    let new = Daemon::start(config(&server)).await;
+    let transform = reports
+        .info()
+        .await
+        .unwrap()
+        .config
+        .subject_transform
+        .clone();
+    assert_eq!(
+        transform.map(|t| t.destination),
+        Some(Subjects::new("planner").report_transform_destination(PARTITIONS))
+    );
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "migrated").await;
+    assert!(completed(&events));
+    // t0 ran once: by hand, its stored report applied by the partitioned daemon.
+    assert!(!executors.executions.lock().unwrap().contains_key(&(
+        "migrated".to_owned(),
+        "t0".to_owned(),
+        1
+    )));
+    new.stop().await;
+
+    let mut wrong = config(&server);
+    wrong.ownership.partitions = 16;
+    let refused = planner_svc::serve::serve(wrong, std::future::pending()).await;
+    let error = planner_svc::report(&refused.unwrap_err());
+    assert!(
+        error.contains("ownership.partitions must not change"),
+        "{error}"
+    );
+}
