@@ -231,10 +231,13 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .flat_map(|o| o.partitions.iter().copied())
             .collect();
+        // Each partition served once, all of them: no handover left to run during the run.
+        let served: usize = owners.iter().map(|o| o.partitions.len()).sum();
         if owners.len() == instances
-            && !covered.is_empty()
             && owners.iter().all(|o| !o.partitions.is_empty())
-            && covered.len() == covered.iter().max().map_or(0, |m| *m as usize + 1)
+            && owners
+                .iter()
+                .all(|o| covered.len() == o.of as usize && served == covered.len())
         {
             ready = true;
             break;

@@ -8,10 +8,11 @@
 //! - computes which live member each partition belongs to by rendezvous hashing
 //!   ([`crate::partition::assigned_member`]): all compute the same answer, and a member joining
 //!   or leaving moves only the partitions it takes or gives;
-//! - acquires `owner.<n>` for its partitions with `create` (a key absent or deleted), or over
-//!   the revision of an owner that is no longer a member (it died: its key has not expired
-//!   yet); refreshes each lease with `update` at its own last revision; a refresh that finds
-//!   another revision means the lease was lost: the partition is dropped at once;
+//! - acquires `owner.<n>` for its partitions with `create` (a key absent, deleted or expired);
+//!   another instance's lease is never taken, only waited out (an instance missing from the
+//!   members may be slow, not dead); refreshes each lease with `update` at its own last
+//!   revision; a refresh that finds another revision means the lease was lost: the partition
+//!   is dropped at once;
 //! - releases a partition another member should hold (after draining its work, the caller's
 //!   job) and all of them on a graceful stop, by deleting the key at its revision, so the next
 //!   owner takes it at once instead of after the TTL.
@@ -182,42 +183,27 @@ impl Leases {
         let list: Vec<String> = members.iter().cloned().collect();
         let mut owners = self.read_owners().await?;
         let now = Instant::now();
+        let mut refreshes = Vec::new();
+        let mut acquisitions = Vec::new();
         for partition in 0..self.partitions.count() {
             let index = partition as usize;
             let ours = assigned_member(partition, &list) == Some(self.me.as_str());
             let current = owners.get(index).cloned().flatten();
-            if let Some((revision, refreshed)) = self.held.get(&partition).copied() {
-                let still_ours = current
-                    .as_ref()
-                    .is_some_and(|(owner, rev)| *owner == self.me && *rev == revision);
-                if !still_ours {
-                    self.held.remove(&partition);
-                    round.lost.push(partition);
-                } else if !ours {
-                    round.to_release.push(partition);
-                } else if refresh {
-                    match self
-                        .kv
-                        .update(owner_key(partition), Bytes::from(self.me.clone()), revision)
-                        .await
-                    {
-                        Ok(revision) => {
-                            self.held.insert(partition, (revision, now));
-                            if let Some(slot) = owners.get_mut(index) {
-                                *slot = Some((self.me.clone(), revision));
-                            }
+            if let Some((_, refreshed)) = self.held.get(&partition).copied() {
+                // Only this instance writes its own name: a key holding it at another revision
+                // is our own refresh whose answer was lost, still ours.
+                match current {
+                    Some((owner, revision)) if owner == self.me => {
+                        self.held.insert(partition, (revision, refreshed));
+                        if !ours {
+                            round.to_release.push(partition);
+                        } else if refresh {
+                            refreshes.push((partition, revision, refreshed));
                         }
-                        Err(error)
-                            if error.kind() == kv::UpdateErrorKind::WrongLastRevision
-                                || now.duration_since(refreshed) >= self.ttl =>
-                        {
-                            tracing::warn!(partition, %error, "partition lease lost");
-                            self.held.remove(&partition);
-                            round.lost.push(partition);
-                        }
-                        Err(error) => {
-                            tracing::warn!(partition, %error, "could not refresh a partition lease; trying again");
-                        }
+                    }
+                    _ => {
+                        self.held.remove(&partition);
+                        round.lost.push(partition);
                     }
                 }
                 continue;
@@ -225,27 +211,65 @@ impl Leases {
             if !ours {
                 continue;
             }
-            let value = Bytes::from(self.me.clone());
-            let acquired = match &current {
-                None => self
-                    .kv
-                    .create(owner_key(partition), value)
-                    .await
-                    .map_err(anyhow::Error::new),
-                // Ours from before (a restart under the same instance id), or a dead member's
-                // whose key has not expired yet: taken over at its revision, so a live holder
-                // refreshing meanwhile wins.
-                Some((owner, revision)) if *owner == self.me || !members.contains(owner) => self
-                    .kv
-                    .update(owner_key(partition), value, *revision)
-                    .await
-                    .map_err(anyhow::Error::new),
-                Some(_) => continue,
-            };
-            match acquired {
+            match current {
+                None => acquisitions.push((partition, None)),
+                // Ours from before (a restart under the same instance id): taken back at its
+                // revision. Another instance's lease is left to expire: a member missing from
+                // the list may only be slow, and its key expires one TTL after it died.
+                Some((owner, revision)) if owner == self.me => {
+                    acquisitions.push((partition, Some(revision)))
+                }
+                Some(_) => {}
+            }
+        }
+        // All writes of a round at once: a round takes one round trip, not one per partition
+        // (sequential refreshes under load once outlasted the TTL).
+        let me = Bytes::from(self.me.clone());
+        let refreshed =
+            futures::future::join_all(refreshes.iter().map(|(partition, revision, _)| {
+                self.kv.update(owner_key(*partition), me.clone(), *revision)
+            }))
+            .await;
+        for ((partition, _, last), result) in refreshes.into_iter().zip(refreshed) {
+            match result {
                 Ok(revision) => {
                     self.held.insert(partition, (revision, now));
-                    if let Some(slot) = owners.get_mut(index) {
+                    if let Some(slot) = owners.get_mut(partition as usize) {
+                        *slot = Some((self.me.clone(), revision));
+                    }
+                }
+                Err(error)
+                    if error.kind() == kv::UpdateErrorKind::WrongLastRevision
+                        || now.duration_since(last) >= self.ttl =>
+                {
+                    tracing::warn!(partition, %error, "partition lease lost");
+                    self.held.remove(&partition);
+                    round.lost.push(partition);
+                }
+                Err(error) => {
+                    tracing::warn!(partition, %error, "could not refresh a partition lease; trying again");
+                }
+            }
+        }
+        let acquired =
+            futures::future::join_all(acquisitions.iter().map(|(partition, revision)| {
+                let (kv, key, value) = (&self.kv, owner_key(*partition), me.clone());
+                async move {
+                    match revision {
+                        None => kv.create(key, value).await.map_err(anyhow::Error::new),
+                        Some(revision) => kv
+                            .update(key, value, *revision)
+                            .await
+                            .map_err(anyhow::Error::new),
+                    }
+                }
+            }))
+            .await;
+        for ((partition, _), result) in acquisitions.into_iter().zip(acquired) {
+            match result {
+                Ok(revision) => {
+                    self.held.insert(partition, (revision, now));
+                    if let Some(slot) = owners.get_mut(partition as usize) {
                         *slot = Some((self.me.clone(), revision));
                     }
                     round.acquired.push(partition);

@@ -217,6 +217,8 @@ pub struct OwnershipReply {
     pub enabled: bool,
     /// The partitions it serves.
     pub partitions: Vec<u32>,
+    /// Of how many (`ownership.partitions`).
+    pub of: u32,
     /// Sessions it loaded from the store since it started.
     pub loads: u64,
     /// Appends it lost to another instance (each costs a reload).

@@ -494,18 +494,9 @@ async fn run_with<S: EventStore>(
     let tracker = TaskTracker::new();
 
     let (report_stream, legacy_reports) = ensure_streams(&config, &client).await?;
-    let service = client
-        .service_builder()
-        .description("event-sourced task planner")
-        .queue_group("planner")
-        .start("planner", VERSION)
-        .await
-        .map_err(|e| anyhow::anyhow!("registering the micro-service: {e}"))?;
-    // Every instance answers the operator for its own quarantine: a queue group of its own
-    // (the service's id), so the request reaches them all, and the CLI gathers the replies.
-    let service_id = service.info().await.id;
+    // This instance's name in the lease bucket and on the forwarding subjects.
     let instance = if ownership.instance_id.is_empty() {
-        service_id.clone()
+        uuid::Uuid::new_v4().simple().to_string()
     } else {
         ownership.instance_id.clone()
     };
@@ -562,6 +553,18 @@ async fn run_with<S: EventStore>(
         None
     };
 
+    // The micro-service starts after the first lease round: once it answers a ping, the
+    // instance serves (with one instance, every partition).
+    let service = client
+        .service_builder()
+        .description("event-sourced task planner")
+        .queue_group("planner")
+        .start("planner", VERSION)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering the micro-service: {e}"))?;
+    // Every instance answers the operator for its own quarantine: a queue group of its own
+    // (the service's id), so the request reaches them all, and the CLI gathers the replies.
+    let service_id = service.info().await.id;
     let mut commands = service
         .endpoint_builder()
         .name("command")
@@ -736,6 +739,7 @@ async fn run_with<S: EventStore>(
                     instance: instance.clone(),
                     enabled: router.enabled,
                     partitions: partitions.owned(),
+                    of: partitions.count(),
                     loads: stats.loads,
                     conflicts: stats.conflicts,
                     forwarded: router.forwarded.load(Ordering::Relaxed),

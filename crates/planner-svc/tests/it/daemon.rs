@@ -937,7 +937,9 @@ async fn a_claimed_attempt_outliving_the_dedup_window_is_delivered_once() {
     .await;
     let store = store(&server.url()).await;
     wait_for_end(&store, "s-long").await;
-    for _ in 0..100 {
+    // A heartbeat sent to the killed instance's subscription in the instant it died waits for
+    // its request timeout (10 s) before the executor beats again.
+    for _ in 0..750 {
         if !executors.stops.lock().unwrap().is_empty() {
             break;
         }
@@ -998,8 +1000,15 @@ async fn a_dispatch_queued_when_cancelled_is_never_run_even_after_a_planner_rest
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(executors.deliveries.lock().unwrap().get(&key), Some(&1));
-    // The claim's answer decides; give it time to come back.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The claims' answers decide: wait for the other task's (it comes once the replacement
+    // holds the session's partition, after the dead instance's lease expires).
+    let other = ("s-queued".to_owned(), "r".to_owned(), 1);
+    for _ in 0..200 {
+        if executors.executions.lock().unwrap().contains_key(&other) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let executions = executors.executions.lock().unwrap().clone();
     assert!(
         !executions.contains_key(&key),
@@ -1245,6 +1254,9 @@ fn since(instances: &[serde_json::Value], session: &str) -> Vec<u64> {
 /// which recovery loads the session again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_lists_the_quarantined_sessions_of_every_instance_and_releases_one() {
+    // Quarantine is per instance. With ownership, only the owner of the session's partition
+    // recovers it; here both instances serve every session (ownership off), so both meet the
+    // broken log and both quarantine it.
     let server = NatsServer::start().unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
@@ -1269,8 +1281,10 @@ async fn an_operator_lists_the_quarantined_sessions_of_every_instance_and_releas
         .await
         .unwrap();
 
-    let first = Daemon::start(config(&server)).await;
-    let second = Daemon::start(config(&server)).await;
+    let mut shared = config(&server);
+    shared.ownership.enabled = false;
+    let first = Daemon::start(shared.clone()).await;
+    let second = Daemon::start(shared).await;
     // Both instances quarantine it on their first recovery pass.
     let mut instances = Vec::new();
     for _ in 0..100 {

@@ -205,7 +205,7 @@ async fn a_killed_instance_s_partitions_are_taken_over_within_the_ttl_and_nothin
     let mut doomed = Process::start(&server, ttl_ms);
     let _survivor = Process::start(&server, ttl_ms);
     let client = async_nats::connect(server.url()).await.unwrap();
-    wait_for_split(&client, 2, Duration::from_secs(20)).await;
+    wait_for_split(&client, 2, Duration::from_secs(60)).await;
     let behaviour = ExecutorBehaviour {
         delay: Duration::from_millis(20),
         ..Default::default()
@@ -368,7 +368,7 @@ async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_report
     let lease = match crate::harness::claim(
         &client,
         "migrated",
-        json!({"task_id": "t0", "attempt": 1, "claim_id": "c-migrated"}),
+        json!({"task_id": "t0", "attempt": 1, "claim_id": "c-migrated-0123456789"}),
     )
     .await
     {
