@@ -154,15 +154,19 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 }
             };
             planner.drain_log();
-            let lease_terms = match &command {
-                Command::ClaimAttempt { task_id, .. } => planner.attempt_timeouts(task_id),
-                _ => None,
+            let (lease_terms, claim_context) = match &command {
+                Command::ClaimAttempt { task_id, .. } => (
+                    planner.attempt_timeouts(task_id),
+                    planner.dispatch_context(task_id),
+                ),
+                _ => (None, None),
             };
             if events.is_empty() {
                 let handled = Handled {
                     version: before,
                     events,
                     lease_terms,
+                    claim_context,
                 };
                 return Ok((handled, Vec::new()));
             }
@@ -171,24 +175,42 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
+                        self.config.inline_context_bytes,
                     );
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot
                         .after_append(self.store.as_ref(), session, before, planner)
                         .await;
+                    let mut confirmation = None;
                     if !outgoing.is_empty() {
-                        if let Err(error) = self.publisher.publish(&outgoing).await {
-                            tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
-                            state.unpublished = true;
+                        match self.publisher.send(&outgoing).await {
+                            Ok(confirm) => confirmation = Some(confirm),
+                            Err(error) => {
+                                tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                                state.unpublished = true;
+                            }
                         }
                     }
                     self.arm(session, deadline);
+                    // The bus's acknowledgements guard no order (the messages left in order
+                    // above), so they are awaited without the session's lock: the session's
+                    // next command (typically the claim of the dispatch just sent) need not
+                    // wait for them.
+                    drop(state);
+                    if let Some(confirmation) = confirmation {
+                        if let Err(error) = confirmation.await {
+                            tracing::warn!(%error, "publish not acknowledged after persisting; the outbox sweep will re-publish");
+                            // `slot` is held, so the session cannot have been evicted since.
+                            slot.state.lock().await.unpublished = true;
+                        }
+                    }
                     tracing::debug!(version, events = events.len(), "persisted and published");
                     let handled = Handled {
                         version,
                         events,
                         lease_terms,
+                        claim_context,
                     };
                     return Ok((handled, undeliverable));
                 }
