@@ -1,9 +1,10 @@
 //! The persist-then-publish driver: one command of one session, under that session's lock.
 //!
 //! Load the planner if needed (snapshot + tail), `process`, **append the events** (optimistic
-//! concurrency at the version the planner was at), then publish the dispatches, questions and
-//! cancellations they carry, then arm the session's timer. Nothing is published before its
-//! events are persisted. On a concurrency conflict (another instance appended first) the
+//! concurrency at the version the planner was at), then send the dispatches, questions and
+//! cancellations they carry, then arm the session's timer, then release the lock and await the
+//! bus's acks (they guard no order; a missing one marks the session for the outbox sweep).
+//! Nothing is published before its events are persisted. On a concurrency conflict (another instance appended first) the
 //! session is reloaded and the command retried; a command the planner refuses is retried the
 //! same way when the store shows the session moved on, so an instance never judges input
 //! against a stale copy.
