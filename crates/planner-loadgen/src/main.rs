@@ -128,6 +128,31 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The pid of this process's child `nats-server`, if it started one.
+fn nats_server_pid() -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
+            let parent: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (parent == me && name.starts_with("nats-server")).then_some(pid)
+        })
+}
+
 async fn ceiling(client: &async_nats::Client) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
     js.get_or_create_stream(jetstream::stream::Config {
@@ -276,6 +301,12 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         json!({"type": "initialize", "input": "load test", "plan": {"tasks": tasks}})
     };
+    let server_pid = nats_server_pid();
+    let cpu_before = (
+        cpu_seconds(daemon.id()),
+        server_pid.and_then(cpu_seconds),
+        cpu_seconds(std::process::id()),
+    );
     let start = Instant::now();
     let mut requests = Vec::new();
     for s in 0..args.sessions {
@@ -320,6 +351,16 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = start.elapsed();
     let rss = peak_rss_mib(daemon.id());
     let writes = stream_writes(&js).await?;
+    let cpu_after = (
+        cpu_seconds(daemon.id()),
+        server_pid.and_then(cpu_seconds),
+        cpu_seconds(std::process::id()),
+    );
+    let per_task_us = |before: Option<f64>, after: Option<f64>| {
+        before.zip(after).map_or("n/a".to_owned(), |(b, a)| {
+            format!("{:.0} µs", (a - b) * 1e6 / total.max(1) as f64)
+        })
+    };
 
     // Check a sample of sessions really completed, from the event store.
     let store = JetStreamStore::connect(client.clone(), JetStreamConfig::default()).await?;
@@ -375,6 +416,12 @@ async fn main() -> anyhow::Result<()> {
         "ms per task (one session's chain): {:.3}; dispatch bytes: {:.0} per dispatch",
         1000.0 * args.sessions as f64 / completions,
         observer.dispatch_bytes.load(Ordering::Relaxed) as f64 / dispatched as f64
+    );
+    println!(
+        "CPU per task: daemon {}, nats-server {}, load generator and its executors {}",
+        per_task_us(cpu_before.0, cpu_after.0),
+        per_task_us(cpu_before.1, cpu_after.1),
+        per_task_us(cpu_before.2, cpu_after.2),
     );
     let listed: Vec<String> = writes
         .iter()
