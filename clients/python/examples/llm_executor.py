@@ -35,11 +35,13 @@ DEFAULT_TARGETS = "summarize,analyze,translate,generate,extract,llm"
 
 def messages_for(task: TaskMessage) -> list[dict[str, str]]:
     """The chat messages of one processing step."""
-    system = (task.context.system_prompt
+    # The executor fills the context in before a handler runs (from the dispatch or the claim).
+    context = task.context
+    system = ((context and context.system_prompt)
               or "You carry out one step of a larger plan. Answer with the result only.")
-    parts = [f"The request: {task.context.request}"]
-    if task.context.summary:
-        parts.append(f"Earlier in the conversation: {task.context.summary}")
+    parts = [f"The request: {context.request if context else ''}"]
+    if context and context.summary:
+        parts.append(f"Earlier in the conversation: {context.summary}")
     for earlier in task.inputs:
         parts.append(f"Result of step {earlier.task_id}:\n{earlier.output}")
     parts.append(f"Your step ({task.target}): {task.description}")

@@ -135,6 +135,9 @@ async def planner(nats_url: str, tmp_path: Path) -> AsyncIterator[Planner]:
         "PLANNER_PLANNER__LEASES__HEARTBEAT_TIMEOUT_MS": str(HEARTBEAT_TIMEOUT_MS),
         "PLANNER_PLANNER__RETRY__INITIAL_BACKOFF_MS": "200",
         "PLANNER_SHUTDOWN__GRACE_S": "2",
+        # Every context is then left out of the dispatches and comes with the claim's grant,
+        # the path large contexts take (docs/protocol.md): the tests' handlers see it there.
+        "PLANNER_DISPATCH__INLINE_CONTEXT_BYTES": "8",
         "RUST_LOG": "info",
         "NO_COLOR": "1",
     }

@@ -58,7 +58,8 @@ async def test_supplied_plan_runs_to_completion(nc: NatsClient, client: Client, 
     # Typed inputs: the dependent task got its dependencies' outputs, in dependency order.
     compare = seen["compare"]
     assert [i.task_id for i in compare.inputs] == ["fetch_a", "fetch_b"]
-    assert compare.kind == "processing" and compare.context.request == "compare vendors"
+    assert compare.kind == "processing"
+    assert compare.context is not None and compare.context.request == "compare vendors"
     assert all(name.startswith("planner-handler") for name in threads)
 
 

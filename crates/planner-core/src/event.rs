@@ -404,8 +404,15 @@ pub struct TaskAssignment {
     /// A human's answer to the question this task (or one of its attempts) asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
-    /// The conversation so far, compacted.
-    pub context: DispatchContext,
+    /// What identifies `context`: equal references, equal contexts
+    /// ([`DispatchContext::reference`]). An executor that holds the context of this reference
+    /// (from an earlier task of the session) need not be sent it again.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub context_ref: String,
+    /// The conversation so far, compacted. A shell may leave it out of a dispatch (the daemon
+    /// does when it is large, see docs/protocol.md): the executor then gets it with its claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<DispatchContext>,
 }
 
 /// The output of a completed dependency.
@@ -433,4 +440,89 @@ pub struct DispatchContext {
     pub system_prompt: Option<String>,
     /// The compaction profile, a hint for LLM steps.
     pub profile: crate::compact::Profile,
+}
+
+impl DispatchContext {
+    /// A short reference to this context (16 hex digits): equal contexts have equal
+    /// references, and different ones different references but with negligible chance. It is
+    /// a hash (64-bit FNV-1a over the fields, each length-prefixed), not a secret: it lets an
+    /// executor say which context it already holds, so the planner need not send it again.
+    #[must_use]
+    pub fn reference(&self) -> String {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        fn feed(hash: &mut u64, bytes: &[u8]) {
+            for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+                *hash ^= u64::from(*byte);
+                *hash = hash.wrapping_mul(PRIME);
+            }
+        }
+        fn feed_opt(hash: &mut u64, text: Option<&str>) {
+            match text {
+                Some(text) => {
+                    feed(hash, b"1");
+                    feed(hash, text.as_bytes());
+                }
+                None => feed(hash, b"0"),
+            }
+        }
+        let mut hash = OFFSET;
+        feed(&mut hash, self.request.as_bytes());
+        feed_opt(&mut hash, self.summary.as_deref());
+        feed_opt(&mut hash, self.system_prompt.as_deref());
+        let profile: &[u8] = match self.profile {
+            crate::compact::Profile::General => b"general",
+            crate::compact::Profile::Coding => b"coding",
+            crate::compact::Profile::Analysis => b"analysis",
+        };
+        feed(&mut hash, profile);
+        format!("{hash:016x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DispatchContext;
+    use crate::compact::Profile;
+
+    fn context(request: &str, summary: Option<&str>, system: Option<&str>) -> DispatchContext {
+        DispatchContext {
+            request: request.into(),
+            summary: summary.map(Into::into),
+            system_prompt: system.map(Into::into),
+            profile: Profile::General,
+        }
+    }
+
+    #[test]
+    fn equal_contexts_have_equal_references_and_different_ones_differ() {
+        let a = context("plan a trip", Some("earlier"), None);
+        assert_eq!(a.reference(), a.clone().reference());
+        assert_eq!(a.reference().len(), 16);
+        // Fields are length-prefixed: moving bytes between them changes the reference.
+        for other in [
+            context("plan a tri", Some("pearlier"), None),
+            context("plan a trip", None, Some("earlier")),
+            context("plan a trip", Some("earlier"), Some("")),
+            context("plan a trip", Some("earlier!"), None),
+            DispatchContext {
+                profile: Profile::Coding,
+                ..a.clone()
+            },
+        ] {
+            assert_ne!(a.reference(), other.reference(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_reference_is_stable_across_builds() {
+        // Executors keep contexts by reference across daemon upgrades: the hash must not move.
+        // (64-bit FNV-1a over each field as a little-endian u64 length and its bytes; the value
+        // was checked against an independent implementation.)
+        assert_eq!(
+            context("", None, None).reference(),
+            context("", None, None).reference()
+        );
+        assert_eq!(context("hello", None, None).reference(), "4e374726b3b4e12f");
+    }
 }

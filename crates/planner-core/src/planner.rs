@@ -156,9 +156,7 @@ impl Planner {
                 output: d.output.clone().unwrap_or_default(),
             })
             .collect();
-        let config = &state.config;
-        let system_prompt = (task.kind == NodeKind::Processing && !config.system_prompt.is_empty())
-            .then(|| config.system_prompt.clone());
+        let context = self.dispatch_context(&dispatch.task_id)?;
         Some(TaskAssignment {
             task_id: task.id.clone(),
             attempt: dispatch.attempt,
@@ -168,16 +166,30 @@ impl Planner {
             attachments: task.attachments.clone(),
             inputs,
             answer: task.answer.clone(),
-            context: DispatchContext {
-                request: state
-                    .requests
-                    .get(task.turn as usize)
-                    .cloned()
-                    .unwrap_or_default(),
-                summary: state.context.summary.clone(),
-                system_prompt,
-                profile: config.profile,
-            },
+            context_ref: context.reference(),
+            context: Some(context),
+        })
+    }
+
+    /// The context a task's executor is handed, as of now: the request the task serves, the
+    /// session's latest summary, the system prompt (processing steps) and the profile. `None`
+    /// for an unknown task.
+    #[must_use]
+    pub fn dispatch_context(&self, task_id: &TaskId) -> Option<DispatchContext> {
+        let state = &self.state;
+        let task = state.task(task_id)?;
+        let config = &state.config;
+        let system_prompt = (task.kind == NodeKind::Processing && !config.system_prompt.is_empty())
+            .then(|| config.system_prompt.clone());
+        Some(DispatchContext {
+            request: state
+                .requests
+                .get(task.turn as usize)
+                .cloned()
+                .unwrap_or_default(),
+            summary: state.context.summary.clone(),
+            system_prompt,
+            profile: config.profile,
         })
     }
 

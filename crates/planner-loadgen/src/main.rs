@@ -68,11 +68,21 @@ struct Args {
     /// load generator's own: reports.max_in_flight=1024, sessions.max_loaded=100000).
     #[arg(long = "daemon-set", value_name = "KEY=VALUE")]
     daemon_set: Vec<String>,
+    /// A configuration file for the nats-server the load generator starts (its `-c`), e.g. one
+    /// with `jetstream { sync_interval: always }`; ignored with `--nats-url`.
+    #[arg(long, value_name = "FILE")]
+    nats_config: Option<PathBuf>,
+    /// Starts the server with `jetstream { sync_interval: always }` (every write fsynced, what
+    /// `deploy/` ships): a shorthand for a `--nats-config` file holding just that.
+    #[arg(long)]
+    sync_always: bool,
 }
 
 #[derive(Default)]
 struct Observer {
     dispatched: AtomicU64,
+    /// The dispatches' bytes as sent (the JSON of each `TaskMessage`).
+    dispatch_bytes: AtomicU64,
     reported: AtomicU64,
     last_report: Mutex<HashMap<String, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
@@ -81,6 +91,8 @@ struct Observer {
 impl PoolObserver for Observer {
     fn dispatched(&self, task: &TaskMessage, at: Instant) {
         self.dispatched.fetch_add(1, Ordering::Relaxed);
+        let bytes = serde_json::to_vec(task).map_or(0, |b| b.len() as u64);
+        self.dispatch_bytes.fetch_add(bytes, Ordering::Relaxed);
         let previous = self
             .last_report
             .lock()
@@ -145,6 +157,31 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The pid of this process's child `nats-server`, if it started one.
+fn nats_server_pid() -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
+            let parent: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (parent == me && name.starts_with("nats-server")).then_some(pid)
+        })
+}
+
 async fn ceiling(client: &async_nats::Client) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
     js.get_or_create_stream(jetstream::stream::Config {
@@ -173,15 +210,45 @@ async fn ceiling(client: &async_nats::Client) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// Messages written to each stream so far (its last sequence: work queues delete what they
+/// deliver, so the count of stored messages would not do), and whether it is on file.
+async fn stream_writes(js: &jetstream::Context) -> anyhow::Result<Vec<(String, u64, bool)>> {
+    use futures::TryStreamExt as _;
+    let mut names: Vec<String> = js.stream_names().try_collect().await?;
+    names.sort();
+    let mut writes = Vec::new();
+    for name in names {
+        let info = js.get_stream(&name).await?.info().await?.clone();
+        let file = info.config.storage == jetstream::stream::StorageType::File;
+        writes.push((name, info.state.last_sequence, file));
+    }
+    Ok(writes)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _server;
+    let conf_dir = tempfile::tempdir()?;
+    let nats_config = match (&args.nats_config, args.sync_always) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => {
+            let path = conf_dir.path().join("nats-server.conf");
+            std::fs::write(&path, "jetstream { sync_interval: always }\n")?;
+            Some(path)
+        }
+        (None, false) => None,
+    };
     let url = match &args.nats_url {
         Some(url) => url.clone(),
         None => {
-            let server =
-                planner_testkit::NatsServer::start().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let conf = nats_config.as_ref().map(|p| p.display().to_string());
+            let server_args: Vec<&str> = match &conf {
+                Some(conf) => vec!["-c", conf.as_str()],
+                None => Vec::new(),
+            };
+            let server = planner_testkit::NatsServer::start_with_args(&server_args)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let url = server.url();
             _server = server;
             url
@@ -282,6 +349,16 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         json!({"type": "initialize", "input": "load test", "plan": {"tasks": tasks}})
     };
+    let server_pid = nats_server_pid();
+    // Every instance's CPU together: what the deployment spent.
+    let daemons_cpu = |daemons: &[std::process::Child]| -> Option<f64> {
+        daemons.iter().map(|d| cpu_seconds(d.id())).sum()
+    };
+    let cpu_before = (
+        daemons_cpu(&daemons),
+        server_pid.and_then(cpu_seconds),
+        cpu_seconds(std::process::id()),
+    );
     let start = Instant::now();
     let mut requests = Vec::new();
     for s in 0..args.sessions {
@@ -331,6 +408,17 @@ async fn main() -> anyhow::Result<()> {
             Some(max.map_or(r, |m| m.max(r)))
         });
     let owners = ownership(&client).await;
+    let writes = stream_writes(&js).await?;
+    let cpu_after = (
+        daemons_cpu(&daemons),
+        server_pid.and_then(cpu_seconds),
+        cpu_seconds(std::process::id()),
+    );
+    let per_task_us = |before: Option<f64>, after: Option<f64>| {
+        before.zip(after).map_or("n/a".to_owned(), |(b, a)| {
+            format!("{:.0} µs", (a - b) * 1e6 / total.max(1) as f64)
+        })
+    };
 
     // Check a sample of sessions really completed, from the event store.
     let store = JetStreamStore::connect(client.clone(), JetStreamConfig::default()).await?;
@@ -390,6 +478,30 @@ async fn main() -> anyhow::Result<()> {
         sum(|o| o.conflicts),
         sum(|o| o.forwarded),
         owners.len()
+    );
+    let dispatched = observer.dispatched.load(Ordering::Relaxed).max(1);
+    let completions = total as f64 / elapsed.as_secs_f64();
+    let durable: u64 = writes.iter().filter(|w| w.2).map(|w| w.1).sum();
+    let per_task = durable as f64 / total.max(1) as f64;
+    println!(
+        "ms per task (one session's chain): {:.3}; dispatch bytes: {:.0} per dispatch",
+        1000.0 * args.sessions as f64 / completions,
+        observer.dispatch_bytes.load(Ordering::Relaxed) as f64 / dispatched as f64
+    );
+    println!(
+        "CPU per task: daemon {}, nats-server {}, load generator and its executors {}",
+        per_task_us(cpu_before.0, cpu_after.0),
+        per_task_us(cpu_before.1, cpu_after.1),
+        per_task_us(cpu_before.2, cpu_after.2),
+    );
+    let listed: Vec<String> = writes
+        .iter()
+        .map(|(name, n, file)| format!("{name} {n}{}", if *file { "" } else { " (memory)" }))
+        .collect();
+    println!(
+        "stream writes: {}; durable (file) writes per task: {per_task:.2}; completions ÷ (ceiling ÷ durable writes per task): {:.1}%",
+        listed.join(", "),
+        100.0 * completions * per_task / raw
     );
     if completed != sample.len() {
         bail!("some sampled sessions did not complete");

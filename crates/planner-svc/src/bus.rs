@@ -5,7 +5,7 @@ use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::engine::{Outgoing, Publisher};
+use crate::engine::{Confirmation, Outgoing, Publisher};
 use crate::protocol::{dispatch_id, Subjects};
 
 /// Publishes to NATS: dispatches through the JetStream work-queue stream (acknowledged, with
@@ -35,7 +35,11 @@ fn json<T: serde::Serialize>(value: &T) -> Bytes {
 
 impl Publisher for NatsPublisher {
     async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
-        // Dispatches go out together and their acks are awaited together.
+        self.send(messages).await?.await
+    }
+
+    async fn send(&self, messages: &[Outgoing]) -> anyhow::Result<Confirmation> {
+        // Dispatches go out together and their acks are awaited together, by the caller.
         let mut acks = Vec::new();
         for message in messages {
             match message {
@@ -67,10 +71,12 @@ impl Publisher for NatsPublisher {
                 }
             }
         }
-        for ack in acks {
-            ack.await?;
-        }
-        Ok(())
+        Ok(Box::pin(async move {
+            for ack in acks {
+                ack.await?;
+            }
+            Ok(())
+        }))
     }
 }
 

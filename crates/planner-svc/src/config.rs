@@ -341,6 +341,11 @@ pub struct DispatchConfig {
     pub duplicate_window_s: u64,
     /// Replicas.
     pub replicas: usize,
+    /// Contexts (request, summary, system prompt) up to this many bytes travel in every
+    /// dispatch; a larger one is left out of it and sent with the claim's grant, unless the
+    /// executor says it holds it already (docs/protocol.md). Executors that do not claim, or
+    /// read the context only from the dispatch, need it above their largest context.
+    pub inline_context_bytes: usize,
 }
 
 impl Default for DispatchConfig {
@@ -349,6 +354,7 @@ impl Default for DispatchConfig {
             stream_name: "PLANNER_TASKS".into(),
             duplicate_window_s: 3_600,
             replicas: 1,
+            inline_context_bytes: 1_024,
         }
     }
 }

@@ -18,7 +18,7 @@ use async_nats::jetstream::AckKind;
 use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
 use futures::StreamExt;
-use planner_core::FenceReason;
+use planner_core::{DispatchContext, FenceReason};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,10 @@ type RunAttempts = HashMap<(String, String, u32), ReportMessage>;
 
 /// The attempts running in a pool, each with the token that stops it.
 type Running = Arc<Mutex<HashMap<(String, String, u32), CancellationToken>>>;
+
+/// The latest context this pool was handed per session, by reference: a claim names it, so
+/// the planner sends a large context once per change, not once per task.
+type Contexts = Arc<Mutex<HashMap<String, (String, DispatchContext)>>>;
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -105,6 +109,7 @@ pub async fn run_pool(
     // What this pool has run: (session, task, attempt) -> its final report. Bounded: cleared
     // when large (a repeat older than that is re-run, which at-least-once executors tolerate).
     let done: Arc<Mutex<RunAttempts>> = Arc::default();
+    let contexts: Contexts = Arc::default();
     let mut seed = 0u64;
     loop {
         let message = tokio::select! {
@@ -118,7 +123,7 @@ pub async fn run_pool(
                 None => return Ok(()),
             },
         };
-        let task: TaskMessage = match serde_json::from_slice(&message.payload) {
+        let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
             Ok(task) => task,
             Err(error) => {
                 tracing::warn!(%error, "not a task message; terminating it");
@@ -132,13 +137,14 @@ pub async fn run_pool(
         };
         seed += 1;
         let mut executor = SimExecutor::new(options.behaviour, seed);
-        let (client, js, subjects, done, observer, running) = (
+        let (client, js, subjects, done, observer, running, contexts) = (
             client.clone(),
             js.clone(),
             subjects.clone(),
             done.clone(),
             observer.clone(),
             Arc::clone(&running),
+            Arc::clone(&contexts),
         );
         let report_started = options.report_started;
         tokio::spawn(async move {
@@ -157,12 +163,18 @@ pub async fn run_pool(
             // Claim before running: the fence that makes a second delivery harmless. The
             // message is acked only once the claim is answered, so an executor that dies
             // before it leaves the message to be redelivered to another.
-            let lease = match claim(&client, &subjects, &task).await {
+            let held = hold_context(&contexts, &mut task);
+            let lease = match claim(&client, &subjects, &task, held).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
+                    context,
                 }) => {
                     let _ = message.ack().await;
+                    if let Some(context) = context {
+                        remember_context(&contexts, &task.session, &context);
+                        task.assignment.context = Some(context);
+                    }
                     (lease, heartbeat_interval_ms)
                 }
                 Ok(LeaseReply::Stop { reason, .. }) => {
@@ -249,11 +261,40 @@ async fn stop_cancelled(mut cancels: async_nats::Subscriber, running: Running) {
     }
 }
 
-/// Asks the planner for the attempt.
+/// The reference of the context the pool holds for `task`: the dispatch's own (remembered for
+/// the session's next tasks), or the one remembered from an earlier task when the dispatch
+/// left it out and the reference matches (then filled into `task`).
+fn hold_context(contexts: &Contexts, task: &mut TaskMessage) -> Option<String> {
+    let a = &mut task.assignment;
+    if let Some(context) = &a.context {
+        remember_context(contexts, &task.session, context);
+        return Some(a.context_ref.clone()).filter(|r| !r.is_empty());
+    }
+    let held = contexts
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&task.session).cloned())
+        .filter(|(reference, _)| *reference == a.context_ref)?;
+    a.context = Some(held.1);
+    Some(held.0)
+}
+
+fn remember_context(contexts: &Contexts, session: &str, context: &DispatchContext) {
+    if let Ok(mut contexts) = contexts.lock() {
+        // Bounded like `done`: past it, contexts are sent again.
+        if contexts.len() > 100_000 {
+            contexts.clear();
+        }
+        contexts.insert(session.to_owned(), (context.reference(), context.clone()));
+    }
+}
+
+/// Asks the planner for the attempt, naming the context the pool holds for it.
 async fn claim(
     client: &async_nats::Client,
     subjects: &Subjects,
     task: &TaskMessage,
+    context_ref: Option<String>,
 ) -> anyhow::Result<LeaseReply> {
     // One id for this claim, sent again on a retry: a claim whose reply was lost is then
     // granted again instead of refused as someone else's.
@@ -261,6 +302,7 @@ async fn claim(
         task_id: task.assignment.task_id.clone(),
         attempt: task.assignment.attempt,
         claim_id: Some(uuid::Uuid::new_v4().simple().to_string()),
+        context_ref,
     })?;
     let mut tries = 0;
     loop {

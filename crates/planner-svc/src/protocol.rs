@@ -495,6 +495,11 @@ pub struct ClaimRequest {
     /// pass as the same claim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_id: Option<String>,
+    /// Optional: the `context_ref` of the context this executor already holds for the task
+    /// (the dispatch's, when the dispatch carried its context or the executor kept it from an
+    /// earlier task of the session). The grant carries the context unless it is that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_ref: Option<String>,
 }
 
 impl ClaimRequest {
@@ -544,6 +549,11 @@ pub enum LeaseReply {
         /// How often to heartbeat; absent when the planner times out no silent attempt.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         heartbeat_interval_ms: Option<u64>,
+        /// The attempt's context, as of the grant, unless the claim named it (`context_ref`)
+        /// as the one the executor holds. A dispatch leaves out a large context: this is
+        /// where the executor gets it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<planner_core::DispatchContext>,
     },
     /// The heartbeat is recorded: go on.
     Alive,

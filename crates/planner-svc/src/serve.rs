@@ -257,6 +257,7 @@ fn engine_config(config: &Config) -> EngineConfig {
         max_remembered_ended: config.sessions.max_remembered_ended,
         idle_timeout: Duration::from_secs(config.sessions.idle_timeout_s),
         llm: config.llm_planner().map(|llm| llm as Arc<dyn Llm>),
+        inline_context_bytes: config.dispatch.inline_context_bytes,
         ..EngineConfig::default()
     }
 }
@@ -1437,6 +1438,7 @@ async fn lease_reply<S: EventStore>(
         );
     };
     let now = engine.now();
+    let mut held_context = None;
     let (command, granted) = match kind {
         LeaseRequest::Claim => match serde_json::from_slice::<ClaimRequest>(payload) {
             Ok(claim) => {
@@ -1448,6 +1450,7 @@ async fn lease_reply<S: EventStore>(
                 let lease = claim
                     .claim_id
                     .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                held_context = claim.context_ref;
                 let command = Command::ClaimAttempt {
                     task_id: claim.task_id,
                     attempt: claim.attempt,
@@ -1459,6 +1462,7 @@ async fn lease_reply<S: EventStore>(
                     LeaseReply::Granted {
                         lease,
                         heartbeat_interval_ms: None,
+                        context: None,
                     },
                 )
             }
@@ -1486,6 +1490,10 @@ async fn lease_reply<S: EventStore>(
                     .lease_terms
                     .and_then(|t| t.heartbeat_timeout_ms)
                     .map(|timeout| (timeout / 3).max(1)),
+                // The executor holds the context already, or gets it here.
+                context: handled
+                    .claim_context
+                    .filter(|context| held_context.as_deref() != Some(&context.reference())),
             },
             other => other,
         },

@@ -111,6 +111,9 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
     # The claim is ours: the dispatch has done its job. (Were this ack lost, the redelivery's
     # claim would be refused as `claimed_by_another` and terminated.)
     await _settle(msg.ack())
+    if reply.context is not None:
+        # A large context is left out of the dispatch and sent with the grant.
+        task = task.model_copy(update={"context": reply.context})
     interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
     ctx = TaskContext(task, reply.lease, interval)
     if rt.draining.is_set():

@@ -52,11 +52,17 @@ async def claim(
 ) -> AnyLeaseReply:
     """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard.
 
+    A grant carries the attempt's context when the dispatch left it out (see `run`).
+
     Asks up to `CLAIM_TRIES` times with one claim id: a retried claim whose first reply was lost
     is the same claim, granted again with the same lease.
     """
     claim_id = uuid.uuid4().hex
-    body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt, claim_id=claim_id))
+    # A dispatch that carries its context says so by reference, so the grant need not repeat
+    # it; one that left it out (a large context) gets it with the grant.
+    held = task.context_ref if task.context is not None and task.context_ref else None
+    body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt, claim_id=claim_id,
+                                    context_ref=held))
     subject = subjects.claim(task.session)
     for tries in range(1, CLAIM_TRIES):
         try:

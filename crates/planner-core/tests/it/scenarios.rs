@@ -124,7 +124,7 @@ fn a_supplied_plan_runs_in_dependency_order_with_request_attachments() {
             assert_eq!(dispatch.attachments, vec![attachment.clone()]);
             assert_eq!(dispatch.inputs.len(), 1);
             assert_eq!(dispatch.inputs[0].output, "output of load");
-            assert_eq!(dispatch.context.request, "analyze");
+            assert_eq!(dispatch.context.unwrap().request, "analyze");
         });
     assert_eq!(status(planner.planner(), "load"), TaskStatus::Completed);
 }
@@ -806,7 +806,7 @@ fn a_follow_up_runs_after_the_unfinished_tasks_with_the_conversation_as_context(
         };
         let dispatch = planner.assignment(dispatch).expect("renders");
         assert_eq!(dispatch.task_id.as_str(), "t2");
-        assert_eq!(dispatch.context.request, "then book the cheapest");
+        assert_eq!(dispatch.context.unwrap().request, "then book the cheapest");
     });
     let finished = planner
         .when(done("t2", 1, 6))
@@ -888,7 +888,7 @@ fn the_context_is_compacted_when_it_passes_the_budget_and_the_summary_travels() 
                 panic!("expected t2")
             };
             let dispatch = planner.assignment(dispatch).expect("renders");
-            assert_eq!(dispatch.context.summary, context.summary);
+            assert_eq!(dispatch.context.unwrap().summary, context.summary);
             assert!(context.summary.is_some());
         });
     // An explicit compaction with a summary written elsewhere (an LLM's) is recorded as given.

@@ -1,9 +1,10 @@
 //! The persist-then-publish driver: one command of one session, under that session's lock.
 //!
 //! Load the planner if needed (snapshot + tail), `process`, **append the events** (optimistic
-//! concurrency at the version the planner was at), then publish the dispatches, questions and
-//! cancellations they carry, then arm the session's timer. Nothing is published before its
-//! events are persisted. On a concurrency conflict (another instance appended first) the
+//! concurrency at the version the planner was at), then send the dispatches, questions and
+//! cancellations they carry, then arm the session's timer, then release the lock and await the
+//! bus's acks (they guard no order; a missing one marks the session for the outbox sweep).
+//! Nothing is published before its events are persisted. On a concurrency conflict (another instance appended first) the
 //! session is reloaded and the command retried; a command the planner refuses is retried the
 //! same way when the store shows the session moved on, so an instance never judges input
 //! against a stale copy.
@@ -157,15 +158,19 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 }
             };
             planner.drain_log();
-            let lease_terms = match &command {
-                Command::ClaimAttempt { task_id, .. } => planner.attempt_timeouts(task_id),
-                _ => None,
+            let (lease_terms, claim_context) = match &command {
+                Command::ClaimAttempt { task_id, .. } => (
+                    planner.attempt_timeouts(task_id),
+                    planner.dispatch_context(task_id),
+                ),
+                _ => (None, None),
             };
             if events.is_empty() {
                 let handled = Handled {
                     version: before,
                     events,
                     lease_terms,
+                    claim_context,
                 };
                 return Ok((handled, Vec::new()));
             }
@@ -174,24 +179,42 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
+                        self.config.inline_context_bytes,
                     );
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot
                         .after_append(self.store.as_ref(), session, before, planner)
                         .await;
+                    let mut confirmation = None;
                     if !outgoing.is_empty() {
-                        if let Err(error) = self.publisher.publish(&outgoing).await {
-                            tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
-                            state.unpublished = true;
+                        match self.publisher.send(&outgoing).await {
+                            Ok(confirm) => confirmation = Some(confirm),
+                            Err(error) => {
+                                tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                                state.unpublished = true;
+                            }
                         }
                     }
                     self.arm(session, deadline);
+                    // The bus's acknowledgements guard no order (the messages left in order
+                    // above), so they are awaited without the session's lock: the session's
+                    // next command (typically the claim of the dispatch just sent) need not
+                    // wait for them.
+                    drop(state);
+                    if let Some(confirmation) = confirmation {
+                        if let Err(error) = confirmation.await {
+                            tracing::warn!(%error, "publish not acknowledged after persisting; the outbox sweep will re-publish");
+                            // `slot` is held, so the session cannot have been evicted since.
+                            slot.state.lock().await.unpublished = true;
+                        }
+                    }
                     tracing::debug!(version, events = events.len(), "persisted and published");
                     let handled = Handled {
                         version,
                         events,
                         lease_terms,
+                        claim_context,
                     };
                     return Ok((handled, undeliverable));
                 }

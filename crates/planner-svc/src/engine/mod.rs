@@ -37,7 +37,7 @@ pub use error::{Disposition, EngineError};
 pub use llm::REVISION_MARK;
 pub use outbox::Recovery;
 pub use render::{in_flight, outgoing, oversized, Outgoing};
-pub use seams::{Clock, Llm, Publisher, SystemClock};
+pub use seams::{Clock, Confirmation, Llm, Publisher, SystemClock};
 pub use timers::TimerLoop;
 
 use registry::{Registry, Slot};
@@ -69,6 +69,10 @@ pub struct EngineConfig {
     /// sessions outside them to their owner; commands are still handled for any session
     /// (optimistic concurrency keeps instances apart), routing them is the transport's job.
     pub scope: Option<Arc<crate::partition::Partitions>>,
+    /// Contexts up to this many bytes (request, summary and system prompt) travel in every
+    /// dispatch; larger ones are left out, and an executor gets them with its claim unless it
+    /// holds them already (`context_ref`). `usize::MAX`: always in the dispatch.
+    pub inline_context_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +86,7 @@ impl Default for EngineConfig {
             llm: None,
             clock: Arc::new(SystemClock),
             max_dispatch_bytes: 1024 * 1024,
+            inline_context_bytes: usize::MAX,
             max_remembered_ended: 100_000,
             scope: None,
         }
@@ -98,6 +103,8 @@ pub struct Handled {
     /// For a granted claim: the timeouts of its attempt (its own, its target's, its kind's or
     /// the session's), from which the executor learns how often to heartbeat.
     pub lease_terms: Option<planner_core::TaskTimeouts>,
+    /// For a granted claim: the context its executor is handed, as of now.
+    pub claim_context: Option<planner_core::DispatchContext>,
 }
 
 /// Sessions, their locks and their timers. See the module docs.

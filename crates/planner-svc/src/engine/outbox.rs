@@ -45,8 +45,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let Some(planner) = state.planner.as_ref() else {
             return Ok(Vec::new());
         };
-        let (messages, undeliverable) =
-            deliverable(in_flight(session, planner), self.config.max_dispatch_bytes);
+        let (messages, undeliverable) = deliverable(
+            in_flight(session, planner),
+            self.config.max_dispatch_bytes,
+            self.config.inline_context_bytes,
+        );
         let deadline = planner.next_deadline();
         if !messages.is_empty() {
             match self.publisher.publish(&messages).await {

@@ -9,8 +9,9 @@ use planner_core::Planner;
 
 /// One session in memory.
 pub(super) struct Slot {
-    /// A `tokio` mutex: the store append and the publish are awaited while it is held, so that a
-    /// session's commands are persisted and published in order. Sessions never wait on each
+    /// A `tokio` mutex: the store append and the sending of the messages are awaited while it
+    /// is held, so that a session's commands are persisted and published in order (the bus's
+    /// acks are awaited after it is released: they guard no order). Sessions never wait on each
     /// other: each has its own.
     pub(super) state: tokio::sync::Mutex<SlotState>,
     last_used_ms: AtomicU64,

@@ -23,24 +23,41 @@ pub enum Outgoing {
 pub type Undeliverable = (planner_core::TaskId, u32, usize);
 
 /// `messages` without the dispatches over `limit` bytes, and those, for their attempts to be
-/// failed instead.
-pub fn deliverable(messages: Vec<Outgoing>, limit: usize) -> (Vec<Outgoing>, Vec<Undeliverable>) {
+/// failed instead. The size counts the context even where it is then left out (contexts over
+/// `inline_context` bytes, see [`context_bytes`]): the claim's grant carries it instead.
+pub fn deliverable(
+    messages: Vec<Outgoing>,
+    limit: usize,
+    inline_context: usize,
+) -> (Vec<Outgoing>, Vec<Undeliverable>) {
     let mut undeliverable = Vec::new();
     let kept = messages
         .into_iter()
-        .filter(|message| {
-            let Outgoing::Task(task) = message else {
-                return true;
+        .filter_map(|message| {
+            let Outgoing::Task(mut task) = message else {
+                return Some(message);
             };
-            let Some(bytes) = oversized(task, limit) else {
-                return true;
-            };
-            let a = &task.assignment;
-            undeliverable.push((a.task_id.clone(), a.attempt, bytes));
-            false
+            if let Some(bytes) = oversized(&task, limit) {
+                let a = &task.assignment;
+                undeliverable.push((a.task_id.clone(), a.attempt, bytes));
+                return None;
+            }
+            if let Some(context) = &task.assignment.context {
+                if context_bytes(context) > inline_context {
+                    task.assignment.context = None;
+                }
+            }
+            Some(Outgoing::Task(task))
         })
         .collect();
     (kept, undeliverable)
+}
+
+/// A context's size as the inlining limit counts it: its request, summary and system prompt.
+pub fn context_bytes(context: &planner_core::DispatchContext) -> usize {
+    context.request.len()
+        + context.summary.as_ref().map_or(0, String::len)
+        + context.system_prompt.as_ref().map_or(0, String::len)
 }
 
 /// Whether a dispatch is larger than `limit` bytes on the wire. Exact (it encodes the
@@ -49,8 +66,7 @@ pub fn oversized(task: &TaskMessage, limit: usize) -> Option<usize> {
     let a = &task.assignment;
     let lower_bound = a.description.len()
         + a.inputs.iter().map(|i| i.output.len()).sum::<usize>()
-        + a.context.request.len()
-        + a.context.summary.as_ref().map_or(0, String::len)
+        + a.context.as_ref().map_or(0, context_bytes)
         + a.answer.as_ref().map_or(0, String::len);
     if lower_bound.saturating_mul(8) < limit {
         return None;

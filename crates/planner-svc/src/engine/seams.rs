@@ -12,11 +12,31 @@ use planner_llm::{PlanContext, Planned, TaskPlanner};
 
 use super::render::Outgoing;
 
+/// What confirms a sent batch: resolves once the bus accepted every message of it (for
+/// dispatches: JetStream acknowledged them), or with the first failure.
+pub type Confirmation = BoxFuture<'static, anyhow::Result<()>>;
+
 /// Where outgoing messages go: NATS in the daemon, channels in the embedded run.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `messages` in order; `Ok` once each is accepted by the bus (for dispatches:
     /// acknowledged by JetStream).
     fn publish(&self, messages: &[Outgoing]) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Sends `messages` in order and returns what confirms them, without waiting for it: the
+    /// driver sends under the session's lock (so a session's messages leave in order) and
+    /// waits for the bus's acknowledgements after releasing it (they guard no order: a
+    /// dispatch that is not acknowledged is re-published by the outbox sweep). By default,
+    /// [`Publisher::publish`] and an already resolved confirmation.
+    fn send(
+        &self,
+        messages: &[Outgoing],
+    ) -> impl Future<Output = anyhow::Result<Confirmation>> + Send {
+        async move {
+            self.publish(messages).await?;
+            let confirmed: Confirmation = Box::pin(async { Ok(()) });
+            Ok(confirmed)
+        }
+    }
 }
 
 /// The only source of the time the engine stamps on commands and uses for its timers and its

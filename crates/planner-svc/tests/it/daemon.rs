@@ -824,6 +824,7 @@ async fn only_the_executor_holding_the_claim_can_report() {
     let LeaseReply::Granted {
         lease,
         heartbeat_interval_ms,
+        ..
     } = claim(json!({"task_id": "a", "attempt": 1})).await
     else {
         panic!("the first claim is granted");
@@ -1505,4 +1506,70 @@ async fn a_request_raced_on_two_instances_is_answered_as_a_retry_by_the_loser() 
         let with_events = [&ra, &rb].iter().filter(|h| !h.events.is_empty()).count();
         assert_eq!(with_events, 1, "{session}: {ra:?} / {rb:?}");
     }
+}
+
+/// The first dispatch of `session`, as it waits in `PLANNER_TASKS` (polled for 30 s).
+async fn first_dispatch(js: &async_nats::jetstream::Context, session: &str) -> serde_json::Value {
+    for _ in 0..300 {
+        let tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+        let subject = "planner.task.tool_call.tool";
+        if let Ok(message) = tasks.get_last_raw_message_by_subject(subject).await {
+            let value: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            if value["session"] == session {
+                return value;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no dispatch of {session}");
+}
+
+/// A small context travels in the dispatch and a claim that names it gets no copy; a large
+/// one is left out of the dispatch (which carries only its reference) and comes with the
+/// claim's grant: a dispatch does not grow with the conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_context_comes_with_the_claim_not_with_every_dispatch() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.inline_context_bytes = 64;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+
+    let mut small = plan(&[("a", "tool", &[])]);
+    small["input"] = json!("short request");
+    command(&client, "s-small", small).await;
+    let dispatch = first_dispatch(&js, "s-small").await;
+    assert_eq!(
+        dispatch["context"]["request"], "short request",
+        "{dispatch}"
+    );
+    let reference = dispatch["context_ref"].as_str().unwrap().to_owned();
+    let reply = claim(
+        &client,
+        "s-small",
+        json!({"task_id": "a", "attempt": 1, "context_ref": reference}),
+    )
+    .await;
+    let LeaseReply::Granted { context, .. } = reply else {
+        panic!("granted: {reply:?}")
+    };
+    assert_eq!(context, None, "the executor holds it already");
+
+    let long = "a request longer than the inlining limit ".repeat(4);
+    let mut large = plan(&[("a", "tool", &[])]);
+    large["input"] = json!(long);
+    command(&client, "s-large", large).await;
+    let dispatch = first_dispatch(&js, "s-large").await;
+    assert!(dispatch.get("context").is_none(), "{dispatch}");
+    let reference = dispatch["context_ref"].as_str().unwrap().to_owned();
+    assert!(!dispatch.to_string().contains(long.trim()), "{dispatch}");
+    let reply = claim(&client, "s-large", json!({"task_id": "a", "attempt": 1})).await;
+    let LeaseReply::Granted { context, .. } = reply else {
+        panic!("granted: {reply:?}")
+    };
+    let context = context.expect("the grant carries the context the dispatch left out");
+    assert_eq!(context.request, long);
+    assert_eq!(context.reference(), reference);
+    daemon.stop().await;
 }

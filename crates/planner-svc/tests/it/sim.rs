@@ -192,7 +192,10 @@ impl World {
                 // The context summary is rendered at publish time (ARCHITECTURE.md); the rest of
                 // an attempt never changes.
                 let mut stable = m.assignment.clone();
-                stable.context.summary = None;
+                if let Some(context) = stable.context.as_mut() {
+                    context.summary = None;
+                }
+                stable.context_ref.clear();
                 let content = serde_json::to_string(&stable).unwrap_or_default();
                 let first = bus
                     .contents

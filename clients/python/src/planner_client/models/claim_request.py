@@ -30,6 +30,12 @@ class ClaimRequest(BaseModel):
     from the message (its stream sequence, say): a redelivery to another executor must not
     pass as the same claim.
     """
+    context_ref: str | None = None
+    """
+    Optional: the `context_ref` of the context this executor already holds for the task
+    (the dispatch's, when the dispatch carried its context or the executor kept it from an
+    earlier task of the session). The grant carries the context unless it is that one.
+    """
     task_id: str
     """
     The task.

@@ -8,26 +8,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
-class LeaseReplyGranted(BaseModel):
-    """
-    The claim is granted: run the attempt, heartbeat every `heartbeat_interval_ms` (when
-    set) and report with `lease`.
-    """
-
-    model_config = ConfigDict(
-        populate_by_name=True,
-    )
-    heartbeat_interval_ms: Annotated[int | None, Field(ge=0)] = None
-    """
-    How often to heartbeat; absent when the planner times out no silent attempt.
-    """
-    lease: str
-    """
-    The lease token for heartbeats and the report.
-    """
-    status: Literal["granted"]
-
-
 class LeaseReplyAlive(BaseModel):
     """
     The heartbeat is recorded: go on.
@@ -78,15 +58,30 @@ class LeaseReplyError(BaseModel):
     status: Literal["error"]
 
 
-class LeaseReply(
-    RootModel[LeaseReplyGranted | LeaseReplyAlive | LeaseReplyStop | LeaseReplyError]
-):
-    root: Annotated[
-        LeaseReplyGranted | LeaseReplyAlive | LeaseReplyStop | LeaseReplyError,
-        Field(title="LeaseReply"),
-    ]
+class DispatchContext(BaseModel):
     """
-    The reply to a claim or a heartbeat.
+    The context handed to an executor with a task.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    profile: Literal["general", "coding", "analysis"]
+    """
+    The compaction profile, a hint for LLM steps.
+    """
+    request: str
+    """
+    The request the task serves.
+    """
+    summary: str | None = None
+    """
+    The summary of older conversation: the session's latest when the assignment is rendered
+    (for a live dispatch, the summary as of the dispatch).
+    """
+    system_prompt: str | None = None
+    """
+    The system prompt (processing steps only).
     """
 
 
@@ -105,4 +100,42 @@ class ErrorBody(BaseModel):
     message: str
     """
     What went wrong, for people.
+    """
+
+
+class LeaseReplyGranted(BaseModel):
+    """
+    The claim is granted: run the attempt, heartbeat every `heartbeat_interval_ms` (when
+    set) and report with `lease`.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    context: DispatchContext | None = None
+    """
+    The attempt's context, as of the grant, unless the claim named it (`context_ref`)
+    as the one the executor holds. A dispatch leaves out a large context: this is
+    where the executor gets it.
+    """
+    heartbeat_interval_ms: Annotated[int | None, Field(ge=0)] = None
+    """
+    How often to heartbeat; absent when the planner times out no silent attempt.
+    """
+    lease: str
+    """
+    The lease token for heartbeats and the report.
+    """
+    status: Literal["granted"]
+
+
+class LeaseReply(
+    RootModel[LeaseReplyGranted | LeaseReplyAlive | LeaseReplyStop | LeaseReplyError]
+):
+    root: Annotated[
+        LeaseReplyGranted | LeaseReplyAlive | LeaseReplyStop | LeaseReplyError,
+        Field(title="LeaseReply"),
+    ]
+    """
+    The reply to a claim or a heartbeat.
     """

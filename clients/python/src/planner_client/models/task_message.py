@@ -96,9 +96,16 @@ class TaskMessage(BaseModel):
     """
     The attempt, from 1. An executor that sees a (task, attempt) twice ran it already.
     """
-    context: DispatchContext
+    context: DispatchContext | None = None
     """
-    The conversation so far, compacted.
+    The conversation so far, compacted. A shell may leave it out of a dispatch (the daemon
+    does when it is large, see docs/protocol.md): the executor then gets it with its claim.
+    """
+    context_ref: str | None = None
+    """
+    What identifies `context`: equal references, equal contexts
+    ([`DispatchContext::reference`]). An executor that holds the context of this reference
+    (from an earlier task of the session) need not be sent it again.
     """
     description: str
     """
