@@ -9,6 +9,7 @@
 //!   IO goes through seams (`engine/seams.rs`).
 //! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
+//! - `http/`: the HTTP API, live streams and the web console (`--http`).
 //! - `client.rs`: the CLI's client of a daemon (`submit`, `watch`, `answer`, `cancel`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod executor;
+pub mod http;
 pub mod inspect;
 pub mod progress;
 pub mod protocol;

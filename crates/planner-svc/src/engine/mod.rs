@@ -14,11 +14,13 @@
 //! - `timers.rs`: ticks at each session's next deadline, re-armed when they fail.
 //! - `render.rs`: what events ask to publish, as wire messages.
 //! - `llm.rs`: planning, revising and summarizing with the LLM.
+//! - `observe.rs`: what observers (the HTTP API) are told after each append.
 //! - `error.rs`: why a command was not applied, and its [`Disposition`].
 
 mod driver;
 mod error;
 mod llm;
+mod observe;
 mod outbox;
 mod registry;
 mod render;
@@ -35,6 +37,9 @@ use tracing::Instrument;
 
 pub use error::{Disposition, EngineError};
 pub use llm::REVISION_MARK;
+pub use observe::{
+    session_status, Appended, SessionSummary, TaskCounts, OBSERVER_CAPACITY, SESSION_STATUSES,
+};
 pub use outbox::Recovery;
 pub use render::{in_flight, outgoing, oversized, Outgoing};
 pub use seams::{Clock, Llm, Publisher, SystemClock};
@@ -103,6 +108,7 @@ pub struct Engine<S, P> {
     clock: Arc<dyn Clock>,
     registry: Registry,
     timers: mpsc::UnboundedSender<Arm>,
+    observers: observe::Observers,
 }
 
 impl<S, P> std::fmt::Debug for Engine<S, P> {
@@ -124,6 +130,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             registry: Registry::new(config.max_remembered_ended),
             config,
             timers: tx,
+            observers: tokio::sync::broadcast::channel(observe::OBSERVER_CAPACITY).0,
         });
         (engine, TimerLoop::new(rx))
     }
