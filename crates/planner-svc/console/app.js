@@ -10,7 +10,7 @@ const EVENT_PAGE = 1000;
 const $ = (selector, root = document) => root.querySelector(selector);
 const main = $('#main');
 let token = sessionStorage.getItem('planner-token') || '';
-let role = 'viewer';
+let role = '';
 let view = null; // the current view's teardown
 
 function h(tag, attrs = {}, ...children) {
@@ -436,6 +436,7 @@ function route() {
 async function start() {
   try {
     role = (await api('/api/whoami')).role;
+    if (role === 'none') { signIn(); return; }
   } catch (error) {
     if (error.status === 401) { if (token) notice(error.message); token = ''; sessionStorage.removeItem('planner-token'); signIn(); return; }
     notice(error.message);
@@ -445,5 +446,5 @@ async function start() {
   route();
 }
 
-window.addEventListener('hashchange', () => { if (role) route(); });
+window.addEventListener('hashchange', () => { if (role && role !== 'none') route(); });
 start();

@@ -122,7 +122,7 @@ pub struct CommandResult {
 /// Who the caller is.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WhoAmI {
-    /// The role of the token (or of anonymous requests): viewer, ui or operator.
+    /// The role of the token (or of anonymous requests): none, viewer, ui or operator.
     pub role: String,
 }
 
@@ -214,13 +214,18 @@ async fn run_command<S: EventStore, P: Publisher>(
         .into_response())
 }
 
-/// `GET /api/whoami`
-#[utoipa::path(get, path = "/api/whoami", tag = "sessions",
-    responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
-pub async fn whoami(Extension(role): Extension<Role>) -> Json<WhoAmI> {
-    Json(WhoAmI {
-        role: role.0.as_str().to_owned(),
-    })
+/// `GET /api/whoami`: the caller's role; `none` without a token when anonymous requests
+/// have no role (the console then asks for a token). Needs no token itself.
+#[utoipa::path(get, path = "/api/whoami", tag = "sessions", security(()),
+    responses((status = 200, body = WhoAmI), (status = 401, description = "A token that is not valid", body = ErrorBody)))]
+pub async fn whoami(
+    State(tokens): State<Arc<super::auth::Tokens>>,
+    headers: HeaderMap,
+) -> Result<Json<WhoAmI>, ApiError> {
+    let role = super::auth::role_of(&tokens, &headers)?;
+    Ok(Json(WhoAmI {
+        role: role.as_str().to_owned(),
+    }))
 }
 
 /// `GET /api/sessions`

@@ -87,6 +87,23 @@ impl Role {
     }
 }
 
+/// The role of a request: its token's, or (without one) the anonymous role, which may be
+/// `none`. A token that matches none is refused (401).
+pub fn role_of(tokens: &Tokens, headers: &axum::http::HeaderMap) -> Result<HttpRole, ApiError> {
+    match headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            let value = value.as_bytes();
+            let token = value
+                .strip_prefix(b"Bearer ")
+                .or_else(|| value.strip_prefix(b"bearer "));
+            token
+                .and_then(|t| tokens.role_of(t))
+                .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid"))
+        }
+        None => Ok(tokens.anonymous),
+    }
+}
+
 /// Reads `Authorization: Bearer <token>`, refuses a request with none (unless anonymous
 /// requests have a role) or with an unknown one (401), and records the role for handlers.
 pub async fn authenticate(
@@ -94,26 +111,12 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|value| value.as_bytes().to_vec());
-    let role = match presented {
-        Some(value) => {
-            let token = value
-                .strip_prefix(b"Bearer ")
-                .or_else(|| value.strip_prefix(b"bearer "));
-            match token.and_then(|t| tokens.role_of(t)) {
-                Some(role) => role,
-                None => {
-                    return ApiError::unauthorized("the bearer token is not valid").into_response()
-                }
-            }
-        }
-        None if tokens.anonymous != HttpRole::None => tokens.anonymous,
-        None => {
+    let role = match role_of(&tokens, request.headers()) {
+        Ok(HttpRole::None) => {
             return ApiError::unauthorized("send Authorization: Bearer <token>").into_response()
         }
+        Ok(role) => role,
+        Err(error) => return error.into_response(),
     };
     request.extensions_mut().insert(Role(role));
     next.run(request).await

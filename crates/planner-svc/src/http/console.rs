@@ -28,7 +28,10 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
 /// The console's routes.
 pub fn routes() -> Router {
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
         .route(
             "/console/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP) }),

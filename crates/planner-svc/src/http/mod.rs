@@ -73,7 +73,6 @@ pub fn router<S: EventStore, P: Publisher>(api: Arc<Api<S, P>>) -> Router {
     let timeout = Duration::from_millis(api.config.request_timeout_ms.max(1));
     // Live streams last: the timeout covers the other requests only.
     let bounded = Router::new()
-        .route("/api/whoami", get(api::whoami))
         .route(
             "/api/sessions",
             get(api::list::<S, P>).post(api::start::<S, P>),
@@ -87,12 +86,19 @@ pub fn router<S: EventStore, P: Publisher>(api: Arc<Api<S, P>>) -> Router {
         .route("/api/live", get(live::sessions::<S, P>));
     let protected = bounded
         .merge(live)
-        .layer(middleware::from_fn_with_state(tokens, auth::authenticate))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&tokens),
+            auth::authenticate,
+        ))
         .layer(DefaultBodyLimit::max(api.config.max_body_bytes))
         .with_state(Arc::clone(&api));
     let mut app = Router::new()
         .merge(protected)
         .route("/api/openapi.json", get(openapi::serve))
+        .route(
+            "/api/whoami",
+            get(api::whoami).with_state(Arc::clone(&tokens)),
+        )
         .merge(console::routes())
         .fallback(|request: Request| async move { ApiError::not_found(request.uri().path()) })
         .layer(middleware::from_fn(security_headers));

@@ -140,6 +140,16 @@ async fn http_api_serves_every_endpoint_with_typed_errors_and_roles() {
     );
     let (status, error) = http.post(VIEWER, "/api/sessions", &body, None).await;
     assert_eq!((status, kind(&error)), (StatusCode::FORBIDDEN, "forbidden"));
+    let (status, who) = http.get(None, "/api/whoami").await;
+    assert_eq!(
+        (status, who["role"].as_str()),
+        (StatusCode::OK, Some("none"))
+    );
+    let (status, error) = http.get(Some("nope"), "/api/whoami").await;
+    assert_eq!(
+        (status, kind(&error)),
+        (StatusCode::UNAUTHORIZED, "forbidden")
+    );
     for (token, role) in [(VIEWER, "viewer"), (UI, "ui"), (OPERATOR, "operator")] {
         let (status, who) = http.get(Some(token), "/api/whoami").await;
         assert_eq!((status, who["role"].as_str()), (StatusCode::OK, Some(role)));
