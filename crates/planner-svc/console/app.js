@@ -239,7 +239,9 @@ function sessionView(id) {
 
   function renderSummary(view) {
     const x = view.summary;
-    summary.replaceChildren(statusBadge(x.status), ` version ${x.version} of ${view.latest_version} · ${x.tasks.total} tasks · ${x.questions} questions · `, h('span', { class: 'request' }, x.request));
+    const origin = view.state.forked_from;
+    summary.replaceChildren(statusBadge(x.status), ` version ${x.version} of ${view.latest_version} · ${x.tasks.total} tasks · ${x.questions} questions · `, h('span', { class: 'request' }, x.request),
+      origin ? h('span', { class: 'muted' }, ' · forked from ', h('a', { href: `#/sessions/${origin.session}` }, origin.session), ` at version ${origin.version}`) : null);
   }
 
   function renderQuestions(state) {
@@ -359,9 +361,18 @@ function sessionView(id) {
 
   let travelTimer = null;
   scrubber.addEventListener('input', () => { clearTimeout(travelTimer); travelTimer = setTimeout(() => travelTo(Number(scrubber.value)), 150); });
+  async function forkHere() {
+    const at = s.at === null ? s.latest : s.at;
+    try {
+      const result = await api(`/api/sessions/${id}/fork`, { method: 'POST', body: { at } });
+      notice(`forked at version ${at}`, true);
+      location.hash = `#/sessions/${result.session}`;
+    } catch (error) { notice(error.message); }
+  }
   function renderTravel() {
-    if (s.at === null) travel.replaceChildren(h('span', { class: 'muted' }, `live at version ${s.latest}`));
-    else travel.replaceChildren(h('span', { class: 'travel' }, `time travel: version ${s.at} of ${s.latest}`), h('button', { onclick: () => travelTo(null) }, 'Back to live'));
+    const fork = can('operator') && s.latest > 0 ? h('button', { onclick: forkHere }, 'Fork from here') : null;
+    if (s.at === null) travel.replaceChildren(h('span', { class: 'muted' }, `live at version ${s.latest}`), ' ', fork);
+    else travel.replaceChildren(h('span', { class: 'travel' }, `time travel: version ${s.at} of ${s.latest}`), h('button', { onclick: () => travelTo(null) }, 'Back to live'), fork);
   }
   async function travelTo(version) {
     s.at = version === null || version >= s.latest ? null : version;

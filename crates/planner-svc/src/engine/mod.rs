@@ -14,11 +14,13 @@
 //! - `timers.rs`: ticks at each session's next deadline, re-armed when they fail.
 //! - `render.rs`: what events ask to publish, as wire messages.
 //! - `llm.rs`: planning, revising and summarizing with the LLM.
+//! - `fork.rs`: forking a session at a version into a new one.
 //! - `observe.rs`: what observers (the HTTP API) are told after each append.
 //! - `error.rs`: why a command was not applied, and its [`Disposition`].
 
 mod driver;
 mod error;
+mod fork;
 mod llm;
 mod observe;
 mod outbox;

@@ -415,6 +415,78 @@ pub async fn events<S: EventStore, P: Publisher>(
     }))
 }
 
+/// The body of `POST /api/sessions/{id}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// Fork after the source's first `at` events (default: all of them).
+    #[serde(default)]
+    pub at: Option<u64>,
+}
+
+/// `POST /api/sessions/{id}/fork`: a new session from the source's first `at` events.
+#[utoipa::path(post, path = "/api/sessions/{id}/fork", tag = "commands",
+    params(("id" = String, Path, description = "The source session"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key reaches the same fork")),
+    request_body = ForkRequest,
+    responses((status = 201, description = "The new session and its events", body = CommandResult),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn fork<S: EventStore, P: Publisher>(
+    State(api): State<Arc<Api<S, P>>>,
+    Extension(role): Extension<Role>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    bytes: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    role.require(HttpRole::Operator)?;
+    let key = idempotency_key(&headers)?;
+    let bytes = body(bytes)?;
+    let request: ForkRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        ForkRequest::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(ErrorKind::Malformed, format!("not a fork request: {e}")))?
+    };
+    let latest = existing_version(&api, &source).await?;
+    if latest == 0 {
+        return Err(ApiError::no_session(&source));
+    }
+    let at = request.at.unwrap_or(latest);
+    let target = match &key {
+        Some(key) => uuid::Uuid::new_v5(
+            &SESSION_NAMESPACE,
+            format!("fork:{source}:{key}").as_bytes(),
+        )
+        .simple()
+        .to_string(),
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let existing = existing_version(&api, &target).await?;
+    if key.is_some() && existing > 0 {
+        // A retry: the fork exists already.
+        return Ok((
+            StatusCode::OK,
+            Json(CommandResult {
+                session: target,
+                version: existing,
+                events: Vec::new(),
+            }),
+        )
+            .into_response());
+    }
+    let handled = api.engine.fork(&source, at, &target).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CommandResult {
+            session: target,
+            version: handled.version,
+            events: handled.events,
+        }),
+    )
+        .into_response())
+}
+
 // The OpenAPI document names this type.
 #[allow(unused_imports)]
 use crate::protocol::ErrorBody;

@@ -80,6 +80,7 @@ pub fn router<S: EventStore, P: Publisher>(api: Arc<Api<S, P>>) -> Router {
         .route("/api/sessions/{id}", get(api::state::<S, P>))
         .route("/api/sessions/{id}/events", get(api::events::<S, P>))
         .route("/api/sessions/{id}/commands", post(api::send::<S, P>))
+        .route("/api/sessions/{id}/fork", post(api::fork::<S, P>))
         .layer(middleware::from_fn_with_state(timeout, time_limit));
     let live = Router::new()
         .route("/api/sessions/{id}/live", get(live::session::<S, P>))

@@ -9,7 +9,7 @@ use super::{api, live};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "planner HTTP API", description = "Sessions, their events and live streams, and client commands. See docs/http.md."),
-    paths(api::whoami, api::list, api::start, api::send, api::state, api::events, live::session, live::sessions),
+    paths(api::whoami, api::list, api::start, api::send, api::fork, api::state, api::events, live::session, live::sessions),
     components(schemas(crate::protocol::ErrorBody, crate::protocol::ErrorKind)),
     modifiers(&Bearer),
     security(("bearer" = [])),

@@ -521,3 +521,115 @@ async fn live_streams_resume_after_a_dropped_connection_without_loss_or_repeats(
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_at_a_version_runs_to_completion_as_a_session_of_its_own() {
+    let server = NatsServer::start().unwrap();
+    let (config, base) = http_config(&server);
+    let daemon = Daemon::start(config).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let http = Http::wait_ready(&base).await;
+    let body = json!({"type": "initialize", "input": REQUEST}).to_string();
+    let (status, started) = http.post(UI, "/api/sessions", &body, None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let source = started["session"].as_str().unwrap().to_owned();
+    // Run the source to its end, remembering the version at which it asked its question.
+    let asking = http
+        .wait_state(&source, |v| v["summary"]["status"] == "asking")
+        .await;
+    let at = asking["summary"]["version"].as_u64().unwrap();
+    let answer =
+        json!({"type": "answer_clarification", "task_id": "t2", "answer": "May"}).to_string();
+    let (status, _) = http
+        .post(
+            UI,
+            &format!("/api/sessions/{source}/commands"),
+            &answer,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    http.wait_state(&source, |v| v["summary"]["status"] == "completed")
+        .await;
+
+    // Only an operator forks; the version must be inside the source.
+    let path = format!("/api/sessions/{source}/fork");
+    let (status, error) = http
+        .post(UI, &path, &json!({"at": at}).to_string(), None)
+        .await;
+    assert_eq!((status, kind(&error)), (StatusCode::FORBIDDEN, "forbidden"));
+    let (status, error) = http
+        .post(OPERATOR, &path, &json!({"at": 0}).to_string(), None)
+        .await;
+    assert_eq!(
+        (status, kind(&error)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+        "{error}"
+    );
+    let (status, error) = http
+        .post(OPERATOR, "/api/sessions/nosuch/fork", "{}", None)
+        .await;
+    assert_eq!(
+        (status, kind(&error)),
+        (StatusCode::NOT_FOUND, "bad_session")
+    );
+
+    // The fork at the question: its log is the source's prefix and a record of where it came
+    // from; it asks the question again and, answered differently, runs to its own end.
+    let (status, forked) = http
+        .post(
+            OPERATOR,
+            &path,
+            &json!({"at": at}).to_string(),
+            Some("fork-1"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let fork = forked["session"].as_str().unwrap().to_owned();
+    assert_ne!(fork, source);
+    let (status, again) = http
+        .post(
+            OPERATOR,
+            &path,
+            &json!({"at": at}).to_string(),
+            Some("fork-1"),
+        )
+        .await;
+    assert_eq!(
+        (status, again["session"].as_str()),
+        (StatusCode::OK, Some(fork.as_str()))
+    );
+    let store = store(&server.url()).await;
+    let source_log = store.load_all(&source).await.unwrap();
+    let fork_log = store.load_all(&fork).await.unwrap();
+    assert_eq!(&fork_log[..at as usize], &source_log[..at as usize]);
+    assert!(
+        matches!(&fork_log[at as usize], Event::SessionForked { source: s, version, .. } if *s == source && *version == at)
+    );
+    let view = http
+        .wait_state(&fork, |v| v["summary"]["status"] == "asking")
+        .await;
+    assert_eq!(
+        view["state"]["forked_from"],
+        json!({"session": source, "version": at})
+    );
+    let answer =
+        json!({"type": "answer_clarification", "task_id": "t2", "answer": "June"}).to_string();
+    let (status, _) = http
+        .post(UI, &format!("/api/sessions/{fork}/commands"), &answer, None)
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let done = http
+        .wait_state(&fork, |v| v["summary"]["status"] == "completed")
+        .await;
+    assert_eq!(done["summary"]["tasks"]["completed"], 3);
+    // Replay is exact: the fork's log folds to the state the API shows.
+    let fork_log = store.load_all(&fork).await.unwrap();
+    assert_eq!(
+        done["state"],
+        serde_json::to_value(Planner::fold(&fork_log).state()).unwrap()
+    );
+    // The source did not move.
+    assert_eq!(store.load_all(&source).await.unwrap(), source_log);
+    daemon.stop().await;
+}
