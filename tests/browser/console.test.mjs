@@ -182,6 +182,9 @@ test('a person drives a session from the console', async () => {
   const fork = p.url().split('/').pop();
   assert.equal((await api(`/api/sessions/${fork}`)).state.forked_from.session, session);
 
+  // No stray text from empty parts of the page.
+  assert.ok(!(await p.locator('main').innerText()).includes('null'), 'the page shows "null"');
+
   // The list shows the session with its status.
   await p.goto(`${base}/#/`);
   await p.locator(`tr[data-session="${session}"]`).waitFor();

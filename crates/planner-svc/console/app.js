@@ -240,8 +240,8 @@ function sessionView(id) {
   function renderSummary(view) {
     const x = view.summary;
     const origin = view.state.forked_from;
-    summary.replaceChildren(statusBadge(x.status), ` version ${x.version} of ${view.latest_version} · ${x.tasks.total} tasks · ${x.questions} questions · `, h('span', { class: 'request' }, x.request),
-      origin ? h('span', { class: 'muted' }, ' · forked from ', h('a', { href: `#/sessions/${origin.session}` }, origin.session), ` at version ${origin.version}`) : null);
+    summary.replaceChildren(...[statusBadge(x.status), ` version ${x.version} of ${view.latest_version} · ${x.tasks.total} tasks · ${x.questions} questions · `, h('span', { class: 'request' }, x.request),
+      origin ? h('span', { class: 'muted' }, ' · forked from ', h('a', { href: `#/sessions/${origin.session}` }, origin.session), ` at version ${origin.version}`) : null].filter(Boolean));
   }
 
   function renderQuestions(state) {
@@ -371,8 +371,9 @@ function sessionView(id) {
   }
   function renderTravel() {
     const fork = can('operator') && s.latest > 0 ? h('button', { onclick: forkHere }, 'Fork from here') : null;
-    if (s.at === null) travel.replaceChildren(h('span', { class: 'muted' }, `live at version ${s.latest}`), ' ', fork);
-    else travel.replaceChildren(h('span', { class: 'travel' }, `time travel: version ${s.at} of ${s.latest}`), h('button', { onclick: () => travelTo(null) }, 'Back to live'), fork);
+    // (replaceChildren would print a null as "null": h() drops it.)
+    if (s.at === null) travel.replaceChildren(h('span', {}, h('span', { class: 'muted' }, `live at version ${s.latest}`), ' ', fork));
+    else travel.replaceChildren(h('span', {}, h('span', { class: 'travel' }, `time travel: version ${s.at} of ${s.latest}`), ' ', h('button', { onclick: () => travelTo(null) }, 'Back to live'), ' ', fork));
   }
   async function travelTo(version) {
     s.at = version === null || version >= s.latest ? null : version;
