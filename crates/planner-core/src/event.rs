@@ -195,6 +195,34 @@ pub enum Event {
         /// When.
         at: Timestamp,
     },
+    /// This session is a fork: the events before this one are a copy of the first `version`
+    /// events of session `source` (see [`fork_events`](crate::fork_events)). From here on it
+    /// runs as a session of its own.
+    SessionForked {
+        /// The session it was forked from.
+        source: String,
+        /// How many of the source's events it copied.
+        version: u64,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// The log a fork of a session starts with: a copy of the source's first events (`prefix`,
+/// as stored) followed by [`Event::SessionForked`], which records where it came from. Folding
+/// it gives the source's state at that version with [`PlannerState::forked_from`] set: replay
+/// stays exact, since the copy is data and `apply` decides nothing.
+///
+/// [`PlannerState::forked_from`]: crate::PlannerState::forked_from
+pub fn fork_events(source: &str, prefix: &[Event], at: Timestamp) -> Vec<Event> {
+    let mut events = Vec::with_capacity(prefix.len() + 1);
+    events.extend(prefix.iter().cloned());
+    events.push(Event::SessionForked {
+        source: source.to_owned(),
+        version: prefix.len() as u64,
+        at,
+    });
+    events
 }
 
 impl Event {
@@ -244,6 +272,7 @@ impl Event {
             Event::PlanCompleted { .. } => "plan_completed",
             Event::PlanFailed { .. } => "plan_failed",
             Event::PlanCancelled { .. } => "plan_cancelled",
+            Event::SessionForked { .. } => "session_forked",
         }
     }
 

@@ -86,14 +86,14 @@ pub use config::{
 };
 pub use error::{ConfigError, Error};
 pub use event::{
-    open_after, Dispatch, DispatchContext, Event, FailureReason, PlanSource, PlannerCmd,
-    TaskAssignment, TaskOutput, EVENT_SCHEMA_VERSION,
+    fork_events, open_after, Dispatch, DispatchContext, Event, FailureReason, PlanSource,
+    PlannerCmd, TaskAssignment, TaskOutput, EVENT_SCHEMA_VERSION,
 };
 pub use handler::Handler;
 pub use parse::{parse_input, parse_input_from};
 pub use plan::{validate_plan, PlanError, PlanSpec, TaskSpec, TaskTimeouts};
 pub use planner::Planner;
-pub use state::{Context, PendingQuestion, PlanPhase, PlannerState, Usage};
+pub use state::{Context, ForkOrigin, PendingQuestion, PlanPhase, PlannerState, Usage};
 pub use types::{
     is_valid_token, Attachment, Lease, Message, NodeKind, Role, Task, TaskId, TaskStatus, Timestamp,
 };

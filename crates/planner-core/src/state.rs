@@ -103,6 +103,15 @@ pub struct PendingQuestion {
     pub deadline: Option<Timestamp>,
 }
 
+/// Where a forked session came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkOrigin {
+    /// The source session.
+    pub session: String,
+    /// How many of its events the fork copied.
+    pub version: u64,
+}
+
 /// Everything a planner knows. Rebuilt exactly by folding the session's events.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannerState {
@@ -146,6 +155,10 @@ pub struct PlannerState {
     /// [`PlannerState::last_user_request`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_user_turn: Option<u32>,
+    /// The session this one was forked from, and at which version; none for a session that
+    /// started with a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkOrigin>,
 
     // Derived from `tasks`: not serialized (snapshots stay smaller), rebuilt by
     // `rebuild_indexes` when a state is deserialized.
@@ -588,6 +601,17 @@ impl PlannerState {
                 self.phase = PlanPhase::Failed {
                     reason: reason.clone(),
                 };
+            }
+            Event::SessionForked {
+                source,
+                version,
+                at,
+            } => {
+                self.forked_from = Some(ForkOrigin {
+                    session: source.clone(),
+                    version: *version,
+                });
+                self.tick(*at);
             }
             Event::PlanCancelled { at, .. } => {
                 self.tick(*at);

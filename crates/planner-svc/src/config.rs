@@ -48,6 +48,8 @@ pub struct Config {
     pub llm: planner_llm::LlmConfig,
     /// Which instance serves which sessions: partitions leased through a KV bucket.
     pub ownership: OwnershipConfig,
+    /// The HTTP API and web console (off by default).
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             },
             llm: planner_llm::LlmConfig::default(),
             ownership: OwnershipConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -485,6 +488,83 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Who may use the HTTP API: a role per bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpRole {
+    /// No access (only for `http.anonymous`: every request needs a token).
+    None,
+    /// Reads sessions, their events and live streams.
+    Viewer,
+    /// A viewer that also sends client commands: starts sessions, follow-ups, answers
+    /// questions, cancels, continues (what a UI sends on `{p}.cmd.<session>`).
+    Ui,
+    /// A UI that also forks sessions.
+    Operator,
+}
+
+impl HttpRole {
+    /// The role as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpRole::None => "none",
+            HttpRole::Viewer => "viewer",
+            HttpRole::Ui => "ui",
+            HttpRole::Operator => "operator",
+        }
+    }
+}
+
+/// The HTTP API and web console (`docs/http.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve it (`serve --http ADDR` and `run --http ADDR` turn it on).
+    pub enabled: bool,
+    /// The address to listen on.
+    pub listen: String,
+    /// Bearer tokens of the `viewer` role, comma-separated (several, to rotate them).
+    pub viewer_tokens: Secret,
+    /// Bearer tokens of the `ui` role, comma-separated.
+    pub ui_tokens: Secret,
+    /// Bearer tokens of the `operator` role, comma-separated.
+    pub operator_tokens: Secret,
+    /// The role of a request without a token: `none` (refused), or `viewer`, `ui`,
+    /// `operator`, allowed only on a loopback `listen` address.
+    pub anonymous: HttpRole,
+    /// Origins allowed to call the API from another site's pages (CORS); none by default.
+    pub cors_origins: Vec<String>,
+    /// The largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Time allowed to answer a request (not a live stream), in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Most items in one page of sessions or events.
+    pub max_page: usize,
+    /// Seconds between keep-alive comments on a live stream.
+    pub keep_alive_s: u64,
+    /// Most sessions in the list's in-memory index (the newest are kept).
+    pub index_max_sessions: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: false,
+            listen: "127.0.0.1:8080".into(),
+            viewer_tokens: Secret::default(),
+            ui_tokens: Secret::default(),
+            operator_tokens: Secret::default(),
+            anonymous: HttpRole::None,
+            cors_origins: Vec::new(),
+            max_body_bytes: 256 * 1024,
+            request_timeout_ms: 10_000,
+            max_page: 1_000,
+            keep_alive_s: 15,
+            index_max_sessions: 100_000,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -727,6 +807,33 @@ impl Config {
             }
             if self.llm.max_concurrency == 0 {
                 problems.push("llm.max_concurrency must be at least 1".into());
+            }
+        }
+        if self.http.enabled {
+            match self.http.listen.parse::<std::net::SocketAddr>() {
+                Err(e) => problems.push(format!(
+                    "http.listen {:?}: {e} (use IP:PORT, e.g. 127.0.0.1:8080)",
+                    self.http.listen
+                )),
+                Ok(addr) if !addr.ip().is_loopback() && self.http.anonymous != HttpRole::None => {
+                    problems.push(format!(
+                        "http.anonymous {:?} is allowed only on a loopback http.listen, not {addr}: set tokens instead",
+                        self.http.anonymous.as_str()
+                    ))
+                }
+                Ok(_) => {}
+            }
+            if self.http.max_body_bytes < 1024 {
+                problems.push("http.max_body_bytes must be at least 1024".into());
+            }
+            if self.http.max_page == 0 {
+                problems.push("http.max_page must be at least 1".into());
+            }
+            if self.http.request_timeout_ms == 0 {
+                problems.push("http.request_timeout_ms must be at least 1".into());
+            }
+            if self.http.keep_alive_s == 0 {
+                problems.push("http.keep_alive_s must be at least 1".into());
             }
         }
         if let Err(e) = self.planner.validate() {

@@ -32,10 +32,37 @@ pub struct RunOptions {
     pub planner: PlannerConfig,
     /// The LLM planner, if configured.
     pub llm: Option<Arc<planner_llm::LlmPlanner>>,
+    /// Serve the HTTP API and console beside the run (and after it, until Ctrl-C).
+    pub http: Option<crate::config::HttpConfig>,
 }
 
-/// Runs the request to its end, printing progress to `out`; returns how the plan ended.
+/// Runs the request to its end, printing progress to `out`; returns how the plan ended. With
+/// `http`, the console stays up after the end until Ctrl-C.
 pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<PlanPhase> {
+    let (phase, console) = run_to_end(options, out).await?;
+    if let Some((url, ended, _stop_http)) = console {
+        ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        writeln!(
+            out,
+            "the plan ended; the console stays up at {url}: Ctrl-C to stop"
+        )?;
+        out.flush()?;
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    Ok(phase)
+}
+
+/// The console's address, whether the run ended, and what stops the console when dropped.
+type Console = Option<(
+    String,
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio_util::sync::DropGuard,
+)>;
+
+async fn run_to_end(
+    options: RunOptions,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<(PlanPhase, Console)> {
     let unknown_session = |id: &str| {
         anyhow::anyhow!(
             "no session {id} in {dir}: --session continues an existing session; list them with `planner-svc sessions --data-dir {dir}`, or leave out --session to start a new one",
@@ -69,6 +96,21 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
     let shutdown = CancellationToken::new();
     tokio::spawn(timers.run(Arc::clone(&engine), shutdown.clone()));
     let _stop_timers = shutdown.clone().drop_guard();
+    let http_stop = CancellationToken::new();
+    let mut http_guard = Some(http_stop.clone().drop_guard());
+    let console = match &options.http {
+        Some(http) => {
+            let (addr, listener) = crate::http::bind(http).await?;
+            let (engine, http, stop) = (Arc::clone(&engine), http.clone(), http_stop.clone());
+            tokio::spawn(async move {
+                if let Err(error) = crate::http::serve_on(listener, engine, http, stop).await {
+                    tracing::error!(error = %crate::report(&error), "the HTTP API stopped");
+                }
+            });
+            Some(format!("http://{addr}/"))
+        }
+        None => None,
+    };
 
     let session = options
         .session
@@ -85,6 +127,19 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
         "session {session} (events in {})",
         options.data_dir.display()
     )?;
+    if let Some(url) = &console {
+        writeln!(out, "console: {url}#/sessions/{session}")?;
+    }
+    let ended_run = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut done = |phase: PlanPhase| {
+        let console = match (&console, http_guard.take()) {
+            (Some(url), Some(guard)) => Some((url.clone(), Arc::clone(&ended_run), guard)),
+            _ => None,
+        };
+        (phase, console)
+    };
+    // Commands sent over HTTP (a cancel, say) can end the plan too: the engine tells.
+    let mut observed = engine.observe();
     // Ctrl-C ends the run as it always did (everything done so far is in the log), and says how
     // to pick the session up again: also while a question waits for an answer.
     {
@@ -92,8 +147,13 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
             "interrupted: resume with `planner-svc run --session {session} --data-dir {}`",
             options.data_dir.display()
         );
+        let ended_run = Arc::clone(&ended_run);
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
+                if ended_run.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The plan ended; only the console was still up.
+                    std::process::exit(0);
+                }
                 eprintln!("\n{hint}");
                 std::process::exit(130);
             }
@@ -109,7 +169,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                 out,
                 "session {session} already ended: {phase:?}; give a request to follow up"
             )?;
-            return Ok(phase);
+            return Ok(done(phase));
         }
         let resumed = resume(&engine, &session, &existing).await?;
         let _ = progress_tx.send(resumed);
@@ -145,7 +205,19 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
             Some(events) = progress.recv() => {
                 print_events(out, &events)?;
                 if let Some(phase) = ended(&events) {
-                    return Ok(phase);
+                    return Ok(done(phase));
+                }
+            }
+            Ok(appended) = observed.recv(), if console.is_some() => {
+                if appended.session == session {
+                    if let Some(phase) = ended(&appended.events) {
+                        // Printed here only if the loop's own commands did not cause it.
+                        while let Ok(events) = progress.try_recv() {
+                            print_events(out, &events)?;
+                        }
+                        print_events(out, &appended.events)?;
+                        return Ok(done(phase));
+                    }
                 }
             }
             Some(message) = bus.recv() => {
@@ -154,7 +226,7 @@ pub async fn run(options: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::R
                     while let Ok(events) = progress.try_recv() {
                         print_events(out, &events)?;
                         if let Some(phase) = ended(&events) {
-                            return Ok(phase);
+                            return Ok(done(phase));
                         }
                     }
                 }

@@ -11,6 +11,7 @@
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
 //! - `partition.rs`: which partition a session falls into and which instance serves it (pure).
 //! - `ownership.rs`: partition leases in a KV bucket, handed over on join, leave and death.
+//! - `http/`: the HTTP API, live streams and the web console (`--http`).
 //! - `client.rs`: the CLI's client of a daemon (`submit`, `watch`, `answer`, `cancel`).
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
@@ -24,6 +25,7 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod executor;
+pub mod http;
 pub mod inspect;
 pub mod ownership;
 pub mod partition;

@@ -53,6 +53,10 @@ enum Cmd {
         /// NATS server URL(s), comma-separated (overrides nats.url).
         #[arg(long)]
         nats_url: Option<String>,
+        /// Serve the HTTP API and web console on this address, e.g. 127.0.0.1:8080 (turns
+        /// http.enabled on and sets http.listen; see docs/http.md).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Plan and run a request in-process with simulated executors: no NATS needed.
     Run {
@@ -76,6 +80,11 @@ enum Cmd {
         /// Percent of simulated attempts that fail (and are retried).
         #[arg(long, default_value_t = 0)]
         fail_percent: u8,
+        /// Serve the HTTP API and web console on this address while the run goes, e.g.
+        /// 127.0.0.1:8080; without tokens configured, anonymous requests get the operator
+        /// role (loopback only). Stays up after the plan ends, until Ctrl-C.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
     },
     /// Print a session's events and folded state, from the configured store.
     Replay {
@@ -202,9 +211,20 @@ const DEMO_REQUEST: &str = "1. Search for direct flights from Lisbon to Oslo\n2.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut overrides = cli.set.clone();
+    if let Cmd::Serve {
+        http: Some(addr), ..
+    }
+    | Cmd::Run {
+        http: Some(addr), ..
+    } = &cli.command
+    {
+        overrides.push("http.enabled=true".into());
+        overrides.push(format!("http.listen=\"{addr}\""));
+    }
     match &cli.command {
         Cmd::Serve {
             nats_url: Some(url),
+            ..
         }
         | Cmd::Executor {
             nats_url: Some(url),
@@ -247,13 +267,29 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
+    let mut config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("planner-svc: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // `run --http` on a laptop: no tokens configured means the person at the keyboard, on
+    // loopback only (validation refuses another address).
+    if let Cmd::Run { http: Some(_), .. } = &cli.command {
+        let http = &mut config.http;
+        if http.viewer_tokens.is_empty()
+            && http.ui_tokens.is_empty()
+            && http.operator_tokens.is_empty()
+            && http.anonymous == planner_svc::config::HttpRole::None
+        {
+            http.anonymous = planner_svc::config::HttpRole::Operator;
+            if let Err(e) = config.validate() {
+                eprintln!("planner-svc: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let quiet = !matches!(cli.command, Cmd::Serve { .. } | Cmd::Executor { .. });
     init_logging(&config, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -353,6 +389,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                 },
                 planner: config.planner.clone(),
                 llm: config.llm_planner(),
+                http: config.http.enabled.then(|| config.http.clone()),
             };
             let mut out = std::io::stdout();
             let phase = run(options, &mut out).await?;

@@ -494,6 +494,20 @@ async fn run_with<S: EventStore>(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
+    // Bound before serving starts: a taken port is a start-up error, not a warning later.
+    let http_stop = CancellationToken::new();
+    let _stop_http = http_stop.clone().drop_guard();
+    if config.http.enabled {
+        let (addr, listener) = crate::http::bind(&config.http).await?;
+        tracing::info!(%addr, "HTTP API and console listening");
+        let (engine, http, stop) = (Arc::clone(&engine), config.http.clone(), http_stop.clone());
+        tracker.spawn(async move {
+            if let Err(error) = crate::http::serve_on(listener, engine, http, stop).await {
+                tracing::error!(error = %crate::report(&error), "the HTTP API stopped");
+            }
+        });
+    }
+
     let (report_stream, legacy_reports) = ensure_streams(&config, &client).await?;
     // This instance's name in the lease bucket and on the forwarding subjects.
     let instance = if ownership.instance_id.is_empty() {
@@ -770,6 +784,7 @@ async fn run_with<S: EventStore>(
     let grace = Duration::from_secs(config.shutdown.grace_s);
     let stopping = async {
         intake.cancel();
+        http_stop.cancel();
         if !pump_ended {
             let _ = report_pump_task.await;
         }

@@ -176,6 +176,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             }
             match self.store.append(session, before, &events).await {
                 Ok(version) => {
+                    self.appended(session, before, &events, planner.state());
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,

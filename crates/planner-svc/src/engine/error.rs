@@ -24,6 +24,9 @@ pub enum EngineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A fork that cannot be made (a version past the source's end, a target that exists).
+    #[error("{0}")]
+    Fork(String),
 }
 
 /// What to do with input whose handling failed: decided here, by type, so every edge (command
@@ -42,7 +45,7 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             EngineError::BadSession(_) => ErrorKind::BadSession,
-            EngineError::Rejected(_) => ErrorKind::Rejected,
+            EngineError::Rejected(_) | EngineError::Fork(_) => ErrorKind::Rejected,
             EngineError::Conflict { .. } => ErrorKind::Conflict,
             EngineError::Store(StoreError::TooLarge { .. }) => ErrorKind::TooLarge,
             EngineError::Store(StoreError::InvalidStream { .. }) => ErrorKind::BadSession,

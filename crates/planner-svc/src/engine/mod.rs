@@ -14,11 +14,15 @@
 //! - `timers.rs`: ticks at each session's next deadline, re-armed when they fail.
 //! - `render.rs`: what events ask to publish, as wire messages.
 //! - `llm.rs`: planning, revising and summarizing with the LLM.
+//! - `fork.rs`: forking a session at a version into a new one.
+//! - `observe.rs`: what observers (the HTTP API) are told after each append.
 //! - `error.rs`: why a command was not applied, and its [`Disposition`].
 
 mod driver;
 mod error;
+mod fork;
 mod llm;
+mod observe;
 mod outbox;
 mod registry;
 mod render;
@@ -35,6 +39,9 @@ use tracing::Instrument;
 
 pub use error::{Disposition, EngineError};
 pub use llm::REVISION_MARK;
+pub use observe::{
+    session_status, Appended, SessionSummary, TaskCounts, OBSERVER_CAPACITY, SESSION_STATUSES,
+};
 pub use outbox::Recovery;
 pub use render::{in_flight, outgoing, oversized, Outgoing};
 pub use seams::{Clock, Confirmation, Llm, Publisher, SystemClock};
@@ -116,6 +123,7 @@ pub struct Engine<S, P> {
     registry: Registry,
     timers: mpsc::UnboundedSender<Arm>,
     stats: Stats,
+    observers: observe::Observers,
 }
 
 /// Counters of what sessions cost: loads from the store and lost races. With sessions routed
@@ -156,6 +164,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             config,
             timers: tx,
             stats: Stats::default(),
+            observers: tokio::sync::broadcast::channel(observe::OBSERVER_CAPACITY).0,
         });
         (engine, TimerLoop::new(rx))
     }

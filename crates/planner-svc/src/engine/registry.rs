@@ -99,6 +99,11 @@ impl Registry {
         lock(&self.sessions).len()
     }
 
+    /// The slot of `session` if it is in memory (without creating one).
+    pub(super) fn get(&self, session: &str) -> Option<Arc<Slot>> {
+        lock(&self.sessions).get(session).cloned()
+    }
+
     pub(super) fn contains(&self, session: &str) -> bool {
         lock(&self.sessions).contains_key(session)
     }

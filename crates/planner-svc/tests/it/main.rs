@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod deploy;
 mod harness;
+mod http;
 mod llm;
 mod ownership;
 mod protocol;

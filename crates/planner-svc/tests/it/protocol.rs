@@ -116,3 +116,51 @@ fn the_published_json_schemas_match_the_types() {
         );
     }
 }
+
+/// docs/openapi.json is the OpenAPI document the HTTP API serves, generated from the types;
+/// this fails when they drift. Regenerate with
+/// `PLANNER_WRITE_SCHEMAS=1 cargo test -p planner-svc --test it openapi`.
+#[test]
+fn the_published_openapi_document_matches_the_types() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let text =
+        serde_json::to_string_pretty(&planner_svc::http::openapi::document()).unwrap() + "\n";
+    if std::env::var_os("PLANNER_WRITE_SCHEMAS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == text,
+        "docs/openapi.json differs from the types; regenerate with PLANNER_WRITE_SCHEMAS=1 cargo test -p planner-svc --test it openapi"
+    );
+    // Every $ref resolves.
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut refs = Vec::new();
+    fn collect(value: &serde_json::Value, refs: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("$ref", serde_json::Value::String(r)) => refs.push(r.clone()),
+                        _ => collect(v, refs),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, refs)),
+            _ => {}
+        }
+    }
+    collect(&doc, &mut refs);
+    assert!(!refs.is_empty());
+    for r in refs {
+        let pointer = r.strip_prefix('#').unwrap().replace("~1", "/");
+        assert!(doc.pointer(&pointer).is_some(), "{r} does not resolve");
+    }
+    assert_eq!(
+        doc.pointer(
+            "/paths/~1api~1sessions/post/requestBody/content/application~1json/schema/$ref"
+        )
+        .and_then(|v| v.as_str()),
+        Some("#/components/schemas/ClientCommand")
+    );
+}

@@ -526,6 +526,31 @@ class EventPlanCancelled(BaseModel):
     type: Literal["plan_cancelled"]
 
 
+class EventSessionForked(BaseModel):
+    """
+    This session is a fork: the events before this one are a copy of the first `version`
+    events of session `source` (see [`fork_events`](crate::fork_events)). From here on it
+    runs as a session of its own.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    at: Annotated[int, Field(ge=0)]
+    """
+    When.
+    """
+    source: str
+    """
+    The session it was forked from.
+    """
+    type: Literal["session_forked"]
+    version: Annotated[int, Field(ge=0)]
+    """
+    How many of the source's events it copied.
+    """
+
+
 class FailureReasonTaskFailed(BaseModel):
     """
     A task failed for good under the fail-fast policy.
@@ -977,7 +1002,7 @@ class CommandReplyOk(BaseModel):
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    events: list[EventSessionStarted | EventRequestReceived | EventTasksPlanned | EventTaskDispatched | EventTaskStatusUpdated | EventClarificationRequested | EventClarificationAnswered | EventRetryScheduled | EventAttemptClaimed | EventAttemptHeartbeat | EventLeasesExtended | EventTaskCancelled | EventContextCompacted | EventPlanCompleted | EventPlanFailed | EventPlanCancelled]
+    events: list[EventSessionStarted | EventRequestReceived | EventTasksPlanned | EventTaskDispatched | EventTaskStatusUpdated | EventClarificationRequested | EventClarificationAnswered | EventRetryScheduled | EventAttemptClaimed | EventAttemptHeartbeat | EventLeasesExtended | EventTaskCancelled | EventContextCompacted | EventPlanCompleted | EventPlanFailed | EventPlanCancelled | EventSessionForked]
     """
     The events.
     """

@@ -440,6 +440,31 @@ class EventPlanCancelled(BaseModel):
     type: Literal["plan_cancelled"]
 
 
+class EventSessionForked(BaseModel):
+    """
+    This session is a fork: the events before this one are a copy of the first `version`
+    events of session `source` (see [`fork_events`](crate::fork_events)). From here on it
+    runs as a session of its own.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    at: Annotated[int, Field(ge=0)]
+    """
+    When.
+    """
+    source: str
+    """
+    The session it was forked from.
+    """
+    type: Literal["session_forked"]
+    version: Annotated[int, Field(ge=0)]
+    """
+    How many of the source's events it copied.
+    """
+
+
 class ClarificationPolicy(BaseModel):
     """
     How long a human has to answer a question, and what happens when the time passes.
@@ -950,10 +975,11 @@ class Event(
         | EventPlanCompleted
         | EventPlanFailed
         | EventPlanCancelled
+        | EventSessionForked
     ]
 ):
     root: Annotated[
-        EventSessionStarted | EventRequestReceived | EventTasksPlanned | EventTaskDispatched | EventTaskStatusUpdated | EventClarificationRequested | EventClarificationAnswered | EventRetryScheduled | EventAttemptClaimed | EventAttemptHeartbeat | EventLeasesExtended | EventTaskCancelled | EventContextCompacted | EventPlanCompleted | EventPlanFailed | EventPlanCancelled,
+        EventSessionStarted | EventRequestReceived | EventTasksPlanned | EventTaskDispatched | EventTaskStatusUpdated | EventClarificationRequested | EventClarificationAnswered | EventRetryScheduled | EventAttemptClaimed | EventAttemptHeartbeat | EventLeasesExtended | EventTaskCancelled | EventContextCompacted | EventPlanCompleted | EventPlanFailed | EventPlanCancelled | EventSessionForked,
         Field(title="Event"),
     ]
     """
