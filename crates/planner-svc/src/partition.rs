@@ -46,7 +46,7 @@ fn weight(member: &str, partition: u32) -> u64 {
 /// The member `partition` belongs to: rendezvous (highest random weight) hashing, so that a
 /// member joining takes about 1/n of the partitions from the others and one leaving gives only
 /// its own away. Every instance computes the same answer from the same members.
-pub fn assigned_member<'a>(partition: u32, members: &'a [String]) -> Option<&'a str> {
+pub fn assigned_member(partition: u32, members: &[String]) -> Option<&str> {
     members
         .iter()
         .max_by(|a, b| {
