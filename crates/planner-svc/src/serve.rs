@@ -538,7 +538,13 @@ async fn run_with<S: EventStore>(
     // Leases first: a single instance takes every partition before it serves, as before.
     let ownership_stop = CancellationToken::new();
     let mut ownership_task = if ownership.enabled {
-        let js = async_nats::jetstream::new(client.clone());
+        // A connection of its own: under saturation the main one queues thousands of
+        // publishes and acks, and lease refreshes waiting behind them outlasted the TTL
+        // (measured: every lease of two instances expired mid-run, again and again).
+        let lease_client = connect(&config)
+            .await
+            .context("connecting for the partition leases")?;
+        let js = async_nats::jetstream::new(lease_client);
         let mut leases =
             Leases::open(&js, ownership, instance.clone(), Arc::clone(&partitions)).await?;
         let mut owned = Owned {

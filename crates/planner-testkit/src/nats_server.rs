@@ -187,7 +187,7 @@ fn check_version(binary: &Path) -> Result<(), NatsServerError> {
     }
 }
 
-fn free_port() -> Result<u16, NatsServerError> {
+pub(crate) fn free_port() -> Result<u16, NatsServerError> {
     TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -925,6 +925,15 @@ async fn a_claimed_attempt_outliving_the_dedup_window_is_delivered_once() {
     first.kill();
     let second = Daemon::start(config).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The replacement serves every partition once the dead instance's leases expired (until
+    // then, requests it forwards to the dead owner find no responder).
+    for _ in 0..200 {
+        let replies = crate::ownership::ownership(&client).await;
+        if replies.len() == 1 && replies[0].partitions.len() == 32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deliveries = executors.deliveries.lock().unwrap().clone();
     assert_eq!(deliveries.get(&key), Some(&1), "{deliveries:?}");
     assert_eq!(deliveries.len(), 1, "no other attempt: {deliveries:?}");
