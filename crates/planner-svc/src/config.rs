@@ -42,6 +42,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Stopping.
     pub shutdown: ShutdownConfig,
+    /// Prometheus metrics, health probes and the background consistency check.
+    pub metrics: MetricsConfig,
     /// The planner settings every new session starts with.
     pub planner: PlannerConfig,
     /// LLM planning and summaries (off by default: the rule parser plans).
@@ -60,6 +62,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            metrics: MetricsConfig::default(),
             // The daemon fences executors: a report must come from the executor that claimed
             // the attempt (the core's own default leaves claims optional for embedders).
             planner: PlannerConfig {
@@ -482,6 +485,36 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Prometheus metrics, health probes and the background consistency check (see
+/// `docs/observability.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether metrics are recorded and served on `/metrics`.
+    pub enabled: bool,
+    /// Where `serve` answers `/metrics`, `/livez` and `/readyz` (`""`: no listener).
+    pub listen: String,
+    /// Where `executor` answers the same routes (`""`: no listener).
+    pub executor_listen: String,
+    /// Seconds between passes of the background consistency check over the loaded sessions
+    /// (0: off).
+    pub check_interval_s: u64,
+    /// Sessions checked per pass at most (the least recently checked first).
+    pub check_batch: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+            executor_listen: "127.0.0.1:9465".into(),
+            check_interval_s: 60,
+            check_batch: 100,
+        }
+    }
+}
+
 /// Everything wrong with a configuration, each problem naming its key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -665,6 +698,16 @@ impl Config {
             }
             if self.llm.max_concurrency == 0 {
                 problems.push("llm.max_concurrency must be at least 1".into());
+            }
+        }
+        for (key, listen) in [
+            ("metrics.listen", &self.metrics.listen),
+            ("metrics.executor_listen", &self.metrics.executor_listen),
+        ] {
+            if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+                problems.push(format!(
+                    "{key} {listen:?}: use host:port with an IP address (\"127.0.0.1:9464\"), or \"\" for none"
+                ));
             }
         }
         if let Err(e) = self.planner.validate() {

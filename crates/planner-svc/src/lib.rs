@@ -13,6 +13,9 @@
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
 //! - `inspect.rs`: what `replay` and `sessions` print about a session.
+//! - `metrics.rs`: the Prometheus metrics: names, the recorder, and the metrics derived from
+//!   persisted events.
+//! - `health.rs`: the admin listener (`/metrics`, `/livez`, `/readyz`) and what readiness means.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
@@ -22,7 +25,9 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod executor;
+pub mod health;
 pub mod inspect;
+pub mod metrics;
 pub mod progress;
 pub mod protocol;
 pub mod serve;

@@ -370,7 +370,23 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             fail_percent,
             ..
         } => {
+            let admin = planner_svc::health::start(
+                &config.metrics,
+                &config.metrics.executor_listen,
+                "executor",
+            )
+            .await;
             let client = connect(&config).await?;
+            // An executor pool has no recovery of its own: ready once connected.
+            admin.health.connected(&client);
+            admin.health.streams_bound();
+            admin.health.recovered();
+            let observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver> =
+                if config.metrics.enabled {
+                    std::sync::Arc::new(planner_svc::metrics::PoolMetrics::default())
+                } else {
+                    std::sync::Arc::new(planner_svc::executor::NoObserver)
+                };
             let subjects = Subjects::new(&config.subjects.prefix);
             let options = planner_svc::executor::PoolOptions {
                 stream: config.dispatch.stream_name.clone(),
@@ -392,14 +408,8 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                 stop.cancel();
             });
             tracing::info!(filter = %options.filter, "simulated executor pool running");
-            planner_svc::executor::run_pool(
-                client.clone(),
-                subjects,
-                options,
-                std::sync::Arc::new(planner_svc::executor::NoObserver),
-                shutdown,
-            )
-            .await?;
+            planner_svc::executor::run_pool(client.clone(), subjects, options, observer, shutdown)
+                .await?;
             client.drain().await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -205,10 +205,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    // Live (and not ready) from here on, while NATS is waited for.
+    let admin = crate::health::start(&config.metrics, &config.metrics.listen, "serve").await;
     let client = tokio::select! {
         client = connect_patiently(&config) => client?,
         () = &mut shutdown => return Ok(()),
     };
+    admin.health.connected(&client);
+    let health = Arc::clone(&admin.health);
     match config.store.kind {
         StoreKind::Jetstream => {
             let store = JetStreamStore::connect(
@@ -227,7 +231,7 @@ pub async fn serve(
             )
             .await
             .context("opening the JetStream event store")?;
-            run_with(config, client, store, shutdown).await
+            run_with(config, client, store, shutdown, health).await
         }
         StoreKind::File => {
             let mut file = FileStoreConfig::new(&config.store.data_dir);
@@ -240,9 +244,9 @@ pub async fn serve(
             let store = tokio::task::spawn_blocking(move || FileStore::open(file))
                 .await?
                 .context("opening the file event store")?;
-            run_with(config, client, store, shutdown).await
+            run_with(config, client, store, shutdown, health).await
         }
-        StoreKind::Memory => run_with(config, client, MemoryStore::new(), shutdown).await,
+        StoreKind::Memory => run_with(config, client, MemoryStore::new(), shutdown, health).await,
     }
 }
 
@@ -311,6 +315,7 @@ async fn run_with<S: EventStore>(
     client: async_nats::Client,
     store: S,
     shutdown: impl std::future::Future<Output = ()> + Send,
+    health: Arc<crate::health::Health>,
 ) -> anyhow::Result<()> {
     let subjects = Subjects::new(&config.subjects.prefix);
     let publisher = NatsPublisher::new(client.clone(), subjects.clone());
@@ -332,6 +337,13 @@ async fn run_with<S: EventStore>(
     let tracker = TaskTracker::new();
 
     let reports = ensure_streams(&config, &client).await?;
+    health.streams_bound();
+    {
+        let engine = Arc::clone(&engine);
+        health.on_scrape(move || {
+            crate::metrics::sessions(engine.loaded_sessions(), engine.quarantined().len())
+        });
+    }
     let service = client
         .service_builder()
         .description("event-sourced task planner")
@@ -377,6 +389,7 @@ async fn run_with<S: EventStore>(
         let token = token.clone();
         let (client, subjects) = (client.clone(), subjects.clone());
         let every = Duration::from_secs(config.sessions.recovery_interval_s);
+        let health = Arc::clone(&health);
         tracker.spawn(async move {
             let mut interval = tokio::time::interval(every);
             let mut first = true;
@@ -389,6 +402,8 @@ async fn run_with<S: EventStore>(
                         }
                         match engine.recover().await {
                             Ok(pass) => {
+                                crate::metrics::recovery_pass(pass.recovered, pass.quarantined.len());
+                                health.recovered();
                                 if first || pass.recovered > 0 {
                                     tracing::info!(recovered = pass.recovered, failed = pass.failed, quarantined = pass.quarantined.len(), start_up = first, "recovery pass");
                                 }
@@ -466,6 +481,7 @@ async fn run_with<S: EventStore>(
     }
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
+    health.draining();
     intake.cancel();
     if !pump_ended {
         let _ = report_pump.await;
@@ -702,11 +718,13 @@ async fn handle_report<S: EventStore>(
     };
     match outcome {
         ReportOutcome::Done => {
+            crate::metrics::report("applied");
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
             }
         }
         ReportOutcome::Retry(reason) => {
+            crate::metrics::report("retried");
             let deliveries = message.info().map_or(0, |info| info.delivered);
             let dead = u64::try_from(deliveries).unwrap_or(0) >= max_deliver;
             if dead
@@ -729,6 +747,7 @@ async fn handle_report<S: EventStore>(
             }
         }
         ReportOutcome::Refused(notice) => {
+            crate::metrics::report("refused");
             // Bad input is terminated, not redelivered: it would fail the same way again.
             let _ = message.ack_with(AckKind::Term).await;
             let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
@@ -876,6 +895,7 @@ async fn dead_letter(
         return false;
     }
     tracing::error!(subject, deliveries, reason, dead_letter = %target, "report dead-lettered after repeated failures");
+    crate::metrics::dead_letter();
     let notice = ErrorNotice {
         subject: subject.to_owned(),
         session: session.map(str::to_owned),
@@ -929,6 +949,7 @@ fn answer<S: EventStore>(
 ) {
     let (engine, subjects) = (Arc::clone(engine), subjects.clone());
     let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
+        crate::metrics::busy(endpoint.name());
         tracing::warn!(
             request = endpoint.name(),
             "at limits.max_requests_in_flight; answered busy"

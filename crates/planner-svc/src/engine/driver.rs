@@ -114,6 +114,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// The session's planner from the store; a new session gets this instance's settings.
     pub(super) async fn load(&self, session: &str) -> Result<Planner, StoreError> {
         let planner = load_planner(self.store.as_ref(), session).await?;
+        crate::metrics::session_loaded();
         if planner.version() == 0 {
             // From its first event on, the settings a session started with are in its log.
             return Ok(Planner::with_config(self.config.planner.clone()).unwrap_or_default());
@@ -141,6 +142,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 continue;
             };
             let before = planner.version();
+            let observed = crate::metrics::Before::of(planner.state());
             let events = match planner.process(stamp(command.clone(), self.clock.now())) {
                 Ok(events) => events,
                 Err(refused) => {
@@ -166,8 +168,12 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 };
                 return Ok((handled, Vec::new()));
             }
-            match self.store.append(session, before, &events).await {
+            let appending = std::time::Instant::now();
+            let appended = self.store.append(session, before, &events).await;
+            crate::metrics::append_done(appending.elapsed(), &appended);
+            match appended {
                 Ok(version) => {
+                    crate::metrics::after_append(&observed, planner.state(), &events);
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
@@ -180,6 +186,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     if !outgoing.is_empty() {
                         if let Err(error) = self.publisher.publish(&outgoing).await {
                             tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                            crate::metrics::publish_failed();
                             state.unpublished = true;
                         }
                     }

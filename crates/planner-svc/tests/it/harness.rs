@@ -24,6 +24,8 @@ pub fn config(server: &NatsServer) -> Config {
     config.planner.retry.initial_backoff_ms = 50;
     config.sessions.recovery_interval_s = 1;
     config.shutdown.grace_s = 5;
+    // Many daemons share this process: the tests of the admin listener give it a port.
+    config.metrics.listen = String::new();
     config
 }
 

@@ -11,6 +11,7 @@ mod daemon;
 mod deploy;
 mod harness;
 mod llm;
+mod observability;
 mod protocol;
 mod pty;
 mod recovery;

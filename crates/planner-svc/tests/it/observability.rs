@@ -1,0 +1,204 @@
+//! Metrics, health probes and the consistency check, on a real nats-server.
+
+use std::time::Duration;
+
+use planner_testkit::NatsServer;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `127.0.0.1:port`: the status and the body, or `None` when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, dechunk(&body)))
+}
+
+/// A chunked body, joined (axum chunks bodies it streams).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 {
+            return out;
+        }
+        let Some(chunk) = after.get(..size) else {
+            return body.to_owned();
+        };
+        out.push_str(chunk);
+        rest = after.get(size + 2..).unwrap_or_default();
+    }
+}
+
+/// The value of the sample whose line starts with `series` (name and labels as rendered).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
+    let server = NatsServer::start().unwrap();
+    let port = free_port();
+    let mut config = config(&server);
+    config.metrics.listen = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(config).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    let reply = command(&client, "metrics-plan", request).await;
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "metrics-plan").await;
+    // The metrics are recorded after the append, so poll: the last event may be a moment old.
+    let mut exposition = String::new();
+    for _ in 0..100 {
+        if let Some((200, body)) = http_get(port, "/metrics").await {
+            exposition = body;
+            if sample(
+                &exposition,
+                "planner_plans_ended_total{outcome=\"completed\"}",
+            )
+            .is_some_and(|v| v >= 1.0)
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_least = |series: &str, min: f64| {
+        let value = sample(&exposition, series);
+        assert!(
+            value.is_some_and(|v| v >= min),
+            "{series} = {value:?}, expected at least {min}; exposition:\n{exposition}"
+        );
+    };
+    at_least("planner_plans_ended_total{outcome=\"completed\"}", 1.0);
+    at_least("planner_plans_started_total", 1.0);
+    at_least("planner_tasks_dispatched_total{kind=\"tool_call\"}", 1.0);
+    at_least("planner_tasks_dispatched_total{kind=\"processing\"}", 1.0);
+    at_least(
+        "planner_task_attempts_total{kind=\"tool_call\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_tasks_ended_total{kind=\"processing\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_task_execution_seconds_count{kind=\"tool_call\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_task_schedule_to_start_seconds_count{kind=\"tool_call\"}",
+        1.0,
+    );
+    at_least(
+        "planner_plan_duration_seconds_count{outcome=\"completed\"}",
+        1.0,
+    );
+    at_least("planner_store_append_seconds_count", 3.0);
+    at_least(
+        "planner_commands_total{command=\"initialize\",result=\"ok\"}",
+        1.0,
+    );
+    at_least("planner_reports_total{result=\"applied\"}", 2.0);
+    at_least("planner_build_info{version=", 1.0);
+    // Histograms, not summaries: Prometheus computes quantiles across instances from buckets.
+    assert!(
+        exposition.contains("planner_task_execution_seconds_bucket{"),
+        "{exposition}"
+    );
+    // No session or task id reaches a label.
+    assert!(!exposition.contains("metrics-plan"), "{exposition}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_unready_until_nats_is_reachable_and_livez_stays_live() {
+    let nats_port = free_port();
+    let admin_port = free_port();
+    let mut config = planner_svc::config::Config::default();
+    config.nats.url = format!("nats://127.0.0.1:{nats_port}");
+    config.nats.startup_wait_s = 120;
+    config.metrics.listen = format!("127.0.0.1:{admin_port}");
+    config.shutdown.grace_s = 5;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(planner_svc::serve::serve(config, async move {
+        let _ = stopped.await;
+    }));
+    // Live, and not ready, while it waits for its server.
+    let mut waiting = None;
+    for _ in 0..200 {
+        if let Some((200, _)) = http_get(admin_port, "/livez").await {
+            waiting = http_get(admin_port, "/readyz").await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = waiting.expect("the admin listener answers while NATS is away");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("nats: not connected yet"), "{body}");
+    // Still not ready a moment later: nothing changed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http_get(admin_port, "/readyz").await.map(|r| r.0),
+        Some(503)
+    );
+
+    let server = NatsServer::start_on(nats_port, &[]).unwrap();
+    let mut ready = None;
+    for _ in 0..400 {
+        let probe = http_get(admin_port, "/readyz").await;
+        if probe.as_ref().is_some_and(|(status, _)| *status == 200) {
+            ready = probe;
+            break;
+        }
+        ready = probe;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = ready.expect("the admin listener answers");
+    assert_eq!(status, 200, "not ready once NATS is up: {body}");
+    assert_eq!(http_get(admin_port, "/livez").await.map(|r| r.0), Some(200));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon)
+        .await
+        .expect("stopped")
+        .unwrap()
+        .unwrap();
+    drop(server);
+}
