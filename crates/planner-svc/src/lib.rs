@@ -13,6 +13,7 @@
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
 //! - `inspect.rs`: what `replay` and `sessions` print about a session.
+//! - `check.rs`: the event-log consistency check (`planner-svc check`, and the daemon's pass).
 //! - `metrics.rs`: the Prometheus metrics: names, the recorder, and the metrics derived from
 //!   persisted events.
 //! - `health.rs`: the admin listener (`/metrics`, `/livez`, `/readyz`) and what readiness means.
@@ -20,6 +21,7 @@
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
 pub mod bus;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod embedded;

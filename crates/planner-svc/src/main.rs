@@ -180,6 +180,17 @@ enum Cmd {
         #[arg(long)]
         nats_url: Option<String>,
     },
+    /// Check the event logs of the configured store (every session, or the ones given):
+    /// versions contiguous, events decodable, the snapshot equal to the fold, no task changed
+    /// after it ended, attempts increasing, every dispatch justified. Prints one line per
+    /// session and each problem; exits 1 when any log has a problem.
+    Check {
+        /// The sessions to check (default: every session in the store).
+        sessions: Vec<String>,
+        /// Read the file store in this directory (overrides the configured store).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// List the sessions in the configured store, newest first: id, status, age, request.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -239,6 +250,10 @@ fn main() -> ExitCode {
             ..
         }
         | Cmd::Sessions {
+            data_dir: Some(dir),
+            ..
+        }
+        | Cmd::Check {
             data_dir: Some(dir),
             ..
         } => {
@@ -510,6 +525,46 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             }
             client::print_quarantined(&mut std::io::stdout().lock(), &instances, now(), json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { sessions, .. } => {
+            with_store(&config, |store| async move {
+                let sessions = if sessions.is_empty() {
+                    store.list_streams().await?
+                } else {
+                    sessions
+                };
+                let mut out = std::io::stdout().lock();
+                let mut bad = 0;
+                for session in &sessions {
+                    let report = match &store {
+                        AnyStore::File(s) => planner_svc::check::check_session(s, session).await,
+                        AnyStore::JetStream(s) => {
+                            planner_svc::check::check_session(s.as_ref(), session).await
+                        }
+                    }
+                    .with_context(|| format!("reading session {session}"))?;
+                    if report.ok() {
+                        writeln!(out, "ok       {session} ({} events)", report.events)?;
+                    } else {
+                        bad += 1;
+                        writeln!(out, "PROBLEM  {session} ({} events)", report.events)?;
+                        for problem in &report.problems {
+                            writeln!(out, "  - {problem}")?;
+                        }
+                    }
+                }
+                writeln!(
+                    out,
+                    "checked {} sessions: {bad} with problems",
+                    sessions.len()
+                )?;
+                Ok(if bad == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            })
+            .await
         }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {

@@ -426,6 +426,26 @@ async fn run_with<S: EventStore>(
         });
     }
 
+    if config.metrics.check_interval_s > 0 {
+        let engine = Arc::clone(&engine);
+        let token = token.clone();
+        let every = Duration::from_secs(config.metrics.check_interval_s);
+        let batch = config.metrics.check_batch;
+        tracker.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            let (mut cursor, mut problems) = (String::new(), std::collections::BTreeSet::new());
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => {
+                        let sessions = engine.loaded_session_ids();
+                        cursor = crate::check::background_pass(engine.store().as_ref(), sessions, &cursor, batch, &mut problems).await;
+                    }
+                }
+            }
+        });
+    }
     let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
     let max_bytes = config.limits.max_message_bytes;
     // Reports have a pump of their own: waiting for a free report slot must never hold up

@@ -159,6 +159,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         self.registry.release_quarantine(session)
     }
 
+    /// The ids of the sessions in memory.
+    pub fn loaded_session_ids(&self) -> Vec<String> {
+        self.registry.all().into_iter().map(|(s, _)| s).collect()
+    }
+
     /// How many sessions are in memory.
     pub fn loaded_sessions(&self) -> usize {
         self.registry.len()

@@ -72,6 +72,7 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
     let port = free_port();
     let mut config = config(&server);
     config.metrics.listen = format!("127.0.0.1:{port}");
+    config.metrics.check_interval_s = 1;
     let daemon = Daemon::start(config).await;
     let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
     let client = async_nats::connect(server.url()).await.unwrap();
@@ -89,12 +90,15 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
     for _ in 0..100 {
         if let Some((200, body)) = http_get(port, "/metrics").await {
             exposition = body;
-            if sample(
+            let ended = sample(
                 &exposition,
                 "planner_plans_ended_total{outcome=\"completed\"}",
-            )
-            .is_some_and(|v| v >= 1.0)
-            {
+            );
+            let checked = sample(
+                &exposition,
+                "planner_consistency_checks_total{result=\"ok\"}",
+            );
+            if ended.is_some_and(|v| v >= 1.0) && checked.is_some_and(|v| v >= 1.0) {
                 break;
             }
         }
@@ -138,6 +142,12 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
     );
     at_least("planner_reports_total{result=\"applied\"}", 2.0);
     at_least("planner_build_info{version=", 1.0);
+    // The background check read the session's log and found it whole.
+    at_least("planner_consistency_checks_total{result=\"ok\"}", 1.0);
+    assert_eq!(
+        sample(&exposition, "planner_consistency_problem_sessions"),
+        Some(0.0)
+    );
     // Histograms, not summaries: Prometheus computes quantiles across instances from buckets.
     assert!(
         exposition.contains("planner_task_execution_seconds_bucket{"),
@@ -201,4 +211,175 @@ async fn readyz_is_unready_until_nats_is_reachable_and_livez_stays_live() {
         .unwrap()
         .unwrap();
     drop(server);
+}
+
+fn planner_svc() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_planner-svc"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+/// `planner-svc check` with `args`: its exit status and stdout + stderr.
+fn check(args: &[&str]) -> (i32, String) {
+    let output = planner_svc().arg("check").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+/// The file store's records (`[len][crc][payload]`), split into (stream, base, count, JSON).
+fn read_log(path: &std::path::Path) -> Vec<(String, u64, u32, String)> {
+    let data = std::fs::read(path).unwrap();
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let payload = &data[at + 8..at + 8 + len];
+        let stream_len = u16::from_le_bytes(payload[0..2].try_into().unwrap()) as usize;
+        let stream = String::from_utf8(payload[2..2 + stream_len].to_vec()).unwrap();
+        let rest = &payload[2 + stream_len..];
+        let base = u64::from_le_bytes(rest[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(rest[8..12].try_into().unwrap());
+        let json = String::from_utf8(rest[12..].to_vec()).unwrap();
+        records.push((stream, base, count, json));
+        at += 8 + len;
+    }
+    records
+}
+
+/// Writes records back, each with a correct checksum: a hand edit the framing cannot see.
+fn write_log(path: &std::path::Path, records: &[(String, u64, u32, String)]) {
+    let mut out = Vec::new();
+    for (stream, base, count, json) in records {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&(stream.len() as u16).to_le_bytes());
+        payload.extend_from_slice(stream.as_bytes());
+        payload.extend_from_slice(&base.to_le_bytes());
+        payload.extend_from_slice(&count.to_le_bytes());
+        payload.extend_from_slice(json.as_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn check_passes_a_good_file_store_and_finds_a_gap_an_undecodable_event_and_an_edited_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = planner_svc()
+        .args(["run", "--yes", "--latency-ms", "1", "--data-dir"])
+        .arg(&data)
+        .arg("1. Search for flights\n2. Summarize the options")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let data_dir = data.to_str().unwrap();
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 0, "{text}");
+    assert!(
+        text.contains("checked 1 sessions: 0 with problems"),
+        "{text}"
+    );
+
+    let log = data.join("events.log");
+    let good = read_log(&log);
+    assert!(good.len() > 3, "{good:?}");
+
+    // An edited status: the first task's completion made a failure. Its dependent was then
+    // dispatched on a failed dependency.
+    let mut edited = good.clone();
+    let at = edited
+        .iter()
+        .position(|r| r.3.contains("\"status\":\"completed\""))
+        .unwrap();
+    edited[at].3 = edited[at]
+        .3
+        .replacen("\"status\":\"completed\"", "\"status\":\"failed\"", 1);
+    write_log(&log, &edited);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("PROBLEM"), "{text}");
+    assert!(
+        text.contains("before its dependencies") || text.contains("after it had ended"),
+        "{text}"
+    );
+
+    // An event this build cannot decode.
+    let mut undecodable = good.clone();
+    let last = undecodable.len() - 1;
+    undecodable[last].3 = r#"[{"v":1,"event":{"type":"no_such_event"}}]"#.to_owned();
+    undecodable[last].2 = 1;
+    write_log(&log, &undecodable);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("undecodable append"), "{text}");
+
+    // A gap: the last append claims to start two versions later. The store refuses to open
+    // such a log; check says so and fails.
+    let mut gap = good.clone();
+    gap[last].1 += 2;
+    write_log(&log, &gap);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_ne!(status, 0, "{text}");
+    assert!(text.contains("starts at version"), "{text}");
+
+    // Put back, it passes again.
+    write_log(&log, &good);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_good_jetstream_log_and_finds_a_gap_and_an_undecodable_append() {
+    use planner_store::EventStore as _;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    command(&client, "checked", request).await;
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "checked").await;
+    daemon.stop().await;
+    let url = format!("nats.url=\"{}\"", server.url());
+    let (status, text) = check(&["--set", &url, "checked"]);
+    assert_eq!(status, 0, "{text}");
+
+    // Appended by hand behind the store's back: a batch whose version skips two, then one
+    // that does not decode.
+    let version = store.version("checked").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let batch = planner_core::codec::encode_batch(&[planner_core::Event::LeasesExtended {
+        at: planner_core::Timestamp(1),
+    }]);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", (version + 3).to_string().as_str());
+    js.publish_with_headers("planner.events.checked", headers, batch.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", (version + 4).to_string().as_str());
+    js.publish_with_headers("planner.events.checked", headers, "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (status, text) = check(&["--set", &url, "checked"]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("version gap"), "{text}");
+    assert!(text.contains("undecodable append"), "{text}");
 }
