@@ -158,6 +158,12 @@ async fn metrics_route(State(admin): State<Admin>) -> Response {
     if let Some(refresh) = admin.health.refresh.get() {
         refresh();
     }
+    let ready = if admin.health.problems().is_empty() {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!("planner_ready").set(ready);
     handle.run_upkeep();
     (
         [(

@@ -86,6 +86,10 @@ fn describe() {
         "planner_build_info",
         "Always 1; the version and component as labels."
     );
+    g!(
+        "planner_ready",
+        "1 when /readyz would answer 200 (read at scrape time), else 0."
+    );
     c!(
         "planner_tasks_dispatched_total",
         "Task attempts dispatched to executors, by kind."

@@ -383,3 +383,209 @@ async fn check_passes_a_good_jetstream_log_and_finds_a_gap_and_an_undecodable_ap
     assert!(text.contains("version gap"), "{text}");
     assert!(text.contains("undecodable append"), "{text}");
 }
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// `prometheus` and `promtool` (Debian's `prometheus` package, which scripts/test installs):
+/// `None` outside CI when absent, so a developer without them is told and not failed; in CI
+/// (`CI` set by .ci/run) their absence fails the test.
+fn prometheus_tools() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    match (find("prometheus"), find("promtool")) {
+        (Some(prometheus), Some(promtool)) => Some((prometheus, promtool)),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("prometheus and promtool are needed in CI: apt-get install prometheus (scripts/test does)")
+        }
+        _ => {
+            eprintln!("SKIPPED: prometheus/promtool not on PATH (apt-get install prometheus); the Prometheus test did not run");
+            None
+        }
+    }
+}
+
+/// `text` percent-encoded for a query string.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs `query` on Prometheus's HTTP API: the parsed answer.
+async fn prom_query(port: u16, query: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(port, &format!("/api/v1/query?query={}", encode(query))).await?;
+    (status == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
+}
+
+/// The first sample's value of a query's vector result.
+fn first_value(answer: &serde_json::Value) -> Option<f64> {
+    answer["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_daemon_and_the_shipped_rules_and_dashboard_hold() {
+    let Some((prometheus, promtool)) = prometheus_tools() else {
+        return;
+    };
+    // The shipped rules and scrape config pass Prometheus's own checks.
+    let rules = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(repo("deploy/prometheus/alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        rules.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rules.stdout),
+        String::from_utf8_lossy(&rules.stderr)
+    );
+    let scrape = std::process::Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(repo("deploy/prometheus/prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        scrape.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrape.stdout)
+    );
+
+    let server = NatsServer::start().unwrap();
+    let admin = free_port();
+    let mut config = config(&server);
+    config.metrics.listen = format!("127.0.0.1:{admin}");
+    let daemon = Daemon::start(config).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+
+    // Prometheus scrapes it every second, with the shipped alert rules loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let web = free_port();
+    let config_file = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: planner\n    static_configs:\n      - targets: [\"127.0.0.1:{admin}\"]\n",
+            repo("deploy/prometheus/alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let _prometheus = KillOnDrop(
+        std::process::Command::new(&prometheus)
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    command(&client, "scraped", request).await;
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "scraped").await;
+
+    // The exposition passes promtool's lint.
+    let (_, exposition) = http_get(admin, "/metrics").await.unwrap();
+    let mut lint = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(exposition.as_bytes())
+            .unwrap();
+    }
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    // Prometheus has the completion counter and the duration histogram.
+    let completed = "sum(planner_plans_ended_total{outcome=\"completed\"})";
+    let p50 = "histogram_quantile(0.5, sum by (le) (planner_task_execution_seconds_bucket))";
+    let (mut ended, mut quantile) = (None, None);
+    for _ in 0..300 {
+        ended = prom_query(web, completed)
+            .await
+            .as_ref()
+            .and_then(first_value);
+        quantile = prom_query(web, p50).await.as_ref().and_then(first_value);
+        if ended.is_some_and(|v| v >= 1.0) && quantile.is_some_and(|v| v.is_finite()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ended.is_some_and(|v| v >= 1.0),
+        "completed plans: {ended:?}"
+    );
+    assert!(
+        quantile.is_some_and(|v| v.is_finite() && v >= 0.0),
+        "median execution time: {quantile:?}"
+    );
+
+    // Every query of the shipped dashboard is one Prometheus accepts.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/planner-svc.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(!panels.is_empty());
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m");
+            let answer = prom_query(web, &expr).await;
+            assert_eq!(
+                answer.as_ref().map(|a| a["status"].clone()),
+                Some(json!("success")),
+                "{expr}: {answer:?}"
+            );
+        }
+    }
+    daemon.stop().await;
+}
