@@ -42,7 +42,7 @@ pub struct Config {
     pub log: LogConfig,
     /// Stopping.
     pub shutdown: ShutdownConfig,
-    /// Prometheus metrics, health probes and the background consistency check.
+    /// Prometheus metrics, health probes, the background consistency check, trace context.
     pub metrics: MetricsConfig,
     /// The planner settings every new session starts with.
     pub planner: PlannerConfig,
@@ -485,8 +485,8 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// Prometheus metrics, health probes and the background consistency check (see
-/// `docs/observability.md`).
+/// Prometheus metrics, health probes, the background consistency check and trace context
+/// (see `docs/observability.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -501,6 +501,9 @@ pub struct MetricsConfig {
     pub check_interval_s: u64,
     /// Sessions checked per pass at most (the least recently checked first).
     pub check_batch: usize,
+    /// Carry a W3C `traceparent` from commands and reports to the dispatches and questions
+    /// they cause (a new trace for a request without one).
+    pub trace_context: bool,
 }
 
 impl Default for MetricsConfig {
@@ -511,6 +514,7 @@ impl Default for MetricsConfig {
             executor_listen: "127.0.0.1:9465".into(),
             check_interval_s: 60,
             check_batch: 100,
+            trace_context: true,
         }
     }
 }

@@ -17,6 +17,7 @@
 //! - `metrics.rs`: the Prometheus metrics: names, the recorder, and the metrics derived from
 //!   persisted events.
 //! - `health.rs`: the admin listener (`/metrics`, `/livez`, `/readyz`) and what readiness means.
+//! - `trace.rs`: W3C trace context (`traceparent`) from commands and reports to what they publish.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
@@ -34,6 +35,7 @@ pub mod progress;
 pub mod protocol;
 pub mod serve;
 pub mod sim;
+pub mod trace;
 
 /// `error` and its causes, `: `-separated, each said once: many errors print their source in
 /// their own message and return it as their source too (`…: Not a directory (os error 20):

@@ -205,6 +205,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    crate::trace::set_enabled(config.metrics.trace_context);
     // Live (and not ready) from here on, while NATS is waited for.
     let admin = crate::health::start(&config.metrics, &config.metrics.listen, "serve").await;
     let client = tokio::select! {
@@ -573,10 +574,11 @@ async fn pump_reports<S: EventStore>(
             pump.client.clone(),
         );
         let (max_bytes, max_deliver) = (pump.max_bytes, pump.max_deliver);
-        pump.tracker.spawn(async move {
+        let context = crate::trace::context_of(message.headers.as_ref());
+        pump.tracker.spawn(crate::trace::scope(context, async move {
             handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
             drop(permit);
-        });
+        }));
     }
 }
 
@@ -979,7 +981,8 @@ fn answer<S: EventStore>(
         });
         return;
     };
-    tracker.spawn(async move {
+    let context = crate::trace::context_of(request.message.headers.as_ref());
+    tracker.spawn(crate::trace::scope(context, async move {
         let (subject, payload) = (&request.message.subject, &request.message.payload);
         let body = match endpoint {
             Endpoint::Command => {
@@ -1006,7 +1009,7 @@ fn answer<S: EventStore>(
         {
             tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
         }
-    });
+    }));
 }
 
 fn busy() -> ErrorBody {

@@ -26,6 +26,8 @@ pub fn config(server: &NatsServer) -> Config {
     config.shutdown.grace_s = 5;
     // Many daemons share this process: the tests of the admin listener give it a port.
     config.metrics.listen = String::new();
+    // The metrics recorder is one per process: only the test of the background check runs it.
+    config.metrics.check_interval_s = 0;
     config
 }
 

@@ -589,3 +589,86 @@ async fn prometheus_scrapes_the_daemon_and_the_shipped_rules_and_dashboard_hold(
     }
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the_report() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // Every dispatch, as a core subscriber sees it (headers included).
+    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    client.flush().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(planner_svc::executor::run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        planner_svc::executor::PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "trace-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: false,
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency: Duration::from_millis(1),
+                ..Default::default()
+            },
+        },
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+        stop.clone(),
+    ));
+    // b waits for a: its dispatch is decided while the daemon handles a's report.
+    let plan = json!({"type": "initialize", "input": "traced", "plan": {"tasks": [
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
+        {"id": "b", "description": "do b", "kind": "tool_call", "target": "search", "dependencies": ["a"]},
+    ]}});
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    let reply = client
+        .request_with_headers(
+            "planner.cmd.traced",
+            headers,
+            serde_json::to_vec(&plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
+            .await
+            .expect("two dispatches")
+            .unwrap();
+        let task: planner_svc::protocol::TaskMessage =
+            serde_json::from_slice(&message.payload).unwrap();
+        let header = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_owned());
+        seen.push((task.assignment.task_id.to_string(), header));
+    }
+    for (task, header) in &seen {
+        let header = header
+            .as_deref()
+            .unwrap_or_else(|| panic!("dispatch of {task} has no traceparent"));
+        let parsed = planner_svc::trace::TraceParent::parse(header).unwrap();
+        assert_eq!(
+            parsed.trace_id(),
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "dispatch of {task}: {header}"
+        );
+        // A span of its own under the request's.
+        assert_ne!(header, traceparent);
+    }
+    assert_eq!(seen[1].0, "b", "{seen:?}");
+    stop.cancel();
+    let _ = pool.await;
+    daemon.stop().await;
+}
