@@ -5,7 +5,7 @@ COPY . .
 RUN cargo build --release --locked -p planner-svc
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/planner planner \
     && mkdir -p /var/lib/planner && chown planner /var/lib/planner

@@ -101,6 +101,10 @@ pub struct PendingQuestion {
     pub attempt: u32,
     /// When the timeout action happens; none when it waits for ever.
     pub deadline: Option<Timestamp>,
+    /// When it was asked (the event's time): how long answers take is measured from here.
+    /// Absent in snapshots from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_at: Option<Timestamp>,
 }
 
 /// Where a forked session came from.
@@ -392,6 +396,7 @@ impl PlannerState {
                     PendingQuestion {
                         attempt: *attempt,
                         deadline,
+                        asked_at: Some(*at),
                     },
                 );
                 self.context.push(Message::new(

@@ -104,6 +104,26 @@ impl LlmClient {
         messages: &[ChatMessage],
         schema: Option<&Value>,
     ) -> Result<String, LlmError> {
+        let started = std::time::Instant::now();
+        let result = self.chat_with_retries(messages, schema).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(LlmError::Timeout(_)) => "timeout",
+            Err(LlmError::Unreachable(_)) => "unreachable",
+            Err(LlmError::Status { .. }) => "status",
+            Err(LlmError::Malformed(_)) => "malformed",
+        };
+        metrics::counter!("planner_llm_calls_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("planner_llm_call_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn chat_with_retries(
+        &self,
+        messages: &[ChatMessage],
+        schema: Option<&Value>,
+    ) -> Result<String, LlmError> {
         let _slot = self
             .slots
             .acquire()
@@ -226,6 +246,15 @@ impl LlmClient {
         }
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| Failure::Final(LlmError::Malformed(e.to_string())))?;
+        for (field, direction) in [
+            ("/usage/prompt_tokens", "prompt"),
+            ("/usage/completion_tokens", "completion"),
+        ] {
+            if let Some(tokens) = value.pointer(field).and_then(Value::as_u64) {
+                metrics::counter!("planner_llm_tokens_total", "direction" => direction)
+                    .increment(tokens);
+            }
+        }
         value
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)

@@ -256,6 +256,7 @@ impl TaskPlanner for LlmPlanner {
                 }
             }
         }
+        metrics::counter!("planner_llm_fallbacks_total").increment(1);
         Planned {
             plan: None,
             planning: Some(Planning {

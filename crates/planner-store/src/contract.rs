@@ -48,6 +48,24 @@ pub trait EventStore: Send + Sync + 'static {
     /// The number of events in `stream` (0 for an unknown stream).
     fn version(&self, stream: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Every append of `stream` as the store keeps it, in order: where each says it starts
+    /// and its events, or why they cannot be decoded. For consistency checks
+    /// (`planner-svc check`): unlike [`EventStore::load_from`], a batch that does not decode
+    /// does not stop the listing, and the versions are the store's own record of them, so a
+    /// gap shows. The default is one batch of everything `load_all` returns.
+    fn load_batches(
+        &self,
+        stream: &str,
+    ) -> impl Future<Output = Result<Vec<StoredBatch>, StoreError>> + Send {
+        async move {
+            let events = self.load_all(stream).await?;
+            Ok(vec![StoredBatch {
+                base_version: Some(0),
+                events: Ok(events),
+            }])
+        }
+    }
+
     /// Every stream with at least one event, sorted: the sessions to recover at start-up.
     fn list_streams(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
@@ -80,6 +98,16 @@ pub trait EventStore: Send + Sync + 'static {
         &self,
         stream: &str,
     ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
+}
+
+/// One stored append, as [`EventStore::load_batches`] lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredBatch {
+    /// The version the batch starts at as the store recorded it; `None` when the record does
+    /// not say (or says it in a form that cannot be read).
+    pub base_version: Option<u64>,
+    /// Its events, or why they cannot be decoded.
+    pub events: Result<Vec<Event>, String>,
 }
 
 /// The layout version of [`Snapshot`]s. Bump it when `PlannerState` changes shape in a way old

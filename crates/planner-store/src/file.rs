@@ -38,7 +38,7 @@ use planner_core::codec;
 use planner_core::Event;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
+use crate::contract::{check_stream, EventStore, Snapshot, StoreError, StoredBatch};
 
 const HEADER_LEN: u64 = 8;
 /// The largest record accepted by default: 64 MiB.
@@ -361,6 +361,24 @@ impl EventStore for FileStore {
         Ok(self.index().version(stream))
     }
 
+    async fn load_batches(&self, stream: &str) -> Result<Vec<StoredBatch>, StoreError> {
+        check_stream(stream)?;
+        let records: Vec<RecordRef> = self
+            .index()
+            .streams
+            .get(stream)
+            .cloned()
+            .unwrap_or_default();
+        let reader = Arc::clone(&self.reader);
+        let path = self.log_path.clone();
+        tokio::task::spawn_blocking(move || read_batches(&reader, &path, &records))
+            .await
+            .map_err(|e| StoreError::Io {
+                context: "reading the event log".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
     async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.index().streams.keys().cloned().collect())
     }
@@ -425,6 +443,55 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             .map_err(io(format!("syncing {}", dir.display())))?;
     }
     Ok(())
+}
+
+/// Each record as it is on disk, its events decoded one record at a time (a record that does
+/// not decode is reported as such, and the next is read all the same).
+fn read_batches(
+    reader: &File,
+    path: &Path,
+    records: &[RecordRef],
+) -> Result<Vec<StoredBatch>, StoreError> {
+    let mut batches = Vec::with_capacity(records.len());
+    let mut buf = Vec::new();
+    for record in records {
+        buf.resize(record.len as usize, 0);
+        reader
+            .read_exact_at(&mut buf, record.offset + HEADER_LEN)
+            .map_err(io(format!(
+                "reading {} at {}",
+                path.display(),
+                record.offset
+            )))?;
+        let Some(parsed) = parse_payload(&buf) else {
+            batches.push(StoredBatch {
+                base_version: None,
+                events: Err(format!(
+                    "record at byte {} has changed on disk",
+                    record.offset
+                )),
+            });
+            continue;
+        };
+        let events = codec::decode_batch(parsed.batch)
+            .map_err(|e| e.to_string())
+            .and_then(|events| {
+                if events.len() == parsed.count as usize {
+                    Ok(events)
+                } else {
+                    Err(format!(
+                        "record holds {} events, its header says {}",
+                        events.len(),
+                        parsed.count
+                    ))
+                }
+            });
+        batches.push(StoredBatch {
+            base_version: Some(parsed.base_version),
+            events,
+        });
+    }
+    Ok(batches)
 }
 
 fn read_records(

@@ -80,7 +80,7 @@ use futures::StreamExt;
 use planner_core::codec;
 use planner_core::Event;
 
-use crate::contract::{check_stream, EventStore, Snapshot, StoreError};
+use crate::contract::{check_stream, EventStore, Snapshot, StoreError, StoredBatch};
 
 const VERSION: &str = "Planner-Version";
 const BATCH_ID: &str = "Planner-Batch-Id";
@@ -665,6 +665,46 @@ impl EventStore for JetStreamStore {
     async fn version(&self, stream: &str) -> Result<u64, StoreError> {
         check_stream(stream)?;
         Ok(self.read_position(stream).await?.0)
+    }
+
+    async fn load_batches(&self, stream: &str) -> Result<Vec<StoredBatch>, StoreError> {
+        check_stream(stream)?;
+        let (_, last_sequence) = self.read_position(stream).await?;
+        let mut batches = Vec::new();
+        let mut next = 1;
+        // Message by message: a check reads everything once and must see each message as it is.
+        while last_sequence > 0 && next <= last_sequence {
+            let message = self
+                .stream
+                .raw_message_builder()
+                .next_by_subject(self.subject(stream))
+                .sequence(next)
+                .send()
+                .await
+                .map_err(|e| nats("reading a session for a check")(&e))?;
+            next = message.sequence + 1;
+            let end_version = message
+                .headers
+                .get(VERSION)
+                .and_then(|v| v.as_str().parse::<u64>().ok());
+            let events = codec::decode_batch(&message.payload).map_err(|e| e.to_string());
+            let base_version = match (&events, end_version) {
+                (Ok(events), Some(end)) => end.checked_sub(events.len() as u64),
+                _ => None,
+            };
+            let events = match (events, end_version) {
+                (Ok(_), None) => Err(format!(
+                    "message {} has no valid {VERSION} header",
+                    message.sequence
+                )),
+                (events, _) => events,
+            };
+            batches.push(StoredBatch {
+                base_version,
+                events,
+            });
+        }
+        Ok(batches)
     }
 
     async fn list_streams(&self) -> Result<Vec<String>, StoreError> {

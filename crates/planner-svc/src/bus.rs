@@ -41,19 +41,31 @@ impl Publisher for NatsPublisher {
     async fn send(&self, messages: &[Outgoing]) -> anyhow::Result<Confirmation> {
         // Dispatches go out together and their acks are awaited together, by the caller.
         let mut acks = Vec::new();
+        let trace = crate::trace::outgoing();
         for message in messages {
             match message {
                 Outgoing::Task(task) => {
                     let a = &task.assignment;
                     let subject = self.subjects.task(a.kind, &a.target);
-                    let publish = PublishMessage::build()
+                    let mut publish = PublishMessage::build()
                         .payload(json(task))
                         .message_id(dispatch_id(&task.session, &a.task_id, a.attempt));
+                    if let Some(trace) = &trace {
+                        publish = publish.header(crate::trace::HEADER, trace.as_str());
+                    }
                     acks.push(self.jetstream.send_publish(subject, publish).await?);
                 }
                 Outgoing::Question(question) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    if let Some(trace) = &trace {
+                        headers.insert(crate::trace::HEADER, trace.as_str());
+                    }
                     self.client
-                        .publish(self.subjects.question(&question.session), json(question))
+                        .publish_with_headers(
+                            self.subjects.question(&question.session),
+                            headers,
+                            json(question),
+                        )
                         .await?;
                 }
                 Outgoing::Cancel(cancel) => {

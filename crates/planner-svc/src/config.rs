@@ -42,6 +42,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Stopping.
     pub shutdown: ShutdownConfig,
+    /// Prometheus metrics, health probes, the background consistency check, trace context.
+    pub metrics: MetricsConfig,
     /// The planner settings every new session starts with.
     pub planner: PlannerConfig,
     /// LLM planning and summaries (off by default: the rule parser plans).
@@ -64,6 +66,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            metrics: MetricsConfig::default(),
             // The daemon fences executors: a report must come from the executor that claimed
             // the attempt (the core's own default leaves claims optional for embedders).
             planner: PlannerConfig {
@@ -608,6 +611,40 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Prometheus metrics, health probes, the background consistency check and trace context
+/// (see `docs/observability.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether metrics are recorded and served on `/metrics`.
+    pub enabled: bool,
+    /// Where `serve` answers `/metrics`, `/livez` and `/readyz` (`""`: no listener).
+    pub listen: String,
+    /// Where `executor` answers the same routes (`""`: no listener).
+    pub executor_listen: String,
+    /// Seconds between passes of the background consistency check over the loaded sessions
+    /// (0: off).
+    pub check_interval_s: u64,
+    /// Sessions checked per pass at most (the least recently checked first).
+    pub check_batch: usize,
+    /// Carry a W3C `traceparent` from commands and reports to the dispatches and questions
+    /// they cause (a new trace for a request without one).
+    pub trace_context: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+            executor_listen: "127.0.0.1:9465".into(),
+            check_interval_s: 60,
+            check_batch: 100,
+            trace_context: true,
+        }
+    }
+}
+
 /// Everything wrong with a configuration, each problem naming its key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -834,6 +871,16 @@ impl Config {
             }
             if self.http.keep_alive_s == 0 {
                 problems.push("http.keep_alive_s must be at least 1".into());
+            }
+        }
+        for (key, listen) in [
+            ("metrics.listen", &self.metrics.listen),
+            ("metrics.executor_listen", &self.metrics.executor_listen),
+        ] {
+            if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+                problems.push(format!(
+                    "{key} {listen:?}: use host:port with an IP address (\"127.0.0.1:9464\"), or \"\" for none"
+                ));
             }
         }
         if let Err(e) = self.planner.validate() {

@@ -147,7 +147,14 @@ pub async fn run_pool(
             Arc::clone(&contexts),
         );
         let report_started = options.report_started;
+        // The report carries the dispatch's trace context on: one request, one trace.
+        let trace = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(crate::trace::HEADER))
+            .map(|v| v.as_str().to_owned());
         tokio::spawn(async move {
+            let trace = trace.as_deref();
             let key = (
                 task.session.clone(),
                 task.assignment.task_id.0.clone(),
@@ -157,7 +164,7 @@ pub async fn run_pool(
             let known = done.lock().ok().and_then(|d| d.get(&key).cloned());
             if let Some(report) = known {
                 let _ = message.ack().await;
-                publish(&js, &subjects, &task.session, &report).await;
+                publish(&js, &subjects, &task.session, &report, trace).await;
                 return;
             }
             // Claim before running: the fence that makes a second delivery harmless. The
@@ -203,7 +210,7 @@ pub async fn run_pool(
                     event: SimExecutor::started(&task),
                     lease: Some(lease.clone()),
                 };
-                publish(&js, &subjects, &task.session, &started).await;
+                publish(&js, &subjects, &task.session, &started, trace).await;
             }
             let latency = executor.latency();
             let cancelled = CancellationToken::new();
@@ -232,7 +239,7 @@ pub async fn run_pool(
                 }
                 done.insert(key, report.clone());
             }
-            publish(&js, &subjects, &task.session, &report).await;
+            publish(&js, &subjects, &task.session, &report, trace).await;
             let status = match &report.event.outcome {
                 planner_core::ExecutorOutcome::Completed { .. } => "completed",
                 planner_core::ExecutorOutcome::Failed { .. } => "failed",
@@ -379,11 +386,19 @@ async fn publish(
     subjects: &Subjects,
     session: &str,
     report: &ReportMessage,
+    trace: Option<&str>,
 ) {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(trace) = trace {
+        headers.insert(crate::trace::HEADER, trace);
+    }
     let mut delay = Duration::from_millis(50);
     loop {
-        match js.publish(subjects.report(session), body.clone()).await {
+        let sent = js
+            .publish_with_headers(subjects.report(session), headers.clone(), body.clone())
+            .await;
+        match sent {
             Ok(ack) => match ack.await {
                 Ok(_) => return,
                 Err(error) => tracing::warn!(%error, "report not acknowledged; retrying"),

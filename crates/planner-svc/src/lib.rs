@@ -16,23 +16,32 @@
 //! - `embedded.rs`: the same engine in-process with the file store (`planner-svc run`).
 //! - `progress.rs`: `watch`'s live view on a terminal (task lines, spinners, the overall line).
 //! - `inspect.rs`: what `replay` and `sessions` print about a session.
+//! - `check.rs`: the event-log consistency check (`planner-svc check`, and the daemon's pass).
+//! - `metrics.rs`: the Prometheus metrics: names, the recorder, and the metrics derived from
+//!   persisted events.
+//! - `health.rs`: the admin listener (`/metrics`, `/livez`, `/readyz`) and what readiness means.
+//! - `trace.rs`: W3C trace context (`traceparent`) from commands and reports to what they publish.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
 pub mod bus;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod executor;
+pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod metrics;
 pub mod ownership;
 pub mod partition;
 pub mod progress;
 pub mod protocol;
 pub mod serve;
 pub mod sim;
+pub mod trace;
 
 /// `error` and its causes, `: `-separated, each said once: many errors print their source in
 /// their own message and return it as their source too (`…: Not a directory (os error 20):

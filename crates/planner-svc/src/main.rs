@@ -189,6 +189,17 @@ enum Cmd {
         #[arg(long)]
         nats_url: Option<String>,
     },
+    /// Check the event logs of the configured store (every session, or the ones given):
+    /// versions contiguous, events decodable, the snapshot equal to the fold, no task changed
+    /// after it ended, attempts increasing, every dispatch justified. Prints one line per
+    /// session and each problem; exits 1 when any log has a problem.
+    Check {
+        /// The sessions to check (default: every session in the store).
+        sessions: Vec<String>,
+        /// Read the file store in this directory (overrides the configured store).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// List the sessions in the configured store, newest first: id, status, age, request.
     Sessions {
         /// Read the file store in this directory (overrides the configured store).
@@ -259,6 +270,10 @@ fn main() -> ExitCode {
             ..
         }
         | Cmd::Sessions {
+            data_dir: Some(dir),
+            ..
+        }
+        | Cmd::Check {
             data_dir: Some(dir),
             ..
         } => {
@@ -407,7 +422,23 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             fail_percent,
             ..
         } => {
+            let admin = planner_svc::health::start(
+                &config.metrics,
+                &config.metrics.executor_listen,
+                "executor",
+            )
+            .await;
             let client = connect(&config).await?;
+            // An executor pool has no recovery of its own: ready once connected.
+            admin.health.connected(&client);
+            admin.health.streams_bound();
+            admin.health.recovered();
+            let observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver> =
+                if config.metrics.enabled {
+                    std::sync::Arc::new(planner_svc::metrics::PoolMetrics::default())
+                } else {
+                    std::sync::Arc::new(planner_svc::executor::NoObserver)
+                };
             let subjects = Subjects::new(&config.subjects.prefix);
             let options = planner_svc::executor::PoolOptions {
                 stream: config.dispatch.stream_name.clone(),
@@ -429,14 +460,8 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                 stop.cancel();
             });
             tracing::info!(filter = %options.filter, "simulated executor pool running");
-            planner_svc::executor::run_pool(
-                client.clone(),
-                subjects,
-                options,
-                std::sync::Arc::new(planner_svc::executor::NoObserver),
-                shutdown,
-            )
-            .await?;
+            planner_svc::executor::run_pool(client.clone(), subjects, options, observer, shutdown)
+                .await?;
             client.drain().await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -537,6 +562,46 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             }
             client::print_quarantined(&mut std::io::stdout().lock(), &instances, now(), json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { sessions, .. } => {
+            with_store(&config, |store| async move {
+                let sessions = if sessions.is_empty() {
+                    store.list_streams().await?
+                } else {
+                    sessions
+                };
+                let mut out = std::io::stdout().lock();
+                let mut bad = 0;
+                for session in &sessions {
+                    let report = match &store {
+                        AnyStore::File(s) => planner_svc::check::check_session(s, session).await,
+                        AnyStore::JetStream(s) => {
+                            planner_svc::check::check_session(s.as_ref(), session).await
+                        }
+                    }
+                    .with_context(|| format!("reading session {session}"))?;
+                    if report.ok() {
+                        writeln!(out, "ok       {session} ({} events)", report.events)?;
+                    } else {
+                        bad += 1;
+                        writeln!(out, "PROBLEM  {session} ({} events)", report.events)?;
+                        for problem in &report.problems {
+                            writeln!(out, "  - {problem}")?;
+                        }
+                    }
+                }
+                writeln!(
+                    out,
+                    "checked {} sessions: {bad} with problems",
+                    sessions.len()
+                )?;
+                Ok(if bad == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            })
+            .await
         }
         Cmd::Replay { session, json, .. } => {
             with_store(&config, |store| async move {

@@ -270,14 +270,20 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let (denials, denied) = tokio::sync::mpsc::unbounded_channel();
+    crate::trace::set_enabled(config.metrics.trace_context);
+    // Live (and not ready) from here on, while NATS is waited for.
+    let admin = crate::health::start(&config.metrics, &config.metrics.listen, "serve").await;
     let client = tokio::select! {
         client = connect_patiently(&config, &denials) => client?,
         () = &mut shutdown => return Ok(()),
     };
+    admin.health.connected(&client);
+    let health = Arc::clone(&admin.health);
     let run = Run {
         config,
         client,
         denied,
+        health,
     };
     let config = &run.config;
     match config.store.kind {
@@ -433,6 +439,8 @@ struct Run {
     client: async_nats::Client,
     /// The subscriptions the server refused (from the connection's event callback).
     denied: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// What `/readyz` answers from.
+    health: Arc<crate::health::Health>,
 }
 
 /// How long the server has, after a round trip that follows the daemon's subscriptions, to
@@ -462,6 +470,7 @@ async fn run_with<S: EventStore>(
         config,
         client,
         mut denied,
+        health,
     } = run;
     let subjects = Subjects::new(&config.subjects.prefix);
     let publisher = NatsPublisher::new(client.clone(), subjects.clone());
@@ -509,6 +518,13 @@ async fn run_with<S: EventStore>(
     }
 
     let (report_stream, legacy_reports) = ensure_streams(&config, &client).await?;
+    health.streams_bound();
+    {
+        let engine = Arc::clone(&engine);
+        health.on_scrape(move || {
+            crate::metrics::sessions(engine.loaded_sessions(), engine.quarantined().len())
+        });
+    }
     // This instance's name in the lease bucket and on the forwarding subjects.
     let instance = if ownership.instance_id.is_empty() {
         uuid::Uuid::new_v4().simple().to_string()
@@ -644,6 +660,7 @@ async fn run_with<S: EventStore>(
         let (client, subjects) = (client.clone(), subjects.clone());
         let every = Duration::from_secs(config.sessions.recovery_interval_s);
         let recover_now = Arc::clone(&recover_now);
+        let health = Arc::clone(&health);
         tracker.spawn(async move {
             let mut interval = tokio::time::interval(every);
             let mut first = true;
@@ -659,6 +676,8 @@ async fn run_with<S: EventStore>(
                 }
                 match engine.recover().await {
                     Ok(pass) => {
+                        crate::metrics::recovery_pass(pass.recovered, pass.quarantined.len());
+                        health.recovered();
                         if first || pass.recovered > 0 {
                             tracing::info!(
                                 recovered = pass.recovered,
@@ -690,6 +709,26 @@ async fn run_with<S: EventStore>(
         });
     }
 
+    if config.metrics.check_interval_s > 0 {
+        let engine = Arc::clone(&engine);
+        let token = token.clone();
+        let every = Duration::from_secs(config.metrics.check_interval_s);
+        let batch = config.metrics.check_batch;
+        tracker.spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.tick().await;
+            let (mut cursor, mut problems) = (String::new(), std::collections::BTreeSet::new());
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => {
+                        let sessions = engine.loaded_session_ids();
+                        cursor = crate::check::background_pass(engine.store().as_ref(), sessions, &cursor, batch, &mut problems).await;
+                    }
+                }
+            }
+        });
+    }
     // Reports have a pump of their own: waiting for a free report slot must never hold up
     // claims, heartbeats and commands. (It did, when one loop served all four: at
     // `reports.max_in_flight` every claim waited for a report to finish, and executors with it.)
@@ -742,7 +781,7 @@ async fn run_with<S: EventStore>(
                 let Some(message) = message else { break };
                 let Some(original) = subjects.unforward(&instance, &message.subject).map(str::to_owned) else { continue };
                 let Some(endpoint) = Endpoint::of(&subjects, &original) else { continue };
-                let incoming = Incoming { subject: original, payload: message.payload, reply: message.reply, forwarded: true };
+                let incoming = Incoming { subject: original, payload: message.payload, reply: message.reply, headers: message.headers, forwarded: true };
                 answer(endpoint, incoming, &admission, &tracker, &engine, &router, max_bytes);
             }
             request = admin.next() => {
@@ -774,6 +813,7 @@ async fn run_with<S: EventStore>(
     }
 
     tracing::info!("shutting down: intake stopped, finishing in-flight work");
+    health.draining();
     // Partitions first, while requests are still answered: their reports drained, their
     // leases deleted, so the other instances take them over at once rather than after the TTL.
     ownership_stop.cancel();
@@ -879,13 +919,19 @@ impl Router {
             return Ok(());
         };
         self.forwarded.fetch_add(1, Ordering::Relaxed);
-        self.client
-            .publish_with_reply(
-                self.subjects.forward(owner, &incoming.subject),
-                reply,
-                incoming.payload,
-            )
-            .await
+        let subject = self.subjects.forward(owner, &incoming.subject);
+        match incoming.headers {
+            Some(headers) => {
+                self.client
+                    .publish_with_reply_and_headers(subject, reply, headers, incoming.payload)
+                    .await
+            }
+            None => {
+                self.client
+                    .publish_with_reply(subject, reply, incoming.payload)
+                    .await
+            }
+        }
     }
 }
 
@@ -894,6 +940,8 @@ struct Incoming {
     subject: String,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
+    /// Carried on when forwarded: the trace context (`traceparent`) among them.
+    headers: Option<async_nats::HeaderMap>,
     forwarded: bool,
 }
 
@@ -903,6 +951,7 @@ impl From<async_nats::service::Request> for Incoming {
             subject: request.message.subject.to_string(),
             payload: request.message.payload,
             reply: request.message.reply,
+            headers: request.message.headers,
             forwarded: false,
         }
     }
@@ -1147,10 +1196,11 @@ impl<S: EventStore> ReportPump<S> {
             self.client.clone(),
         );
         let (max_bytes, max_deliver) = (self.max_bytes, self.max_deliver);
-        self.tracker.spawn(async move {
+        let context = crate::trace::context_of(message.headers.as_ref());
+        self.tracker.spawn(crate::trace::scope(context, async move {
             handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
             drop(permit);
-        })
+        }))
     }
 }
 
@@ -1390,11 +1440,13 @@ async fn handle_report<S: EventStore>(
     };
     match outcome {
         ReportOutcome::Done => {
+            crate::metrics::report("applied");
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
             }
         }
         ReportOutcome::Retry(reason) => {
+            crate::metrics::report("retried");
             let deliveries = message.info().map_or(0, |info| info.delivered);
             let dead = u64::try_from(deliveries).unwrap_or(0) >= max_deliver;
             if dead
@@ -1417,6 +1469,7 @@ async fn handle_report<S: EventStore>(
             }
         }
         ReportOutcome::Refused(notice) => {
+            crate::metrics::report("refused");
             // Bad input is terminated, not redelivered: it would fail the same way again.
             let _ = message.ack_with(AckKind::Term).await;
             let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
@@ -1571,6 +1624,7 @@ async fn dead_letter(
         return false;
     }
     tracing::error!(subject, deliveries, reason, dead_letter = %target, "report dead-lettered after repeated failures");
+    crate::metrics::dead_letter();
     let notice = ErrorNotice {
         subject: subject.to_owned(),
         session: session.map(str::to_owned),
@@ -1656,6 +1710,7 @@ fn answer<S: EventStore>(
         return;
     };
     let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
+        crate::metrics::busy(endpoint.name());
         tracing::warn!(
             request = endpoint.name(),
             "at limits.max_requests_in_flight; answered busy"
@@ -1668,13 +1723,14 @@ fn answer<S: EventStore>(
         });
         return;
     };
-    tracker.spawn(async move {
+    let context = crate::trace::context_of(incoming.headers.as_ref());
+    tracker.spawn(crate::trace::scope(context, async move {
         let body = handle(endpoint, &engine, &router.subjects, &incoming, max_bytes).await;
         drop(permit);
         if let Err(error) = router.client.publish(reply_to, body).await {
             tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
         }
-    });
+    }));
 }
 
 /// The reply to one request, handled here.

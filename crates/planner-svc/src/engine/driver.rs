@@ -118,6 +118,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             .loads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let planner = load_planner(self.store.as_ref(), session).await?;
+        crate::metrics::session_loaded();
         if planner.version() == 0 {
             // From its first event on, the settings a session started with are in its log.
             return Ok(Planner::with_config(self.config.planner.clone()).unwrap_or_default());
@@ -145,6 +146,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 continue;
             };
             let before = planner.version();
+            let observed = crate::metrics::Before::of(planner.state());
             let events = match planner.process(stamp(command.clone(), self.clock.now())) {
                 Ok(events) => events,
                 Err(refused) => {
@@ -174,9 +176,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 };
                 return Ok((handled, Vec::new()));
             }
-            match self.store.append(session, before, &events).await {
+            let appending = std::time::Instant::now();
+            let appended = self.store.append(session, before, &events).await;
+            crate::metrics::append_done(appending.elapsed(), &appended);
+            match appended {
                 Ok(version) => {
                     self.appended(session, before, &events, planner.state());
+                    crate::metrics::after_append(&observed, planner.state(), &events);
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
@@ -193,6 +199,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                             Ok(confirm) => confirmation = Some(confirm),
                             Err(error) => {
                                 tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                                crate::metrics::publish_failed();
                                 state.unpublished = true;
                             }
                         }

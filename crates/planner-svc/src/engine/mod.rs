@@ -227,6 +227,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         });
     }
 
+    /// The ids of the sessions in memory.
+    pub fn loaded_session_ids(&self) -> Vec<String> {
+        self.registry.all().into_iter().map(|(s, _)| s).collect()
+    }
+
     /// How many sessions are in memory.
     pub fn loaded_sessions(&self) -> usize {
         self.registry.len()
@@ -323,8 +328,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         if !planner_core::is_valid_token(session) {
             return Err(EngineError::BadSession(session.to_owned()));
         }
-        let span = tracing::info_span!("session", id = session, command = command.command_type());
-        async {
+        let command_type = command.command_type();
+        let span = tracing::info_span!("session", id = session, command = command_type);
+        let started = std::time::Instant::now();
+        let result: Result<Handled, EngineError> = async {
             let command = self.plan_with_llm(session, command).await?;
             let rewrite_summary = !matches!(command, Command::CompactContext { .. });
             let (handled, undeliverable) = self.drive(session, command).await?;
@@ -354,7 +361,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             Ok(handled)
         }
         .instrument(span)
-        .await
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(error) => error.kind().as_str(),
+        };
+        crate::metrics::command_done(command_type, outcome, started.elapsed());
+        result
     }
 }
 

@@ -53,9 +53,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let deadline = planner.next_deadline();
         if !messages.is_empty() {
             match self.publisher.publish(&messages).await {
-                Ok(()) => state.unpublished = false,
+                Ok(()) => {
+                    crate::metrics::republished(messages.len());
+                    state.unpublished = false;
+                }
                 Err(error) => {
                     tracing::warn!(session, %error, "re-publish failed; will retry");
+                    crate::metrics::publish_failed();
                     state.unpublished = true;
                 }
             }

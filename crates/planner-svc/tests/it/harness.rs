@@ -27,6 +27,10 @@ pub fn config(server: &NatsServer) -> Config {
     // A killed instance's partitions are taken over after this: short, so tests that kill
     // and replace an instance do not wait the production TTL.
     config.ownership.lease_ttl_ms = 2000;
+    // Many daemons share this process: the tests of the admin listener give it a port.
+    config.metrics.listen = String::new();
+    // The metrics recorder is one per process: only the test of the background check runs it.
+    config.metrics.check_interval_s = 0;
     config
 }
 

@@ -12,6 +12,7 @@ mod deploy;
 mod harness;
 mod http;
 mod llm;
+mod observability;
 mod ownership;
 mod protocol;
 mod pty;

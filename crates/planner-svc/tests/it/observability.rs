@@ -1,0 +1,674 @@
+//! Metrics, health probes and the consistency check, on a real nats-server.
+
+use std::time::Duration;
+
+use planner_testkit::NatsServer;
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on `127.0.0.1:port`: the status and the body, or `None` when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, dechunk(&body)))
+}
+
+/// A chunked body, joined (axum chunks bodies it streams).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 {
+            return out;
+        }
+        let Some(chunk) = after.get(..size) else {
+            return body.to_owned();
+        };
+        out.push_str(chunk);
+        rest = after.get(size + 2..).unwrap_or_default();
+    }
+}
+
+/// The value of the sample whose line starts with `series` (name and labels as rendered).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
+    let server = NatsServer::start().unwrap();
+    let port = free_port();
+    let mut config = config(&server);
+    config.metrics.listen = format!("127.0.0.1:{port}");
+    config.metrics.check_interval_s = 1;
+    let daemon = Daemon::start(config).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    let reply = command(&client, "metrics-plan", request).await;
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "metrics-plan").await;
+    // The metrics are recorded after the append, so poll: the last event may be a moment old.
+    let mut exposition = String::new();
+    for _ in 0..100 {
+        if let Some((200, body)) = http_get(port, "/metrics").await {
+            exposition = body;
+            let ended = sample(
+                &exposition,
+                "planner_plans_ended_total{outcome=\"completed\"}",
+            );
+            let checked = sample(
+                &exposition,
+                "planner_consistency_checks_total{result=\"ok\"}",
+            );
+            if ended.is_some_and(|v| v >= 1.0) && checked.is_some_and(|v| v >= 1.0) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_least = |series: &str, min: f64| {
+        let value = sample(&exposition, series);
+        assert!(
+            value.is_some_and(|v| v >= min),
+            "{series} = {value:?}, expected at least {min}; exposition:\n{exposition}"
+        );
+    };
+    at_least("planner_plans_ended_total{outcome=\"completed\"}", 1.0);
+    at_least("planner_plans_started_total", 1.0);
+    at_least("planner_tasks_dispatched_total{kind=\"tool_call\"}", 1.0);
+    at_least("planner_tasks_dispatched_total{kind=\"processing\"}", 1.0);
+    at_least(
+        "planner_task_attempts_total{kind=\"tool_call\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_tasks_ended_total{kind=\"processing\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_task_execution_seconds_count{kind=\"tool_call\",outcome=\"completed\"}",
+        1.0,
+    );
+    at_least(
+        "planner_task_schedule_to_start_seconds_count{kind=\"tool_call\"}",
+        1.0,
+    );
+    at_least(
+        "planner_plan_duration_seconds_count{outcome=\"completed\"}",
+        1.0,
+    );
+    at_least("planner_store_append_seconds_count", 3.0);
+    at_least(
+        "planner_commands_total{command=\"initialize\",result=\"ok\"}",
+        1.0,
+    );
+    at_least("planner_reports_total{result=\"applied\"}", 2.0);
+    at_least("planner_build_info{version=", 1.0);
+    // The background check read the session's log and found it whole.
+    at_least("planner_consistency_checks_total{result=\"ok\"}", 1.0);
+    assert_eq!(
+        sample(&exposition, "planner_consistency_problem_sessions"),
+        Some(0.0)
+    );
+    // Histograms, not summaries: Prometheus computes quantiles across instances from buckets.
+    assert!(
+        exposition.contains("planner_task_execution_seconds_bucket{"),
+        "{exposition}"
+    );
+    // No session or task id reaches a label.
+    assert!(!exposition.contains("metrics-plan"), "{exposition}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_unready_until_nats_is_reachable_and_livez_stays_live() {
+    let nats_port = free_port();
+    let admin_port = free_port();
+    let mut config = planner_svc::config::Config::default();
+    config.nats.url = format!("nats://127.0.0.1:{nats_port}");
+    config.nats.startup_wait_s = 120;
+    config.metrics.listen = format!("127.0.0.1:{admin_port}");
+    config.shutdown.grace_s = 5;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(planner_svc::serve::serve(config, async move {
+        let _ = stopped.await;
+    }));
+    // Live, and not ready, while it waits for its server.
+    let mut waiting = None;
+    for _ in 0..200 {
+        if let Some((200, _)) = http_get(admin_port, "/livez").await {
+            waiting = http_get(admin_port, "/readyz").await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = waiting.expect("the admin listener answers while NATS is away");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("nats: not connected yet"), "{body}");
+    // Still not ready a moment later: nothing changed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http_get(admin_port, "/readyz").await.map(|r| r.0),
+        Some(503)
+    );
+
+    let server = NatsServer::start_on(nats_port, &[]).unwrap();
+    let mut ready = None;
+    for _ in 0..400 {
+        let probe = http_get(admin_port, "/readyz").await;
+        if probe.as_ref().is_some_and(|(status, _)| *status == 200) {
+            ready = probe;
+            break;
+        }
+        ready = probe;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = ready.expect("the admin listener answers");
+    assert_eq!(status, 200, "not ready once NATS is up: {body}");
+    assert_eq!(http_get(admin_port, "/livez").await.map(|r| r.0), Some(200));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon)
+        .await
+        .expect("stopped")
+        .unwrap()
+        .unwrap();
+    drop(server);
+}
+
+fn planner_svc() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_planner-svc"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+}
+
+/// `planner-svc check` with `args`: its exit status and stdout + stderr.
+fn check(args: &[&str]) -> (i32, String) {
+    let output = planner_svc().arg("check").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+/// The file store's records (`[len][crc][payload]`), split into (stream, base, count, JSON).
+fn read_log(path: &std::path::Path) -> Vec<(String, u64, u32, String)> {
+    let data = std::fs::read(path).unwrap();
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let payload = &data[at + 8..at + 8 + len];
+        let stream_len = u16::from_le_bytes(payload[0..2].try_into().unwrap()) as usize;
+        let stream = String::from_utf8(payload[2..2 + stream_len].to_vec()).unwrap();
+        let rest = &payload[2 + stream_len..];
+        let base = u64::from_le_bytes(rest[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(rest[8..12].try_into().unwrap());
+        let json = String::from_utf8(rest[12..].to_vec()).unwrap();
+        records.push((stream, base, count, json));
+        at += 8 + len;
+    }
+    records
+}
+
+/// Writes records back, each with a correct checksum: a hand edit the framing cannot see.
+fn write_log(path: &std::path::Path, records: &[(String, u64, u32, String)]) {
+    let mut out = Vec::new();
+    for (stream, base, count, json) in records {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&(stream.len() as u16).to_le_bytes());
+        payload.extend_from_slice(stream.as_bytes());
+        payload.extend_from_slice(&base.to_le_bytes());
+        payload.extend_from_slice(&count.to_le_bytes());
+        payload.extend_from_slice(json.as_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn check_passes_a_good_file_store_and_finds_a_gap_an_undecodable_event_and_an_edited_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = planner_svc()
+        .args(["run", "--yes", "--latency-ms", "1", "--data-dir"])
+        .arg(&data)
+        .arg("1. Search for flights\n2. Summarize the options")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let data_dir = data.to_str().unwrap();
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 0, "{text}");
+    assert!(
+        text.contains("checked 1 sessions: 0 with problems"),
+        "{text}"
+    );
+
+    let log = data.join("events.log");
+    let good = read_log(&log);
+    assert!(good.len() > 3, "{good:?}");
+
+    // An edited status: the first task's completion made a failure. Its dependent was then
+    // dispatched on a failed dependency.
+    let mut edited = good.clone();
+    let at = edited
+        .iter()
+        .position(|r| r.3.contains("\"status\":\"completed\""))
+        .unwrap();
+    edited[at].3 = edited[at]
+        .3
+        .replacen("\"status\":\"completed\"", "\"status\":\"failed\"", 1);
+    write_log(&log, &edited);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("PROBLEM"), "{text}");
+    assert!(
+        text.contains("before its dependencies") || text.contains("after it had ended"),
+        "{text}"
+    );
+
+    // An event this build cannot decode.
+    let mut undecodable = good.clone();
+    let last = undecodable.len() - 1;
+    undecodable[last].3 = r#"[{"v":1,"event":{"type":"no_such_event"}}]"#.to_owned();
+    undecodable[last].2 = 1;
+    write_log(&log, &undecodable);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("undecodable append"), "{text}");
+
+    // A gap: the last append claims to start two versions later. The store refuses to open
+    // such a log; check says so and fails.
+    let mut gap = good.clone();
+    gap[last].1 += 2;
+    write_log(&log, &gap);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_ne!(status, 0, "{text}");
+    assert!(text.contains("starts at version"), "{text}");
+
+    // Put back, it passes again.
+    write_log(&log, &good);
+    let (status, text) = check(&["--data-dir", data_dir]);
+    assert_eq!(status, 0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_good_jetstream_log_and_finds_a_gap_and_an_undecodable_append() {
+    use planner_store::EventStore as _;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    command(&client, "checked", request).await;
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "checked").await;
+    daemon.stop().await;
+    let url = format!("nats.url=\"{}\"", server.url());
+    let (status, text) = check(&["--set", &url, "checked"]);
+    assert_eq!(status, 0, "{text}");
+
+    // Appended by hand behind the store's back: a batch whose version skips two, then one
+    // that does not decode.
+    let version = store.version("checked").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let batch = planner_core::codec::encode_batch(&[planner_core::Event::LeasesExtended {
+        at: planner_core::Timestamp(1),
+    }]);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", (version + 3).to_string().as_str());
+    js.publish_with_headers("planner.events.checked", headers, batch.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Planner-Version", (version + 4).to_string().as_str());
+    js.publish_with_headers("planner.events.checked", headers, "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (status, text) = check(&["--set", &url, "checked"]);
+    assert_eq!(status, 1, "{text}");
+    assert!(text.contains("version gap"), "{text}");
+    assert!(text.contains("undecodable append"), "{text}");
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// `prometheus` and `promtool` (Debian's `prometheus` package, which scripts/test installs):
+/// `None` outside CI when absent, so a developer without them is told and not failed; in CI
+/// (`CI` set by .ci/run) their absence fails the test.
+fn prometheus_tools() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    match (find("prometheus"), find("promtool")) {
+        (Some(prometheus), Some(promtool)) => Some((prometheus, promtool)),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("prometheus and promtool are needed in CI: apt-get install prometheus (scripts/test does)")
+        }
+        _ => {
+            eprintln!("SKIPPED: prometheus/promtool not on PATH (apt-get install prometheus); the Prometheus test did not run");
+            None
+        }
+    }
+}
+
+/// `text` percent-encoded for a query string.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Runs `query` on Prometheus's HTTP API: the parsed answer.
+async fn prom_query(port: u16, query: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(port, &format!("/api/v1/query?query={}", encode(query))).await?;
+    (status == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
+}
+
+/// The first sample's value of a query's vector result.
+fn first_value(answer: &serde_json::Value) -> Option<f64> {
+    answer["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_daemon_and_the_shipped_rules_and_dashboard_hold() {
+    let Some((prometheus, promtool)) = prometheus_tools() else {
+        return;
+    };
+    // The shipped rules and scrape config pass Prometheus's own checks.
+    let rules = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(repo("deploy/prometheus/alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        rules.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rules.stdout),
+        String::from_utf8_lossy(&rules.stderr)
+    );
+    let scrape = std::process::Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(repo("deploy/prometheus/prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        scrape.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrape.stdout)
+    );
+
+    let server = NatsServer::start().unwrap();
+    let admin = free_port();
+    let mut config = config(&server);
+    config.metrics.listen = format!("127.0.0.1:{admin}");
+    let daemon = Daemon::start(config).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+
+    // Prometheus scrapes it every second, with the shipped alert rules loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let web = free_port();
+    let config_file = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: planner\n    static_configs:\n      - targets: [\"127.0.0.1:{admin}\"]\n",
+            repo("deploy/prometheus/alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let _prometheus = KillOnDrop(
+        std::process::Command::new(&prometheus)
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let request =
+        json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
+    command(&client, "scraped", request).await;
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "scraped").await;
+
+    // The exposition passes promtool's lint.
+    let (_, exposition) = http_get(admin, "/metrics").await.unwrap();
+    let mut lint = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(exposition.as_bytes())
+            .unwrap();
+    }
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    // Prometheus has the completion counter and the duration histogram.
+    let completed = "sum(planner_plans_ended_total{outcome=\"completed\"})";
+    let p50 = "histogram_quantile(0.5, sum by (le) (planner_task_execution_seconds_bucket))";
+    let (mut ended, mut quantile) = (None, None);
+    for _ in 0..300 {
+        ended = prom_query(web, completed)
+            .await
+            .as_ref()
+            .and_then(first_value);
+        quantile = prom_query(web, p50).await.as_ref().and_then(first_value);
+        if ended.is_some_and(|v| v >= 1.0) && quantile.is_some_and(|v| v.is_finite()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ended.is_some_and(|v| v >= 1.0),
+        "completed plans: {ended:?}"
+    );
+    assert!(
+        quantile.is_some_and(|v| v.is_finite() && v >= 0.0),
+        "median execution time: {quantile:?}"
+    );
+
+    // Every query of the shipped dashboard is one Prometheus accepts.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/planner-svc.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(!panels.is_empty());
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m");
+            let answer = prom_query(web, &expr).await;
+            assert_eq!(
+                answer.as_ref().map(|a| a["status"].clone()),
+                Some(json!("success")),
+                "{expr}: {answer:?}"
+            );
+        }
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the_report() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // Every dispatch, as a core subscriber sees it (headers included).
+    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    client.flush().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(planner_svc::executor::run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        planner_svc::executor::PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "trace-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: false,
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency: Duration::from_millis(1),
+                ..Default::default()
+            },
+        },
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+        stop.clone(),
+    ));
+    // b waits for a: its dispatch is decided while the daemon handles a's report.
+    let plan = json!({"type": "initialize", "input": "traced", "plan": {"tasks": [
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
+        {"id": "b", "description": "do b", "kind": "tool_call", "target": "search", "dependencies": ["a"]},
+    ]}});
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    let reply = client
+        .request_with_headers(
+            "planner.cmd.traced",
+            headers,
+            serde_json::to_vec(&plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
+            .await
+            .expect("two dispatches")
+            .unwrap();
+        let task: planner_svc::protocol::TaskMessage =
+            serde_json::from_slice(&message.payload).unwrap();
+        let header = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_owned());
+        seen.push((task.assignment.task_id.to_string(), header));
+    }
+    for (task, header) in &seen {
+        let header = header
+            .as_deref()
+            .unwrap_or_else(|| panic!("dispatch of {task} has no traceparent"));
+        let parsed = planner_svc::trace::TraceParent::parse(header).unwrap();
+        assert_eq!(
+            parsed.trace_id(),
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "dispatch of {task}: {header}"
+        );
+        // A span of its own under the request's.
+        assert_ne!(header, traceparent);
+    }
+    assert_eq!(seen[1].0, "b", "{seen:?}");
+    stop.cancel();
+    let _ = pool.await;
+    daemon.stop().await;
+}
