@@ -84,6 +84,37 @@ async fn connect_patiently(
     }
 }
 
+/// Runs a start-up step against JetStream until it succeeds, for up to `nats.startup_wait_s`
+/// with a growing delay and a log line per failure. A cluster that just formed (its meta leader
+/// elected a moment ago), or several instances creating the same R3 streams at once, answer
+/// with timeouts for a while: that is a reason to wait, not to exit (a crash loop under an
+/// orchestrator). What fails for good is reported once the wait is over.
+async fn patiently<T, E, F, Fut>(config: &Config, what: &str, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Into<anyhow::Error>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.nats.startup_wait_s);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match step().await.map_err(Into::into) {
+            Ok(value) => return Ok(value),
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %crate::report(&error), retry_in = ?delay, "{what} failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                return Err(error.context(format!(
+                    "{what} still failing after nats.startup_wait_s = {} s",
+                    config.nats.startup_wait_s
+                )))
+            }
+        }
+    }
+}
+
 /// Where the connection's event callback sends the subscriptions the server refused.
 type Denials = tokio::sync::mpsc::UnboundedSender<String>;
 
@@ -288,22 +319,20 @@ pub async fn serve(
     let config = &run.config;
     match config.store.kind {
         StoreKind::Jetstream => {
-            let store = JetStreamStore::connect(
-                run.client.clone(),
-                JetStreamConfig {
-                    stream_name: config.store.stream_name.clone(),
-                    subject_prefix: Subjects::new(&config.subjects.prefix).events_prefix(),
-                    snapshot_bucket: config.store.snapshot_bucket.clone(),
-                    storage: StorageType::File,
-                    replicas: config.store.replicas,
-                    max_bytes: config.store.max_bytes,
-                    max_message_bytes: i32::try_from(config.store.max_append_bytes)
-                        .unwrap_or(i32::MAX),
-                    ..JetStreamConfig::default()
-                },
-            )
-            .await
-            .context("opening the JetStream event store")?;
+            let store_config = JetStreamConfig {
+                stream_name: config.store.stream_name.clone(),
+                subject_prefix: Subjects::new(&config.subjects.prefix).events_prefix(),
+                snapshot_bucket: config.store.snapshot_bucket.clone(),
+                storage: StorageType::File,
+                replicas: config.store.replicas,
+                max_bytes: config.store.max_bytes,
+                max_message_bytes: i32::try_from(config.store.max_append_bytes).unwrap_or(i32::MAX),
+                ..JetStreamConfig::default()
+            };
+            let store = patiently(config, "opening the JetStream event store", || {
+                JetStreamStore::connect(run.client.clone(), store_config.clone())
+            })
+            .await?;
             run_with(run, store, shutdown).await
         }
         StoreKind::File => {
@@ -517,7 +546,11 @@ async fn run_with<S: EventStore>(
         });
     }
 
-    let (report_stream, legacy_reports) = ensure_streams(&config, &client).await?;
+    let (report_stream, legacy_reports) =
+        patiently(&config, "creating the daemon's streams", || {
+            ensure_streams(&config, &client)
+        })
+        .await?;
     health.streams_bound();
     {
         let engine = Arc::clone(&engine);

@@ -24,7 +24,7 @@ impl NatsCluster {
         let mut servers = Vec::new();
         for (i, (client, cluster)) in client_ports.iter().zip(&cluster_ports).enumerate() {
             let name = format!("node-{i}");
-            let listen = format!("127.0.0.1:{cluster}");
+            let listen = format!("nats://127.0.0.1:{cluster}");
             let args = [
                 "-n",
                 name.as_str(),

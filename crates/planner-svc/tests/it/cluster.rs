@@ -20,6 +20,7 @@ impl Planner3 {
             .arg("serve")
             .env("PLANNER_NATS__URL", url)
             .env("PLANNER_LOG__LEVEL", "warn")
+            .env("PLANNER_METRICS__LISTEN", "")
             .env("PLANNER_STORE__REPLICAS", "3")
             .env("PLANNER_DISPATCH__REPLICAS", "3")
             .env("PLANNER_REPORTS__REPLICAS", "3")
@@ -53,15 +54,19 @@ fn chain_plan(tasks: usize) -> serde_json::Value {
 }
 
 fn ended(events: &[Event]) -> Option<PlanPhase> {
-    let phase = Planner::fold(events).state().phase;
+    let phase = Planner::fold(events).state().phase.clone();
     (phase != PlanPhase::Running && events.iter().any(Event::is_terminal)).then_some(phase)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_nothing_run_twice() {
+async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_nothing_run_twice()
+{
     let mut cluster = NatsCluster::start(3).unwrap();
     let url = cluster.url();
-    let client = async_nats::connect(url.as_str()).await.unwrap();
+    // The test's own connections go to node 0, which stays up (node 1 is killed); the
+    // planners get every node.
+    let first = cluster.nodes()[0].url();
+    let client = async_nats::connect(first.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     // JetStream answers once the cluster elected its meta leader.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -78,16 +83,23 @@ async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_
         if replies.len() == 3 && covered == 32 && replies.iter().all(|r| !r.partitions.is_empty()) {
             break;
         }
-        assert!(Instant::now() < deadline, "instances did not split the partitions: {replies:?}");
+        assert!(
+            Instant::now() < deadline,
+            "instances did not split the partitions: {replies:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let streams = ["PLANNER_EVENTS", "PLANNER_TASKS", "PLANNER_REPORTS"];
     for name in streams {
         let mut stream = js.get_stream(name).await.unwrap();
-        assert_eq!(stream.info().await.unwrap().config.num_replicas, 3, "{name}");
+        assert_eq!(
+            stream.info().await.unwrap().config.num_replicas,
+            3,
+            "{name}"
+        );
     }
     let executors = Executors::start(
-        &url,
+        &first,
         ExecutorBehaviour {
             delay: Duration::from_millis(20),
             ..Default::default()
@@ -98,7 +110,7 @@ async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_
     for session in &sessions {
         command(&client, session, chain_plan(8)).await;
     }
-    let store = store(&url).await;
+    let store = store(&first).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut done = 0;
@@ -106,7 +118,12 @@ async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_
             done += store
                 .load_all(session)
                 .await
-                .map(|events| events.iter().filter(|e| e.event_type() == "task_status_updated").count())
+                .map(|events| {
+                    events
+                        .iter()
+                        .filter(|e| e.event_type() == "task_status_updated")
+                        .count()
+                })
                 .unwrap_or(0);
         }
         if done >= 20 {

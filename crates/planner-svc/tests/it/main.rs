@@ -6,6 +6,7 @@
 mod auth;
 mod cli;
 mod client;
+mod cluster;
 mod config;
 mod daemon;
 mod deploy;
