@@ -20,6 +20,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/planner.toml";
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "PLANNER_";
 
+/// Variables with the prefix that are the CLI's own, not settings: skipped by [`Config::load`].
+/// (`PLANNER_CONFIG` names the file, as `--config` does; read as a setting it was refused as an
+/// unknown key, so the documented variable stopped every command.)
+pub const CLI_ENV: &[&str] = &["PLANNER_CONFIG"];
+
 /// Every setting of the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -683,6 +688,9 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if CLI_ENV.contains(&name.as_str()) {
+                continue;
+            }
             let key = rest.to_lowercase().replace("__", ".");
             let source = format!("environment variable {name}");
             set_path(&mut table, &key, &value, &source, &mut problems);

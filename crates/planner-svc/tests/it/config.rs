@@ -171,3 +171,12 @@ fn a_string_setting_takes_a_value_that_looks_like_a_number() {
     let config = Config::load(None, env(&[("PLANNER_NATS__NAME", "1234")]), &[]).unwrap();
     assert_eq!(config.nats.name, "1234");
 }
+
+#[test]
+fn the_cli_variable_naming_the_file_is_not_read_as_a_setting() {
+    let config = Config::load(None, env(&[("PLANNER_CONFIG", "/etc/planner.toml")]), &[]);
+    assert_eq!(config.map_err(|e| e.to_string()), Ok(Config::default()));
+    // A variable that is neither a setting nor the CLI's is still refused, by name.
+    let error = Config::load(None, env(&[("PLANNER_CONFIGG", "x")]), &[]).unwrap_err();
+    assert!(error.to_string().contains("PLANNER_CONFIGG"), "{error}");
+}
