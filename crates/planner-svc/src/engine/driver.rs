@@ -140,7 +140,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let slot = self.slot(session);
             let mut state = slot.state.lock().await;
             if state.planner.is_none() {
-                state.planner = Some(self.load(session).await?);
+                let loaded = self.load(session).await?;
+                // Loaded for this command, not by recovery: whether the attempts it has in
+                // flight were ever published is unknown (the instance that appended them may
+                // have died before publishing, and recovery skips sessions already in memory),
+                // so the next sweep re-publishes those not yet claimed. Found by the kill -9
+                // ownership test: a redelivered report loaded the session first and its next
+                // dispatch was never sent.
+                if loaded.version() > 0 && loaded.state().phase == planner_core::PlanPhase::Running
+                {
+                    state.unpublished = true;
+                }
+                state.planner = Some(loaded);
             }
             let Some(planner) = state.planner.as_mut() else {
                 continue;
