@@ -294,6 +294,42 @@ mod tests {
     }
 
     #[test]
+    fn requests_in_any_script_are_searched_ignoring_case_and_cut_on_characters() {
+        let index = SessionIndex::new(10);
+        let requests = [
+            "Найди погоду в Париже и кратко опиши",
+            "Überprüfe die Datei, dann fasse sie zusammen",
+            "查找巴黎的天气，然后总结",
+        ];
+        for (i, request) in requests.iter().enumerate() {
+            let text = searched_text([request.to_string()].iter());
+            index.put(summary(&format!("s{i}"), "running", i as u64, 1), |_| {
+                text.clone()
+            });
+        }
+        let found = |search: &str| {
+            let query = ListQuery {
+                search: Some(search.into()),
+                limit: 10,
+                ..Default::default()
+            };
+            index
+                .list(&query)
+                .0
+                .into_iter()
+                .map(|s| s.session)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(found("ПАРИЖЕ"), vec!["s0".to_owned()]);
+        assert_eq!(found("ÜBERPRÜFE"), vec!["s1".to_owned()]);
+        assert_eq!(found("巴黎"), vec!["s2".to_owned()]);
+        // A request longer than what is searched is cut on a character, never inside one.
+        let long: String = "é".repeat(SEARCHED_CHARS + 10);
+        let cut = searched_text([long].iter());
+        assert_eq!(cut.chars().count(), SEARCHED_CHARS);
+    }
+
+    #[test]
     fn the_oldest_sessions_leave_past_the_bound() {
         let index = SessionIndex::new(8);
         for i in 0..100u64 {
