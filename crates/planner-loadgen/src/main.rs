@@ -13,7 +13,7 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +76,15 @@ struct Args {
     /// `deploy/` ships): a shorthand for a `--nats-config` file holding just that.
     #[arg(long)]
     sync_always: bool,
+    /// Starts a cluster of this many nats-servers on loopback ports instead of one server,
+    /// with every stream and the lease bucket replicated on all of them (at most 5); ignored
+    /// with `--nats-url`.
+    #[arg(long, value_name = "NODES")]
+    cluster: Option<usize>,
+    /// With `--cluster`: kills (SIGKILL) its last node this many milliseconds after the
+    /// sessions start, and reports what the run made of it.
+    #[arg(long, value_name = "MS", requires = "cluster")]
+    kill_node_after_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -86,6 +95,13 @@ struct Observer {
     reported: AtomicU64,
     last_report: Mutex<HashMap<String, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
+    /// Attempts run to a report more than once (by any executor of the pool): the planner
+    /// promises none.
+    executed: Mutex<HashMap<(String, String, u32), u32>>,
+    /// Tasks reported at least once: the run is done when every task is (a retried task
+    /// reports more than once).
+    tasks_done: AtomicU64,
+    tasks_seen: Mutex<HashSet<(String, String)>>,
 }
 
 impl PoolObserver for Observer {
@@ -107,6 +123,22 @@ impl PoolObserver for Observer {
     }
     fn reported(&self, task: &TaskMessage, at: Instant) {
         self.reported.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut executed) = self.executed.lock() {
+            let key = (
+                task.session.clone(),
+                task.assignment.task_id.0.clone(),
+                task.assignment.attempt,
+            );
+            let task_key = (key.0.clone(), key.1.clone());
+            *executed.entry(key).or_default() += 1;
+            let first_of_task = self
+                .tasks_seen
+                .lock()
+                .is_ok_and(|mut seen| seen.insert(task_key));
+            if first_of_task {
+                self.tasks_done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Ok(mut m) = self.last_report.lock() {
             m.insert(task.session.clone(), at);
         }
@@ -167,26 +199,38 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// The pid of this process's child `nats-server`, if it started one.
-fn nats_server_pid() -> Option<u32> {
+/// The pids of this process's child `nats-server`s (one, or a cluster's nodes).
+fn nats_server_pids() -> Vec<u32> {
     let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .ok()?
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
         .flatten()
-        .find_map(|entry| {
+        .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
             let parent: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
             (parent == me && name.starts_with("nats-server")).then_some(pid)
         })
+        .collect()
 }
 
-async fn ceiling(client: &async_nats::Client) -> anyhow::Result<f64> {
+/// The CPU seconds of all of `pids` (none if any cannot be read: a node was killed).
+fn cpu_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+async fn ceiling(client: &async_nats::Client, replicas: usize) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
     js.get_or_create_stream(jetstream::stream::Config {
         name: "LOADGEN_RAW".into(),
         subjects: vec!["loadgen.raw".into()],
+        num_replicas: replicas,
         ..Default::default()
     })
     .await?;
@@ -239,9 +283,24 @@ async fn main() -> anyhow::Result<()> {
         }
         (None, false) => None,
     };
-    let url = match &args.nats_url {
-        Some(url) => url.clone(),
-        None => {
+    let mut cluster = None;
+    let replicas = match (&args.nats_url, args.cluster) {
+        (None, Some(nodes)) => nodes.clamp(1, 5),
+        _ => 1,
+    };
+    let url = match (&args.nats_url, args.cluster) {
+        (Some(url), _) => url.clone(),
+        (None, Some(_)) => {
+            if nats_config.is_some() {
+                bail!("--cluster starts its nodes with their own settings: drop --nats-config / --sync-always");
+            }
+            let nodes = planner_testkit::NatsCluster::start(replicas)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let url = nodes.url();
+            cluster = Some(nodes);
+            url
+        }
+        (None, None) => {
             let conf = nats_config.as_ref().map(|p| p.display().to_string());
             let server_args: Vec<&str> = match &conf {
                 Some(conf) => vec!["-c", conf.as_str()],
@@ -254,8 +313,21 @@ async fn main() -> anyhow::Result<()> {
             url
         }
     };
-    let client = async_nats::connect(&url).await?;
-    let raw = ceiling(&client).await?;
+    // The load generator's own connection goes to the first node, which is never killed.
+    let own_url = url.split(',').next().unwrap_or(&url).to_owned();
+    let client = async_nats::connect(&own_url).await?;
+    if cluster.is_some() {
+        // A cluster answers JetStream requests once it elected its meta leader.
+        let js = jetstream::new(client.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while js.query_account().await.is_err() {
+            if Instant::now() > deadline {
+                bail!("the cluster's JetStream did not become ready in 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let raw = ceiling(&client, replicas).await?;
 
     let daemon_bin = match &args.daemon {
         Some(path) => path.clone(),
@@ -279,6 +351,15 @@ async fn main() -> anyhow::Result<()> {
             .env("PLANNER_LOG__LEVEL", "warn")
             .env("PLANNER_REPORTS__MAX_IN_FLIGHT", "1024")
             .env("PLANNER_SESSIONS__MAX_LOADED", "100000")
+            .envs(
+                [
+                    "PLANNER_STORE__REPLICAS",
+                    "PLANNER_DISPATCH__REPLICAS",
+                    "PLANNER_REPORTS__REPLICAS",
+                    "PLANNER_OWNERSHIP__REPLICAS",
+                ]
+                .map(|key| (key, replicas.to_string())),
+            )
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", daemon_bin.display()))?;
@@ -349,17 +430,18 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         json!({"type": "initialize", "input": "load test", "plan": {"tasks": tasks}})
     };
-    let server_pid = nats_server_pid();
+    let server_pids = nats_server_pids();
     // Every instance's CPU together: what the deployment spent.
     let daemons_cpu = |daemons: &[std::process::Child]| -> Option<f64> {
         daemons.iter().map(|d| cpu_seconds(d.id())).sum()
     };
     let cpu_before = (
         daemons_cpu(&daemons),
-        server_pid.and_then(cpu_seconds),
+        cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
     let start = Instant::now();
+    let mut killed_node = None;
     let mut requests = Vec::new();
     for s in 0..args.sessions {
         let client = client.clone();
@@ -380,7 +462,22 @@ async fn main() -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if observer.reported.load(Ordering::Relaxed) >= total {
+        if let (Some(nodes), Some(after), None) =
+            (cluster.as_mut(), args.kill_node_after_ms, killed_node)
+        {
+            if start.elapsed() >= Duration::from_millis(after) {
+                let last = nodes.nodes().len().saturating_sub(1);
+                if let Some(node) = nodes.node_mut(last) {
+                    node.kill();
+                    killed_node = Some((
+                        last,
+                        start.elapsed(),
+                        observer.tasks_done.load(Ordering::Relaxed),
+                    ));
+                }
+            }
+        }
+        if observer.tasks_done.load(Ordering::Relaxed) >= total {
             // Every report consumer (one per partition, and the shared one) is empty.
             let stream = js.get_stream("PLANNER_REPORTS").await?;
             let mut consumers = stream.consumers();
@@ -395,7 +492,7 @@ async fn main() -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "timed out: {} of {total} tasks reported",
-                observer.reported.load(Ordering::Relaxed)
+                observer.tasks_done.load(Ordering::Relaxed)
             );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -411,7 +508,7 @@ async fn main() -> anyhow::Result<()> {
     let writes = stream_writes(&js).await?;
     let cpu_after = (
         daemons_cpu(&daemons),
-        server_pid.and_then(cpu_seconds),
+        cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
     let per_task_us = |before: Option<f64>, after: Option<f64>| {
@@ -503,6 +600,23 @@ async fn main() -> anyhow::Result<()> {
         listed.join(", "),
         100.0 * completions * per_task / raw
     );
+    let twice = observer
+        .executed
+        .lock()
+        .map(|e| e.values().filter(|n| **n > 1).count())
+        .unwrap_or(0);
+    let retried = observer
+        .reported
+        .load(Ordering::Relaxed)
+        .saturating_sub(total);
+    println!("attempts executed twice: {twice}; executions beyond one per task (retried attempts): {retried}");
+    if let Some((node, at, done)) = killed_node {
+        println!(
+            "cluster of {replicas}: node-{node} killed (SIGKILL) at {:.2} s, {done} of {total} tasks done by then; every sampled session completed: {}",
+            at.as_secs_f64(),
+            completed == sample.len()
+        );
+    }
     if completed != sample.len() {
         bail!("some sampled sessions did not complete");
     }
