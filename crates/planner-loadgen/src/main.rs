@@ -442,6 +442,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let start = Instant::now();
     let mut killed_node = None;
+    // Tasks done at each whole second of the run: where a node kill stalls it, and how long.
+    let mut progress: Vec<u64> = Vec::new();
     let mut requests = Vec::new();
     for s in 0..args.sessions {
         let client = client.clone();
@@ -476,6 +478,10 @@ async fn main() -> anyhow::Result<()> {
                     ));
                 }
             }
+        }
+        let second = usize::try_from(start.elapsed().as_secs()).unwrap_or(usize::MAX);
+        while progress.len() <= second && progress.len() < 3600 {
+            progress.push(observer.tasks_done.load(Ordering::Relaxed));
         }
         if observer.tasks_done.load(Ordering::Relaxed) >= total {
             // Every report consumer (one per partition, and the shared one) is empty.
@@ -616,6 +622,11 @@ async fn main() -> anyhow::Result<()> {
             at.as_secs_f64(),
             completed == sample.len()
         );
+        let per_second: Vec<String> = progress
+            .windows(2)
+            .map(|w| (w[1] - w[0]).to_string())
+            .collect();
+        println!("tasks done in each second: {}", per_second.join(" "));
     }
     if completed != sample.len() {
         bail!("some sampled sessions did not complete");
