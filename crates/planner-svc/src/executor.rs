@@ -98,7 +98,9 @@ pub async fn run_pool(
         )
         .await
         .context("creating the executor consumer")?;
-    let mut messages = consumer.messages().await.context("pulling dispatches")?;
+    let mut messages = crate::bus::pull_messages(&consumer, 200)
+        .await
+        .context("pulling dispatches")?;
     let running: Running = Arc::default();
     let cancels = client
         .subscribe(subjects.cancel("*", &planner_core::TaskId::from("*")))
@@ -111,6 +113,12 @@ pub async fn run_pool(
     let done: Arc<Mutex<RunAttempts>> = Arc::default();
     let contexts: Contexts = Arc::default();
     let mut seed = 0u64;
+    // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch the
+    // pool claimed before (the grant lost to a timeout, a cluster node dying under the append)
+    // is claimed again with the same id and granted again. With a new id per delivery it was
+    // refused as another's, its message terminated, and the attempt waited out the heartbeat
+    // timeout (30 s) before a retry: seen in a three-node cluster run with a node killed.
+    let pool_id = uuid::Uuid::new_v4();
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -171,7 +179,8 @@ pub async fn run_pool(
             // message is acked only once the claim is answered, so an executor that dies
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
-            let lease = match claim(&client, &subjects, &task, held).await {
+            let claim_id = claim_id(&pool_id, &key);
+            let lease = match claim(&client, &subjects, &task, &claim_id, held).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -296,19 +305,30 @@ fn remember_context(contexts: &Contexts, session: &str, context: &DispatchContex
     }
 }
 
+/// This pool's claim id for the attempt `key` (session, task, attempt): the same for every
+/// delivery of it to this pool, unguessable by any other.
+fn claim_id(pool_id: &uuid::Uuid, key: &(String, String, u32)) -> String {
+    let (session, task, attempt) = key;
+    let name = format!("{session}\0{task}\0{attempt}");
+    uuid::Uuid::new_v5(pool_id, name.as_bytes())
+        .simple()
+        .to_string()
+}
+
 /// Asks the planner for the attempt, naming the context the pool holds for it.
 async fn claim(
     client: &async_nats::Client,
     subjects: &Subjects,
     task: &TaskMessage,
+    claim_id: &str,
     context_ref: Option<String>,
 ) -> anyhow::Result<LeaseReply> {
-    // One id for this claim, sent again on a retry: a claim whose reply was lost is then
-    // granted again instead of refused as someone else's.
+    // One id for this claim, sent again on a retry and on a redelivery: a claim whose reply
+    // was lost is then granted again instead of refused as someone else's.
     let body = serde_json::to_vec(&ClaimRequest {
         task_id: task.assignment.task_id.clone(),
         attempt: task.assignment.attempt,
-        claim_id: Some(uuid::Uuid::new_v4().simple().to_string()),
+        claim_id: Some(claim_id.to_owned()),
         context_ref,
     })?;
     let mut tries = 0;
@@ -412,5 +432,26 @@ async fn publish(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_claims_an_attempt_under_one_id_every_delivery_and_other_pools_under_others() {
+        let key = |attempt| ("s-1".to_owned(), "t1".to_owned(), attempt);
+        let (pool, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        assert_eq!(claim_id(&pool, &key(1)), claim_id(&pool, &key(1)));
+        assert_ne!(claim_id(&pool, &key(1)), claim_id(&pool, &key(2)));
+        assert_ne!(claim_id(&pool, &key(1)), claim_id(&other, &key(1)));
+        let request = ClaimRequest {
+            task_id: planner_core::TaskId::from("t1"),
+            attempt: 1,
+            claim_id: Some(claim_id(&pool, &key(1))),
+            context_ref: None,
+        };
+        assert_eq!(request.claim_id_problem(), None);
     }
 }

@@ -455,8 +455,7 @@ async fn ensure_streams(
         )
         .await
         .context("creating the reports consumer")?;
-    let legacy = consumer
-        .messages()
+    let legacy = crate::bus::pull_messages(&consumer, 64)
         .await
         .context("subscribing to executor reports")?;
     Ok((reports, legacy))
@@ -687,6 +686,19 @@ async fn run_with<S: EventStore>(
     tracing::info!(prefix = %config.subjects.prefix, store = ?config.store.kind, instance = %instance, "planner-svc serving");
 
     tracker.spawn(timers.run(Arc::clone(&engine), token.clone()));
+    {
+        let (engine, token) = (Arc::clone(&engine), token.clone());
+        tracker.spawn(async move {
+            let mut interval = tokio::time::interval(crate::engine::OUTBOX_RETRY);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => return,
+                    _ = interval.tick() => engine.retry_unpublished().await,
+                }
+            }
+        });
+    }
     {
         let engine = Arc::clone(&engine);
         let token = token.clone();
@@ -1097,10 +1109,7 @@ impl<S: EventStore> Owned<S> {
             )
             .await
             .with_context(|| format!("creating the report consumer {name}"))?;
-        consumer
-            .stream()
-            .max_messages_per_batch(64)
-            .messages()
+        crate::bus::pull_messages(&consumer, 64)
             .await
             .with_context(|| format!("pulling from the report consumer {name}"))
     }

@@ -150,6 +150,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 if loaded.version() > 0 && loaded.state().phase == planner_core::PlanPhase::Running
                 {
                     state.unpublished = true;
+                    self.retry_publish(session);
                 }
                 state.planner = Some(loaded);
             }
@@ -209,9 +210,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         match self.publisher.send(&outgoing).await {
                             Ok(confirm) => confirmation = Some(confirm),
                             Err(error) => {
-                                tracing::warn!(%error, "publish failed after persisting; the outbox sweep will re-publish");
+                                tracing::warn!(%error, "publish failed after persisting; the outbox re-publishes it");
                                 crate::metrics::publish_failed();
                                 state.unpublished = true;
+                                self.retry_publish(session);
                             }
                         }
                     }
@@ -223,9 +225,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     drop(state);
                     if let Some(confirmation) = confirmation {
                         if let Err(error) = confirmation.await {
-                            tracing::warn!(%error, "publish not acknowledged after persisting; the outbox sweep will re-publish");
+                            tracing::warn!(%error, "publish not acknowledged after persisting; the outbox re-publishes it");
                             // `slot` is held, so the session cannot have been evicted since.
                             slot.state.lock().await.unpublished = true;
+                            self.retry_publish(session);
                         }
                     }
                     tracing::debug!(version, events = events.len(), "persisted and published");

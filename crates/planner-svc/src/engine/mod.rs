@@ -42,7 +42,7 @@ pub use llm::REVISION_MARK;
 pub use observe::{
     session_status, Appended, SessionSummary, TaskCounts, OBSERVER_CAPACITY, SESSION_STATUSES,
 };
-pub use outbox::Recovery;
+pub use outbox::{Recovery, OUTBOX_RETRY};
 pub use render::{in_flight, outgoing, oversized, Outgoing};
 pub use seams::{Clock, Confirmation, Llm, Publisher, SystemClock};
 pub use timers::TimerLoop;
@@ -124,6 +124,9 @@ pub struct Engine<S, P> {
     timers: mpsc::UnboundedSender<Arm>,
     stats: Stats,
     observers: observe::Observers,
+    /// Sessions whose publish failed since the outbox last retried them (each also has
+    /// `unpublished` set, which keeps it in memory until then).
+    unpublished: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Counters of what sessions cost: loads from the store and lost races. With sessions routed
@@ -165,6 +168,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             timers: tx,
             stats: Stats::default(),
             observers: tokio::sync::broadcast::channel(observe::OBSERVER_CAPACITY).0,
+            unpublished: std::sync::Mutex::default(),
         });
         (engine, TimerLoop::new(rx))
     }

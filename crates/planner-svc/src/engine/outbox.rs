@@ -11,6 +11,9 @@ use planner_core::{Command, PlanPhase};
 use planner_store::EventStore;
 
 use super::render::{deliverable, in_flight, Undeliverable};
+
+/// How often the daemon retries the publishes that failed ([`Engine::retry_unpublished`]).
+pub const OUTBOX_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 use super::{Disposition, Engine, EngineError, Publisher};
 
 /// What one recovery pass did.
@@ -61,6 +64,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     tracing::warn!(session, %error, "re-publish failed; will retry");
                     crate::metrics::publish_failed();
                     state.unpublished = true;
+                    self.retry_publish(session);
                 }
             }
         } else {
@@ -150,6 +154,38 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         }
         self.republish(session).await?;
         Ok(true)
+    }
+
+    /// Notes `session` (its `unpublished` already set) for the outbox's next retry.
+    pub(super) fn retry_publish(&self, session: &str) {
+        if let Ok(mut pending) = self.unpublished.lock() {
+            pending.insert(session.to_owned());
+        }
+    }
+
+    /// Re-publishes the sessions whose publish failed since the last call: the daemon calls it
+    /// every [`OUTBOX_RETRY`], so a publish lost to a server or cluster node going away is
+    /// retried within about a second, not at the next sweep (`sessions.recovery_interval_s`,
+    /// 30 s by default: a node kill in a cluster run left sessions waiting for it). One that
+    /// fails again is noted again.
+    pub async fn retry_unpublished(&self) {
+        let pending = match self.unpublished.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return,
+        };
+        for session in pending {
+            let still = self
+                .registry
+                .get(&session)
+                .is_some_and(|slot| slot.state.try_lock().map_or(true, |s| s.unpublished));
+            if !still {
+                continue;
+            }
+            if let Err(error) = self.republish(&session).await {
+                tracing::warn!(session, %error, "outbox retry failed; trying again");
+                self.retry_publish(&session);
+            }
+        }
     }
 
     /// Periodic housekeeping: re-publish for sessions whose publish failed, drop sessions idle
