@@ -26,7 +26,7 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
-use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+use planner_svc::executor::{run_pool, PoolObserver, PoolOptions, ReportPath};
 use planner_svc::protocol::{OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
@@ -76,6 +76,10 @@ struct Args {
     /// `deploy/` ships): a shorthand for a `--nats-config` file holding just that.
     #[arg(long)]
     sync_always: bool,
+    /// The executors publish their reports to the report stream only (one more durable write
+    /// per task), instead of sending them to the planner directly with the stream as fallback.
+    #[arg(long)]
+    stream_reports: bool,
 }
 
 #[derive(Default)]
@@ -333,6 +337,11 @@ async fn main() -> anyhow::Result<()> {
                 jitter_percent: args.jitter_percent,
                 fail_percent: 0,
                 tokens: 10,
+            },
+            reports: if args.stream_reports {
+                ReportPath::Stream
+            } else {
+                ReportPath::Direct
             },
         },
         observer.clone() as Arc<dyn PoolObserver>,

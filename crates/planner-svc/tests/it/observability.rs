@@ -140,7 +140,10 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         "planner_commands_total{command=\"initialize\",result=\"ok\"}",
         1.0,
     );
-    at_least("planner_reports_total{result=\"applied\"}", 2.0);
+    at_least(
+        "planner_reports_total{path=\"stream\",result=\"applied\"}",
+        2.0,
+    );
     at_least("planner_build_info{version=", 1.0);
     // The background check read the session's log and found it whole.
     at_least("planner_consistency_checks_total{result=\"ok\"}", 1.0);
@@ -613,6 +616,7 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
                 latency: Duration::from_millis(1),
                 ..Default::default()
             },
+            reports: Default::default(),
         },
         std::sync::Arc::new(planner_svc::executor::NoObserver),
         stop.clone(),
