@@ -84,7 +84,25 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         "{reply:?}"
     );
     let store = store(&server.url()).await;
-    wait_for_end(&store, "metrics-plan").await;
+    let events = wait_for_end(&store, "metrics-plan").await;
+    // A late report sent directly, on an attempt that ended: answered ok, counted by its path.
+    let task = events
+        .iter()
+        .find_map(|e| match e {
+            planner_core::Event::TaskDispatched { task_id, .. } => Some(task_id.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let late = json!({"task_id": task, "attempt": 1, "status": "completed", "output": "late"});
+    let reply = client
+        .request(
+            "planner.result.metrics-plan",
+            serde_json::to_vec(&late).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::ReportReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply, planner_svc::protocol::ReportReply::Ok);
     // The metrics are recorded after the append, so poll: the last event may be a moment old.
     let mut exposition = String::new();
     for _ in 0..100 {
@@ -143,6 +161,10 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
     at_least(
         "planner_reports_total{path=\"stream\",result=\"applied\"}",
         2.0,
+    );
+    at_least(
+        "planner_reports_total{path=\"direct\",result=\"applied\"}",
+        1.0,
     );
     at_least("planner_build_info{version=", 1.0);
     // The background check read the session's log and found it whole.
