@@ -25,6 +25,7 @@ from planner_client.models.executor_report import ReportMessage
 from planner_client.models.heartbeat_request import HeartbeatRequest
 from planner_client.models.lease_reply import LeaseReply
 from planner_client.models.question_message import QuestionMessage
+from planner_client.models.report_reply import ReportReply
 from planner_client.models.task_message import TaskMessage
 
 PYTHON_ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ EXAMPLE_MODELS: dict[str, type[BaseModel]] = {
     "heartbeat": HeartbeatRequest,
     "lease_reply": LeaseReply,
     "report": ReportMessage,
+    "report_reply": ReportReply,
     "notice": ErrorNotice,
     "question": QuestionMessage,
     "cancel": CancelMessage,

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
-use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+use planner_svc::executor::{run_pool, PoolObserver, PoolOptions, ReportPath};
 use planner_svc::protocol::{OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
@@ -85,6 +85,10 @@ struct Args {
     /// sessions start, and reports what the run made of it.
     #[arg(long, value_name = "MS", requires = "cluster")]
     kill_node_after_ms: Option<u64>,
+    /// The executors publish their reports to the report stream only (one more durable write
+    /// per task), instead of sending them to the planner directly with the stream as fallback.
+    #[arg(long)]
+    stream_reports: bool,
 }
 
 #[derive(Default)]
@@ -414,6 +418,11 @@ async fn main() -> anyhow::Result<()> {
                 jitter_percent: args.jitter_percent,
                 fail_percent: 0,
                 tokens: 10,
+            },
+            reports: if args.stream_reports {
+                ReportPath::Stream
+            } else {
+                ReportPath::Direct
             },
         },
         observer.clone() as Arc<dyn PoolObserver>,

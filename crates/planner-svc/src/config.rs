@@ -378,7 +378,8 @@ pub struct ReportsConfig {
     pub stream_name: String,
     /// The durable consumer every instance shares.
     pub consumer: String,
-    /// Reports processed at once per instance.
+    /// Reports from the stream processed at once per instance (direct reports are requests,
+    /// under `limits.max_requests_in_flight`).
     pub max_in_flight: usize,
     /// Seconds before an unacknowledged report is redelivered.
     pub ack_wait_s: u64,
@@ -482,8 +483,9 @@ impl Default for SessionsConfig {
 pub struct LimitsConfig {
     /// The largest command or report accepted, in bytes.
     pub max_message_bytes: usize,
-    /// Client requests (commands, claims, heartbeats) handled at once per instance; past it a
-    /// request is answered `busy` at once instead of queueing without bound.
+    /// Client requests (commands, claims, heartbeats, direct reports) handled at once per
+    /// instance; past it a request is answered `busy` (a direct report `retry`) at once
+    /// instead of queueing without bound.
     pub max_requests_in_flight: usize,
 }
 

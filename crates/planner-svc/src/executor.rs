@@ -4,8 +4,10 @@
 //! It does what docs/protocol.md asks of any executor: a durable pull consumer on the dispatch
 //! stream filtered to the subjects it serves; a claim before running (ack on `granted`, term on
 //! `stop`, nak on no answer); heartbeats while the work runs, stopping when one says `stop`; a
-//! report with the lease through JetStream (retried until acknowledged); and no second run of a
-//! (session, task, attempt) it has already run (a redelivery gets the same report again). A
+//! report with the lease, sent directly to the planner (a request answered once the report is
+//! applied) and, when that gets no `ok` or `refused`, through JetStream (retried until
+//! acknowledged); and no second run of a (session, task, attempt) it has already run (a
+//! redelivery gets the same report again). A
 //! cancellation stops a running attempt at once by its message on `{p}.cancel.<session>.<task>`
 //! (one wildcard subscription per pool), and within a heartbeat if that message is lost.
 
@@ -23,7 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, ReportReply,
+    Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
@@ -52,13 +55,29 @@ pub struct PoolOptions {
     pub report_started: bool,
     /// How the simulated work behaves.
     pub behaviour: SimBehaviour,
+    /// How reports reach the planner.
+    pub reports: ReportPath,
+}
+
+/// How a pool sends its reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReportPath {
+    /// A request on `{p}.result.<session>`, answered once the report is applied (no write to
+    /// the report stream); published to the stream instead when the planner does not answer in
+    /// time, has no responders, or answers `retry`. A `refused` report is dropped (logged).
+    #[default]
+    Direct,
+    /// Published to the report stream (`{p}.report.<session>`) only, retried until
+    /// acknowledged: the path of executors written before the direct one.
+    Stream,
 }
 
 /// Called for every dispatch taken and every report acknowledged, for measurements.
 pub trait PoolObserver: Send + Sync + 'static {
     /// A dispatch arrived.
     fn dispatched(&self, _task: &TaskMessage, _at: Instant) {}
-    /// A final report was acknowledged by JetStream.
+    /// A final report was answered `ok` (or `refused`) by the planner, or acknowledged by
+    /// JetStream.
     fn reported(&self, _task: &TaskMessage, _at: Instant) {}
     /// The planner stopped a running attempt (cancelled, superseded, ...): no report.
     fn stopped(&self, _task: &TaskMessage, _reason: FenceReason) {}
@@ -112,6 +131,7 @@ pub async fn run_pool(
     // when large (a repeat older than that is re-run, which at-least-once executors tolerate).
     let done: Arc<Mutex<RunAttempts>> = Arc::default();
     let contexts: Contexts = Arc::default();
+    let direct = Arc::new(DirectReports::new(options.reports));
     let mut seed = 0u64;
     // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch the
     // pool claimed before (the grant lost to a timeout, a cluster node dying under the append)
@@ -154,7 +174,7 @@ pub async fn run_pool(
             Arc::clone(&running),
             Arc::clone(&contexts),
         );
-        let report_started = options.report_started;
+        let (report_started, direct) = (options.report_started, Arc::clone(&direct));
         // The report carries the dispatch's trace context on: one request, one trace.
         let trace = message
             .headers
@@ -172,7 +192,16 @@ pub async fn run_pool(
             let known = done.lock().ok().and_then(|d| d.get(&key).cloned());
             if let Some(report) = known {
                 let _ = message.ack().await;
-                publish(&js, &subjects, &task.session, &report, trace).await;
+                send_report(
+                    &client,
+                    &js,
+                    &subjects,
+                    &task.session,
+                    &report,
+                    trace,
+                    &direct,
+                )
+                .await;
                 return;
             }
             // Claim before running: the fence that makes a second delivery harmless. The
@@ -219,7 +248,16 @@ pub async fn run_pool(
                     event: SimExecutor::started(&task),
                     lease: Some(lease.clone()),
                 };
-                publish(&js, &subjects, &task.session, &started, trace).await;
+                send_report(
+                    &client,
+                    &js,
+                    &subjects,
+                    &task.session,
+                    &started,
+                    trace,
+                    &direct,
+                )
+                .await;
             }
             let latency = executor.latency();
             let cancelled = CancellationToken::new();
@@ -248,7 +286,16 @@ pub async fn run_pool(
                 }
                 done.insert(key, report.clone());
             }
-            publish(&js, &subjects, &task.session, &report, trace).await;
+            send_report(
+                &client,
+                &js,
+                &subjects,
+                &task.session,
+                &report,
+                trace,
+                &direct,
+            )
+            .await;
             let status = match &report.event.outcome {
                 planner_core::ExecutorOutcome::Completed { .. } => "completed",
                 planner_core::ExecutorOutcome::Failed { .. } => "failed",
@@ -400,24 +447,140 @@ async fn work_with_heartbeats(
     }
 }
 
-/// How long a claim or heartbeat waits for the planner.
+/// How long a claim, heartbeat or direct report waits for the planner.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Claim requests per dispatch (with one claim id) before the dispatch is left to come again.
 const CLAIM_TRIES: u64 = 3;
 
-/// Publishes a report through JetStream, retrying until it is acknowledged.
-async fn publish(
+/// Whether a pool sends its reports directly now.
+struct DirectReports {
+    path: ReportPath,
+    /// Set when a direct report went unanswered for [`REQUEST_TIMEOUT`]: until then, reports
+    /// go to the stream without asking. A planner that cannot answer in time is overloaded or
+    /// unreachable (or a server's permissions drop the request: an executor user without
+    /// `{p}.result.*`), and waiting that long for each report would stall every one of them.
+    off_until: Mutex<Option<Instant>>,
+}
+
+impl DirectReports {
+    fn new(path: ReportPath) -> Self {
+        DirectReports {
+            path,
+            off_until: Mutex::new(None),
+        }
+    }
+
+    fn on(&self) -> bool {
+        self.path == ReportPath::Direct
+            && self
+                .off_until
+                .lock()
+                .map_or(true, |until| until.is_none_or(|t| Instant::now() >= t))
+    }
+
+    fn pause(&self) {
+        if let Ok(mut until) = self.off_until.lock() {
+            *until = Some(Instant::now() + DIRECT_PAUSE);
+        }
+    }
+}
+
+/// How long reports go to the stream only after a direct report was not answered in time.
+const DIRECT_PAUSE: Duration = Duration::from_secs(30);
+
+/// Sends a report: directly when the pool does and the planner answered in time lately, with
+/// the stream as the fallback; else to the stream.
+async fn send_report(
+    client: &async_nats::Client,
     js: &jetstream::Context,
     subjects: &Subjects,
     session: &str,
     report: &ReportMessage,
     trace: Option<&str>,
+    path: &DirectReports,
 ) {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
     let mut headers = async_nats::HeaderMap::new();
     if let Some(trace) = trace {
         headers.insert(crate::trace::HEADER, trace);
     }
+    if path.on() {
+        let (task, attempt) = (&report.event.task_id, report.event.attempt);
+        match direct(client, subjects, session, &headers, body.clone()).await {
+            Direct::Done => return,
+            Direct::Refused(error) => {
+                // The stream would refuse it the same way: nothing more to do with it.
+                tracing::warn!(session, task = %task, attempt, kind = %error.kind, error = %error.message, "report refused by the planner; dropped");
+                return;
+            }
+            Direct::TimedOut => {
+                tracing::warn!(session, task = %task, attempt, pause = ?DIRECT_PAUSE, "report not answered in time; publishing it and the next reports to the report stream");
+                path.pause();
+            }
+            Direct::Fallback(why) => {
+                tracing::debug!(session, task = %task, attempt, why, "report not taken directly; publishing it to the report stream");
+            }
+        }
+    }
+    publish(js, subjects, session, headers, body).await;
+}
+
+/// What became of a report sent directly.
+enum Direct {
+    /// Applied (its events persisted), or recognised as changing nothing.
+    Done,
+    /// Refused for good.
+    Refused(crate::protocol::ErrorBody),
+    /// No reply within [`REQUEST_TIMEOUT`]: publish it to the stream (if it was applied after
+    /// all, the stream's copy is ignored as a duplicate).
+    TimedOut,
+    /// Not taken (no responders, `retry`, an unreadable reply): publish it to the stream.
+    Fallback(String),
+}
+
+/// Sends a report as a request on `{p}.result.<session>`, once: the stream is the retry.
+async fn direct(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    session: &str,
+    headers: &async_nats::HeaderMap,
+    body: Bytes,
+) -> Direct {
+    let subject = subjects.result(session);
+    let request = async {
+        if headers.is_empty() {
+            client.request(subject, body).await
+        } else {
+            client
+                .request_with_headers(subject, headers.clone(), body)
+                .await
+        }
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Err(_) => Direct::TimedOut,
+        Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::TimedOut => {
+            Direct::TimedOut
+        }
+        Ok(Err(error)) => Direct::Fallback(error.to_string()),
+        Ok(Ok(reply)) => match serde_json::from_slice::<ReportReply>(&reply.payload) {
+            Ok(ReportReply::Ok) => Direct::Done,
+            Ok(ReportReply::Refused(error)) => Direct::Refused(error),
+            Ok(ReportReply::Retry(error)) => {
+                Direct::Fallback(format!("{}: {}", error.kind, error.message))
+            }
+            Err(error) => Direct::Fallback(format!("unreadable reply: {error}")),
+        },
+    }
+}
+
+/// Publishes a report through JetStream, retrying until it is acknowledged.
+async fn publish(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    session: &str,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+) {
     let mut delay = Duration::from_millis(50);
     loop {
         let sent = js

@@ -117,6 +117,10 @@ enum Cmd {
         /// Percent of simulated attempts that fail (and are retried).
         #[arg(long, default_value_t = 0)]
         fail_percent: u8,
+        /// Publish reports to the report stream only, as executors written before direct
+        /// reports do (default: a request to the planner first, the stream as the fallback).
+        #[arg(long)]
+        stream_reports: bool,
     },
     /// Start a session on the daemon from a request; prints its id (follow it with `watch`).
     Submit {
@@ -420,6 +424,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             concurrency,
             latency_ms,
             fail_percent,
+            stream_reports,
             ..
         } => {
             let admin = planner_svc::health::start(
@@ -451,6 +456,11 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                     jitter_percent: 50,
                     fail_percent,
                     ..SimBehaviour::default()
+                },
+                reports: if stream_reports {
+                    planner_svc::executor::ReportPath::Stream
+                } else {
+                    planner_svc::executor::ReportPath::Direct
                 },
             };
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -197,7 +197,7 @@ fn describe() {
         Unit::Seconds,
         "Time to handle one command (planning, append, publish), by command type."
     );
-    c!("planner_reports_total", "Executor reports, by result (applied, retried: nak'd or dead-lettered, refused: terminated).");
+    c!("planner_reports_total", "Executor reports, by path (direct: a request on the result subject; stream: from the report stream) and result (applied; retried: nak'd or dead-lettered, or answered retry; refused: terminated, or answered refused).");
     c!(
         "planner_dead_letters_total",
         "Reports moved to the dead-letter stream."
@@ -465,9 +465,10 @@ pub fn command_done(command: &'static str, result: &'static str, elapsed: Durati
         .record(elapsed.as_secs_f64());
 }
 
-/// What became of an executor report: `applied`, `retried`, `refused`.
-pub fn report(result: &'static str) {
-    counter!("planner_reports_total", "result" => result).increment(1);
+/// What became of an executor report (`applied`, `retried`, `refused`) that came by `path`
+/// (`direct`: a request on `{p}.result.<session>`; `stream`: from the report stream).
+pub fn report(path: &'static str, result: &'static str) {
+    counter!("planner_reports_total", "path" => path, "result" => result).increment(1);
 }
 
 /// A report moved to the dead-letter stream.

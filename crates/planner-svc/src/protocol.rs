@@ -41,6 +41,18 @@ impl Subjects {
         format!("{}.report.*", self.prefix)
     }
 
+    /// `{p}.result.{session}`: executor reports sent directly to the planner (request/reply),
+    /// answered once the events they cause are persisted. Not captured by the report stream:
+    /// an executor that gets no `ok` or `refused` falls back to [`Subjects::report`].
+    pub fn result(&self, session: &str) -> String {
+        format!("{}.result.{session}", self.prefix)
+    }
+
+    /// `{p}.result.*`: what the daemon serves for direct reports.
+    pub fn results(&self) -> String {
+        format!("{}.result.*", self.prefix)
+    }
+
     /// `{p}.task.{kind}.{target}`: dispatches for the executor pool serving `target`.
     pub fn task(&self, kind: NodeKind, target: &str) -> String {
         format!("{}.task.{}.{target}", self.prefix, kind.as_str())
@@ -243,7 +255,7 @@ pub struct QuarantinedSession {
 /// legitimately ask of a session.
 ///
 /// It is not the core's [`Command`]: executor reports, ticks and compaction are the planner's
-/// own business (reports arrive on the durable report subject, ticks come from the daemon's
+/// own business (reports arrive on the executors' report subjects, ticks come from the daemon's
 /// timers, summaries from its LLM), so a client cannot forge a result or move the clock. There
 /// is no `now` either: the planner stamps every command with its own clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -292,7 +304,7 @@ pub enum ClientCommand {
 const PLANNER_ONLY: [(&str, &str); 4] = [
     (
         "handle_executor_event",
-        "executors report on the durable report subject, <prefix>.report.<session>",
+        "executors report on <prefix>.result.<session> (request/reply) or <prefix>.report.<session> (JetStream)",
     ),
     ("tick", "the planner keeps its own clock"),
     (
@@ -479,8 +491,8 @@ pub struct ErrorNotice {
     pub error: ErrorBody,
 }
 
-/// An executor's report on `{p}.report.{session}`: what happened to an attempt, with the lease
-/// of the executor's claim.
+/// An executor's report on `{p}.result.{session}` (request/reply) or `{p}.report.{session}`
+/// (JetStream): what happened to an attempt, with the lease of the executor's claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ReportMessage {
     /// The report.
@@ -490,6 +502,23 @@ pub struct ReportMessage {
     /// the planner requires claims).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<String>,
+}
+
+/// The reply to a report sent directly on `{p}.result.{session}` (the body is a
+/// [`ReportMessage`], as on the report stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ReportReply {
+    /// Done: the events the report caused are persisted (or it changed nothing: a duplicate,
+    /// or a report on an attempt that already ended). Do not publish it to the stream.
+    Ok,
+    /// Refused: it would be refused again (malformed, too large, an unknown task, a wrong
+    /// lease, ...). Nothing changed; do not send it again, by either path. A notice went to
+    /// `{p}.errors` too.
+    Refused(ErrorBody),
+    /// Not handled now (the store down, a lost race, the instance at its limit): publish the
+    /// report to the stream, `{p}.report.{session}`, as without the direct path.
+    Retry(ErrorBody),
 }
 
 /// A claim on `{p}.claim.{session}`: the executor asks to run an attempt it took.
@@ -585,7 +614,7 @@ pub enum LeaseReply {
 /// A dispatch on `{p}.task.{kind}.{target}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskMessage {
-    /// The session: report back on `{p}.report.{session}`.
+    /// The session: report back on `{p}.result.{session}` or `{p}.report.{session}`.
     pub session: String,
     /// The work.
     #[serde(flatten)]
@@ -640,6 +669,10 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         (
             "executor_report.json",
             json(schemars::schema_for!(ReportMessage)),
+        ),
+        (
+            "report_reply.json",
+            json(schemars::schema_for!(ReportReply)),
         ),
         (
             "claim_request.json",

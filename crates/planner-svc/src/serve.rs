@@ -8,7 +8,12 @@
 //!   (`planner-svc-<n>`) by the instance that leases it (`ownership.rs`); reports acknowledged
 //!   only after the events they cause are persisted (and what those carry published). The
 //!   shared consumer of old (`planner-svc`) drains reports stored before partitioning.
-//! - Ownership: commands, claims and heartbeats for a session another instance owns are
+//! - Direct reports: endpoint `result` on `{p}.result.*` (request/reply, not captured by the
+//!   report stream): a report applied at once and answered `ok` only after the events it
+//!   causes are persisted, `refused`, or `retry` (then the executor publishes it to the stream).
+//!   The same checks as a report from the stream ([`judge_report`]); a report that comes both
+//!   ways is applied once (the core ignores the second).
+//! - Ownership: commands, claims, heartbeats and direct reports for a session another instance owns are
 //!   forwarded to it on `{p}.fwd.<instance>.<subject>` with the client's reply subject, so it
 //!   answers the client; a forwarded request is handled where it lands, never forwarded again.
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
@@ -48,7 +53,8 @@ use crate::ownership::{Leases, Round};
 use crate::partition::Partitions;
 use crate::protocol::{
     ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
-    LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, Subjects,
+    LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, ReportReply,
+    Subjects,
 };
 
 /// The daemon's version, reported to `$SRV.INFO`.
@@ -652,6 +658,13 @@ async fn run_with<S: EventStore>(
         .add(subjects.heartbeats())
         .await
         .map_err(|e| anyhow::anyhow!("adding the heartbeat endpoint: {e}"))?;
+    // Reports sent directly (request/reply): answered once applied; the stream is the fallback.
+    let mut results = service
+        .endpoint_builder()
+        .name("result")
+        .add(subjects.results())
+        .await
+        .map_err(|e| anyhow::anyhow!("adding the result endpoint: {e}"))?;
     let mut admin = service
         .endpoint_builder()
         .name("quarantined")
@@ -822,6 +835,10 @@ async fn run_with<S: EventStore>(
                 let Some(request) = request else { break };
                 answer(Endpoint::Heartbeat, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
             }
+            request = results.next() => {
+                let Some(request) = request else { break };
+                answer(Endpoint::Result, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+            }
             message = forwarded.next() => {
                 let Some(message) = message else { break };
                 let Some(original) = subjects.unforward(&instance, &message.subject).map(str::to_owned) else { continue };
@@ -882,6 +899,7 @@ async fn run_with<S: EventStore>(
         let _ = commands.stop().await;
         let _ = claims.stop().await;
         let _ = heartbeats.stop().await;
+        let _ = results.stop().await;
         let _ = admin.stop().await;
         let _ = admin_ownership.stop().await;
         let _ = forwarded.unsubscribe().await;
@@ -1424,17 +1442,73 @@ fn quarantine_reply<S: EventStore>(
     }
 }
 
-/// What becomes of one executor report.
+/// What becomes of one executor report, whichever way it came.
 enum ReportOutcome {
-    /// Applied (or a recognised duplicate): ack.
+    /// Applied (or a recognised duplicate, or on an attempt that already ended): ack it, or
+    /// answer `ok`.
     Done,
     /// It may pass later: nak with a delay, for redelivery (or, past `reports.max_deliver`,
-    /// to the dead-letter stream), with why it failed.
-    Retry(String),
-    /// It would fail the same way again: terminate it and say so on the errors subject.
+    /// to the dead-letter stream); answered directly, `retry` (the executor publishes it to
+    /// the stream).
+    Retry(ErrorBody),
+    /// It would fail the same way again: terminate it, or answer `refused`, and say so on the
+    /// errors subject.
     Refused(ErrorNotice),
 }
 
+/// Judges one executor report and applies it: the same checks for a report from the stream
+/// and one sent directly (its size, its session, its JSON, then the core's judgement of the
+/// lease and the attempt). `subject` is the one it came on, `session` the one it names.
+async fn judge_report<S: EventStore>(
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    subject: &str,
+    session: Option<&str>,
+    payload: &[u8],
+    max_bytes: usize,
+) -> ReportOutcome {
+    let refuse = |kind: ErrorKind, text: String| {
+        ReportOutcome::Refused(ErrorNotice {
+            subject: subject.to_owned(),
+            session: session.map(str::to_owned),
+            error: ErrorBody::new(kind, text),
+        })
+    };
+    if payload.len() > max_bytes {
+        return refuse(
+            ErrorKind::TooLarge,
+            format!("report of {} bytes, limit {max_bytes}", payload.len()),
+        );
+    }
+    let Some(session) = session else {
+        return refuse(ErrorKind::BadSession, "no session in subject".into());
+    };
+    let ReportMessage { event, lease } = match serde_json::from_slice(payload) {
+        Ok(report) => report,
+        Err(e) => return refuse(ErrorKind::Malformed, format!("not an executor report: {e}")),
+    };
+    let task = event.task_id.clone();
+    let command = Command::HandleExecutorEvent {
+        event,
+        lease,
+        now: engine.now(),
+    };
+    match engine.handle(session, command).await {
+        Ok(_) => ReportOutcome::Done,
+        Err(e) => match e.disposition() {
+            Disposition::Reject => {
+                tracing::warn!(session, task = %task, error = %e, "executor report refused");
+                refuse(e.kind(), e.to_string())
+            }
+            Disposition::Retry => {
+                tracing::warn!(session, task = %task, error = %e, "executor report not processed; it comes again");
+                ReportOutcome::Retry(ErrorBody::new(e.kind(), e.to_string()))
+            }
+        },
+    }
+}
+
+/// A report from the stream: acked once applied, nak'd (or dead-lettered) to come again, or
+/// terminated with a notice.
 async fn handle_report<S: EventStore>(
     engine: &Arc<Engine<S, NatsPublisher>>,
     subjects: &Subjects,
@@ -1444,62 +1518,17 @@ async fn handle_report<S: EventStore>(
     max_deliver: u64,
 ) {
     let subject = message.subject.to_string();
-    let session = subjects.report_session(&subject).map(str::to_owned);
-    let refuse = |kind: ErrorKind, text: String| {
-        ReportOutcome::Refused(ErrorNotice {
-            subject: subject.clone(),
-            session: session.clone(),
-            error: ErrorBody::new(kind, text),
-        })
-    };
-    let outcome = 'judge: {
-        if message.payload.len() > max_bytes {
-            break 'judge refuse(
-                ErrorKind::TooLarge,
-                format!(
-                    "report of {} bytes, limit {max_bytes}",
-                    message.payload.len()
-                ),
-            );
-        }
-        let Some(session) = session.as_deref() else {
-            break 'judge refuse(ErrorKind::BadSession, "no session in subject".into());
-        };
-        let ReportMessage { event, lease } = match serde_json::from_slice(&message.payload) {
-            Ok(report) => report,
-            Err(e) => {
-                break 'judge refuse(ErrorKind::Malformed, format!("not an executor report: {e}"))
-            }
-        };
-        let task = event.task_id.clone();
-        let command = Command::HandleExecutorEvent {
-            event,
-            lease,
-            now: engine.now(),
-        };
-        match engine.handle(session, command).await {
-            Ok(_) => ReportOutcome::Done,
-            Err(e) => match e.disposition() {
-                Disposition::Reject => {
-                    tracing::warn!(session, task = %task, error = %e, "executor report refused");
-                    refuse(e.kind(), e.to_string())
-                }
-                Disposition::Retry => {
-                    tracing::warn!(session, task = %task, error = %e, "executor report not processed; will be redelivered");
-                    ReportOutcome::Retry(e.to_string())
-                }
-            },
-        }
-    };
+    let session = subjects.report_session(&subject);
+    let outcome = judge_report(engine, &subject, session, &message.payload, max_bytes).await;
     match outcome {
         ReportOutcome::Done => {
-            crate::metrics::report("applied");
+            crate::metrics::report("stream", "applied");
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
             }
         }
         ReportOutcome::Retry(reason) => {
-            crate::metrics::report("retried");
+            crate::metrics::report("stream", "retried");
             let deliveries = message.info().map_or(0, |info| info.delivered);
             let dead = u64::try_from(deliveries).unwrap_or(0) >= max_deliver;
             if dead
@@ -1507,9 +1536,9 @@ async fn handle_report<S: EventStore>(
                     client,
                     subjects,
                     &subject,
-                    session.as_deref(),
+                    session,
                     &message,
-                    &reason,
+                    &reason.message,
                     deliveries,
                 )
                 .await
@@ -1522,11 +1551,42 @@ async fn handle_report<S: EventStore>(
             }
         }
         ReportOutcome::Refused(notice) => {
-            crate::metrics::report("refused");
+            crate::metrics::report("stream", "refused");
             // Bad input is terminated, not redelivered: it would fail the same way again.
             let _ = message.ack_with(AckKind::Term).await;
             let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
             let _ = client.publish(subjects.errors(), body).await;
+        }
+    }
+}
+
+/// A report sent directly on `{p}.result.<session>`: answered `ok` once its events are
+/// persisted, `retry` when it may pass later (the executor then publishes it to the stream,
+/// where it is retried as any report), or `refused` (with a notice on the errors subject, as a
+/// refused report from the stream gets).
+async fn result_reply<S: EventStore>(
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    subjects: &Subjects,
+    client: &async_nats::Client,
+    subject: &str,
+    payload: &[u8],
+    max_bytes: usize,
+) -> ReportReply {
+    let session = subjects.session_of(subject, Endpoint::Result.token());
+    match judge_report(engine, subject, session, payload, max_bytes).await {
+        ReportOutcome::Done => {
+            crate::metrics::report("direct", "applied");
+            ReportReply::Ok
+        }
+        ReportOutcome::Retry(error) => {
+            crate::metrics::report("direct", "retried");
+            ReportReply::Retry(error)
+        }
+        ReportOutcome::Refused(notice) => {
+            crate::metrics::report("direct", "refused");
+            let body = Bytes::from(serde_json::to_vec(&notice).unwrap_or_default());
+            let _ = client.publish(subjects.errors(), body).await;
+            ReportReply::Refused(notice.error)
         }
     }
 }
@@ -1697,6 +1757,8 @@ enum Endpoint {
     Command,
     Claim,
     Heartbeat,
+    /// A report sent directly (`{p}.result.<session>`).
+    Result,
 }
 
 impl Endpoint {
@@ -1705,6 +1767,7 @@ impl Endpoint {
             Endpoint::Command => "command",
             Endpoint::Claim => "claim",
             Endpoint::Heartbeat => "heartbeat",
+            Endpoint::Result => "result",
         }
     }
 
@@ -1714,14 +1777,20 @@ impl Endpoint {
             Endpoint::Command => "cmd",
             Endpoint::Claim => "claim",
             Endpoint::Heartbeat => "heartbeat",
+            Endpoint::Result => "result",
         }
     }
 
     /// The endpoint a request's subject is for.
     fn of(subjects: &Subjects, subject: &str) -> Option<Endpoint> {
-        [Endpoint::Command, Endpoint::Claim, Endpoint::Heartbeat]
-            .into_iter()
-            .find(|endpoint| subjects.session_of(subject, endpoint.token()).is_some())
+        [
+            Endpoint::Command,
+            Endpoint::Claim,
+            Endpoint::Heartbeat,
+            Endpoint::Result,
+        ]
+        .into_iter()
+        .find(|endpoint| subjects.session_of(subject, endpoint.token()).is_some())
     }
 
     /// The reply for a refusal before the request is looked at.
@@ -1729,6 +1798,13 @@ impl Endpoint {
         let json = match self {
             Endpoint::Command => serde_json::to_vec(&CommandReply::Error(body)),
             Endpoint::Claim | Endpoint::Heartbeat => serde_json::to_vec(&LeaseReply::Error(body)),
+            // `busy` (the one refusal made here): the executor publishes it to the stream.
+            Endpoint::Result => serde_json::to_vec(&match body.kind {
+                ErrorKind::Busy | ErrorKind::Conflict | ErrorKind::Unavailable => {
+                    ReportReply::Retry(body)
+                }
+                _ => ReportReply::Refused(body),
+            }),
         };
         Bytes::from(json.unwrap_or_default())
     }
@@ -1758,7 +1834,7 @@ fn answer<S: EventStore>(
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).
         tracker.spawn(async move {
-            let _ = handle(endpoint, &engine, &router.subjects, &incoming, max_bytes).await;
+            let _ = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
         });
         return;
     };
@@ -1778,7 +1854,7 @@ fn answer<S: EventStore>(
     };
     let context = crate::trace::context_of(incoming.headers.as_ref());
     tracker.spawn(crate::trace::scope(context, async move {
-        let body = handle(endpoint, &engine, &router.subjects, &incoming, max_bytes).await;
+        let body = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
         drop(permit);
         if let Err(error) = router.client.publish(reply_to, body).await {
             tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
@@ -1790,11 +1866,12 @@ fn answer<S: EventStore>(
 async fn handle<S: EventStore>(
     endpoint: Endpoint,
     engine: &Arc<Engine<S, NatsPublisher>>,
-    subjects: &Subjects,
+    router: &Router,
     incoming: &Incoming,
     max_bytes: usize,
 ) -> Bytes {
     let (subject, payload) = (incoming.subject.as_str(), &incoming.payload);
+    let subjects = &router.subjects;
     let body = match endpoint {
         Endpoint::Command => {
             let reply = command_reply(engine, subjects, subject, payload, max_bytes).await;
@@ -1808,6 +1885,11 @@ async fn handle<S: EventStore>(
         Endpoint::Heartbeat => {
             let kind = LeaseRequest::Heartbeat;
             let reply = lease_reply(engine, subjects, subject, payload, max_bytes, kind).await;
+            serde_json::to_vec(&reply)
+        }
+        Endpoint::Result => {
+            let client = &router.client;
+            let reply = result_reply(engine, subjects, client, subject, payload, max_bytes).await;
             serde_json::to_vec(&reply)
         }
     };

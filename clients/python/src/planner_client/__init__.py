@@ -12,7 +12,8 @@ its JSON Schemas (docs/schemas/) into `planner_client.models` and never edited b
   becomes a report.
 - `context`: `TaskContext` (the lease and the stop signal a handler sees) and `TaskResult`.
 - `lease`: the claim and heartbeat requests.
-- `reporting`: report messages, published through JetStream until acknowledged.
+- `reporting`: report messages, sent to the planner directly, else published through
+  JetStream until acknowledged.
 - `client`: `Client`: submit, answer, cancel, watch, questions.
 - `commands`: one command's request and reply.
 - `events`: a session's event log, live or replayed, parsed leniently.

@@ -1,6 +1,7 @@
 """One dispatch, from the moment it is fetched to its report: docs/protocol.md's executor loop.
 
     claim ─ granted ─> ack, run the handler while heartbeating ─> report with the lease
+                                                                   (directly, else through JetStream)
           ─ stop ────> term (someone else's, or cancelled: never run it)
           ─ error, no answer ─> nak with a delay (it comes again)
 
@@ -76,6 +77,8 @@ class Runtime:
     """Set when shutdown begins: nothing new is claimed."""
     hard_stop: asyncio.Event
     """Set when shutdown gives up: reports still unacknowledged are abandoned."""
+    direct: reporting.DirectReports = field(default_factory=reporting.DirectReports)
+    """Whether reports go to the planner directly (the stream as the fallback)."""
     running: dict[AttemptKey, AttemptControl] = field(default_factory=dict)
 
 
@@ -123,8 +126,7 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
     rt.running[key] = control
     try:
         if rt.report_started:
-            await reporting.publish(rt.js, rt.subjects, task.session,
-                                    reporting.started(task, ctx.lease), give_up=rt.hard_stop)
+            await _report(rt, task, reporting.started(task, ctx.lease))
         await _supervise(handler, task, control, rt)
     except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
@@ -169,7 +171,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
-        await reporting.publish(rt.js, rt.subjects, task.session, report, give_up=rt.hard_stop)
+        await _report(rt, task, report)
         return
 
     reason = ctx.stop_reason or "stopped"
@@ -179,7 +181,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         handback = reporting.failed(
             task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
         )
-        await reporting.publish(rt.js, rt.subjects, task.session, handback, give_up=rt.hard_stop)
+        await _report(rt, task, handback)
     else:
         log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
                  task.task_id, task.attempt, reason)
@@ -193,6 +195,11 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     await asyncio.wait([work])
     if not work.cancelled() and work.exception() is not None:
         log.debug("a stopped handler ended with %r (discarded)", work.exception())
+
+
+async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report) -> None:
+    await reporting.send(rt.nc, rt.js, rt.subjects, task.session, report, direct=rt.direct,
+                         timeout=rt.request_timeout, give_up=rt.hard_stop)
 
 
 async def _settle(ack: Awaitable[None]) -> None:

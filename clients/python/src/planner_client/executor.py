@@ -46,7 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
-from . import attempt, wire
+from . import attempt, reporting, wire
 from .handlers import Handler, HandlerFn
 from .models.cancel_message import CancelMessage
 from .subjects import Subjects, TaskKind, check_token
@@ -60,7 +60,9 @@ class Executor:
     `concurrency`: attempts run at once (async and threaded handlers alike; synchronous ones get
     a thread each). `grace_period`: seconds in-flight attempts get to finish at shutdown.
     `fetch_wait`: how long one fetch waits for a dispatch (also the longest a shutdown waits for
-    the fetches to end). `request_timeout`: how long a claim waits for the planner.
+    the fetches to end). `request_timeout`: how long a claim, or a report sent directly, waits
+    for the planner. `direct_reports`: send reports to the planner as requests first (no stream
+    write), publishing them to the report stream when that fails; False: the stream only.
     `nak_delay`: when a dispatch whose claim got no answer comes again. `report_started`:
     publish a `started` report before running. `listen_for_cancels`: also stop attempts on the
     `planner.cancel.*.*` fast path (heartbeats stop them within one interval regardless).
@@ -79,6 +81,7 @@ class Executor:
         report_started: bool = False,
         listen_for_cancels: bool = True,
         consumer_prefix: str | None = None,
+        direct_reports: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -90,6 +93,7 @@ class Executor:
         self.nak_delay = nak_delay
         self.report_started = report_started
         self.listen_for_cancels = listen_for_cancels
+        self.direct_reports = direct_reports
         self.consumer_prefix = consumer_prefix or self.subjects.prefix.replace(".", "_")
         self._handlers: dict[str, Handler] = {}
         self._grace_over = asyncio.Event()
@@ -177,7 +181,7 @@ class Executor:
             nc=nc, js=js, subjects=self.subjects, threads=threads,
             request_timeout=self.request_timeout, nak_delay=self.nak_delay,
             report_started=self.report_started, draining=asyncio.Event(),
-            hard_stop=asyncio.Event(),
+            hard_stop=asyncio.Event(), direct=reporting.DirectReports(self.direct_reports),
         )
         self._runtime = rt
         slots = asyncio.Semaphore(self.concurrency)

@@ -1,21 +1,27 @@
-"""Reports: the outcome of an attempt, published through JetStream until it is acknowledged.
+"""Reports: the outcome of an attempt, sent to the planner directly, else through JetStream.
 
 A report is the one message of the protocol that must not be lost (the work it describes may not
-be repeatable), so it goes through JetStream and is retried with backoff until the server acks
-it, even while no planner runs. Each carries a `Nats-Msg-Id` of (session, task, attempt,
-status): a retry after a lost ack is then dropped by the stream's duplicate window instead of
-being stored twice (the planner would ignore the second anyway).
+be repeatable). `send` first asks the planner directly (a request on
+`planner.result.<session>`, answered once the report's events are stored: no stream write), and
+when that gets no `ok` or `refused` (no planner running, no reply in time, `retry`) it
+publishes the report through JetStream, retried with backoff until the server acks it, even
+while no planner runs (docs/protocol.md, "Reports"). A published report carries a
+`Nats-Msg-Id` of (session, task, attempt, status): a retry after a lost ack is then dropped by
+the stream's duplicate window instead of being stored twice. A report that arrives both ways is
+applied once: the planner ignores the second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from . import wire
 from .models.executor_report import (
@@ -24,6 +30,7 @@ from .models.executor_report import (
     ReportMessageNeedsClarification,
     ReportMessageStarted,
 )
+from .models.report_reply import ReportReply, ReportReplyOk, ReportReplyRefused
 from .models.task_message import TaskMessage
 from .subjects import Subjects
 
@@ -35,6 +42,9 @@ Report = (
 
 MAX_REPORT_BYTES = 256 * 1024
 """The daemon's `limits.max_message_bytes`: a larger report is refused by the report stream."""
+
+DIRECT_PAUSE = 30.0
+"""Seconds reports go to the stream only after a direct report got no reply in time."""
 
 ERROR_CHARS = 8000
 """Errors are cut to this many characters (the planner keeps even fewer: `error_char_limit`)."""
@@ -87,6 +97,77 @@ def started(task: TaskMessage, lease: str) -> Report:
     return ReportMessageStarted(
         task_id=task.task_id, attempt=task.attempt, lease=lease, status="started"
     )
+
+
+class DirectReports:
+    """Whether reports go to the planner directly now, for one executor.
+
+    After a direct report got no reply in time (an overloaded or unreachable planner, or an
+    executor user whose permissions do not allow `planner.result.*`), the next reports go
+    to the stream without asking for `pause` seconds, instead of each waiting as long.
+    """
+
+    def __init__(self, enabled: bool = True, pause: float = DIRECT_PAUSE) -> None:
+        self.enabled = enabled
+        self.pause = pause
+        self._off_until = 0.0
+
+    def on(self) -> bool:
+        return self.enabled and time.monotonic() >= self._off_until
+
+    def timed_out(self) -> None:
+        self._off_until = time.monotonic() + self.pause
+
+
+async def send(
+    nc: NatsClient,
+    js: JetStreamContext,
+    subjects: Subjects,
+    session: str,
+    report: BaseModel,
+    *,
+    direct: DirectReports,
+    timeout: float,
+    give_up: asyncio.Event | None = None,
+) -> bool:
+    """Sends `report` directly, else publishes it (`publish`); False only if `give_up` was set.
+
+    A report the planner refuses (a wrong lease, an attempt it does not know) is dropped with an
+    error in the log: the stream would refuse it the same way.
+    """
+    if direct.on():
+        status = getattr(report, "status", "report")
+        task_id = getattr(report, "task_id", "?")
+        attempt = getattr(report, "attempt", 0)
+        subject = subjects.result(session)
+        try:
+            reply = await nc.request(subject, wire.encode(report), timeout=timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            log.warning("report %s of %s/%s attempt %s not answered in %.1fs; publishing it (and "
+                        "the next %.0fs of reports) to the report stream", status, session,
+                        task_id, attempt, timeout, direct.pause)
+            direct.timed_out()
+        except nats.errors.Error as error:
+            # No responders (no planner running), or the connection failed: the stream keeps it.
+            log.debug("report %s of %s/%s attempt %s not sent directly (%s); publishing it",
+                      status, session, task_id, attempt, error or type(error).__name__)
+        else:
+            try:
+                answer = wire.decode_root(ReportReply, reply.data)
+            except ValidationError:
+                log.warning("unreadable reply to a report on %s: %r; publishing it", subject,
+                            reply.data[:200])
+            else:
+                if isinstance(answer, ReportReplyOk):
+                    return True
+                if isinstance(answer, ReportReplyRefused):
+                    log.error("report %s of %s/%s attempt %s refused by the planner (%s: %s); "
+                              "dropped", status, session, task_id, attempt, answer.kind,
+                              answer.message)
+                    return True
+                log.info("report %s of %s/%s attempt %s not handled now (%s); publishing it",
+                         status, session, task_id, attempt, answer.kind)
+    return await publish(js, subjects, session, report, give_up=give_up)
 
 
 async def publish(

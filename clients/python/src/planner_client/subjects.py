@@ -61,6 +61,10 @@ class Subjects:
         """Where an executor heartbeats a claimed attempt (request/reply)."""
         return f"{self.prefix}.heartbeat.{session}"
 
+    def result(self, session: str) -> str:
+        """Where an executor sends the outcome of an attempt directly (request/reply)."""
+        return f"{self.prefix}.result.{session}"
+
     def report(self, session: str) -> str:
         """Where an executor publishes the outcome of an attempt (through JetStream)."""
         return f"{self.prefix}.report.{session}"

@@ -57,7 +57,7 @@ async fn assert_serves(client: &async_nats::Client) {
     assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
 }
 
-fn ended_completed(events: &[Event]) -> bool {
+pub fn ended_completed(events: &[Event]) -> bool {
     Planner::fold(events).state().phase == PlanPhase::Completed
 }
 
@@ -539,6 +539,7 @@ async fn the_shipped_executor_pool_stops_a_cancelled_attempt_at_once() {
                 fail_percent: 0,
                 tokens: 1,
             },
+            reports: Default::default(),
         },
         stops.clone() as std::sync::Arc<dyn PoolObserver>,
         stop.clone(),
@@ -611,6 +612,7 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
                 fail_percent: 30,
                 tokens: 1,
             },
+            reports: Default::default(),
         },
         std::sync::Arc::new(NoObserver),
         stop.clone(),

@@ -18,6 +18,7 @@ mod ownership;
 mod protocol;
 mod pty;
 mod recovery;
+mod reports;
 mod roles;
 mod sim;
 mod support;

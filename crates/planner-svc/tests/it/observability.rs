@@ -84,7 +84,25 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         "{reply:?}"
     );
     let store = store(&server.url()).await;
-    wait_for_end(&store, "metrics-plan").await;
+    let events = wait_for_end(&store, "metrics-plan").await;
+    // A late report sent directly, on an attempt that ended: answered ok, counted by its path.
+    let task = events
+        .iter()
+        .find_map(|e| match e {
+            planner_core::Event::TaskDispatched { task_id, .. } => Some(task_id.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let late = json!({"task_id": task, "attempt": 1, "status": "completed", "output": "late"});
+    let reply = client
+        .request(
+            "planner.result.metrics-plan",
+            serde_json::to_vec(&late).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::ReportReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(reply, planner_svc::protocol::ReportReply::Ok);
     // The metrics are recorded after the append, so poll: the last event may be a moment old.
     let mut exposition = String::new();
     for _ in 0..100 {
@@ -140,7 +158,14 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         "planner_commands_total{command=\"initialize\",result=\"ok\"}",
         1.0,
     );
-    at_least("planner_reports_total{result=\"applied\"}", 2.0);
+    at_least(
+        "planner_reports_total{path=\"stream\",result=\"applied\"}",
+        2.0,
+    );
+    at_least(
+        "planner_reports_total{path=\"direct\",result=\"applied\"}",
+        1.0,
+    );
     at_least("planner_build_info{version=", 1.0);
     // The background check read the session's log and found it whole.
     at_least("planner_consistency_checks_total{result=\"ok\"}", 1.0);
@@ -613,6 +638,7 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
                 latency: Duration::from_millis(1),
                 ..Default::default()
             },
+            reports: Default::default(),
         },
         std::sync::Arc::new(planner_svc::executor::NoObserver),
         stop.clone(),

@@ -41,7 +41,7 @@ pub async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
 
 /// Waits until `instances` instances answer and split all partitions between them, each
 /// holding some; returns their replies.
-async fn wait_for_split(
+pub async fn wait_for_split(
     client: &async_nats::Client,
     instances: usize,
     within: Duration,

@@ -4,7 +4,8 @@
 use planner_core::codec;
 use planner_svc::protocol::{
     CancelMessage, ClaimRequest, ClientCommand, CommandReply, ErrorNotice, HeartbeatRequest,
-    LeaseReply, QuarantineReply, QuarantineRequest, QuestionMessage, ReportMessage, TaskMessage,
+    LeaseReply, QuarantineReply, QuarantineRequest, QuestionMessage, ReportMessage, ReportReply,
+    TaskMessage,
 };
 
 #[test]
@@ -36,6 +37,9 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "report" => serde_json::from_str::<ReportMessage>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "report_reply" => serde_json::from_str::<ReportReply>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             "notice" => serde_json::from_str::<ErrorNotice>(&body)
@@ -77,6 +81,7 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
         "reply",
         "task",
         "report",
+        "report_reply",
         "notice",
         "question",
         "cancel",

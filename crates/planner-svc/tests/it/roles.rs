@@ -164,10 +164,11 @@ async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do()
     executor.flush().await.unwrap();
     refused(&mut executor_events, "planner.events.>").await;
 
-    // A UI may not forge an executor's result, a dispatch or a stored event.
+    // A UI may not forge an executor's result (by either path), a dispatch or a stored event.
     let forged = json!({"event": {"task_id": "t1", "attempt": 1, "outcome": {"status": "completed", "output": "forged"}}});
     for subject in [
         "planner.report.s1",
+        "planner.result.s1",
         "planner.task.tool_call.fetch",
         "planner.events.s1",
     ] {
@@ -239,6 +240,17 @@ async fn each_role_does_its_job_and_the_server_refuses_what_a_role_must_not_do()
         .await
         .unwrap();
     refused(&mut ui_events, "planner.admin.quarantined").await;
+
+    // The executor reports its attempt directly (request/reply), with the lease.
+    let lease = claim["lease"].as_str().unwrap();
+    let report = request(
+        &executor,
+        "planner.result.s1".into(),
+        json!({"task_id": "t1", "attempt": 1, "status": "completed", "output": "a", "lease": lease}),
+    )
+    .await;
+    let report: serde_json::Value = serde_json::from_slice(&report.payload).unwrap();
+    assert_eq!(report["status"], "ok", "{report}");
 
     daemon.stop().await;
 }

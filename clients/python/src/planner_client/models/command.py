@@ -263,7 +263,7 @@ class ClientCommand(
     legitimately ask of a session.
 
     It is not the core's [`Command`]: executor reports, ticks and compaction are the planner's
-    own business (reports arrive on the durable report subject, ticks come from the daemon's
+    own business (reports arrive on the executors' report subjects, ticks come from the daemon's
     timers, summaries from its LLM), so a client cannot forge a result or move the clock. There
     is no `now` either: the planner stamps every command with its own clock.
     """

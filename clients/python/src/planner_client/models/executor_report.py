@@ -142,6 +142,6 @@ class ReportMessage(
         Field(title="ReportMessage"),
     ]
     """
-    An executor's report on `{p}.report.{session}`: what happened to an attempt, with the lease
-    of the executor's claim.
+    An executor's report on `{p}.result.{session}` (request/reply) or `{p}.report.{session}`
+    (JetStream): what happened to an attempt, with the lease of the executor's claim.
     """

@@ -121,7 +121,7 @@ class TaskMessage(BaseModel):
     """
     session: str
     """
-    The session: report back on `{p}.report.{session}`.
+    The session: report back on `{p}.result.{session}` or `{p}.report.{session}`.
     """
     target: str
     """
