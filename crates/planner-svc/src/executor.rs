@@ -147,7 +147,8 @@ pub async fn run_pool(
             Arc::clone(&contexts),
         );
         let report_started = options.report_started;
-        // The report carries the dispatch's trace context on: one request, one trace.
+        // The claim, the heartbeats and the report carry the dispatch's trace context on: one
+        // request, one trace.
         let trace = message
             .headers
             .as_ref()
@@ -171,7 +172,7 @@ pub async fn run_pool(
             // message is acked only once the claim is answered, so an executor that dies
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
-            let lease = match claim(&client, &subjects, &task, held).await {
+            let lease = match claim(&client, &subjects, &task, held, trace).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -218,7 +219,7 @@ pub async fn run_pool(
                 running.insert(key.clone(), cancelled.clone());
             }
             let stopped = tokio::select! {
-                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency) => stopped,
+                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
             if let Ok(mut running) = running.lock() {
@@ -296,12 +297,22 @@ fn remember_context(contexts: &Contexts, session: &str, context: &DispatchContex
     }
 }
 
+/// Headers carrying `trace` (a dispatch's `traceparent`), if any.
+fn trace_headers(trace: Option<&str>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(trace) = trace {
+        headers.insert(crate::trace::HEADER, trace);
+    }
+    headers
+}
+
 /// Asks the planner for the attempt, naming the context the pool holds for it.
 async fn claim(
     client: &async_nats::Client,
     subjects: &Subjects,
     task: &TaskMessage,
     context_ref: Option<String>,
+    trace: Option<&str>,
 ) -> anyhow::Result<LeaseReply> {
     // One id for this claim, sent again on a retry: a claim whose reply was lost is then
     // granted again instead of refused as someone else's.
@@ -316,7 +327,11 @@ async fn claim(
         tries += 1;
         let reply = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            client.request(subjects.claim(&task.session), body.clone().into()),
+            client.request_with_headers(
+                subjects.claim(&task.session),
+                trace_headers(trace),
+                body.clone().into(),
+            ),
         )
         .await
         .context("no claim reply in time")
@@ -341,6 +356,7 @@ async fn work_with_heartbeats(
     lease: &str,
     interval: Option<u64>,
     latency: Duration,
+    trace: Option<&str>,
 ) -> Option<FenceReason> {
     // Work that takes no time takes none here: tokio's timer has a 1 ms tick, and a zero
     // sleep waits for the next one (it was a third of a one-session chain's time per task).
@@ -366,7 +382,11 @@ async fn work_with_heartbeats(
             _ = beats.tick() => {
                 let reply = tokio::time::timeout(
                     REQUEST_TIMEOUT,
-                    client.request(subjects.heartbeat(&task.session), body.clone().into()),
+                    client.request_with_headers(
+                        subjects.heartbeat(&task.session),
+                        trace_headers(trace),
+                        body.clone().into(),
+                    ),
                 )
                 .await;
                 match reply.ok().and_then(Result::ok).and_then(|r| serde_json::from_slice::<LeaseReply>(&r.payload).ok()) {
@@ -394,10 +414,7 @@ async fn publish(
     trace: Option<&str>,
 ) {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
-    let mut headers = async_nats::HeaderMap::new();
-    if let Some(trace) = trace {
-        headers.insert(crate::trace::HEADER, trace);
-    }
+    let headers = trace_headers(trace);
     let mut delay = Duration::from_millis(50);
     loop {
         let sent = js
