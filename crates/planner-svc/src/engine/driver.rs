@@ -204,7 +204,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let appending = std::time::Instant::now();
             let span = tracing::debug_span!(
                 "append",
-                session,
+                session = %session,
                 version = before,
                 events = events.len(),
                 result = tracing::field::Empty,
@@ -251,8 +251,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         .await;
                     let mut confirmation = None;
                     if !outgoing.is_empty() {
-                        let span =
-                            tracing::debug_span!("publish", session, messages = outgoing.len());
+                        let span = tracing::debug_span!("publish", session = %session, messages = outgoing.len());
                         match self.publisher.send(&outgoing).instrument(span).await {
                             Ok(confirm) => confirmation = Some(confirm),
                             Err(error) => {

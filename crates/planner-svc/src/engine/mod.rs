@@ -354,14 +354,14 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let command_type = command.command_type();
         let span = tracing::info_span!(
             "command",
-            session,
-            command = command_type,
+            session = %session,
+            command = %command_type,
             task = tracing::field::Empty,
             attempt = tracing::field::Empty,
         );
         let (task, attempt) = attempt_of(&command);
         if let Some(task) = task {
-            span.record("task", task.as_str());
+            span.record("task", tracing::field::display(task));
         }
         if let Some(attempt) = attempt {
             span.record("attempt", attempt);
