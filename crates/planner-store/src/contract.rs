@@ -29,6 +29,21 @@ pub trait EventStore: Send + Sync + 'static {
         events: &[Event],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// As [`EventStore::append`], with `meta` kept beside the events where the store can keep
+    /// it (the JetStream store: headers of the append's message, read back by
+    /// [`EventStore::load_batches`]). The metadata is never part of the events: replay and
+    /// folding never see it. By default it is dropped (the memory and file stores do).
+    fn append_with(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: &[Event],
+        meta: &AppendMeta,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = meta;
+        self.append(stream, expected_version, events)
+    }
+
     /// The events of `stream` from `version` on (the first event is version 0). Empty for an
     /// unknown stream or a version at or past its end.
     fn load_from(
@@ -62,6 +77,7 @@ pub trait EventStore: Send + Sync + 'static {
             Ok(vec![StoredBatch {
                 base_version: Some(0),
                 events: Ok(events),
+                traceparent: None,
             }])
         }
     }
@@ -108,6 +124,42 @@ pub struct StoredBatch {
     pub base_version: Option<u64>,
     /// Its events, or why they cannot be decoded.
     pub events: Result<Vec<Event>, String>,
+    /// The W3C `traceparent` it was appended with ([`AppendMeta::traceparent`]), when the
+    /// store keeps it: what ties the append to the trace of the work that caused it.
+    pub traceparent: Option<String>,
+}
+
+/// What a caller knows of an append besides its events ([`EventStore::append_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppendMeta {
+    /// The W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) of the work that caused the
+    /// append. A store keeps it only if it is a header-safe value (visible ASCII, at most
+    /// [`AppendMeta::MAX_TRACEPARENT`] bytes); anything else is dropped, never refused: it
+    /// must not fail an append.
+    pub traceparent: Option<String>,
+}
+
+impl AppendMeta {
+    /// The longest `traceparent` kept (a version-00 value is 55 bytes; later versions may
+    /// append fields).
+    pub const MAX_TRACEPARENT: usize = 256;
+
+    /// Metadata naming the trace of the append.
+    pub fn traced(traceparent: impl Into<String>) -> Self {
+        AppendMeta {
+            traceparent: Some(traceparent.into()),
+        }
+    }
+
+    /// The `traceparent` if it is safe to store as a header value.
+    pub fn storable_traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref().filter(|value| {
+            !value.is_empty()
+                && value.len() <= Self::MAX_TRACEPARENT
+                && value.bytes().all(|b| b.is_ascii_graphic())
+        })
+    }
 }
 
 /// The layout version of [`Snapshot`]s. Bump it when `PlannerState` changes shape in a way old

@@ -11,6 +11,10 @@
 //! payload = [stream id length: u16 LE][stream id][base version: u64 LE][event count: u32 LE][batch JSON]
 //! ```
 //!
+//! An append's metadata ([`crate::AppendMeta`], its trace context) is not kept: the record
+//! has no room for it, and adding some would change the layout of every log written so far.
+//! [`EventStore::append_with`] falls back to a plain append.
+//!
 //! # Durability
 //!
 //! Appends are written by one writer thread. With [`FsyncPolicy::Always`] each append is written
@@ -470,6 +474,7 @@ fn read_batches(
                     "record at byte {} has changed on disk",
                     record.offset
                 )),
+                traceparent: None,
             });
             continue;
         };
@@ -489,6 +494,7 @@ fn read_batches(
         batches.push(StoredBatch {
             base_version: Some(parsed.base_version),
             events,
+            traceparent: None,
         });
     }
     Ok(batches)

@@ -10,7 +10,10 @@
 //!   behind on the server, whose consumers per stream are limited.
 //! - Each append is **one message** holding the whole batch (a JSON array of versioned events),
 //!   so it is atomic on every server version. Headers: `Planner-Version` (the session's version
-//!   after the batch) and `Planner-Batch-Id`.
+//!   after the batch), `Planner-Batch-Id`, and `traceparent` when the append was given one
+//!   ([`crate::AppendMeta`]): the W3C trace context of the work that caused it, which
+//!   [`EventStore::load_batches`] reads back (and `nats stream get` shows), so an operator can
+//!   tie a session's events to their trace. It is metadata: loading and replay ignore it.
 //! - Snapshots are kept in the Object Store bucket `config.snapshot_bucket`, one object per
 //!   session (an object store, not a KV bucket, because a large session's state is many MiB
 //!   and the object store chunks it under the server's `max_payload`), LZ4-compressed after a
@@ -80,10 +83,12 @@ use futures::StreamExt;
 use planner_core::codec;
 use planner_core::Event;
 
-use crate::contract::{check_stream, EventStore, Snapshot, StoreError, StoredBatch};
+use crate::contract::{check_stream, AppendMeta, EventStore, Snapshot, StoreError, StoredBatch};
 
 const VERSION: &str = "Planner-Version";
 const BATCH_ID: &str = "Planner-Batch-Id";
+/// The W3C trace context header (`crate::AppendMeta::traceparent`).
+const TRACEPARENT: &str = "traceparent";
 /// The open index stream's metadata key saying its backfill ended.
 const INDEX_METADATA: &str = "planner-open-index";
 const INDEX_COMPLETE: &str = "complete";
@@ -537,6 +542,17 @@ impl EventStore for JetStreamStore {
         expected_version: u64,
         events: &[Event],
     ) -> Result<u64, StoreError> {
+        self.append_with(stream, expected_version, events, &AppendMeta::default())
+            .await
+    }
+
+    async fn append_with(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: &[Event],
+        meta: &AppendMeta,
+    ) -> Result<u64, StoreError> {
         check_stream(stream)?;
         if events.is_empty() {
             self.sequence_for(stream, expected_version).await?;
@@ -566,11 +582,14 @@ impl EventStore for JetStreamStore {
             crc32fast::hash(&batch),
             self.writer
         );
-        let publish = PublishMessage::build()
+        let mut publish = PublishMessage::build()
             .payload(Bytes::from(batch))
             .expected_last_subject_sequence(sequence)
             .header(BATCH_ID, id.as_str())
             .header(VERSION, new_version.to_string().as_str());
+        if let Some(traceparent) = meta.storable_traceparent() {
+            publish = publish.header(TRACEPARENT, traceparent);
+        }
         let ack = match self
             .context
             .send_publish(self.subject(stream), publish)
@@ -699,9 +718,14 @@ impl EventStore for JetStreamStore {
                 )),
                 (events, _) => events,
             };
+            let traceparent = message
+                .headers
+                .get(TRACEPARENT)
+                .map(|v| v.as_str().to_owned());
             batches.push(StoredBatch {
                 base_version,
                 events,
+                traceparent,
             });
         }
         Ok(batches)

@@ -21,7 +21,9 @@ pub mod jetstream;
 pub mod loader;
 pub mod memory;
 
-pub use contract::{EventStore, Snapshot, StoreError, StoredBatch, SNAPSHOT_SCHEMA_VERSION};
+pub use contract::{
+    AppendMeta, EventStore, Snapshot, StoreError, StoredBatch, SNAPSHOT_SCHEMA_VERSION,
+};
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
 pub use jetstream::{JetStreamConfig, JetStreamStore};
 pub use loader::{load_planner, SnapshotPolicy};

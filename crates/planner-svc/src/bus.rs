@@ -4,6 +4,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::engine::{Confirmation, Outgoing, Publisher};
 use crate::protocol::{dispatch_id, Subjects};
@@ -41,31 +42,53 @@ impl Publisher for NatsPublisher {
     async fn send(&self, messages: &[Outgoing]) -> anyhow::Result<Confirmation> {
         // Dispatches go out together and their acks are awaited together, by the caller.
         let mut acks = Vec::new();
-        let trace = crate::trace::outgoing();
         for message in messages {
             match message {
                 Outgoing::Task(task) => {
                     let a = &task.assignment;
                     let subject = self.subjects.task(a.kind, &a.target);
+                    // One span per attempt sent: its context is the dispatch's `traceparent`,
+                    // so the executor's work and report are its children.
+                    let span = tracing::debug_span!(
+                        "dispatch",
+                        otel.kind = "producer",
+                        session = %task.session,
+                        task = %a.task_id,
+                        attempt = a.attempt,
+                        messaging.system = "nats",
+                        messaging.destination.name = %subject,
+                    );
                     let mut publish = PublishMessage::build()
                         .payload(json(task))
                         .message_id(dispatch_id(&task.session, &a.task_id, a.attempt));
-                    if let Some(trace) = &trace {
+                    if let Some(trace) = crate::trace::outgoing_from(&span) {
                         publish = publish.header(crate::trace::HEADER, trace.as_str());
                     }
-                    acks.push(self.jetstream.send_publish(subject, publish).await?);
+                    let sent = self
+                        .jetstream
+                        .send_publish(subject, publish)
+                        .instrument(span)
+                        .await?;
+                    acks.push(sent);
                 }
                 Outgoing::Question(question) => {
+                    let subject = self.subjects.question(&question.session);
+                    let span = tracing::debug_span!(
+                        "question",
+                        otel.kind = "producer",
+                        session = %question.session,
+                        task = %question.task_id,
+                        attempt = question.attempt,
+                        messaging.system = "nats",
+                        messaging.destination.name = %subject,
+                    );
                     let mut headers = async_nats::HeaderMap::new();
-                    if let Some(trace) = &trace {
+                    if let Some(trace) = crate::trace::outgoing_from(&span) {
                         headers.insert(crate::trace::HEADER, trace.as_str());
                     }
                     self.client
-                        .publish_with_headers(
-                            self.subjects.question(&question.session),
-                            headers,
-                            json(question),
-                        )
+                        .publish_with_headers(subject, headers, json(question))
+                        .instrument(span)
                         .await?;
                 }
                 Outgoing::Cancel(cancel) => {

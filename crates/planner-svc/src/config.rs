@@ -49,6 +49,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Prometheus metrics, health probes, the background consistency check, trace context.
     pub metrics: MetricsConfig,
+    /// Exporting spans over OTLP (off by default).
+    pub tracing: TracingConfig,
     /// The planner settings every new session starts with.
     pub planner: PlannerConfig,
     /// LLM planning and summaries (off by default: the rule parser plans).
@@ -72,6 +74,7 @@ impl Default for Config {
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
             metrics: MetricsConfig::default(),
+            tracing: TracingConfig::default(),
             // The daemon fences executors: a report must come from the executor that claimed
             // the attempt (the core's own default leaves claims optional for embedders).
             planner: PlannerConfig {
@@ -652,6 +655,38 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Exporting spans over OTLP/HTTP (see `docs/observability.md`). Off unless an endpoint is
+/// set here or in the OpenTelemetry variables (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`), which this setting wins over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The base URL of an OTLP/HTTP receiver, e.g. `http://127.0.0.1:4318` (`/v1/traces` is
+    /// appended, as for `OTEL_EXPORTER_OTLP_ENDPOINT`); `""`: the OpenTelemetry variables
+    /// decide, and without them nothing is exported.
+    pub otlp_endpoint: String,
+    /// The `service.name` of the exported spans; `OTEL_SERVICE_NAME` wins when set.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            service_name: "planner-svc".into(),
+        }
+    }
+}
+
+/// Whether `url` is an http(s) URL with a host: what an OTLP/HTTP endpoint must be.
+pub fn check_otlp_endpoint(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err("use an http:// or https:// URL with a host".into());
+    }
+    Ok(())
+}
+
 /// Everything wrong with a configuration, each problem naming its key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -892,6 +927,17 @@ impl Config {
                     "{key} {listen:?}: use host:port with an IP address (\"127.0.0.1:9464\"), or \"\" for none"
                 ));
             }
+        }
+        if !self.tracing.otlp_endpoint.is_empty() {
+            if let Err(e) = check_otlp_endpoint(&self.tracing.otlp_endpoint) {
+                problems.push(format!(
+                    "tracing.otlp_endpoint {:?}: {e} (e.g. \"http://127.0.0.1:4318\"), or \"\" for none",
+                    self.tracing.otlp_endpoint
+                ));
+            }
+        }
+        if self.tracing.service_name.trim().is_empty() {
+            problems.push("tracing.service_name must not be empty".into());
         }
         if let Err(e) = self.planner.validate() {
             problems.extend(e.problems.into_iter().map(|p| format!("planner.{p}")));

@@ -175,7 +175,8 @@ pub async fn run_pool(
             Arc::clone(&contexts),
         );
         let (report_started, direct) = (options.report_started, Arc::clone(&direct));
-        // The report carries the dispatch's trace context on: one request, one trace.
+        // The claim, the heartbeats and the report carry the dispatch's trace context on: one
+        // request, one trace.
         let trace = message
             .headers
             .as_ref()
@@ -209,7 +210,7 @@ pub async fn run_pool(
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
             let claim_id = claim_id(&pool_id, &key);
-            let lease = match claim(&client, &subjects, &task, &claim_id, held).await {
+            let lease = match claim(&client, &subjects, &task, &claim_id, held, trace).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -265,7 +266,7 @@ pub async fn run_pool(
                 running.insert(key.clone(), cancelled.clone());
             }
             let stopped = tokio::select! {
-                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency) => stopped,
+                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
             if let Ok(mut running) = running.lock() {
@@ -362,6 +363,15 @@ fn claim_id(pool_id: &uuid::Uuid, key: &(String, String, u32)) -> String {
         .to_string()
 }
 
+/// Headers carrying `trace` (a dispatch's `traceparent`), if any.
+fn trace_headers(trace: Option<&str>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(trace) = trace {
+        headers.insert(crate::trace::HEADER, trace);
+    }
+    headers
+}
+
 /// Asks the planner for the attempt, naming the context the pool holds for it.
 async fn claim(
     client: &async_nats::Client,
@@ -369,6 +379,7 @@ async fn claim(
     task: &TaskMessage,
     claim_id: &str,
     context_ref: Option<String>,
+    trace: Option<&str>,
 ) -> anyhow::Result<LeaseReply> {
     // One id for this claim, sent again on a retry and on a redelivery: a claim whose reply
     // was lost is then granted again instead of refused as someone else's.
@@ -383,7 +394,11 @@ async fn claim(
         tries += 1;
         let reply = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            client.request(subjects.claim(&task.session), body.clone().into()),
+            client.request_with_headers(
+                subjects.claim(&task.session),
+                trace_headers(trace),
+                body.clone().into(),
+            ),
         )
         .await
         .context("no claim reply in time")
@@ -408,6 +423,7 @@ async fn work_with_heartbeats(
     lease: &str,
     interval: Option<u64>,
     latency: Duration,
+    trace: Option<&str>,
 ) -> Option<FenceReason> {
     // Work that takes no time takes none here: tokio's timer has a 1 ms tick, and a zero
     // sleep waits for the next one (it was a third of a one-session chain's time per task).
@@ -433,7 +449,11 @@ async fn work_with_heartbeats(
             _ = beats.tick() => {
                 let reply = tokio::time::timeout(
                     REQUEST_TIMEOUT,
-                    client.request(subjects.heartbeat(&task.session), body.clone().into()),
+                    client.request_with_headers(
+                        subjects.heartbeat(&task.session),
+                        trace_headers(trace),
+                        body.clone().into(),
+                    ),
                 )
                 .await;
                 match reply.ok().and_then(Result::ok).and_then(|r| serde_json::from_slice::<LeaseReply>(&r.payload).ok()) {
@@ -500,10 +520,7 @@ async fn send_report(
     path: &DirectReports,
 ) {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
-    let mut headers = async_nats::HeaderMap::new();
-    if let Some(trace) = trace {
-        headers.insert(crate::trace::HEADER, trace);
-    }
+    let headers = trace_headers(trace);
     if path.on() {
         let (task, attempt) = (&report.event.task_id, report.event.attempt);
         match direct(client, subjects, session, &headers, body.clone()).await {

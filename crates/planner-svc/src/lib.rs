@@ -20,7 +20,9 @@
 //! - `metrics.rs`: the Prometheus metrics: names, the recorder, and the metrics derived from
 //!   persisted events.
 //! - `health.rs`: the admin listener (`/metrics`, `/livez`, `/readyz`) and what readiness means.
-//! - `trace.rs`: W3C trace context (`traceparent`) from commands and reports to what they publish.
+//! - `trace.rs`: W3C trace context (`traceparent`) from commands and reports to what they publish
+//!   and append, and the trace a session's timers continue.
+//! - `otel.rs`: exporting spans over OTLP/HTTP (off unless configured), and the attempts' spans.
 //! - `sim.rs`: simulated executors shared by tests, `run` and the load generator.
 //! - `executor.rs`: a simulated executor pool on NATS (`planner-svc executor`, the load generator).
 
@@ -35,6 +37,7 @@ pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
+pub mod otel;
 pub mod ownership;
 pub mod partition;
 pub mod progress;

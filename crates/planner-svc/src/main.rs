@@ -15,6 +15,7 @@ use planner_svc::embedded::{print_events, run, RunOptions};
 use planner_svc::inspect::{
     print_sessions, print_summary, select, SessionFilter, SessionRow, STATUSES,
 };
+use planner_svc::otel::Exporter;
 use planner_svc::protocol::{ClientCommand, Subjects};
 use planner_svc::serve::{connect, serve};
 use planner_svc::sim::SimBehaviour;
@@ -310,7 +311,6 @@ fn main() -> ExitCode {
         }
     }
     let quiet = !matches!(cli.command, Cmd::Serve { .. } | Cmd::Executor { .. });
-    init_logging(&config, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -321,7 +321,41 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command, config)) {
+    // Spans are exported by the daemon only, when an endpoint is configured (docs/observability.md).
+    let endpoint = match &cli.command {
+        Cmd::Serve { .. } => {
+            match planner_svc::otel::endpoint(&config.tracing, |name| std::env::var(name).ok()) {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    eprintln!("planner-svc: invalid configuration:\n  - {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        _ => None,
+    };
+    let exporter = endpoint.map(|url| {
+        let started = Exporter::start(&url, &config.tracing, runtime.handle().clone());
+        (url, started)
+    });
+    let (exporter, failed) = match exporter {
+        Some((url, Ok(exporter))) => (Some((url, exporter)), None),
+        Some((url, Err(error))) => (None, Some((url, error))),
+        None => (None, None),
+    };
+    init_logging(&config, quiet, exporter.as_ref().map(|(_, e)| e));
+    if let Some((url, error)) = failed {
+        tracing::error!(endpoint = url, error = %planner_svc::report(&error), "cannot export spans over OTLP; running without");
+    }
+    if let Some((url, _)) = &exporter {
+        tracing::info!(endpoint = url, "exporting spans over OTLP/HTTP");
+    }
+    let result = runtime.block_on(dispatch(cli.command, config));
+    // While the runtime still runs: the last spans' requests run on it.
+    if let Some((_, exporter)) = exporter {
+        exporter.shutdown();
+    }
+    match result {
         Ok(code) => code,
         // The reader went away (`planner-svc run … | head`): nothing more to say, to no one.
         Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
@@ -341,7 +375,10 @@ fn broken_pipe(error: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(config: &Config, quiet: bool) {
+fn init_logging(config: &Config, quiet: bool, exporter: Option<&Exporter>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let default = if quiet {
         "warn"
     } else {
@@ -350,10 +387,29 @@ fn init_logging(config: &Config, quiet: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    match exporter {
+        // The log's filter is the log's alone: the spans the exporter records below the
+        // log's level are made, and not logged.
+        Some(exporter) => tracing_subscriber::registry()
+            .with(log_layer(config).with_filter(filter))
+            .with(exporter.layer())
+            .init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(log_layer(config))
+            .init(),
+    }
+}
+
+/// The log's lines on stderr, as `log.format` says.
+fn log_layer<S>(config: &Config) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
     // Colours only for a person at a terminal (and not for one who set NO_COLOR).
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         // A log line that cannot be written (stderr's reader gone) is dropped: tracing's
         // report of it goes through eprintln!, which panics on the same closed pipe, and took
@@ -361,8 +417,8 @@ fn init_logging(config: &Config, quiet: bool) {
         .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => layer.json().boxed(),
+        LogFormat::Pretty => layer.boxed(),
     }
 }
 
@@ -763,6 +819,23 @@ impl AnyStore {
             AnyStore::JetStream(s) => s.load_all(session).await,
         }
     }
+
+    /// The trace of each append that has one, by the version it starts at (the JetStream
+    /// store keeps them; the file store does not).
+    async fn traces(
+        &self,
+        session: &str,
+    ) -> Result<std::collections::BTreeMap<u64, String>, planner_store::StoreError> {
+        let AnyStore::JetStream(store) = self else {
+            return Ok(std::collections::BTreeMap::new());
+        };
+        Ok(store
+            .load_batches(session)
+            .await?
+            .into_iter()
+            .filter_map(|batch| Some((batch.base_version?, batch.traceparent?)))
+            .collect())
+    }
 }
 
 async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<ExitCode> {
@@ -777,7 +850,16 @@ async fn replay(store: &AnyStore, session: &str, json: bool) -> anyhow::Result<E
             writeln!(out, "{}", serde_json::to_string(event)?)?;
         }
     } else {
+        let traces = store.traces(session).await?;
         for (version, event) in events.iter().enumerate() {
+            if let Some(traceparent) = traces.get(&(version as u64)) {
+                match planner_svc::trace::TraceParent::parse(traceparent) {
+                    Some(parsed) => {
+                        writeln!(out, "       trace {} ({traceparent})", parsed.trace_id())?
+                    }
+                    None => writeln!(out, "       trace {traceparent}")?,
+                }
+            }
             writeln!(out, "{version:>6} {}", event.event_type())?;
             print_events(&mut out, std::slice::from_ref(event))?;
         }

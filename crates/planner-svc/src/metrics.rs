@@ -277,7 +277,7 @@ fn kind_of(state: &PlannerState, task: &TaskId) -> &'static str {
 }
 
 /// Whether an error text is the core's attempt timeout (`lease.rs` writes it).
-fn timed_out(error: Option<&str>) -> bool {
+pub(crate) fn timed_out(error: Option<&str>) -> bool {
     error.is_some_and(|e| e.starts_with("attempt timed out"))
 }
 

@@ -1257,10 +1257,12 @@ impl<S: EventStore> ReportPump<S> {
         );
         let (max_bytes, max_deliver) = (self.max_bytes, self.max_deliver);
         let context = crate::trace::context_of(message.headers.as_ref());
-        self.tracker.spawn(crate::trace::scope(context, async move {
-            handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
-            drop(permit);
-        }))
+        let edge = crate::trace::Edge::Report;
+        self.tracker
+            .spawn(crate::trace::scope(context, edge, async move {
+                handle_report(&engine, &subjects, &client, message, max_bytes, max_deliver).await;
+                drop(permit);
+            }))
     }
 }
 
@@ -1771,6 +1773,17 @@ impl Endpoint {
         }
     }
 
+    /// Where its requests enter, for their trace.
+    fn edge(self) -> crate::trace::Edge {
+        match self {
+            Endpoint::Command => crate::trace::Edge::Command,
+            Endpoint::Claim => crate::trace::Edge::Claim,
+            Endpoint::Heartbeat => crate::trace::Edge::Heartbeat,
+            // A direct report is handled as one from the stream: the same span.
+            Endpoint::Result => crate::trace::Edge::Report,
+        }
+    }
+
     /// The subject token before the session: `{p}.<token>.<session>`.
     fn token(self) -> &'static str {
         match self {
@@ -1833,9 +1846,10 @@ fn answer<S: EventStore>(
     let (engine, router) = (Arc::clone(engine), Arc::clone(router));
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).
-        tracker.spawn(async move {
+        let context = crate::trace::context_of(incoming.headers.as_ref());
+        tracker.spawn(crate::trace::scope(context, endpoint.edge(), async move {
             let _ = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
-        });
+        }));
         return;
     };
     let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
@@ -1853,7 +1867,7 @@ fn answer<S: EventStore>(
         return;
     };
     let context = crate::trace::context_of(incoming.headers.as_ref());
-    tracker.spawn(crate::trace::scope(context, async move {
+    tracker.spawn(crate::trace::scope(context, endpoint.edge(), async move {
         let body = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
         drop(permit);
         if let Err(error) = router.client.publish(reply_to, body).await {

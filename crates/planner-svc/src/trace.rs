@@ -1,31 +1,69 @@
-//! W3C trace context across the bus: a `traceparent` header (`00-<trace id>-<span id>-<flags>`)
-//! on a command or a report is carried, while the engine handles it, on every dispatch and
-//! question it publishes; a request without one starts a new trace. The daemon's log lines
+//! W3C trace context across the bus, and the spans that follow it.
+//!
+//! A `traceparent` header (`00-<trace id>-<span id>-<flags>`) on a command or a report is
+//! carried, while the engine handles it, on every dispatch and question it publishes and on
+//! the append of its events; a request without one starts a new trace. The daemon's log lines
 //! for the request carry its `trace_id`.
 //!
-//! The context lives in a task-local set by the edge (`serve.rs`) around the handling, so the
-//! core stays pure and the engine's signatures do not change: the bus (`bus.rs`) reads it when
-//! it publishes. Each published message gets a child span id of its own.
+//! The context lives in a task-local set by the edge (`serve.rs`, `http/api.rs`) around the
+//! handling ([`scope`]), so the core stays pure and the engine's signatures do not change: the
+//! bus (`bus.rs`) and the driver read it when they publish and append. Work no message started
+//! (a tick at a retry's backoff or a deadline, an LLM revision) runs in the trace of the
+//! session's latest command (the engine remembers it, `Engine::handle`).
+//!
+//! When spans are exported (`otel.rs`), the edge's span is the child of the incoming context,
+//! and what goes out carries the span that sent it (a dispatch's own span, the append's), so
+//! the exported spans form one tree across the daemon and its executors. When they are not,
+//! what goes out carries the same trace with a span id of its own.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The header name, as W3C Trace Context spells it.
 pub const HEADER: &str = "traceparent";
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Turns propagation on or off for the process (`metrics.trace_context`).
 pub fn set_enabled(enabled: bool) {
     ENABLED.store(enabled, Ordering::Relaxed);
 }
 
+/// Whether propagation is on.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Says that spans are exported (the OpenTelemetry layer is installed): set once by `otel.rs`.
+pub(crate) fn set_exporting() {
+    EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// Whether spans are exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// The context of a message with `headers`: theirs, or a new trace; `None` when propagation
 /// is off.
 pub fn context_of(headers: Option<&async_nats::HeaderMap>) -> Option<TraceParent> {
-    ENABLED
-        .load(Ordering::Relaxed)
-        .then(|| TraceParent::from_headers(headers))
+    enabled().then(|| TraceParent::from_headers(headers))
+}
+
+/// The context of a request whose `traceparent` is `value` (an HTTP header, say): it, or a
+/// new trace; `None` when propagation is off.
+pub fn context_of_value(value: Option<&str>) -> Option<TraceParent> {
+    enabled().then(|| {
+        value
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(TraceParent::new_root)
+    })
 }
 
 tokio::task_local! {
@@ -61,6 +99,29 @@ fn random<const N: usize>() -> [u8; N] {
     out
 }
 
+std::thread_local! {
+    /// The state of this thread's span ids: seeded once from the OS, then SplitMix64.
+    static SPAN_IDS: std::cell::Cell<u64> =
+        std::cell::Cell::new(u64::from_le_bytes(random::<8>()));
+}
+
+/// A span id, not zero: a span id only has to be unique within its trace, so the ids of the
+/// messages and appends of every command come from a fast generator seeded once per thread
+/// rather than from the OS each time.
+fn span_id() -> [u8; 8] {
+    SPAN_IDS.with(|state| loop {
+        let next = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(next);
+        let mut z = next;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        if z != 0 {
+            return z.to_le_bytes();
+        }
+    })
+}
+
 impl TraceParent {
     /// Parses a `traceparent` value; `None` when it is not a valid version-00 one.
     pub fn parse(value: &str) -> Option<Self> {
@@ -87,7 +148,7 @@ impl TraceParent {
     pub fn new_root() -> Self {
         TraceParent {
             trace_id: random(),
-            span_id: random(),
+            span_id: span_id(),
             flags: 1,
         }
     }
@@ -95,7 +156,7 @@ impl TraceParent {
     /// The same trace with a new span id: what a message published in this context carries.
     pub fn child(&self) -> Self {
         TraceParent {
-            span_id: random(),
+            span_id: span_id(),
             ..*self
         }
     }
@@ -112,6 +173,26 @@ impl TraceParent {
             .and_then(|v| TraceParent::parse(v.as_str()))
             .unwrap_or_else(TraceParent::new_root)
     }
+
+    /// The context of an OpenTelemetry span; `None` for an invalid one (no span).
+    pub fn of_span(context: &SpanContext) -> Option<Self> {
+        context.is_valid().then(|| TraceParent {
+            trace_id: context.trace_id().to_bytes(),
+            span_id: context.span_id().to_bytes(),
+            flags: context.trace_flags().to_u8(),
+        })
+    }
+
+    /// As the remote parent of the spans started under it.
+    pub fn as_parent(&self) -> opentelemetry::Context {
+        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            TraceFlags::new(self.flags),
+            true,
+            TraceState::default(),
+        ))
+    }
 }
 
 impl fmt::Display for TraceParent {
@@ -121,22 +202,115 @@ impl fmt::Display for TraceParent {
     }
 }
 
+/// Where a piece of work entered the daemon: names the span [`scope`] opens for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    /// A client command (`{p}.cmd.<session>`, or the HTTP API).
+    Command,
+    /// An executor's claim.
+    Claim,
+    /// An executor's heartbeat.
+    Heartbeat,
+    /// An executor's report (`{p}.report.<session>` from the stream, or `{p}.result.<session>`
+    /// sent directly).
+    Report,
+    /// Work the daemon started itself: a tick, a revision, a summary, recovery.
+    Internal,
+}
+
+impl Edge {
+    /// The span's name in an exported trace.
+    pub fn name(self) -> &'static str {
+        match self {
+            Edge::Command => "receive command",
+            Edge::Claim => "receive claim",
+            Edge::Heartbeat => "receive heartbeat",
+            Edge::Report => "process report",
+            Edge::Internal => "internal",
+        }
+    }
+
+    /// The span's kind in an exported trace.
+    fn kind(self) -> &'static str {
+        match self {
+            Edge::Command | Edge::Claim | Edge::Heartbeat => "server",
+            Edge::Report => "consumer",
+            Edge::Internal => "internal",
+        }
+    }
+}
+
 /// Runs `work` with `context` as the current trace, inside a span naming its trace id (just
-/// `work` when there is none).
-pub async fn scope<F: std::future::Future>(context: Option<TraceParent>, work: F) -> F::Output {
+/// `work` when there is none). Exported, that span is the child of `context`, named after
+/// `edge`.
+pub async fn scope<F: std::future::Future>(
+    context: Option<TraceParent>,
+    edge: Edge,
+    work: F,
+) -> F::Output {
     use tracing::Instrument as _;
     match context {
         Some(context) => {
-            let span = tracing::info_span!("trace", trace_id = %context.trace_id());
+            let span = if exporting() {
+                let span = tracing::info_span!(
+                    "trace",
+                    trace_id = %context.trace_id(),
+                    otel.name = edge.name(),
+                    otel.kind = edge.kind(),
+                );
+                // Only fails for a span no layer records: then nothing is exported anyway.
+                let _ = span.set_parent(context.as_parent());
+                span
+            } else {
+                tracing::info_span!("trace", trace_id = %context.trace_id())
+            };
             CURRENT.scope(context, work.instrument(span)).await
         }
         None => work.await,
     }
 }
 
-/// The `traceparent` for a message published now: a child of the current context, if any.
-pub fn outgoing() -> Option<String> {
+/// The trace context of the work in progress, as the edge set it; `None` outside [`scope`].
+pub fn current() -> Option<TraceParent> {
+    CURRENT.try_with(|current| *current).ok()
+}
+
+/// What a message sent or an append made from inside `span` carries: `span`'s own context
+/// when spans are exported (the receiver's spans become its children), else the current
+/// trace with a span id of its own; `None` outside a trace or with propagation off.
+pub fn outgoing_from(span: &tracing::Span) -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    if exporting() {
+        let context = span.context();
+        if let Some(own) = TraceParent::of_span(context.span().span_context()) {
+            return Some(own.to_string());
+        }
+    }
     CURRENT.try_with(|current| current.child().to_string()).ok()
+}
+
+/// The `traceparent` for a message published now: see [`outgoing_from`], for the current
+/// span.
+pub fn outgoing() -> Option<String> {
+    outgoing_from(&tracing::Span::current())
+}
+
+/// The context of the work in progress, for later work to continue it (the session's latest
+/// command, remembered for its ticks): the current span's when spans are exported, else the
+/// edge's.
+pub fn here() -> Option<TraceParent> {
+    if !enabled() {
+        return None;
+    }
+    if exporting() {
+        let context = tracing::Span::current().context();
+        if let Some(own) = TraceParent::of_span(context.span().span_context()) {
+            return Some(own);
+        }
+    }
+    current()
 }
 
 #[cfg(test)]
@@ -152,6 +326,8 @@ mod tests {
         let child = parsed.child();
         assert_eq!(child.trace_id, parsed.trace_id);
         assert_ne!(child.span_id, parsed.span_id);
+        let ids: std::collections::BTreeSet<[u8; 8]> = (0..10_000).map(|_| span_id()).collect();
+        assert_eq!(ids.len(), 10_000);
         for bad in [
             "",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

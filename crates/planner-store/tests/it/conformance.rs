@@ -23,6 +23,33 @@ where
     bad_stream_ids_are_refused(&fresh().await).await;
     long_stream(&fresh().await).await;
     open_index_lists_exactly_the_unfinished_streams(&fresh().await).await;
+    an_append_with_metadata_is_an_append(&fresh().await).await;
+}
+
+/// `append_with` keeps the promises of `append`; the metadata never reaches the events, and a
+/// store that keeps it hands back exactly what it was given.
+async fn an_append_with_metadata_is_an_append<S: EventStore>(store: &S) {
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let first = events(2, "m");
+    let meta = AppendMeta::traced(traceparent);
+    assert_eq!(store.append_with("m", 0, &first, &meta).await.unwrap(), 2);
+    let err = store
+        .append_with("m", 0, &events(1, "x"), &meta)
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    // A value no header can carry is dropped, never a reason to refuse the append.
+    let bad = AppendMeta::traced("00-abc\r\nInjected: yes");
+    let second = events(1, "n");
+    assert_eq!(store.append_with("m", 2, &second, &bad).await.unwrap(), 3);
+    let all: Vec<Event> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(store.load_all("m").await.unwrap(), all);
+    for batch in store.load_batches("m").await.unwrap() {
+        assert!(
+            batch.traceparent.is_none() || batch.traceparent.as_deref() == Some(traceparent),
+            "{batch:?}"
+        );
+    }
 }
 
 async fn append_and_load<S: EventStore>(store: &S) {

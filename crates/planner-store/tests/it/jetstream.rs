@@ -269,3 +269,45 @@ async fn a_marker_left_by_a_crash_is_dropped_and_a_newer_one_survives() {
     store.forget_open("x", 4).await.unwrap();
     assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appends_trace_context_is_kept_on_its_message_and_read_back() {
+    let server = NatsServer::start().unwrap();
+    let store = connect(&server).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    store
+        .append_with(
+            "traced",
+            0,
+            &events(2, "t"),
+            &AppendMeta::traced(traceparent),
+        )
+        .await
+        .unwrap();
+    store.append("traced", 2, &events(1, "u")).await.unwrap();
+    store
+        .append_with(
+            "traced",
+            3,
+            &events(1, "v"),
+            &AppendMeta::traced("bad value\r\n"),
+        )
+        .await
+        .unwrap();
+    let batches = store.load_batches("traced").await.unwrap();
+    let traces: Vec<Option<&str>> = batches.iter().map(|b| b.traceparent.as_deref()).collect();
+    assert_eq!(traces, vec![Some(traceparent), None, None]);
+    // On the stream's message itself, as `nats stream get` shows it to an operator.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("PLANNER_EVENTS")
+        .await
+        .unwrap();
+    let first = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        first.headers.get("traceparent").map(|v| v.as_str()),
+        Some(traceparent)
+    );
+    // Loading ignores it.
+    assert_eq!(store.load_all("traced").await.unwrap().len(), 4);
+}

@@ -10,7 +10,8 @@
 //! against a stale copy.
 
 use planner_core::{Command, Planner, Timestamp};
-use planner_store::{load_planner, EventStore, StoreError};
+use planner_store::{load_planner, AppendMeta, EventStore, StoreError};
+use tracing::Instrument as _;
 
 use super::render::{deliverable, outgoing, Undeliverable};
 use super::{Engine, EngineError, Handled, Publisher};
@@ -111,6 +112,19 @@ pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
     }
 }
 
+/// Whether `command` decides work whose trace the session's later ticks continue: not the
+/// lease-keeping claims, heartbeats and extensions (an executor may send them without a
+/// trace), nor ticks themselves (they run in the remembered one).
+fn decides_work(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Tick { .. }
+            | Command::ExtendLeases { .. }
+            | Command::ClaimAttempt { .. }
+            | Command::Heartbeat { .. }
+    )
+}
+
 impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// The session's planner from the store; a new session gets this instance's settings.
     pub(super) async fn load(&self, session: &str) -> Result<Planner, StoreError> {
@@ -189,12 +203,43 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 return Ok((handled, Vec::new()));
             }
             let appending = std::time::Instant::now();
-            let appended = self.store.append(session, before, &events).await;
+            let span = tracing::debug_span!(
+                "append",
+                session = %session,
+                version = before,
+                events = events.len(),
+                result = tracing::field::Empty,
+            );
+            // The append carries its trace (the JetStream store keeps it on the message):
+            // an operator reading the log finds the trace of each batch.
+            let meta = crate::trace::outgoing_from(&span)
+                .map(AppendMeta::traced)
+                .unwrap_or_default();
+            let appended = self
+                .store
+                .append_with(session, before, &events, &meta)
+                .instrument(span.clone())
+                .await;
             crate::metrics::append_done(appending.elapsed(), &appended);
+            span.record(
+                "result",
+                match &appended {
+                    Ok(_) => "ok",
+                    Err(error) if error.is_conflict() => "conflict",
+                    Err(_) => "error",
+                },
+            );
+            drop(span);
             match appended {
                 Ok(version) => {
                     self.appended(session, before, &events, planner.state());
                     crate::metrics::after_append(&observed, planner.state(), &events);
+                    crate::otel::after_append(session, planner.state(), &events);
+                    if decides_work(&command) {
+                        if let Some(context) = crate::trace::here() {
+                            slot.remember_trace(context);
+                        }
+                    }
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
@@ -207,7 +252,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         .await;
                     let mut confirmation = None;
                     if !outgoing.is_empty() {
-                        match self.publisher.send(&outgoing).await {
+                        let span = tracing::debug_span!("publish", session = %session, messages = outgoing.len());
+                        match self.publisher.send(&outgoing).instrument(span).await {
                             Ok(confirm) => confirmation = Some(confirm),
                             Err(error) => {
                                 tracing::warn!(%error, "publish failed after persisting; the outbox re-publishes it");

@@ -324,7 +324,30 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// With an LLM configured, a request without a plan is planned by the LLM first, outside the
     /// session's lock; after a command whose events compacted the context, the LLM rewrites the
     /// summary in the background (a `CompactContext` of its own).
+    ///
+    /// A command handled outside any trace (a tick at a retry's backoff or a deadline, an LLM
+    /// revision or summary, recovery) is handled in the trace of the session's latest command
+    /// (the one whose events scheduled it), or a new one when the session has none in memory:
+    /// the retry of a task is in the trace of the request that started it.
     pub async fn handle(
+        self: &Arc<Self>,
+        session: &str,
+        command: Command,
+    ) -> Result<Handled, EngineError> {
+        if crate::trace::current().is_none() && crate::trace::enabled() {
+            let context = self
+                .registry
+                .get(session)
+                .and_then(|slot| slot.trace())
+                .unwrap_or_else(crate::trace::TraceParent::new_root);
+            let edge = crate::trace::Edge::Internal;
+            let work = self.handle_traced(session, command);
+            return Box::pin(crate::trace::scope(Some(context), edge, work)).await;
+        }
+        self.handle_traced(session, command).await
+    }
+
+    async fn handle_traced(
         self: &Arc<Self>,
         session: &str,
         command: Command,
@@ -333,7 +356,20 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             return Err(EngineError::BadSession(session.to_owned()));
         }
         let command_type = command.command_type();
-        let span = tracing::info_span!("session", id = session, command = command_type);
+        let span = tracing::info_span!(
+            "command",
+            session = %session,
+            command = %command_type,
+            task = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+        );
+        let (task, attempt) = attempt_of(&command);
+        if let Some(task) = task {
+            span.record("task", tracing::field::display(task));
+        }
+        if let Some(attempt) = attempt {
+            span.record("attempt", attempt);
+        }
         let started = std::time::Instant::now();
         let result: Result<Handled, EngineError> = async {
             let command = self.plan_with_llm(session, command).await?;
@@ -375,13 +411,31 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 }
 
+/// The task and attempt a command names, for its span.
+fn attempt_of(command: &Command) -> (Option<&planner_core::TaskId>, Option<u32>) {
+    match command {
+        Command::HandleExecutorEvent { event, .. } => (Some(&event.task_id), Some(event.attempt)),
+        Command::ClaimAttempt {
+            task_id, attempt, ..
+        }
+        | Command::Heartbeat {
+            task_id, attempt, ..
+        }
+        | Command::AbandonAttempt {
+            task_id, attempt, ..
+        } => (Some(task_id), Some(*attempt)),
+        Command::AnswerClarification { task_id, .. } => (Some(task_id), None),
+        _ => (None, None),
+    }
+}
+
 /// The log target of the activity lines: a daemon running thousands of tasks a second
 /// turns them down with `log.level = "info,planner::activity=warn"`.
 pub const ACTIVITY: &str = "planner::activity";
 
 /// What an operator following the log at INFO sees of a session, one line each: a request
 /// and its plan, each task's dispatch, result and question, retries, and how the plan ends.
-/// Runs inside the `session` span, which names the session.
+/// Runs inside the `command` span, which names the session.
 fn log_activity(events: &[Event]) {
     for event in events {
         match event {

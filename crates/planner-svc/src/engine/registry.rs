@@ -15,6 +15,24 @@ pub(super) struct Slot {
     /// other: each has its own.
     pub(super) state: tokio::sync::Mutex<SlotState>,
     last_used_ms: AtomicU64,
+    /// The trace of the session's latest command that decided work (a request, a report, an
+    /// answer, a cancellation; not the lease-keeping claims and heartbeats, nor ticks): the
+    /// ticks it scheduled run in it, so a retry is in the trace of its request. A
+    /// `std::sync::Mutex` beside the session's lock, not under it: a tick reads it without
+    /// queueing behind a command, and nothing is awaited while it is held.
+    trace: Mutex<Option<crate::trace::TraceParent>>,
+}
+
+impl Slot {
+    /// The trace of the session's latest command that decided work.
+    pub(super) fn trace(&self) -> Option<crate::trace::TraceParent> {
+        *lock(&self.trace)
+    }
+
+    /// Remembers `context` as the trace of the session's latest command that decided work.
+    pub(super) fn remember_trace(&self, context: crate::trace::TraceParent) {
+        *lock(&self.trace) = Some(context);
+    }
 }
 
 /// What a session's lock guards.
@@ -45,8 +63,8 @@ pub(super) struct Registry {
     evict_above: std::sync::atomic::AtomicUsize,
 }
 
-/// Both maps are only held for lookups and inserts; nothing can leave them half-changed, so a
-/// poisoned lock is safe to use.
+/// The maps (and a slot's trace) are only held for lookups and inserts; nothing can leave them
+/// half-changed, so a poisoned lock is safe to use.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -87,6 +105,7 @@ impl Registry {
             Arc::new(Slot {
                 state: tokio::sync::Mutex::new(SlotState::default()),
                 last_used_ms: AtomicU64::new(now_ms),
+                trace: Mutex::new(None),
             })
         }));
         let len = sessions.len();

@@ -189,15 +189,22 @@ fn command(bytes: &[u8], key: Option<String>) -> Result<ClientCommand, ApiError>
     }
 }
 
+/// Handles `command` in the trace its request's `traceparent` header names (a new one without).
 async fn run_command<S: EventStore, P: Publisher>(
     api: &Api<S, P>,
     session: &str,
     command: ClientCommand,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let handled = api
+    let context = crate::trace::context_of_value(
+        headers
+            .get(crate::trace::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let handling = api
         .engine
-        .handle(session, command.into_command(api.engine.now()))
-        .await?;
+        .handle(session, command.into_command(api.engine.now()));
+    let handled = crate::trace::scope(context, crate::trace::Edge::Command, handling).await?;
     let status = if handled.events.is_empty() {
         StatusCode::OK
     } else {
@@ -298,7 +305,7 @@ pub async fn start<S: EventStore, P: Publisher>(
             .to_string(),
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
-    run_command(&api, &session, command).await
+    run_command(&api, &session, command, &headers).await
 }
 
 /// The namespace of session ids derived from idempotency keys.
@@ -329,7 +336,7 @@ pub async fn send<S: EventStore, P: Publisher>(
     {
         return Err(ApiError::no_session(&session));
     }
-    run_command(&api, &session, command).await
+    run_command(&api, &session, command, &headers).await
 }
 
 async fn existing_version<S: EventStore, P: Publisher>(

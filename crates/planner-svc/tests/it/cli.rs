@@ -161,6 +161,18 @@ fn a_bad_config_exits_64_naming_every_problem() {
 }
 
 #[test]
+fn serve_refuses_an_otlp_endpoint_variable_that_is_no_url() {
+    let output = planner_svc()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")
+        .args(["serve"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{stderr}");
+}
+
+#[test]
 fn replay_of_an_unknown_session_says_so() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("data")).unwrap();

@@ -180,3 +180,40 @@ fn the_cli_variable_naming_the_file_is_not_read_as_a_setting() {
     let error = Config::load(None, env(&[("PLANNER_CONFIGG", "x")]), &[]).unwrap_err();
     assert!(error.to_string().contains("PLANNER_CONFIGG"), "{error}");
 }
+
+#[test]
+fn the_otlp_endpoint_is_set_by_the_environment_or_a_flag_and_must_be_an_http_url() {
+    let config = Config::load(
+        None,
+        env(&[("PLANNER_TRACING__OTLP_ENDPOINT", "http://collector:4318")]),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.tracing.otlp_endpoint, "http://collector:4318");
+    let config = Config::load(
+        None,
+        env(&[]),
+        &["tracing.otlp_endpoint=\"https://traces.example:4318\"".to_owned()],
+    )
+    .unwrap();
+    assert_eq!(config.tracing.otlp_endpoint, "https://traces.example:4318");
+    let err = Config::load(
+        None,
+        env(&[("PLANNER_TRACING__OTLP_ENDPOINT", "collector:4318")]),
+        &["tracing.service_name=\"\"".to_owned()],
+    )
+    .unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("tracing.otlp_endpoint")
+                && p.contains("PLANNER_TRACING__OTLP_ENDPOINT")),
+        "{err}"
+    );
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.contains("tracing.service_name")),
+        "{err}"
+    );
+}

@@ -58,7 +58,11 @@ async fn the_shipped_nats_config_starts_and_each_role_can_do_its_job() {
 
 #[test]
 fn the_yaml_files_parse() {
-    for file in ["docker-compose.yml", "deploy/k8s/planner-svc.yaml"] {
+    for file in [
+        "docker-compose.yml",
+        "deploy/k8s/planner-svc.yaml",
+        "deploy/otel/collector.yaml",
+    ] {
         let status = Command::new("python3")
             .args([
                 "-c",

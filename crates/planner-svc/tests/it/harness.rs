@@ -155,6 +155,12 @@ impl Executors {
                 };
                 let task: TaskMessage = serde_json::from_slice(&message.payload).unwrap();
                 seen.lock().unwrap().insert(message.subject.to_string());
+                // As docs/protocol.md asks of executors: the dispatch's trace context goes on
+                // with its claim and its report.
+                let mut trace = async_nats::HeaderMap::new();
+                if let Some(value) = message.headers.as_ref().and_then(|h| h.get("traceparent")) {
+                    trace.insert("traceparent", value.as_str());
+                }
                 let a = &task.assignment;
                 *delivered
                     .lock()
@@ -170,8 +176,9 @@ impl Executors {
                 for tries in 1..=5u64 {
                     let asked = tokio::time::timeout(
                         Duration::from_secs(2),
-                        client.request(
+                        client.request_with_headers(
                             format!("planner.claim.{}", task.session),
+                            trace.clone(),
                             serde_json::to_vec(&claim).unwrap().into(),
                         ),
                     )
@@ -270,7 +277,14 @@ impl Executors {
                     let body = serde_json::to_vec(&report).unwrap();
                     // Retry through a server restart.
                     for _ in 0..100 {
-                        if let Ok(ack) = js.publish(subject.clone(), body.clone().into()).await {
+                        let sent = js
+                            .publish_with_headers(
+                                subject.clone(),
+                                trace.clone(),
+                                body.clone().into(),
+                            )
+                            .await;
+                        if let Ok(ack) = sent {
                             if ack.await.is_ok() {
                                 return;
                             }

@@ -698,3 +698,379 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
     let _ = pool.await;
     daemon.stop().await;
 }
+
+/// The trace id of a `traceparent` header, if it has a valid one.
+fn trace_id_of(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers
+        .and_then(|h| h.get("traceparent"))
+        .and_then(|v| planner_svc::trace::TraceParent::parse(v.as_str()))
+        .map(|t| t.trace_id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_failure_is_dispatched_in_the_trace_of_its_request() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    // A backoff long enough that the retry comes from the timer, not from the report's handling.
+    config.planner.retry.initial_backoff_ms = 300;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    client.flush().await.unwrap();
+    let _executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            fail_first: ["a".to_owned()].into(),
+            ..ExecutorBehaviour::default()
+        },
+    )
+    .await;
+    let plan = json!({"type": "initialize", "input": "retried", "plan": {"tasks": [
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
+    ]}});
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace}-b7ad6b7169203331-01").as_str(),
+    );
+    let reply = client
+        .request_with_headers(
+            "planner.cmd.retried",
+            headers,
+            serde_json::to_vec(&plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    let mut attempts = Vec::new();
+    while attempts.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
+            .await
+            .expect("the first attempt and its retry")
+            .unwrap();
+        let task: planner_svc::protocol::TaskMessage =
+            serde_json::from_slice(&message.payload).unwrap();
+        attempts.push((
+            task.assignment.attempt,
+            trace_id_of(message.headers.as_ref()),
+        ));
+    }
+    assert_eq!(
+        attempts,
+        vec![(1, Some(trace.to_owned())), (2, Some(trace.to_owned()))],
+        "the retry, sent when its backoff ended, is in the request's trace"
+    );
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "retried").await;
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, planner_core::Event::RetryScheduled { .. })));
+    // Every append of the session (the request, the claims, the reports, the tick that
+    // retried) is tied to the request's trace on its JetStream message.
+    let batches = planner_store::EventStore::load_batches(&store, "retried")
+        .await
+        .unwrap();
+    assert!(batches.len() >= 5, "{batches:?}");
+    for batch in &batches {
+        let traced = batch
+            .traceparent
+            .as_deref()
+            .and_then(planner_svc::trace::TraceParent::parse)
+            .map(|t| t.trace_id());
+        assert_eq!(traced.as_deref(), Some(trace), "{batch:?}");
+    }
+    // An operator reads them back with `replay`.
+    let output = crate::support::planner_svc()
+        .args([
+            "--set",
+            &format!("nats.url=\"{}\"", server.url()),
+            "replay",
+            "retried",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert_eq!(
+        stdout.matches(&format!("trace {trace}")).count(),
+        batches.len(),
+        "{stdout}"
+    );
+    daemon.stop().await;
+}
+
+/// An OTLP/HTTP receiver on a free loopback port: every span POSTed to `/v1/traces`
+/// (protobuf), as the daemon's exporter sends them.
+struct OtlpReceiver {
+    port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (into, counted) = (spans.clone(), requests.clone());
+        let router = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let (into, counted) = (into.clone(), counted.clone());
+                    async move {
+                        assert_eq!(
+                            headers.get("content-type").and_then(|v| v.to_str().ok()),
+                            Some("application/x-protobuf")
+                        );
+                        let request = ExportTraceServiceRequest::decode(body).unwrap();
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let mut spans = into.lock().unwrap();
+                        for resource in request.resource_spans {
+                            for scope in resource.scope_spans {
+                                spans.extend(scope.spans);
+                            }
+                        }
+                        (
+                            [("content-type", "application/x-protobuf")],
+                            axum::body::Bytes::new(),
+                        )
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        OtlpReceiver {
+            port,
+            spans,
+            requests,
+        }
+    }
+
+    /// The spans received so far in trace `trace` (hex).
+    fn spans_of(&self, trace: &str) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| hex(&s.trace_id) == trace)
+            .cloned()
+            .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A span's attribute, as text (strings and integers).
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .and_then(|value| match value {
+            Value::StringValue(s) => Some(s.clone()),
+            Value::IntValue(i) => Some(i.to_string()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_attempt() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let receiver = OtlpReceiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The real daemon, configured the OpenTelemetry way; its metrics listener off (another
+    // test's may hold the port).
+    let mut daemon = crate::support::Spawned::start(
+        crate::support::planner_svc()
+            .current_dir(dir.path())
+            .args([
+                "--set",
+                "metrics.listen=\"\"",
+                "serve",
+                "--nats-url",
+                &server.url(),
+            ])
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{}", receiver.port),
+            ),
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    assert!(
+        crate::support::answers_ping(&client).await,
+        "the daemon did not start:\n{}",
+        daemon.output()
+    );
+    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    client.flush().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(planner_svc::executor::run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        planner_svc::executor::PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "otlp-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: false,
+            reports: Default::default(),
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency: Duration::from_millis(1),
+                ..Default::default()
+            },
+        },
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+        stop.clone(),
+    ));
+    let plan = json!({"type": "initialize", "input": "exported", "plan": {"tasks": [
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
+    ]}});
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace}-{parent}-01").as_str());
+    let reply = client
+        .request_with_headers(
+            "planner.cmd.exported",
+            headers,
+            serde_json::to_vec(&plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    // The dispatch carries the request's trace, and the span that sent it.
+    let dispatch = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
+        .await
+        .expect("a dispatch")
+        .unwrap();
+    let sent = dispatch
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .and_then(|v| planner_svc::trace::TraceParent::parse(v.as_str()))
+        .expect("the dispatch has a traceparent");
+    assert_eq!(sent.trace_id(), trace);
+    let store = store(&server.url()).await;
+    wait_for_end(&store, "exported").await;
+    stop.cancel();
+    let _ = pool.await;
+
+    // A graceful stop exports what is still queued (the batch's delay is 5 s by default).
+    daemon.signal("-TERM");
+    let (status, output) = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait_exit(Duration::from_secs(20));
+        (status, daemon.output())
+    })
+    .await
+    .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{output}");
+    assert!(
+        output.contains("exporting spans over OTLP/HTTP"),
+        "{output}"
+    );
+    assert!(!output.contains("exporting spans failed"), "{output}");
+    let spans = receiver.spans_of(trace);
+    let describe = || {
+        spans
+            .iter()
+            .map(|s| {
+                let attributes: Vec<String> = s
+                    .attributes
+                    .iter()
+                    .map(|kv| format!("{}={:?}", kv.key, kv.value))
+                    .collect();
+                format!(
+                    "{} span={} parent={} {}",
+                    s.name,
+                    hex(&s.span_id),
+                    hex(&s.parent_span_id),
+                    attributes.join(" ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        receiver.requests.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "nothing exported"
+    );
+    let find = |name: &str, pairs: &[(&str, &str)]| {
+        spans.iter().find(|s| {
+            s.name == name
+                && pairs
+                    .iter()
+                    .all(|(k, v)| attribute(s, k).as_deref() == Some(*v))
+        })
+    };
+    // The request's handling, a child of the caller's span.
+    let received = find("receive command", &[]).unwrap_or_else(|| panic!("{}", describe()));
+    assert_eq!(hex(&received.parent_span_id), parent, "{}", describe());
+    find(
+        "command",
+        &[("session", "exported"), ("command", "initialize")],
+    )
+    .unwrap_or_else(|| panic!("command handling: {}", describe()));
+    find("append", &[("session", "exported")]).unwrap_or_else(|| panic!("append: {}", describe()));
+    // The dispatch's span is the one whose context the dispatch carried.
+    let dispatched = find(
+        "dispatch",
+        &[("session", "exported"), ("task", "a"), ("attempt", "1")],
+    )
+    .unwrap_or_else(|| panic!("dispatch: {}", describe()));
+    assert_eq!(
+        hex(&dispatched.span_id),
+        hex(&sent.span_id),
+        "{}",
+        describe()
+    );
+    // The executor's report came back with that context: its handling is in the trace.
+    find(
+        "command",
+        &[
+            ("session", "exported"),
+            ("command", "handle_executor_event"),
+            ("task", "a"),
+            ("attempt", "1"),
+        ],
+    )
+    .unwrap_or_else(|| panic!("report handling: {}", describe()));
+    let report = find("process report", &[]).unwrap_or_else(|| panic!("{}", describe()));
+    assert_eq!(
+        hex(&report.parent_span_id),
+        hex(&dispatched.span_id),
+        "{}",
+        describe()
+    );
+    // The attempt, from its dispatch to its end.
+    let attempt = find(
+        "attempt",
+        &[
+            ("session", "exported"),
+            ("task", "a"),
+            ("attempt", "1"),
+            ("outcome", "completed"),
+        ],
+    )
+    .unwrap_or_else(|| panic!("attempt: {}", describe()));
+    assert!(attempt.end_time_unix_nano >= attempt.start_time_unix_nano);
+}
