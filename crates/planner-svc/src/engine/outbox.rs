@@ -30,7 +30,22 @@ pub struct Recovery {
 impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// Re-publishes what an unfinished session has in flight: the current attempt of every
     /// running task and every open question. Safe to repeat (dispatch ids deduplicate).
+    ///
+    /// Outside any trace (the outbox's retries, recovery), it runs in the trace of the
+    /// session's latest command, if one is in memory: the re-sent dispatch is in the trace of
+    /// the request it serves.
     pub async fn republish(&self, session: &str) -> Result<(), EngineError> {
+        if crate::trace::current().is_none() && crate::trace::enabled() {
+            if let Some(context) = self.registry.get(session).and_then(|slot| slot.trace()) {
+                let work = self.republish_traced(session);
+                let edge = crate::trace::Edge::Internal;
+                return Box::pin(crate::trace::scope(Some(context), edge, work)).await;
+            }
+        }
+        self.republish_traced(session).await
+    }
+
+    async fn republish_traced(&self, session: &str) -> Result<(), EngineError> {
         let undeliverable = self.republish_locked(session).await?;
         for (task_id, attempt, bytes) in undeliverable {
             self.abandon_undeliverable(session, task_id, attempt, bytes)
@@ -191,6 +206,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     /// Periodic housekeeping: re-publish for sessions whose publish failed, drop sessions idle
     /// past the timeout, and the least recently used ones past `max_loaded`.
     pub async fn sweep(&self) {
+        // What the sweep below re-publishes anyway: the pending notes go with it.
+        if let Ok(mut pending) = self.unpublished.lock() {
+            pending.clear();
+        }
         for (session, slot) in self.registry.all() {
             let unpublished = slot
                 .state
