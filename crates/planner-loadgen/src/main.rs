@@ -355,6 +355,8 @@ async fn main() -> anyhow::Result<()> {
             .env("PLANNER_LOG__LEVEL", "warn")
             .env("PLANNER_REPORTS__MAX_IN_FLIGHT", "1024")
             .env("PLANNER_SESSIONS__MAX_LOADED", "100000")
+            // Metrics are recorded all the same; several instances cannot share one port.
+            .env("PLANNER_METRICS__LISTEN", "")
             .envs(
                 [
                     "PLANNER_STORE__REPLICAS",
