@@ -10,7 +10,7 @@
 //!   shared consumer of old (`planner-svc`) drains reports stored before partitioning.
 //! - Ownership: commands, claims and heartbeats for a session another instance owns are
 //!   forwarded to it on `{p}.fwd.<instance>.<subject>` with the client's reply subject, so it
-//!   answers the client; a forwarded request is handled where it lands, never forwarded again.
+//!   answers the client (see `Router`: in transit, to the next owner; at most two hops).
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
 //!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
 //!   reaches one executor of a pool, and waits while none is online.
@@ -921,28 +921,26 @@ struct Router {
 }
 
 impl Router {
-    /// The owner to forward `incoming` to, when another instance owns its session. A
-    /// forwarded request is never forwarded again (no loops: its receiver handles it, owner or
-    /// not); one whose owner is unknown (a handover) is handled here, optimistic concurrency
-    /// keeping the two apart.
+    /// The instance to forward `incoming` to, when another one owns its session, or takes it
+    /// next while it is in transit ([`Partitions::forward_to`]). A request forwarded here that
+    /// this instance neither serves nor hands over (the sender's owner table was behind, as
+    /// happens for a moment after a handover) goes on once more, marked
+    /// ([`FORWARDED_AGAIN`]); a marked one is handled where it lands, owner or not: at most
+    /// two hops, never a loop, and optimistic concurrency keeps a request handled off its
+    /// owner apart from the owner's work.
     fn owner_elsewhere(&self, endpoint: Endpoint, incoming: &Incoming) -> Option<String> {
-        if !self.enabled || incoming.forwarded || incoming.reply.is_none() {
+        if !self.enabled || incoming.reply.is_none() || incoming.forwarded_again() {
             return None;
         }
         let session = self
             .subjects
             .session_of(&incoming.subject, endpoint.token())?;
-        let partition = self.partitions.of(session);
-        if self.partitions.owns(partition) {
-            return None;
-        }
         self.partitions
-            .owner(partition)
-            .filter(|owner| *owner != self.me)
+            .forward_to(self.partitions.of(session), &self.me)
     }
 
-    /// Sends `incoming` on to `owner`, with the client's reply subject: the owner answers the
-    /// client directly.
+    /// Sends `incoming` on to `owner`, with its reply subject (the client's, or, forwarded
+    /// here, the sender's): the owner answers there directly.
     async fn forward(
         &self,
         owner: &str,
@@ -953,7 +951,14 @@ impl Router {
         };
         self.forwarded.fetch_add(1, Ordering::Relaxed);
         let subject = self.subjects.forward(owner, &incoming.subject);
-        match incoming.headers {
+        let headers = if incoming.forwarded {
+            let mut headers = incoming.headers.unwrap_or_default();
+            headers.insert(FORWARDED_AGAIN, "1");
+            Some(headers)
+        } else {
+            incoming.headers
+        };
+        match headers {
             Some(headers) => {
                 self.client
                     .publish_with_reply_and_headers(subject, reply, headers, incoming.payload)
@@ -968,6 +973,9 @@ impl Router {
     }
 }
 
+/// The header of a request forwarded a second time: its receiver handles it.
+const FORWARDED_AGAIN: &str = "Planner-Forwarded-Again";
+
 /// A request from a client or an executor, received directly or forwarded by another instance.
 struct Incoming {
     subject: String,
@@ -976,6 +984,17 @@ struct Incoming {
     /// Carried on when forwarded: the trace context (`traceparent`) among them.
     headers: Option<async_nats::HeaderMap>,
     forwarded: bool,
+}
+
+impl Incoming {
+    /// Whether it was forwarded twice already (see [`Router::owner_elsewhere`]).
+    fn forwarded_again(&self) -> bool {
+        self.forwarded
+            && self
+                .headers
+                .as_ref()
+                .is_some_and(|headers| headers.get(FORWARDED_AGAIN).is_some())
+    }
 }
 
 impl From<async_nats::service::Request> for Incoming {
@@ -1029,9 +1048,12 @@ impl<S: EventStore> Owned<S> {
             self.engine.forget_partition(*partition, count);
         }
         if !round.to_release.is_empty() {
+            // Their requests are still answered here while the pumps drain (the sessions are
+            // in memory and the leases ours); then all leases go at once, and from then on
+            // their requests go to the next owner, not here.
             let mut draining = Vec::new();
             for partition in &round.to_release {
-                self.partitions.set_owned(*partition, false);
+                self.partitions.set_handing_over(*partition);
                 self.pending.remove(partition);
                 if let Some(pump) = self.pumps.remove(partition) {
                     pump.stop.cancel();
@@ -1039,9 +1061,10 @@ impl<S: EventStore> Owned<S> {
                 }
             }
             futures::future::join_all(draining).await;
+            leases.release(&round.to_release).await;
             for partition in &round.to_release {
+                self.partitions.set_owned(*partition, false);
                 self.engine.forget_partition(*partition, count);
-                leases.release(*partition).await;
             }
             tracing::info!(partitions = ?round.to_release, "partitions handed over");
         }
@@ -1138,14 +1161,20 @@ async fn run_leases<S: EventStore>(
             () = stop.cancelled() => break,
             _ = refresh.tick() => true,
             entry = async { watch.as_mut()?.next().await }, if watch.is_some() => match entry {
-                Some(Ok(entry)) if relevant(&leases, &owned.partitions, &entry) => {
+                Some(Ok(entry)) if leases.observe(&entry) => {
                     // A handover frees many keys at once: one round for the burst.
                     let quiet = tokio::time::sleep(Duration::from_millis(20));
                     tokio::pin!(quiet);
                     while let Some(watch) = watch.as_mut() {
                         tokio::select! {
                             () = &mut quiet => break,
-                            more = watch.next() => if more.is_none() { break },
+                            more = watch.next() => match more {
+                                Some(Ok(entry)) => {
+                                    leases.observe(&entry);
+                                }
+                                Some(Err(_)) => {}
+                                None => break,
+                            },
                         }
                     }
                     false
@@ -1175,34 +1204,6 @@ async fn run_leases<S: EventStore>(
         owned.start_pending().await;
     }
     owned.release_all(&mut leases).await;
-}
-
-/// Whether a change in the lease bucket calls for a round: a partition freed or taken by an
-/// owner not known for it, a member that joined or left. Refreshes (puts of what is known) do
-/// not: they come every third of the TTL from every instance.
-fn relevant(
-    leases: &Leases,
-    partitions: &Partitions,
-    entry: &async_nats::jetstream::kv::Entry,
-) -> bool {
-    use async_nats::jetstream::kv::Operation;
-    match entry.operation {
-        Operation::Delete | Operation::Purge => true,
-        Operation::Put => {
-            if let Some(instance) = entry.key.strip_prefix("member.") {
-                return !leases.is_member(instance);
-            }
-            let owner = String::from_utf8_lossy(&entry.value);
-            let partition = entry
-                .key
-                .strip_prefix("owner.")
-                .and_then(|n| n.parse::<u32>().ok());
-            match partition {
-                Some(partition) => partitions.owner(partition).as_deref() != Some(owner.as_ref()),
-                None => false,
-            }
-        }
-    }
 }
 
 /// What the report pump needs.

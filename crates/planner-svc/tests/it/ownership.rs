@@ -439,3 +439,64 @@ async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_report
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_joining_under_load_takes_its_sessions_without_the_giver_loading_them_again() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let alone = wait_for_split(&client, 1, Duration::from_secs(10)).await;
+    let giver = alone[0].instance.clone();
+    // Every session's task is claimed and heartbeats every 100 ms, through the handover: a
+    // steady stream of requests for every session, half of them landing on each instance.
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            stall_targets: ["hold".to_owned()].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sessions: Vec<String> = (0..96).map(|i| format!("joined-{i}")).collect();
+    let hold = json!({"type": "initialize", "input": "hold", "plan": {"tasks": [
+        {"id": "t0", "description": "hold", "kind": "tool_call", "target": "hold", "dependencies": []}
+    ]}});
+    for session in &sessions {
+        command(&client, session, hold.clone()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while executors.executions.lock().unwrap().len() < sessions.len() {
+        assert!(Instant::now() < deadline, "the tasks were not all claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = Daemon::start(config(&server)).await;
+    let split = wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    // Several heartbeats of every session after the handover.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let taker = split.iter().find(|r| r.instance != giver).unwrap();
+    let moved = sessions
+        .iter()
+        .filter(|s| taker.partitions.contains(&partition_of(s, PARTITIONS)))
+        .count() as u64;
+    assert!(moved > 0, "{split:?}");
+    let replies = ownership(&client).await;
+    let of = |instance: &str| replies.iter().find(|r| r.instance == instance).unwrap();
+    let (given, taken) = (of(&giver), of(&taker.instance));
+    // The giver loaded each session once (its creation) and none again after handing it over;
+    // the taker loaded each session it took once; neither lost a race to the other.
+    assert!(
+        given.loads <= sessions.len() as u64 + 1,
+        "the giver loaded {} times for {} sessions: {replies:?}",
+        given.loads,
+        sessions.len()
+    );
+    assert!(
+        taken.loads <= moved + 1,
+        "the taker loaded {} times for the {moved} sessions it took: {replies:?}",
+        taken.loads
+    );
+    let conflicts: u64 = replies.iter().map(|r| r.conflicts).sum();
+    assert!(conflicts <= 1, "{replies:?}");
+    a.stop().await;
+    b.stop().await;
+}
