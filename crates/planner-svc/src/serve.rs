@@ -9,8 +9,9 @@
 //!   only after the events they cause are persisted (and what those carry published). The
 //!   shared consumer of old (`planner-svc`) drains reports stored before partitioning.
 //! - Ownership: commands, claims and heartbeats for a session another instance owns are
-//!   forwarded to it on `{p}.fwd.<instance>.<subject>` with the client's reply subject, so it
-//!   answers the client (see `Router`: in transit, to the next owner; at most two hops).
+//!   forwarded to it on `{p}.fwd.<instance>.<subject>`, as requests of the forwarder's own,
+//!   which relays the answer to the client and answers itself when the owner is gone (see
+//!   `Router`: in transit, to the next owner; at most two hops).
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
 //!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
 //!   reaches one executor of a pool, and waits while none is online.
@@ -582,6 +583,7 @@ async fn run_with<S: EventStore>(
         subjects: subjects.clone(),
         client: client.clone(),
         forwarded: AtomicU64::new(0),
+        timeout: config.request_timeout(),
     });
     let recover_now = Arc::new(tokio::sync::Notify::new());
     // Leases first: a single instance takes every partition before it serves, as before.
@@ -918,6 +920,9 @@ struct Router {
     subjects: Subjects,
     client: async_nats::Client,
     forwarded: AtomicU64,
+    /// How long a forwarded request waits for the owner's answer (`nats.request_timeout_ms`,
+    /// what clients wait by default).
+    timeout: Duration,
 }
 
 impl Router {
@@ -939,35 +944,61 @@ impl Router {
             .forward_to(self.partitions.of(session), &self.me)
     }
 
-    /// Sends `incoming` on to `owner`, with its reply subject (the client's, or, forwarded
-    /// here, the sender's): the owner answers there directly.
+    /// Sends `incoming` on to `owner` as a request of this instance's own (its inbox, waiting
+    /// up to `timeout`), and relays the answer, headers and all, to `incoming`'s reply subject.
+    /// Gives `incoming` back when nobody listens there: the owner died and its lease has not
+    /// expired yet, so the caller answers it itself (optimistic concurrency keeps that safe).
+    /// A request that times out is not answered here: the owner may be slow, not gone, and may
+    /// have applied it (a command applied twice would be refused the second time), so the
+    /// client's own timeout and retry decide, as for any request.
     async fn forward(
         &self,
+        endpoint: Endpoint,
         owner: &str,
         incoming: Incoming,
-    ) -> Result<(), async_nats::PublishError> {
-        let Some(reply) = incoming.reply else {
-            return Ok(());
-        };
+    ) -> Option<Incoming> {
+        let reply_to = incoming.reply.clone()?;
         self.forwarded.fetch_add(1, Ordering::Relaxed);
-        let subject = self.subjects.forward(owner, &incoming.subject);
         let headers = if incoming.forwarded {
-            let mut headers = incoming.headers.unwrap_or_default();
+            let mut headers = incoming.headers.clone().unwrap_or_default();
             headers.insert(FORWARDED_AGAIN, "1");
             Some(headers)
         } else {
-            incoming.headers
+            incoming.headers.clone()
         };
-        match headers {
-            Some(headers) => {
-                self.client
-                    .publish_with_reply_and_headers(subject, reply, headers, incoming.payload)
-                    .await
+        let request = async_nats::Request {
+            payload: Some(incoming.payload.clone()),
+            headers,
+            timeout: Some(Some(self.timeout)),
+            inbox: None,
+        };
+        let subject = self.subjects.forward(owner, &incoming.subject);
+        match self.client.send_request(subject, request).await {
+            Ok(answer) => {
+                let relayed = match answer.headers {
+                    Some(headers) => {
+                        self.client
+                            .publish_with_headers(reply_to, headers, answer.payload)
+                            .await
+                    }
+                    None => self.client.publish(reply_to, answer.payload).await,
+                };
+                if let Err(error) = relayed {
+                    tracing::warn!(%error, endpoint = endpoint.name(), "could not relay the owner's reply");
+                }
+                None
             }
-            None => {
-                self.client
-                    .publish_with_reply(subject, reply, incoming.payload)
-                    .await
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tracing::info!(
+                    owner,
+                    endpoint = endpoint.name(),
+                    "the session's owner is gone (its lease not expired yet); answered here"
+                );
+                Some(incoming)
+            }
+            Err(error) => {
+                tracing::warn!(%error, owner, endpoint = endpoint.name(), "a request forwarded to its session's owner was not answered");
+                None
             }
         }
     }
@@ -1738,14 +1769,36 @@ fn answer<S: EventStore>(
     max_bytes: usize,
 ) {
     if let Some(owner) = router.owner_elsewhere(endpoint, &incoming) {
-        let router = Arc::clone(router);
+        let (router, engine, admission) = (
+            Arc::clone(router),
+            Arc::clone(engine),
+            Arc::clone(admission),
+        );
+        let forwarder = tracker.clone();
         tracker.spawn(async move {
-            if let Err(error) = router.forward(&owner, incoming).await {
-                tracing::warn!(%error, owner, endpoint = endpoint.name(), "could not forward a request to its session's owner");
+            if let Some(incoming) = router.forward(endpoint, &owner, incoming).await {
+                answer_here(
+                    endpoint, incoming, &admission, &forwarder, &engine, &router, max_bytes,
+                );
             }
         });
         return;
     }
+    answer_here(
+        endpoint, incoming, admission, tracker, engine, router, max_bytes,
+    );
+}
+
+/// Answers one request here, in a task of its own, within the admission limit.
+fn answer_here<S: EventStore>(
+    endpoint: Endpoint,
+    incoming: Incoming,
+    admission: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    router: &Arc<Router>,
+    max_bytes: usize,
+) {
     let (engine, router) = (Arc::clone(engine), Arc::clone(router));
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).

@@ -500,3 +500,57 @@ async fn an_instance_joining_under_load_takes_its_sessions_without_the_giver_loa
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_killed_owner_s_session_is_answered_before_its_lease_expires() {
+    let server = NatsServer::start().unwrap();
+    // A lease far longer than the test: the dead owner's partitions stay its own throughout.
+    let ttl_ms = 60_000;
+    let mut doomed = Process::start(&server, ttl_ms);
+    let _survivor = Process::start(&server, ttl_ms);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let before = wait_for_split(&client, 2, Duration::from_secs(60)).await;
+    doomed.0.kill().unwrap(); // SIGKILL: its lease stays until the TTL
+    let killed_at = Instant::now();
+    let _ = doomed.0.wait();
+    let survivor = ownership(&client).await;
+    assert_eq!(survivor.len(), 1, "{survivor:?}");
+    let dead = before
+        .iter()
+        .find(|r| r.instance != survivor[0].instance)
+        .unwrap();
+    let session = (0..)
+        .map(|i| format!("orphan-{i}"))
+        .find(|s| dead.partitions.contains(&partition_of(s, PARTITIONS)))
+        .unwrap();
+    // The survivor forwards it to the owner it knows, finds nobody there and answers itself.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            format!("planner.cmd.{session}"),
+            serde_json::to_vec(&chain_plan(2)).unwrap().into(),
+        ),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("answered, not no responders");
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    assert!(killed_at.elapsed() < Duration::from_millis(ttl_ms / 2));
+    let store = store(&server.url()).await;
+    let events = store.load_all(&session).await.unwrap();
+    let requests = events
+        .iter()
+        .filter(|e| e.event_type() == "request_received")
+        .count();
+    assert_eq!(requests, 1, "applied once: {events:?}");
+    let still = ownership(&client).await;
+    assert!(
+        still[0].partitions.len() < PARTITIONS as usize,
+        "the dead owner's lease has not expired: {still:?}"
+    );
+}
