@@ -51,6 +51,7 @@ use crate::protocol::{
     ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
     LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, Subjects,
 };
+use crate::startup::{patiently, Misconfigured, PublishDenials};
 
 /// The daemon's version, reported to `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -85,39 +86,14 @@ async fn connect_patiently(
     }
 }
 
-/// Runs a start-up step against JetStream until it succeeds, for up to `nats.startup_wait_s`
-/// with a growing delay and a log line per failure. A cluster that just formed (its meta leader
-/// elected a moment ago), or several instances creating the same R3 streams at once, answer
-/// with timeouts for a while: that is a reason to wait, not to exit (a crash loop under an
-/// orchestrator). What fails for good is reported once the wait is over.
-async fn patiently<T, E, F, Fut>(config: &Config, what: &str, mut step: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-    E: Into<anyhow::Error>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.nats.startup_wait_s);
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match step().await.map_err(Into::into) {
-            Ok(value) => return Ok(value),
-            Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(error = %crate::report(&error), retry_in = ?delay, "{what} failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(error) => {
-                return Err(error.context(format!(
-                    "{what} still failing after nats.startup_wait_s = {} s",
-                    config.nats.startup_wait_s
-                )))
-            }
-        }
-    }
+/// Where the connection's event callback sends what the server refused: the subscriptions
+/// (the daemon cannot serve without them) and the last publish (a start-up step it refused
+/// only times out: this says why).
+#[derive(Clone)]
+struct Denials {
+    subscriptions: tokio::sync::mpsc::UnboundedSender<String>,
+    publishes: PublishDenials,
 }
-
-/// Where the connection's event callback sends the subscriptions the server refused.
-type Denials = tokio::sync::mpsc::UnboundedSender<String>;
 
 /// Connects to NATS as configured. The connection's events are logged: the server's errors
 /// (a permissions violation among them) at ERROR or WARN, the rest at INFO.
@@ -133,6 +109,20 @@ fn subscription_denial(event: &async_nats::Event) -> Option<&str> {
             if text
                 .to_lowercase()
                 .starts_with("permissions violation for subscription") =>
+        {
+            Some(text)
+        }
+        _ => None,
+    }
+}
+
+/// The server's refusal of a publish (`Permissions Violation for Publish to "<subject>"`).
+fn publish_denial(event: &async_nats::Event) -> Option<&str> {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+            if text
+                .to_lowercase()
+                .starts_with("permissions violation for publish") =>
         {
             Some(text)
         }
@@ -170,8 +160,12 @@ async fn connect_watching(
             let denials = denials.clone();
             async move {
                 log_event(&event);
-                if let (Some(denials), Some(denied)) = (denials, subscription_denial(&event)) {
-                    let _ = denials.send(denied.to_owned());
+                if let Some(denials) = denials {
+                    if let Some(denied) = subscription_denial(&event) {
+                        let _ = denials.subscriptions.send(denied.to_owned());
+                    } else if let Some(denied) = publish_denial(&event) {
+                        denials.publishes.record(denied);
+                    }
                 }
             }
         });
@@ -301,7 +295,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let (denials, denied) = tokio::sync::mpsc::unbounded_channel();
+    let (subscriptions, denied) = tokio::sync::mpsc::unbounded_channel();
+    let publishes = PublishDenials::default();
+    let denials = Denials {
+        subscriptions,
+        publishes: publishes.clone(),
+    };
     crate::trace::set_enabled(config.metrics.trace_context);
     // Live (and not ready) from here on, while NATS is waited for.
     let admin = crate::health::start(&config.metrics, &config.metrics.listen, "serve").await;
@@ -315,6 +314,7 @@ pub async fn serve(
         config,
         client,
         denied,
+        publishes,
         health,
     };
     let config = &run.config;
@@ -330,9 +330,12 @@ pub async fn serve(
                 max_message_bytes: i32::try_from(config.store.max_append_bytes).unwrap_or(i32::MAX),
                 ..JetStreamConfig::default()
             };
-            let store = patiently(config, "opening the JetStream event store", || {
-                JetStreamStore::connect(run.client.clone(), store_config.clone())
-            })
+            let store = patiently(
+                config,
+                &run.publishes,
+                "opening the JetStream event store",
+                || JetStreamStore::connect(run.client.clone(), store_config.clone()),
+            )
             .await?;
             run_with(run, store, shutdown).await
         }
@@ -410,17 +413,23 @@ async fn ensure_streams(
         .config
         .clone();
     match (&existing.subject_transform, &transform) {
-        (Some(have), Some(want)) if have.destination != want.destination => anyhow::bail!(
-            "the reports stream {} partitions reports as {:?}, not {:?}: ownership.partitions must not change for a deployment (set it back)",
-            config.reports.stream_name,
-            have.destination,
-            want.destination
-        ),
-        (Some(have), None) => anyhow::bail!(
-            "the reports stream {} partitions reports ({:?}): ownership.enabled = false cannot read them; enable ownership again",
-            config.reports.stream_name,
-            have.destination
-        ),
+        (Some(have), Some(want)) if have.destination != want.destination => {
+            return Err(Misconfigured(format!(
+                "the reports stream {} partitions reports as {:?}, not {:?}: ownership.partitions must not change for a deployment (set it back)",
+                config.reports.stream_name,
+                have.destination,
+                want.destination
+            ))
+            .into())
+        }
+        (Some(have), None) => {
+            return Err(Misconfigured(format!(
+                "the reports stream {} partitions reports ({:?}): ownership.enabled = false cannot read them; enable ownership again",
+                config.reports.stream_name,
+                have.destination
+            ))
+            .into())
+        }
         (None, Some(_)) => {
             // A stream from before ownership: add the transform. Reports stored until now keep
             // their subjects and go through the legacy consumer below.
@@ -469,6 +478,8 @@ struct Run {
     client: async_nats::Client,
     /// The subscriptions the server refused (from the connection's event callback).
     denied: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The publishes it refused.
+    publishes: PublishDenials,
     /// What `/readyz` answers from.
     health: Arc<crate::health::Health>,
 }
@@ -500,6 +511,7 @@ async fn run_with<S: EventStore>(
         config,
         client,
         mut denied,
+        publishes,
         health,
     } = run;
     let subjects = Subjects::new(&config.subjects.prefix);
@@ -548,7 +560,7 @@ async fn run_with<S: EventStore>(
     }
 
     let (report_stream, legacy_reports) =
-        patiently(&config, "creating the daemon's streams", || {
+        patiently(&config, &publishes, "creating the daemon's streams", || {
             ensure_streams(&config, &client)
         })
         .await?;

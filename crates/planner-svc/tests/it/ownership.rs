@@ -554,3 +554,42 @@ async fn a_request_for_a_killed_owner_s_session_is_answered_before_its_lease_exp
         "the dead owner's lease has not expired: {still:?}"
     );
 }
+
+/// A changed partition count cannot be waited out: `serve` exits at once naming the setting,
+/// not after `nats.startup_wait_s` (60 s) of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_changed_partition_count_exits_at_once_naming_the_setting() {
+    use crate::support::{planner_svc, Spawned};
+    let server = NatsServer::start().unwrap();
+    Daemon::start(config(&server)).await.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve", "--nats-url", &server.url()])
+            .env("PLANNER_OWNERSHIP__PARTITIONS", "16")
+            .env("PLANNER_METRICS__LISTEN", ""),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait_exit(Duration::from_secs(30));
+        (status, daemon.output())
+    })
+    .await
+    .unwrap();
+    let (status, output) = status;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "exit {status:?}:\n{output}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}:\n{output}",
+        started.elapsed()
+    );
+    assert!(
+        output.contains("ownership.partitions must not change"),
+        "{output}"
+    );
+    assert!(output.contains("waiting will not help"), "{output}");
+}
