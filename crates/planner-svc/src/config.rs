@@ -239,7 +239,9 @@ pub struct NatsConfig {
     pub connect_timeout_ms: u64,
     /// Time allowed for a request (and a JetStream ack), in milliseconds.
     pub request_timeout_ms: u64,
-    /// How long `serve` waits for NATS at start-up before giving up (0: one attempt).
+    /// How long `serve` waits for NATS at start-up (reachable, its JetStream or cluster
+    /// ready) before giving up (0: one attempt). What waiting cannot fix (a setting to
+    /// change, a permission) ends the start-up at once (`startup.rs`).
     pub startup_wait_s: u64,
 }
 

@@ -9,6 +9,8 @@
 //!   IO goes through seams (`engine/seams.rs`).
 //! - `bus.rs`: publishers: NATS (JetStream for dispatches) and an in-process channel.
 //! - `serve.rs`: the daemon on NATS (`planner-svc serve`).
+//! - `startup.rs`: its start-up steps, retried while the failure can pass, not when a setting
+//!   must change.
 //! - `partition.rs`: which partition a session falls into and which instance serves it (pure).
 //! - `ownership.rs`: partition leases in a KV bucket, handed over on join, leave and death.
 //! - `http/`: the HTTP API, live streams and the web console (`--http`).
@@ -44,6 +46,7 @@ pub mod progress;
 pub mod protocol;
 pub mod serve;
 pub mod sim;
+pub mod startup;
 pub mod trace;
 
 /// `error` and its causes, `: `-separated, each said once: many errors print their source in

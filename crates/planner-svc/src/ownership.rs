@@ -279,6 +279,7 @@ impl Leases {
                 }
             }
         }
+        self.partitions.set_members(list);
         self.members = members;
         self.partitions.set_owners(
             owners
@@ -305,24 +306,53 @@ impl Leases {
         expired
     }
 
-    /// Gives `partition` up (its work drained): deletes our lease at its revision, so the
-    /// member it belongs to takes it at once.
-    pub async fn release(&mut self, partition: u32) {
-        let Some((revision, _)) = self.held.remove(&partition) else {
-            return;
-        };
-        if let Err(error) = self
-            .kv
-            .delete_expect_revision(owner_key(partition), Some(revision))
-            .await
-        {
-            // Someone else holds it already, or it expired: nothing of ours to delete.
-            tracing::debug!(partition, %error, "releasing a partition lease");
+    /// Gives `partitions` up (their work drained): deletes our leases at their revisions, all
+    /// at once, so the members they belong to take them at once.
+    pub async fn release(&mut self, partitions: &[u32]) {
+        let held: Vec<(u32, u64)> = partitions
+            .iter()
+            .filter_map(|p| self.held.remove(p).map(|(revision, _)| (*p, revision)))
+            .collect();
+        let deletes = held.iter().map(|(partition, revision)| {
+            self.kv
+                .delete_expect_revision(owner_key(*partition), Some(*revision))
+        });
+        let deleted = futures::future::join_all(deletes).await;
+        for ((partition, _), result) in held.iter().zip(deleted) {
+            if let Err(error) = result {
+                // Someone else holds it already, or it expired: nothing of ours to delete.
+                tracing::debug!(partition, %error, "releasing a partition lease");
+            }
         }
+    }
+
+    /// Takes in a change the bucket's watch saw: the owner table and the members are updated
+    /// at once (requests are routed by them: waiting for the next round sent requests for a
+    /// partition just released to the instance that released it). Whether it calls for a
+    /// round: a partition freed or taken by an owner not known for it, a member that joined
+    /// or left. Refreshes (puts of what is known) do not: they come every third of the TTL
+    /// from every instance.
+    pub fn observe(&self, entry: &kv::Entry) -> bool {
+        let put = entry.operation == Operation::Put;
+        if let Some(instance) = entry.key.strip_prefix("member.") {
+            self.partitions.set_member(instance, put);
+            return !put || !self.is_member(instance);
+        }
+        let Some(partition) = entry
+            .key
+            .strip_prefix("owner.")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        let owner = put.then(|| String::from_utf8_lossy(&entry.value).into_owned());
+        self.partitions.set_owner(partition, owner) || !put
     }
 
     /// Leaves the membership (a graceful stop): the others stop counting on this instance.
     pub async fn leave(&mut self) {
+        // Requests for the partitions it hands over go to the others from now on.
+        self.partitions.set_member(&self.me, false);
         if let Err(error) = self.kv.delete(member_key(&self.me)).await {
             tracing::warn!(%error, "could not leave the lease membership; it expires");
         }

@@ -2,7 +2,7 @@
 //! and the set of partitions this instance serves. Pure functions and an atomic set, free of
 //! NATS, so the rules are tested on their own (the leases that apply them are `ownership.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 /// FNV-1a, 32 bits: the hash nats-server's subject mapping `partition(n, ...)` applies to the
@@ -58,14 +58,24 @@ pub fn assigned_member(partition: u32, members: &[String]) -> Option<&str> {
 }
 
 /// What this instance knows of partitions: which it serves (read on every request, report and
-/// timer, so an atomic flag each) and who it last saw owning each of the others (where to
-/// forward).
+/// timer, so an atomic each), who owns each of the others and which members are live (where
+/// to forward), as last seen in the lease bucket: its watch updates both at once, each lease
+/// round rewrites them whole.
 #[derive(Debug)]
 pub struct Partitions {
     count: u32,
-    owned: Vec<AtomicBool>,
+    served: Vec<AtomicU8>,
     owners: RwLock<Vec<Option<String>>>,
+    members: RwLock<Vec<String>>,
 }
+
+/// Not served here.
+const NOT_SERVED: u8 = 0;
+/// Served here: its reports pumped, its sessions recovered and timed here.
+const SERVED: u8 = 1;
+/// Being handed over: the lease is still ours and its pump drains, so requests are still
+/// answered here (the sessions are in memory), but nothing new is started for it.
+const HANDING_OVER: u8 = 2;
 
 impl Partitions {
     /// `count` partitions (at least 1), none served, no owner known.
@@ -73,16 +83,17 @@ impl Partitions {
         let count = count.max(1);
         Arc::new(Partitions {
             count,
-            owned: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            served: (0..count).map(|_| AtomicU8::new(NOT_SERVED)).collect(),
             owners: RwLock::new(vec![None; count as usize]),
+            members: RwLock::new(Vec::new()),
         })
     }
 
     /// Every partition served here: a single instance without leases.
     pub fn all_owned(count: u32) -> Arc<Self> {
         let partitions = Self::new(count);
-        for flag in &partitions.owned {
-            flag.store(true, Ordering::Release);
+        for flag in &partitions.served {
+            flag.store(SERVED, Ordering::Release);
         }
         partitions
     }
@@ -97,11 +108,21 @@ impl Partitions {
         partition_of(session, self.count)
     }
 
+    fn state(&self, partition: u32) -> u8 {
+        self.served
+            .get(partition as usize)
+            .map_or(NOT_SERVED, |flag| flag.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, partition: u32, state: u8) {
+        if let Some(flag) = self.served.get(partition as usize) {
+            flag.store(state, Ordering::Release);
+        }
+    }
+
     /// Whether this instance serves `partition`.
     pub fn owns(&self, partition: u32) -> bool {
-        self.owned
-            .get(partition as usize)
-            .is_some_and(|flag| flag.load(Ordering::Acquire))
+        self.state(partition) == SERVED
     }
 
     /// Whether this instance serves `session`'s partition.
@@ -111,9 +132,14 @@ impl Partitions {
 
     /// Marks `partition` served here or not.
     pub fn set_owned(&self, partition: u32, owned: bool) {
-        if let Some(flag) = self.owned.get(partition as usize) {
-            flag.store(owned, Ordering::Release);
-        }
+        self.set_state(partition, if owned { SERVED } else { NOT_SERVED });
+    }
+
+    /// Marks `partition` as being handed over: no longer served (no recovery, no timers), but
+    /// its requests still answered here until its lease is released ([`Partitions::set_owned`]
+    /// false then).
+    pub fn set_handing_over(&self, partition: u32) {
+        self.set_state(partition, HANDING_OVER);
     }
 
     /// The partitions served here, in order.
@@ -123,16 +149,29 @@ impl Partitions {
 
     /// Serves nothing any more (a daemon that stopped or was dropped).
     pub fn disown_all(&self) {
-        for flag in &self.owned {
-            flag.store(false, Ordering::Release);
+        for flag in &self.served {
+            flag.store(NOT_SERVED, Ordering::Release);
         }
     }
 
-    /// Records who owns each partition, as last read from the lease bucket.
+    /// Records who owns each partition, as read from the lease bucket by a round.
     pub fn set_owners(&self, owners: Vec<Option<String>>) {
         let mut table = self.owners.write().unwrap_or_else(PoisonError::into_inner);
         *table = owners;
         table.resize(self.count as usize, None);
+    }
+
+    /// Records the owner of one partition (`None`: its lease was deleted), as the bucket's
+    /// watch saw it. Whether that changed the owner known.
+    pub fn set_owner(&self, partition: u32, owner: Option<String>) -> bool {
+        let mut table = self.owners.write().unwrap_or_else(PoisonError::into_inner);
+        match table.get_mut(partition as usize) {
+            Some(slot) if *slot != owner => {
+                *slot = owner;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The instance last seen owning `partition`, if any.
@@ -143,6 +182,43 @@ impl Partitions {
             .get(partition as usize)
             .cloned()
             .flatten()
+    }
+
+    /// Records the live members, as read by a round.
+    pub fn set_members(&self, members: Vec<String>) {
+        let mut list = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        *list = members;
+    }
+
+    /// A member joined (`live`) or left, as the bucket's watch saw it.
+    pub fn set_member(&self, member: &str, live: bool) {
+        let mut list = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        let known = list.iter().position(|m| m == member);
+        match (known, live) {
+            (None, true) => list.push(member.to_owned()),
+            (Some(at), false) => {
+                list.swap_remove(at);
+            }
+            _ => {}
+        }
+    }
+
+    /// Where instance `me` sends a request for a session of `partition`: `None` to answer it
+    /// here (served here, or being handed over from here), else the instance to forward it to.
+    /// That is the partition's owner; while it has none (in transit: released by its last
+    /// owner, not yet taken, or its owner's lease expired), the member rendezvous hashing
+    /// gives it to, which takes it next. Answered here when that is this instance.
+    pub fn forward_to(&self, partition: u32, me: &str) -> Option<String> {
+        if self.state(partition) != NOT_SERVED {
+            return None;
+        }
+        if let Some(owner) = self.owner(partition).filter(|owner| owner != me) {
+            return Some(owner);
+        }
+        let members = self.members.read().unwrap_or_else(PoisonError::into_inner);
+        assigned_member(partition, &members)
+            .filter(|next| *next != me)
+            .map(str::to_owned)
     }
 }
 
@@ -217,5 +293,47 @@ mod tests {
         assert_eq!(partitions.owner(7), None);
         partitions.disown_all();
         assert!(partitions.owned().is_empty());
+    }
+
+    #[test]
+    fn a_request_goes_to_the_owner_or_while_there_is_none_to_the_next_owner() {
+        let members = members(3);
+        let partitions = Partitions::new(32);
+        partitions.set_members(members.clone());
+        let me = "instance-0";
+        let p = (0..32)
+            .find(|p| assigned_member(*p, &members) == Some("instance-1"))
+            .unwrap();
+        // Owned elsewhere: to its owner, whoever rendezvous would give it to.
+        partitions.set_owner(p, Some("instance-2".into()));
+        assert_eq!(partitions.forward_to(p, me).as_deref(), Some("instance-2"));
+        // Served here, or being handed over from here: answered here.
+        partitions.set_owned(p, true);
+        assert_eq!(partitions.forward_to(p, me), None);
+        partitions.set_handing_over(p);
+        assert_eq!(partitions.forward_to(p, me), None);
+        assert!(!partitions.owns(p), "nothing new starts for it");
+        // Released by us: the table may still name us until the watch says otherwise, and a
+        // released partition goes to its next owner.
+        partitions.set_owned(p, false);
+        partitions.set_owner(p, Some(me.into()));
+        assert_eq!(partitions.forward_to(p, me).as_deref(), Some("instance-1"));
+        assert!(partitions.set_owner(p, None));
+        assert!(!partitions.set_owner(p, None), "no change");
+        assert_eq!(partitions.forward_to(p, me).as_deref(), Some("instance-1"));
+        // Its next owner left: the member rendezvous now gives it to.
+        partitions.set_member("instance-1", false);
+        let left = ["instance-0".to_owned(), "instance-2".to_owned()];
+        let next = assigned_member(p, &left);
+        assert_eq!(
+            partitions.forward_to(p, me).as_deref(),
+            next.filter(|n| *n != me)
+        );
+        // No other member: here.
+        partitions.set_members(vec![me.to_owned()]);
+        assert_eq!(partitions.forward_to(p, me), None);
+        partitions.set_member("instance-1", true);
+        partitions.set_member("instance-1", true);
+        assert_eq!(partitions.members.read().unwrap().len(), 2);
     }
 }

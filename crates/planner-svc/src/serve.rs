@@ -13,9 +13,10 @@
 //!   causes are persisted, `refused`, or `retry` (then the executor publishes it to the stream).
 //!   The same checks as a report from the stream ([`judge_report`]); a report that comes both
 //!   ways is applied once (the core ignores the second).
-//! - Ownership: commands, claims, heartbeats and direct reports for a session another instance owns are
-//!   forwarded to it on `{p}.fwd.<instance>.<subject>` with the client's reply subject, so it
-//!   answers the client; a forwarded request is handled where it lands, never forwarded again.
+//! - Ownership: commands, claims, heartbeats and direct reports for a session another
+//!   instance owns are forwarded to it on `{p}.fwd.<instance>.<subject>`, as requests of the
+//!   forwarder's own, which relays the answer to the client and answers itself when the owner
+//!   is gone (see `Router`: in transit, to the next owner; at most two hops).
 //! - Dispatches: published into the work-queue stream `PLANNER_TASKS` on
 //!   `{p}.task.{kind}.{target}`; an executor pool pulls from its own filtered consumer, so a task
 //!   reaches one executor of a pool, and waits while none is online.
@@ -56,6 +57,7 @@ use crate::protocol::{
     LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, ReportReply,
     Subjects,
 };
+use crate::startup::{patiently, Misconfigured, PublishDenials};
 
 /// The daemon's version, reported to `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -90,39 +92,14 @@ async fn connect_patiently(
     }
 }
 
-/// Runs a start-up step against JetStream until it succeeds, for up to `nats.startup_wait_s`
-/// with a growing delay and a log line per failure. A cluster that just formed (its meta leader
-/// elected a moment ago), or several instances creating the same R3 streams at once, answer
-/// with timeouts for a while: that is a reason to wait, not to exit (a crash loop under an
-/// orchestrator). What fails for good is reported once the wait is over.
-async fn patiently<T, E, F, Fut>(config: &Config, what: &str, mut step: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-    E: Into<anyhow::Error>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.nats.startup_wait_s);
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match step().await.map_err(Into::into) {
-            Ok(value) => return Ok(value),
-            Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(error = %crate::report(&error), retry_in = ?delay, "{what} failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(error) => {
-                return Err(error.context(format!(
-                    "{what} still failing after nats.startup_wait_s = {} s",
-                    config.nats.startup_wait_s
-                )))
-            }
-        }
-    }
+/// Where the connection's event callback sends what the server refused: the subscriptions
+/// (the daemon cannot serve without them) and the last publish (a start-up step it refused
+/// only times out: this says why).
+#[derive(Clone)]
+struct Denials {
+    subscriptions: tokio::sync::mpsc::UnboundedSender<String>,
+    publishes: PublishDenials,
 }
-
-/// Where the connection's event callback sends the subscriptions the server refused.
-type Denials = tokio::sync::mpsc::UnboundedSender<String>;
 
 /// Connects to NATS as configured. The connection's events are logged: the server's errors
 /// (a permissions violation among them) at ERROR or WARN, the rest at INFO.
@@ -138,6 +115,20 @@ fn subscription_denial(event: &async_nats::Event) -> Option<&str> {
             if text
                 .to_lowercase()
                 .starts_with("permissions violation for subscription") =>
+        {
+            Some(text)
+        }
+        _ => None,
+    }
+}
+
+/// The server's refusal of a publish (`Permissions Violation for Publish to "<subject>"`).
+fn publish_denial(event: &async_nats::Event) -> Option<&str> {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+            if text
+                .to_lowercase()
+                .starts_with("permissions violation for publish") =>
         {
             Some(text)
         }
@@ -175,8 +166,12 @@ async fn connect_watching(
             let denials = denials.clone();
             async move {
                 log_event(&event);
-                if let (Some(denials), Some(denied)) = (denials, subscription_denial(&event)) {
-                    let _ = denials.send(denied.to_owned());
+                if let Some(denials) = denials {
+                    if let Some(denied) = subscription_denial(&event) {
+                        let _ = denials.subscriptions.send(denied.to_owned());
+                    } else if let Some(denied) = publish_denial(&event) {
+                        denials.publishes.record(denied);
+                    }
                 }
             }
         });
@@ -306,7 +301,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
-    let (denials, denied) = tokio::sync::mpsc::unbounded_channel();
+    let (subscriptions, denied) = tokio::sync::mpsc::unbounded_channel();
+    let publishes = PublishDenials::default();
+    let denials = Denials {
+        subscriptions,
+        publishes: publishes.clone(),
+    };
     crate::trace::set_enabled(config.metrics.trace_context);
     // Live (and not ready) from here on, while NATS is waited for.
     let admin = crate::health::start(&config.metrics, &config.metrics.listen, "serve").await;
@@ -320,6 +320,7 @@ pub async fn serve(
         config,
         client,
         denied,
+        publishes,
         health,
     };
     let config = &run.config;
@@ -335,9 +336,12 @@ pub async fn serve(
                 max_message_bytes: i32::try_from(config.store.max_append_bytes).unwrap_or(i32::MAX),
                 ..JetStreamConfig::default()
             };
-            let store = patiently(config, "opening the JetStream event store", || {
-                JetStreamStore::connect(run.client.clone(), store_config.clone())
-            })
+            let store = patiently(
+                config,
+                &run.publishes,
+                "opening the JetStream event store",
+                || JetStreamStore::connect(run.client.clone(), store_config.clone()),
+            )
             .await?;
             run_with(run, store, shutdown).await
         }
@@ -415,17 +419,23 @@ async fn ensure_streams(
         .config
         .clone();
     match (&existing.subject_transform, &transform) {
-        (Some(have), Some(want)) if have.destination != want.destination => anyhow::bail!(
-            "the reports stream {} partitions reports as {:?}, not {:?}: ownership.partitions must not change for a deployment (set it back)",
-            config.reports.stream_name,
-            have.destination,
-            want.destination
-        ),
-        (Some(have), None) => anyhow::bail!(
-            "the reports stream {} partitions reports ({:?}): ownership.enabled = false cannot read them; enable ownership again",
-            config.reports.stream_name,
-            have.destination
-        ),
+        (Some(have), Some(want)) if have.destination != want.destination => {
+            return Err(Misconfigured(format!(
+                "the reports stream {} partitions reports as {:?}, not {:?}: ownership.partitions must not change for a deployment (set it back)",
+                config.reports.stream_name,
+                have.destination,
+                want.destination
+            ))
+            .into())
+        }
+        (Some(have), None) => {
+            return Err(Misconfigured(format!(
+                "the reports stream {} partitions reports ({:?}): ownership.enabled = false cannot read them; enable ownership again",
+                config.reports.stream_name,
+                have.destination
+            ))
+            .into())
+        }
         (None, Some(_)) => {
             // A stream from before ownership: add the transform. Reports stored until now keep
             // their subjects and go through the legacy consumer below.
@@ -473,6 +483,8 @@ struct Run {
     client: async_nats::Client,
     /// The subscriptions the server refused (from the connection's event callback).
     denied: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The publishes it refused.
+    publishes: PublishDenials,
     /// What `/readyz` answers from.
     health: Arc<crate::health::Health>,
 }
@@ -504,6 +516,7 @@ async fn run_with<S: EventStore>(
         config,
         client,
         mut denied,
+        publishes,
         health,
     } = run;
     let subjects = Subjects::new(&config.subjects.prefix);
@@ -552,7 +565,7 @@ async fn run_with<S: EventStore>(
     }
 
     let (report_stream, legacy_reports) =
-        patiently(&config, "creating the daemon's streams", || {
+        patiently(&config, &publishes, "creating the daemon's streams", || {
             ensure_streams(&config, &client)
         })
         .await?;
@@ -587,6 +600,7 @@ async fn run_with<S: EventStore>(
         subjects: subjects.clone(),
         client: client.clone(),
         forwarded: AtomicU64::new(0),
+        timeout: config.request_timeout(),
     });
     let recover_now = Arc::new(tokio::sync::Notify::new());
     // Leases first: a single instance takes every partition before it serves, as before.
@@ -948,55 +962,92 @@ struct Router {
     subjects: Subjects,
     client: async_nats::Client,
     forwarded: AtomicU64,
+    /// How long a forwarded request waits for the owner's answer (`nats.request_timeout_ms`,
+    /// what clients wait by default).
+    timeout: Duration,
 }
 
 impl Router {
-    /// The owner to forward `incoming` to, when another instance owns its session. A
-    /// forwarded request is never forwarded again (no loops: its receiver handles it, owner or
-    /// not); one whose owner is unknown (a handover) is handled here, optimistic concurrency
-    /// keeping the two apart.
+    /// The instance to forward `incoming` to, when another one owns its session, or takes it
+    /// next while it is in transit ([`Partitions::forward_to`]). A request forwarded here that
+    /// this instance neither serves nor hands over (the sender's owner table was behind, as
+    /// happens for a moment after a handover) goes on once more, marked
+    /// ([`FORWARDED_AGAIN`]); a marked one is handled where it lands, owner or not: at most
+    /// two hops, never a loop, and optimistic concurrency keeps a request handled off its
+    /// owner apart from the owner's work.
     fn owner_elsewhere(&self, endpoint: Endpoint, incoming: &Incoming) -> Option<String> {
-        if !self.enabled || incoming.forwarded || incoming.reply.is_none() {
+        if !self.enabled || incoming.reply.is_none() || incoming.forwarded_again() {
             return None;
         }
         let session = self
             .subjects
             .session_of(&incoming.subject, endpoint.token())?;
-        let partition = self.partitions.of(session);
-        if self.partitions.owns(partition) {
-            return None;
-        }
         self.partitions
-            .owner(partition)
-            .filter(|owner| *owner != self.me)
+            .forward_to(self.partitions.of(session), &self.me)
     }
 
-    /// Sends `incoming` on to `owner`, with the client's reply subject: the owner answers the
-    /// client directly.
+    /// Sends `incoming` on to `owner` as a request of this instance's own (its inbox, waiting
+    /// up to `timeout`), and relays the answer, headers and all, to `incoming`'s reply subject.
+    /// Gives `incoming` back when nobody listens there: the owner died and its lease has not
+    /// expired yet, so the caller answers it itself (optimistic concurrency keeps that safe).
+    /// A request that times out is not answered here: the owner may be slow, not gone, and may
+    /// have applied it (a command applied twice would be refused the second time), so the
+    /// client's own timeout and retry decide, as for any request.
     async fn forward(
         &self,
+        endpoint: Endpoint,
         owner: &str,
         incoming: Incoming,
-    ) -> Result<(), async_nats::PublishError> {
-        let Some(reply) = incoming.reply else {
-            return Ok(());
-        };
+    ) -> Option<Incoming> {
+        let reply_to = incoming.reply.clone()?;
         self.forwarded.fetch_add(1, Ordering::Relaxed);
+        let headers = if incoming.forwarded {
+            let mut headers = incoming.headers.clone().unwrap_or_default();
+            headers.insert(FORWARDED_AGAIN, "1");
+            Some(headers)
+        } else {
+            incoming.headers.clone()
+        };
+        let request = async_nats::Request {
+            payload: Some(incoming.payload.clone()),
+            headers,
+            timeout: Some(Some(self.timeout)),
+            inbox: None,
+        };
         let subject = self.subjects.forward(owner, &incoming.subject);
-        match incoming.headers {
-            Some(headers) => {
-                self.client
-                    .publish_with_reply_and_headers(subject, reply, headers, incoming.payload)
-                    .await
+        match self.client.send_request(subject, request).await {
+            Ok(answer) => {
+                let relayed = match answer.headers {
+                    Some(headers) => {
+                        self.client
+                            .publish_with_headers(reply_to, headers, answer.payload)
+                            .await
+                    }
+                    None => self.client.publish(reply_to, answer.payload).await,
+                };
+                if let Err(error) = relayed {
+                    tracing::warn!(%error, endpoint = endpoint.name(), "could not relay the owner's reply");
+                }
+                None
             }
-            None => {
-                self.client
-                    .publish_with_reply(subject, reply, incoming.payload)
-                    .await
+            Err(error) if error.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tracing::info!(
+                    owner,
+                    endpoint = endpoint.name(),
+                    "the session's owner is gone (its lease not expired yet); answered here"
+                );
+                Some(incoming)
+            }
+            Err(error) => {
+                tracing::warn!(%error, owner, endpoint = endpoint.name(), "a request forwarded to its session's owner was not answered");
+                None
             }
         }
     }
 }
+
+/// The header of a request forwarded a second time: its receiver handles it.
+const FORWARDED_AGAIN: &str = "Planner-Forwarded-Again";
 
 /// A request from a client or an executor, received directly or forwarded by another instance.
 struct Incoming {
@@ -1006,6 +1057,17 @@ struct Incoming {
     /// Carried on when forwarded: the trace context (`traceparent`) among them.
     headers: Option<async_nats::HeaderMap>,
     forwarded: bool,
+}
+
+impl Incoming {
+    /// Whether it was forwarded twice already (see [`Router::owner_elsewhere`]).
+    fn forwarded_again(&self) -> bool {
+        self.forwarded
+            && self
+                .headers
+                .as_ref()
+                .is_some_and(|headers| headers.get(FORWARDED_AGAIN).is_some())
+    }
 }
 
 impl From<async_nats::service::Request> for Incoming {
@@ -1059,9 +1121,12 @@ impl<S: EventStore> Owned<S> {
             self.engine.forget_partition(*partition, count);
         }
         if !round.to_release.is_empty() {
+            // Their requests are still answered here while the pumps drain (the sessions are
+            // in memory and the leases ours); then all leases go at once, and from then on
+            // their requests go to the next owner, not here.
             let mut draining = Vec::new();
             for partition in &round.to_release {
-                self.partitions.set_owned(*partition, false);
+                self.partitions.set_handing_over(*partition);
                 self.pending.remove(partition);
                 if let Some(pump) = self.pumps.remove(partition) {
                     pump.stop.cancel();
@@ -1069,9 +1134,10 @@ impl<S: EventStore> Owned<S> {
                 }
             }
             futures::future::join_all(draining).await;
+            leases.release(&round.to_release).await;
             for partition in &round.to_release {
+                self.partitions.set_owned(*partition, false);
                 self.engine.forget_partition(*partition, count);
-                leases.release(*partition).await;
             }
             tracing::info!(partitions = ?round.to_release, "partitions handed over");
         }
@@ -1165,14 +1231,20 @@ async fn run_leases<S: EventStore>(
             () = stop.cancelled() => break,
             _ = refresh.tick() => true,
             entry = async { watch.as_mut()?.next().await }, if watch.is_some() => match entry {
-                Some(Ok(entry)) if relevant(&leases, &owned.partitions, &entry) => {
+                Some(Ok(entry)) if leases.observe(&entry) => {
                     // A handover frees many keys at once: one round for the burst.
                     let quiet = tokio::time::sleep(Duration::from_millis(20));
                     tokio::pin!(quiet);
                     while let Some(watch) = watch.as_mut() {
                         tokio::select! {
                             () = &mut quiet => break,
-                            more = watch.next() => if more.is_none() { break },
+                            more = watch.next() => match more {
+                                Some(Ok(entry)) => {
+                                    leases.observe(&entry);
+                                }
+                                Some(Err(_)) => {}
+                                None => break,
+                            },
                         }
                     }
                     false
@@ -1202,34 +1274,6 @@ async fn run_leases<S: EventStore>(
         owned.start_pending().await;
     }
     owned.release_all(&mut leases).await;
-}
-
-/// Whether a change in the lease bucket calls for a round: a partition freed or taken by an
-/// owner not known for it, a member that joined or left. Refreshes (puts of what is known) do
-/// not: they come every third of the TTL from every instance.
-fn relevant(
-    leases: &Leases,
-    partitions: &Partitions,
-    entry: &async_nats::jetstream::kv::Entry,
-) -> bool {
-    use async_nats::jetstream::kv::Operation;
-    match entry.operation {
-        Operation::Delete | Operation::Purge => true,
-        Operation::Put => {
-            if let Some(instance) = entry.key.strip_prefix("member.") {
-                return !leases.is_member(instance);
-            }
-            let owner = String::from_utf8_lossy(&entry.value);
-            let partition = entry
-                .key
-                .strip_prefix("owner.")
-                .and_then(|n| n.parse::<u32>().ok());
-            match partition {
-                Some(partition) => partitions.owner(partition).as_deref() != Some(owner.as_ref()),
-                None => false,
-            }
-        }
-    }
 }
 
 /// What the report pump needs.
@@ -1835,14 +1879,36 @@ fn answer<S: EventStore>(
     max_bytes: usize,
 ) {
     if let Some(owner) = router.owner_elsewhere(endpoint, &incoming) {
-        let router = Arc::clone(router);
+        let (router, engine, admission) = (
+            Arc::clone(router),
+            Arc::clone(engine),
+            Arc::clone(admission),
+        );
+        let forwarder = tracker.clone();
         tracker.spawn(async move {
-            if let Err(error) = router.forward(&owner, incoming).await {
-                tracing::warn!(%error, owner, endpoint = endpoint.name(), "could not forward a request to its session's owner");
+            if let Some(incoming) = router.forward(endpoint, &owner, incoming).await {
+                answer_here(
+                    endpoint, incoming, &admission, &forwarder, &engine, &router, max_bytes,
+                );
             }
         });
         return;
     }
+    answer_here(
+        endpoint, incoming, admission, tracker, engine, router, max_bytes,
+    );
+}
+
+/// Answers one request here, in a task of its own, within the admission limit.
+fn answer_here<S: EventStore>(
+    endpoint: Endpoint,
+    incoming: Incoming,
+    admission: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    engine: &Arc<Engine<S, NatsPublisher>>,
+    router: &Arc<Router>,
+    max_bytes: usize,
+) {
     let (engine, router) = (Arc::clone(engine), Arc::clone(router));
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).

@@ -146,19 +146,37 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 return Ok(false);
             }
         }
-        let planner = self.load(session).await?;
+        // Loaded under the session's lock: a command arriving meanwhile (a claim for a
+        // partition just acquired) waits for this load instead of making its own, and finds
+        // the session in memory. (Loaded outside it, both loaded, and recovery's copy, older,
+        // then replaced the command's.)
+        let slot = self.slot(session);
+        let mut state = slot.state.lock().await;
+        if state.planner.is_some() {
+            // A command loaded it since the pass began: in memory, and marked for the sweep.
+            return Ok(false);
+        }
+        let planner = match self.load(session).await {
+            Ok(planner) => planner,
+            Err(error) => {
+                drop(state);
+                self.registry.remove_unused(session, slot);
+                return Err(error.into());
+            }
+        };
         self.registry.release_quarantine(session);
         if planner.state().phase != PlanPhase::Running {
+            drop(state);
+            self.registry.remove_unused(session, slot);
             self.registry.mark_ended(session, planner.version());
             if let Err(error) = self.store.forget_open(session, planner.version()).await {
                 tracing::warn!(session, %error, "could not drop an ended session from the store's open index; the next pass tries again");
             }
             return Ok(false);
         }
-        {
-            let slot = self.slot(session);
-            slot.state.lock().await.planner = Some(planner);
-        }
+        state.planner = Some(planner);
+        drop(state);
+        drop(slot);
         // Its executors could not heartbeat while no instance held it: one timeout of grace
         // before silent attempts are timed out.
         let grace = Command::ExtendLeases {

@@ -123,6 +123,20 @@ impl Registry {
         lock(&self.sessions).get(session).cloned()
     }
 
+    /// Drops `slot`, the slot of `session`, if nobody else uses it and it holds no planner
+    /// (recovery made it, then found nothing to keep: an ended session, a failed load).
+    pub(super) fn remove_unused(&self, session: &str, slot: Arc<Slot>) {
+        let mut sessions = lock(&self.sessions);
+        let unused = sessions.get(session).is_some_and(|held| {
+            Arc::ptr_eq(held, &slot)
+                && Arc::strong_count(&slot) == 2
+                && slot.state.try_lock().is_ok_and(|s| s.planner.is_none())
+        });
+        if unused {
+            sessions.remove(session);
+        }
+    }
+
     pub(super) fn contains(&self, session: &str) -> bool {
         lock(&self.sessions).contains_key(session)
     }

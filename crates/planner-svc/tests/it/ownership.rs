@@ -439,3 +439,157 @@ async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_report
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_joining_under_load_takes_its_sessions_without_the_giver_loading_them_again() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let alone = wait_for_split(&client, 1, Duration::from_secs(10)).await;
+    let giver = alone[0].instance.clone();
+    // Every session's task is claimed and heartbeats every 100 ms, through the handover: a
+    // steady stream of requests for every session, half of them landing on each instance.
+    let executors = Executors::start(
+        &server.url(),
+        ExecutorBehaviour {
+            stall_targets: ["hold".to_owned()].into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sessions: Vec<String> = (0..96).map(|i| format!("joined-{i}")).collect();
+    let hold = json!({"type": "initialize", "input": "hold", "plan": {"tasks": [
+        {"id": "t0", "description": "hold", "kind": "tool_call", "target": "hold", "dependencies": []}
+    ]}});
+    for session in &sessions {
+        command(&client, session, hold.clone()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while executors.executions.lock().unwrap().len() < sessions.len() {
+        assert!(Instant::now() < deadline, "the tasks were not all claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = Daemon::start(config(&server)).await;
+    let split = wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    // Several heartbeats of every session after the handover.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let taker = split.iter().find(|r| r.instance != giver).unwrap();
+    let moved = sessions
+        .iter()
+        .filter(|s| taker.partitions.contains(&partition_of(s, PARTITIONS)))
+        .count() as u64;
+    assert!(moved > 0, "{split:?}");
+    let replies = ownership(&client).await;
+    let of = |instance: &str| replies.iter().find(|r| r.instance == instance).unwrap();
+    let (given, taken) = (of(&giver), of(&taker.instance));
+    // The giver loaded each session once (its creation) and none again after handing it over;
+    // the taker loaded each session it took once; neither lost a race to the other.
+    assert!(
+        given.loads <= sessions.len() as u64 + 1,
+        "the giver loaded {} times for {} sessions: {replies:?}",
+        given.loads,
+        sessions.len()
+    );
+    assert!(
+        taken.loads <= moved + 1,
+        "the taker loaded {} times for the {moved} sessions it took: {replies:?}",
+        taken.loads
+    );
+    let conflicts: u64 = replies.iter().map(|r| r.conflicts).sum();
+    assert!(conflicts <= 1, "{replies:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_killed_owner_s_session_is_answered_before_its_lease_expires() {
+    let server = NatsServer::start().unwrap();
+    // A lease far longer than the test: the dead owner's partitions stay its own throughout.
+    let ttl_ms = 60_000;
+    let mut doomed = Process::start(&server, ttl_ms);
+    let _survivor = Process::start(&server, ttl_ms);
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let before = wait_for_split(&client, 2, Duration::from_secs(60)).await;
+    doomed.0.kill().unwrap(); // SIGKILL: its lease stays until the TTL
+    let killed_at = Instant::now();
+    let _ = doomed.0.wait();
+    let survivor = ownership(&client).await;
+    assert_eq!(survivor.len(), 1, "{survivor:?}");
+    let dead = before
+        .iter()
+        .find(|r| r.instance != survivor[0].instance)
+        .unwrap();
+    let session = (0..)
+        .map(|i| format!("orphan-{i}"))
+        .find(|s| dead.partitions.contains(&partition_of(s, PARTITIONS)))
+        .unwrap();
+    // The survivor forwards it to the owner it knows, finds nobody there and answers itself.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(
+            format!("planner.cmd.{session}"),
+            serde_json::to_vec(&chain_plan(2)).unwrap().into(),
+        ),
+    )
+    .await
+    .expect("answered within 5 s")
+    .expect("answered, not no responders");
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
+    assert!(killed_at.elapsed() < Duration::from_millis(ttl_ms / 2));
+    let store = store(&server.url()).await;
+    let events = store.load_all(&session).await.unwrap();
+    let requests = events
+        .iter()
+        .filter(|e| e.event_type() == "request_received")
+        .count();
+    assert_eq!(requests, 1, "applied once: {events:?}");
+    let still = ownership(&client).await;
+    assert!(
+        still[0].partitions.len() < PARTITIONS as usize,
+        "the dead owner's lease has not expired: {still:?}"
+    );
+}
+
+/// A changed partition count cannot be waited out: `serve` exits at once naming the setting,
+/// not after `nats.startup_wait_s` (60 s) of retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_changed_partition_count_exits_at_once_naming_the_setting() {
+    use crate::support::{planner_svc, Spawned};
+    let server = NatsServer::start().unwrap();
+    Daemon::start(config(&server)).await.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve", "--nats-url", &server.url()])
+            .env("PLANNER_OWNERSHIP__PARTITIONS", "16")
+            .env("PLANNER_METRICS__LISTEN", ""),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait_exit(Duration::from_secs(30));
+        (status, daemon.output())
+    })
+    .await
+    .unwrap();
+    let (status, output) = status;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "exit {status:?}:\n{output}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}:\n{output}",
+        started.elapsed()
+    );
+    assert!(
+        output.contains("ownership.partitions must not change"),
+        "{output}"
+    );
+    assert!(output.contains("waiting will not help"), "{output}");
+}

@@ -319,3 +319,41 @@ fn serve_as_a_planner_denied_a_subject_exits_1_with_the_refusal_logged_at_error(
     );
     assert!(!output.contains("planner-svc serving"), "{output}");
 }
+
+/// A planner user the server does not let use the JetStream API: waiting cannot fix that, so
+/// `serve` exits at once naming the refusal, not after `nats.startup_wait_s` (60 s) of retries.
+#[test]
+fn serve_refused_the_jetstream_api_exits_at_once_naming_the_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = shipped_server_edited(dir.path(), |text| {
+        let allowed = r#"publish: { allow: ["planner.>", "$JS.API.>", "#;
+        assert!(text.contains(allowed), "the shipped planner user changed");
+        text.replace(allowed, r#"publish: { allow: ["planner.>", "#)
+    });
+    let started = std::time::Instant::now();
+    let mut daemon = Spawned::start(
+        planner_svc()
+            .current_dir(dir.path())
+            .args(["serve", "--nats-url", &server.url()])
+            .env("PLANNER_NATS__USER", "planner")
+            .env("PLANNER_NATS__PASSWORD", password("planner"))
+            .env("PLANNER_METRICS__LISTEN", ""),
+    );
+    let status = daemon.wait_exit(Duration::from_secs(30));
+    let output = daemon.output();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "exit {status:?}:\n{output}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}:\n{output}",
+        started.elapsed()
+    );
+    assert!(output.contains("waiting will not help"), "{output}");
+    assert!(output.contains("$JS.API"), "{output}");
+    assert!(
+        output.contains("permissions of the daemon's NATS user"),
+        "{output}"
+    );
+}
