@@ -3,11 +3,16 @@
 A claim asks the planner for the attempt before running it; a heartbeat, every
 `heartbeat_interval_ms` while it runs, says the executor is alive and learns whether it should
 go on. Either reply can be `stop` (the attempt was cancelled, superseded, or is someone else's):
-then the executor runs nothing more and reports nothing. A claim carries an id made for it and
-is asked again with the same id when its reply is lost (a planner or server restart), so that
-the planner grants it again instead of refusing it as someone else's; one that is never
-answered leaves the dispatch to come again. A missed heartbeat is covered by the next one (the
-planner's timeout allows about three).
+then the executor runs nothing more and reports nothing. A missed heartbeat is covered by the
+next one (the planner's timeout allows about three).
+
+Claim ids. An executor's claim of an attempt has one id, `claim_id`: derived from the
+executor's random id and the attempt (session, task, attempt), so it is the same on every
+request for that attempt from that executor and unguessable by any other. A claim whose reply
+was lost (a planner or server restart, an append whose ack timed out) is asked again with it,
+and a claim that was never answered leaves the dispatch to come again (a nak): either way the
+planner grants the same claim again, with the same lease, instead of refusing it as someone
+else's, which would leave the attempt to wait out its heartbeat timeout before a retry.
 """
 
 from __future__ import annotations
@@ -47,17 +52,31 @@ CLAIM_TRIES = 3
 """Claim requests per dispatch (one claim id) before the dispatch is left to come again."""
 
 
+def claim_id(executor_id: uuid.UUID, task: TaskMessage) -> str:
+    """The claim id of the executor `executor_id` for `task`'s attempt (see the module doc).
+
+    A UUID v5 in hex (32 characters, within the protocol's 16 to 64 letters and digits): the
+    same for every delivery of the attempt to this executor, a different one for each other
+    executor, and never derived from the message, which every executor sees alike.
+    """
+    return uuid.uuid5(executor_id, f"{task.session}\0{task.task_id}\0{task.attempt}").hex
+
+
 async def claim(
-    nc: NatsClient, subjects: Subjects, task: TaskMessage, timeout: float
+    nc: NatsClient,
+    subjects: Subjects,
+    task: TaskMessage,
+    timeout: float,
+    *,
+    claim_id: str,
 ) -> AnyLeaseReply:
-    """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard.
+    """Claims `task`'s attempt as `claim_id`; raises `NoAnswer` when the planner cannot be heard.
 
     A grant carries the attempt's context when the dispatch left it out (see `run`).
 
-    Asks up to `CLAIM_TRIES` times with one claim id: a retried claim whose first reply was lost
-    is the same claim, granted again with the same lease.
+    Asks up to `CLAIM_TRIES` times with the one claim id: a retried claim whose first reply was
+    lost is the same claim, granted again with the same lease.
     """
-    claim_id = uuid.uuid4().hex
     # A dispatch that carries its context says so by reference, so the grant need not repeat
     # it; one that left it out (a large context) gets it with the grant.
     held = task.context_ref if task.context is not None and task.context_ref else None
