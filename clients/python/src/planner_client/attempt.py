@@ -10,6 +10,9 @@ on every delivery: a dispatch that comes again after a claim whose reply was los
 again. A delivery of an attempt this executor runs, or ran, is acked and not run again (its ack
 was lost; the planner would grant the claim again all the same).
 
+The claim, the heartbeats and the report carry the dispatch's `traceparent` header on: one
+request, one trace.
+
 While the handler runs, three things can stop it: a heartbeat reply `stop`, a message on
 `planner.cancel.<session>.<task>` (the fast path), and the end of the executor's shutdown
 grace period. A stop by the planner sends no report: the attempt is no longer this executor's,
@@ -123,9 +126,10 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         _log_again(task)
         await _settle(msg.ack())
         return
+    trace = wire.traceparent(msg.headers)
     try:
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
-                                  claim_id=lease.claim_id(rt.executor_id, task))
+                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
@@ -150,7 +154,7 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         # A large context is left out of the dispatch and sent with the grant.
         task = task.model_copy(update={"context": reply.context})
     interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
-    ctx = TaskContext(task, reply.lease, interval)
+    ctx = TaskContext(task, reply.lease, interval, traceparent=trace)
     if rt.draining.is_set():
         ctx._begin_shutdown()
     control = AttemptControl(ctx)
@@ -160,7 +164,7 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         # redelivery's claim would be granted again, and the delivery found running here.)
         await _settle(msg.ack())
         if rt.report_started:
-            await _report(rt, task, reporting.started(task, ctx.lease))
+            await _report(rt, task, reporting.started(task, ctx.lease), trace)
         await _supervise(handler, task, control, rt)
     except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
@@ -182,7 +186,8 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     beats: asyncio.Future[str] | None = None
     if ctx.heartbeat_interval:
         beats = asyncio.ensure_future(
-            lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval)
+            lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval,
+                                          trace=ctx.traceparent)
         )
         watchers.append(beats)
     try:
@@ -210,7 +215,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
-        await _report(rt, task, report)
+        await _report(rt, task, report, ctx.traceparent)
         return
 
     reason = ctx.stop_reason or "stopped"
@@ -220,7 +225,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         handback = reporting.failed(
             task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
         )
-        await _report(rt, task, handback)
+        await _report(rt, task, handback, ctx.traceparent)
     else:
         log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
                  task.task_id, task.attempt, reason)
@@ -236,9 +241,9 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         log.debug("a stopped handler ended with %r (discarded)", work.exception())
 
 
-async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report) -> None:
+async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report, trace: str | None) -> None:
     await reporting.send(rt.nc, rt.js, rt.subjects, task.session, report, direct=rt.direct,
-                         timeout=rt.request_timeout, give_up=rt.hard_stop)
+                         timeout=rt.request_timeout, give_up=rt.hard_stop, trace=trace)
 
 
 async def _settle(ack: Awaitable[None]) -> None:

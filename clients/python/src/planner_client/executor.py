@@ -23,7 +23,8 @@ slots, the idle fetches take turns, every `fetch_wait` seconds.
 Claims. Each executor has a random id (`Executor.id`, made when it is built); its claim of an
 attempt has an id derived from it and the attempt (`lease.claim_id`), so a dispatch that comes
 again to the same executor after a lost claim reply is granted again, and a dispatch that comes
-to another executor is not.
+to another executor is not. The claim, the heartbeats and the report carry the dispatch's
+`traceparent` header.
 
 Shutdown (SIGINT/SIGTERM, or the `shutdown` event of `serve`): stop fetching; dispatches
 fetched but not claimed are nak'ed so that another executor takes them at once; attempts
