@@ -20,7 +20,7 @@ its JSON Schemas (docs/schemas/) into `planner_client.models` and never edited b
 - `ui`: questions for humans as they arrive.
 - `errors`: `Retryable`, `Fatal`, `NeedsClarification`, `Cancelled`, `PlannerError`.
 - `subjects`: every subject and stream name, under one prefix.
-- `wire`: JSON to and from the generated models.
+- `wire`: JSON to and from the generated models; the `traceparent` header.
 - `models`: generated; see `scripts/generate_models.py`.
 """
 

@@ -5,6 +5,14 @@
           ─ stop ────> term (someone else's, or cancelled: never run it)
           ─ error, no answer ─> nak with a delay (it comes again)
 
+The claim is asked under this executor's claim id for the attempt (`lease.claim_id`), the same
+on every delivery: a dispatch that comes again after a claim whose reply was lost is granted
+again. A delivery of an attempt this executor runs, or ran, is acked and not run again (its ack
+was lost; the planner would grant the claim again all the same).
+
+The claim, the heartbeats and the report carry the dispatch's `traceparent` header on: one
+request, one trace.
+
 While the handler runs, three things can stop it: a heartbeat reply `stop`, a message on
 `planner.cancel.<session>.<task>` (the fast path), and the end of the executor's shutdown
 grace period. A stop by the planner sends no report: the attempt is no longer this executor's,
@@ -16,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +50,9 @@ SHUTDOWN = "shutdown"
 
 AttemptKey = tuple[str, str, int]
 """(session, task id, attempt): what identifies the work."""
+
+FINISHED_KEPT = 10_000
+"""Attempts over that an executor remembers, so that a late redelivery of one is not run again."""
 
 
 class AttemptControl:
@@ -79,7 +92,21 @@ class Runtime:
     """Set when shutdown gives up: reports still unacknowledged are abandoned."""
     direct: reporting.DirectReports = field(default_factory=reporting.DirectReports)
     """Whether reports go to the planner directly (the stream as the fallback)."""
+    executor_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    """The executor's random id, which its claim ids are derived from (`lease.claim_id`)."""
     running: dict[AttemptKey, AttemptControl] = field(default_factory=dict)
+    finished: OrderedDict[AttemptKey, None] = field(default_factory=OrderedDict)
+    """The last `FINISHED_KEPT` attempts over, oldest first."""
+
+    def ours(self, key: AttemptKey) -> bool:
+        """Whether this executor runs or ran the attempt `key`."""
+        return key in self.running or key in self.finished
+
+    def finish(self, key: AttemptKey) -> None:
+        self.running.pop(key, None)
+        self.finished[key] = None
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
 
 
 async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
@@ -94,8 +121,15 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
     if rt.draining.is_set():
         await _settle(msg.nak())
         return
+    key = (task.session, task.task_id, task.attempt)
+    if rt.ours(key):
+        _log_again(task)
+        await _settle(msg.ack())
+        return
+    trace = wire.traceparent(msg.headers)
     try:
-        reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout)
+        reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
+                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
@@ -111,28 +145,37 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
                     task.session, task.task_id, task.attempt, reply)
         await _settle(msg.nak(delay=rt.nak_delay))
         return
-    # The claim is ours: the dispatch has done its job. (Were this ack lost, the redelivery's
-    # claim would be refused as `claimed_by_another` and terminated.)
-    await _settle(msg.ack())
+    if rt.ours(key):
+        # Another delivery of it was granted while this claim was asked, and runs it.
+        _log_again(task)
+        await _settle(msg.ack())
+        return
     if reply.context is not None:
         # A large context is left out of the dispatch and sent with the grant.
         task = task.model_copy(update={"context": reply.context})
     interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
-    ctx = TaskContext(task, reply.lease, interval)
+    ctx = TaskContext(task, reply.lease, interval, traceparent=trace)
     if rt.draining.is_set():
         ctx._begin_shutdown()
     control = AttemptControl(ctx)
-    key = (task.session, task.task_id, task.attempt)
     rt.running[key] = control
     try:
+        # The claim is ours: the dispatch has done its job. (Were this ack lost, the
+        # redelivery's claim would be granted again, and the delivery found running here.)
+        await _settle(msg.ack())
         if rt.report_started:
-            await _report(rt, task, reporting.started(task, ctx.lease))
+            await _report(rt, task, reporting.started(task, ctx.lease), trace)
         await _supervise(handler, task, control, rt)
     except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
                       task.attempt)
     finally:
-        rt.running.pop(key, None)
+        rt.finish(key)
+
+
+def _log_again(task: TaskMessage) -> None:
+    log.info("%s/%s attempt %s delivered again to the executor running or having run it; "
+             "not run again", task.session, task.task_id, task.attempt)
 
 
 async def _supervise(handler: Handler, task: TaskMessage, control: AttemptControl, rt: Runtime) -> None:
@@ -143,7 +186,8 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     beats: asyncio.Future[str] | None = None
     if ctx.heartbeat_interval:
         beats = asyncio.ensure_future(
-            lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval)
+            lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval,
+                                          trace=ctx.traceparent)
         )
         watchers.append(beats)
     try:
@@ -171,7 +215,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
-        await _report(rt, task, report)
+        await _report(rt, task, report, ctx.traceparent)
         return
 
     reason = ctx.stop_reason or "stopped"
@@ -181,7 +225,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         handback = reporting.failed(
             task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
         )
-        await _report(rt, task, handback)
+        await _report(rt, task, handback, ctx.traceparent)
     else:
         log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
                  task.task_id, task.attempt, reason)
@@ -197,9 +241,9 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         log.debug("a stopped handler ended with %r (discarded)", work.exception())
 
 
-async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report) -> None:
+async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report, trace: str | None) -> None:
     await reporting.send(rt.nc, rt.js, rt.subjects, task.session, report, direct=rt.direct,
-                         timeout=rt.request_timeout, give_up=rt.hard_stop)
+                         timeout=rt.request_timeout, give_up=rt.hard_stop, trace=trace)
 
 
 async def _settle(ack: Awaitable[None]) -> None:

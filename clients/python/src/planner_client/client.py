@@ -42,6 +42,10 @@ class Client:
 
     Build it on a connection you own (`Client(nc)`), or let it connect (`await
     Client.connect(...)`), in which case `close()` (or leaving `async with`) drains it.
+
+    Every command method takes an optional `traceparent` (a W3C Trace Context header value,
+    `00-<trace id>-<span id>-<flags>`): the command is handled in that trace, and the dispatches
+    it causes, and the executors' claims and reports, stay in it (docs/observability.md).
     """
 
     def __init__(
@@ -81,9 +85,12 @@ class Client:
 
     # Commands ----------------------------------------------------------------------------
 
-    async def send(self, session: str, command: BaseModel) -> CommandResult:
+    async def send(
+        self, session: str, command: BaseModel, *, traceparent: str | None = None
+    ) -> CommandResult:
         """Sends any command model (`models.command.ClientCommand*`); raises `PlannerError`."""
-        return await commands.send(self.nc, self.subjects, session, command, self.request_timeout)
+        return await commands.send(self.nc, self.subjects, session, command, self.request_timeout,
+                                   traceparent)
 
     async def submit(
         self,
@@ -95,6 +102,7 @@ class Client:
         planning: Planning | dict[str, Any] | None = None,
         attachments: Sequence[Attachment | BaseModel | dict[str, Any]] = (),
         retries: int = 3,
+        traceparent: str | None = None,
     ) -> CommandResult:
         """Sends a request (`initialize`): the first starts the session, later ones follow up.
 
@@ -114,7 +122,7 @@ class Client:
         delay = 0.2
         for attempt in range(retries + 1):
             try:
-                return await self.send(session, command)
+                return await self.send(session, command, traceparent=traceparent)
             except commands.RETRYABLE_TRANSPORT:
                 if attempt == retries:
                     raise
@@ -125,13 +133,20 @@ class Client:
             delay *= 2
         raise AssertionError("unreachable")
 
-    async def answer(self, session: str, task_id: str, answer: str) -> CommandResult:
+    async def answer(
+        self, session: str, task_id: str, answer: str, *, traceparent: str | None = None
+    ) -> CommandResult:
         """Answers the question of `task_id` (`answer_clarification`)."""
         return await self.send(session, ClientCommandAnswerClarification(
-            type="answer_clarification", task_id=task_id, answer=answer))
+            type="answer_clarification", task_id=task_id, answer=answer), traceparent=traceparent)
 
     async def cancel(
-        self, session: str, task_id: str | None = None, *, reason: str | None = None
+        self,
+        session: str,
+        task_id: str | None = None,
+        *,
+        reason: str | None = None,
+        traceparent: str | None = None,
     ) -> CommandResult:
         """Cancels one task and its dependents, or with no `task_id` the whole plan.
 
@@ -140,11 +155,13 @@ class Client:
         target = (CancelTargetTask(scope="task", task_id=task_id) if task_id is not None
                   else CancelTargetPlan(scope="plan"))
         return await self.send(session, ClientCommandCancel(type="cancel", target=target,
-                                                            reason=reason))
+                                                            reason=reason),
+                               traceparent=traceparent)
 
-    async def continue_(self, session: str) -> CommandResult:
+    async def continue_(self, session: str, *, traceparent: str | None = None) -> CommandResult:
         """Dispatches whatever is ready (`continue`; a no-op unless something is)."""
-        return await self.send(session, ClientCommandContinue(type="continue"))
+        return await self.send(session, ClientCommandContinue(type="continue"),
+                               traceparent=traceparent)
 
     # Events and questions ----------------------------------------------------------------
 

@@ -30,15 +30,23 @@ class CommandResult:
 
 
 async def send(
-    nc: NatsClient, subjects: Subjects, session: str, command: BaseModel, timeout: float
+    nc: NatsClient,
+    subjects: Subjects,
+    session: str,
+    command: BaseModel,
+    timeout: float,
+    traceparent: str | None = None,
 ) -> CommandResult:
     """Sends one command and waits for its reply.
 
     Raises `PlannerError` when the planner refuses it, and `nats.errors.TimeoutError` or
     `nats.errors.NoRespondersError` when no planner answers (then nobody knows whether it was
     applied: resend an `initialize` with the same `request_id`, which makes that safe).
+    `traceparent`, a W3C Trace Context header, puts the command and the work it causes (the
+    dispatches, and the executors' requests that carry theirs on) in that trace.
     """
-    reply = await nc.request(subjects.command(session), wire.encode(command), timeout=timeout)
+    reply = await nc.request(subjects.command(session), wire.encode(command), timeout=timeout,
+                             headers=wire.trace_headers(traceparent))
     body = json.loads(reply.data)
     if body.get("status") == "ok":
         return CommandResult(

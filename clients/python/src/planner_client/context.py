@@ -38,13 +38,24 @@ class TaskContext:
     `wait(seconds)` instead of `time.sleep`. Either way its result is discarded.
     """
 
-    def __init__(self, task: TaskMessage, lease: str, heartbeat_interval: float | None) -> None:
+    def __init__(
+        self,
+        task: TaskMessage,
+        lease: str,
+        heartbeat_interval: float | None,
+        *,
+        traceparent: str | None = None,
+    ) -> None:
         self.task = task
         """The dispatch being run."""
         self.lease = lease
         """The claim's lease: heartbeats and the report carry it."""
         self.heartbeat_interval = heartbeat_interval
         """Seconds between heartbeats, or None when the planner times out no silent attempt."""
+        self.traceparent = traceparent
+        """The dispatch's W3C `traceparent` header, if it had one: the claim, the heartbeats and
+        the report carry it, and a handler may pass it on to what it calls (an HTTP request's
+        `traceparent` header) to keep that work in the same trace."""
         self.logger = logging.getLogger(f"planner_client.task.{task.target}")
         """A logger named after the target."""
         self._stopped = threading.Event()

@@ -20,6 +20,12 @@ the attempt is over (or the fetch found nothing). Never holding more dispatches 
 leaves the rest in the stream for the other executors of the pool. With more handlers than
 slots, the idle fetches take turns, every `fetch_wait` seconds.
 
+Claims. Each executor has a random id (`Executor.id`, made when it is built); its claim of an
+attempt has an id derived from it and the attempt (`lease.claim_id`), so a dispatch that comes
+again to the same executor after a lost claim reply is granted again, and a dispatch that comes
+to another executor is not. The claim, the heartbeats and the report carry the dispatch's
+`traceparent` header.
+
 Shutdown (SIGINT/SIGTERM, or the `shutdown` event of `serve`): stop fetching; dispatches
 fetched but not claimed are nak'ed so that another executor takes them at once; attempts
 running keep running, and heartbeating, for up to `grace_period` seconds; those still running
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -95,6 +102,8 @@ class Executor:
         self.listen_for_cancels = listen_for_cancels
         self.direct_reports = direct_reports
         self.consumer_prefix = consumer_prefix or self.subjects.prefix.replace(".", "_")
+        self.id = uuid.uuid4()
+        """This executor's random id: its claim ids are derived from it (`lease.claim_id`)."""
         self._handlers: dict[str, Handler] = {}
         self._grace_over = asyncio.Event()
         self.ready = asyncio.Event()
@@ -182,6 +191,7 @@ class Executor:
             request_timeout=self.request_timeout, nak_delay=self.nak_delay,
             report_started=self.report_started, draining=asyncio.Event(),
             hard_stop=asyncio.Event(), direct=reporting.DirectReports(self.direct_reports),
+            executor_id=self.id,
         )
         self._runtime = rt
         slots = asyncio.Semaphore(self.concurrency)

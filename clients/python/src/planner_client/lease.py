@@ -3,11 +3,20 @@
 A claim asks the planner for the attempt before running it; a heartbeat, every
 `heartbeat_interval_ms` while it runs, says the executor is alive and learns whether it should
 go on. Either reply can be `stop` (the attempt was cancelled, superseded, or is someone else's):
-then the executor runs nothing more and reports nothing. A claim carries an id made for it and
-is asked again with the same id when its reply is lost (a planner or server restart), so that
-the planner grants it again instead of refusing it as someone else's; one that is never
-answered leaves the dispatch to come again. A missed heartbeat is covered by the next one (the
-planner's timeout allows about three).
+then the executor runs nothing more and reports nothing. A missed heartbeat is covered by the
+next one (the planner's timeout allows about three).
+
+Claim ids. An executor's claim of an attempt has one id, `claim_id`: derived from the
+executor's random id and the attempt (session, task, attempt), so it is the same on every
+request for that attempt from that executor and unguessable by any other. A claim whose reply
+was lost (a planner or server restart, an append whose ack timed out) is asked again with it,
+and a claim that was never answered leaves the dispatch to come again (a nak): either way the
+planner grants the same claim again, with the same lease, instead of refusing it as someone
+else's, which would leave the attempt to wait out its heartbeat timeout before a retry.
+
+Trace context. Each request carries the dispatch's W3C `traceparent` header when it had one
+(docs/protocol.md, "Trace context"), so that the claim and the heartbeats are in the trace of
+the request that caused the dispatch.
 """
 
 from __future__ import annotations
@@ -47,17 +56,33 @@ CLAIM_TRIES = 3
 """Claim requests per dispatch (one claim id) before the dispatch is left to come again."""
 
 
-async def claim(
-    nc: NatsClient, subjects: Subjects, task: TaskMessage, timeout: float
-) -> AnyLeaseReply:
-    """Claims `task`'s attempt; raises `NoAnswer` when the planner cannot be heard.
+def claim_id(executor_id: uuid.UUID, task: TaskMessage) -> str:
+    """The claim id of the executor `executor_id` for `task`'s attempt (see the module doc).
 
-    A grant carries the attempt's context when the dispatch left it out (see `run`).
-
-    Asks up to `CLAIM_TRIES` times with one claim id: a retried claim whose first reply was lost
-    is the same claim, granted again with the same lease.
+    A UUID v5 in hex (32 characters, within the protocol's 16 to 64 letters and digits): the
+    same for every delivery of the attempt to this executor, a different one for each other
+    executor, and never derived from the message, which every executor sees alike.
     """
-    claim_id = uuid.uuid4().hex
+    return uuid.uuid5(executor_id, f"{task.session}\0{task.task_id}\0{task.attempt}").hex
+
+
+async def claim(
+    nc: NatsClient,
+    subjects: Subjects,
+    task: TaskMessage,
+    timeout: float,
+    *,
+    claim_id: str,
+    trace: str | None = None,
+) -> AnyLeaseReply:
+    """Claims `task`'s attempt as `claim_id`; raises `NoAnswer` when the planner cannot be heard.
+
+    A grant carries the attempt's context when the dispatch left it out (see `run`). `trace` is
+    the dispatch's `traceparent`, carried on.
+
+    Asks up to `CLAIM_TRIES` times with the one claim id: a retried claim whose first reply was
+    lost is the same claim, granted again with the same lease.
+    """
     # A dispatch that carries its context says so by reference, so the grant need not repeat
     # it; one that left it out (a large context) gets it with the grant.
     held = task.context_ref if task.context is not None and task.context_ref else None
@@ -66,24 +91,34 @@ async def claim(
     subject = subjects.claim(task.session)
     for tries in range(1, CLAIM_TRIES):
         try:
-            return await _request(nc, subject, body, timeout)
+            return await _request(nc, subject, body, timeout, trace)
         except NoAnswer as error:
             log.debug("claim of %s/%s attempt %s not answered (%s); asking again",
                       task.session, task.task_id, task.attempt, error)
             await asyncio.sleep(0.2 * tries)
-    return await _request(nc, subject, body, timeout)
+    return await _request(nc, subject, body, timeout, trace)
 
 
 async def heartbeat(
-    nc: NatsClient, subjects: Subjects, task: TaskMessage, lease: str, timeout: float
+    nc: NatsClient,
+    subjects: Subjects,
+    task: TaskMessage,
+    lease: str,
+    timeout: float,
+    trace: str | None = None,
 ) -> AnyLeaseReply:
     """Heartbeats a claimed attempt; raises `NoAnswer` when the planner cannot be heard."""
     body = wire.encode(HeartbeatRequest(task_id=task.task_id, attempt=task.attempt, lease=lease))
-    return await _request(nc, subjects.heartbeat(task.session), body, timeout)
+    return await _request(nc, subjects.heartbeat(task.session), body, timeout, trace)
 
 
 async def heartbeat_until_stopped(
-    nc: NatsClient, subjects: Subjects, task: TaskMessage, lease: str, interval: float
+    nc: NatsClient,
+    subjects: Subjects,
+    task: TaskMessage,
+    lease: str,
+    interval: float,
+    trace: str | None = None,
 ) -> str:
     """Heartbeats every `interval` seconds for as long as it runs; returns the reason of a `stop`.
 
@@ -96,7 +131,8 @@ async def heartbeat_until_stopped(
         await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
         next_beat += interval
         try:
-            reply = await heartbeat(nc, subjects, task, lease, timeout=max(interval, 0.2))
+            reply = await heartbeat(nc, subjects, task, lease, timeout=max(interval, 0.2),
+                                    trace=trace)
         except NoAnswer as error:
             log.warning("heartbeat of %s/%s attempt %s not answered: %s",
                         task.session, task.task_id, task.attempt, error)
@@ -112,9 +148,11 @@ async def heartbeat_until_stopped(
             next_beat = now
 
 
-async def _request(nc: NatsClient, subject: str, body: bytes, timeout: float) -> AnyLeaseReply:
+async def _request(
+    nc: NatsClient, subject: str, body: bytes, timeout: float, trace: str | None
+) -> AnyLeaseReply:
     try:
-        reply = await nc.request(subject, body, timeout=timeout)
+        reply = await nc.request(subject, body, timeout=timeout, headers=wire.trace_headers(trace))
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as error:
         raise NoAnswer(f"no reply on {subject}: {type(error).__name__}") from error
     except nats.errors.Error as error:

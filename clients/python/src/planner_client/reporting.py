@@ -8,7 +8,8 @@ publishes the report through JetStream, retried with backoff until the server ac
 while no planner runs (docs/protocol.md, "Reports"). A published report carries a
 `Nats-Msg-Id` of (session, task, attempt, status): a retry after a lost ack is then dropped by
 the stream's duplicate window instead of being stored twice. A report that arrives both ways is
-applied once: the planner ignores the second.
+applied once: the planner ignores the second. Either way it carries the dispatch's `traceparent`
+header when the dispatch had one.
 """
 
 from __future__ import annotations
@@ -129,11 +130,13 @@ async def send(
     direct: DirectReports,
     timeout: float,
     give_up: asyncio.Event | None = None,
+    trace: str | None = None,
 ) -> bool:
     """Sends `report` directly, else publishes it (`publish`); False only if `give_up` was set.
 
     A report the planner refuses (a wrong lease, an attempt it does not know) is dropped with an
-    error in the log: the stream would refuse it the same way.
+    error in the log: the stream would refuse it the same way. `trace`: the dispatch's
+    `traceparent`, carried on either way.
     """
     if direct.on():
         status = getattr(report, "status", "report")
@@ -141,7 +144,8 @@ async def send(
         attempt = getattr(report, "attempt", 0)
         subject = subjects.result(session)
         try:
-            reply = await nc.request(subject, wire.encode(report), timeout=timeout)
+            reply = await nc.request(subject, wire.encode(report), timeout=timeout,
+                                     headers=wire.trace_headers(trace))
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             log.warning("report %s of %s/%s attempt %s not answered in %.1fs; publishing it (and "
                         "the next %.0fs of reports) to the report stream", status, session,
@@ -167,7 +171,7 @@ async def send(
                     return True
                 log.info("report %s of %s/%s attempt %s not handled now (%s); publishing it",
                          status, session, task_id, attempt, answer.kind)
-    return await publish(js, subjects, session, report, give_up=give_up)
+    return await publish(js, subjects, session, report, give_up=give_up, trace=trace)
 
 
 async def publish(
@@ -178,17 +182,19 @@ async def publish(
     *,
     give_up: asyncio.Event | None = None,
     ack_timeout: float = 5.0,
+    trace: str | None = None,
 ) -> bool:
     """Publishes `report` until JetStream acks it; returns False only if `give_up` was set first.
 
     `give_up` is the executor's hard stop: without it a report to a NATS that never comes back
-    would hold the process for ever.
+    would hold the process for ever. `trace`: the dispatch's `traceparent`, carried on.
     """
     body = wire.encode(report)
     status = getattr(report, "status", "report")
     task_id = getattr(report, "task_id", "?")
     attempt = getattr(report, "attempt", 0)
-    headers = {"Nats-Msg-Id": f"report.{session}.{task_id}.{attempt}.{status}"}
+    headers = {"Nats-Msg-Id": f"report.{session}.{task_id}.{attempt}.{status}",
+               **(wire.trace_headers(trace) or {})}
     delay = 0.05
     while True:
         try:

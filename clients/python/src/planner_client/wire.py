@@ -4,11 +4,15 @@ Outgoing messages drop unset optional fields (`exclude_none`): the planner treat
 field and a null alike where both are allowed, and the messages stay as small and as readable as
 docs/protocol.md's examples. Incoming messages are validated by the generated models, so a
 reply the models cannot read is an error here rather than a KeyError later.
+
+The W3C trace context travels in a NATS header, `traceparent` (docs/protocol.md, "Trace
+context"): read from a dispatch, carried on the executor's requests and reports.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, RootModel
@@ -35,3 +39,20 @@ def decode_root(model: type[RootModel[T]], payload: bytes) -> T:
 def loads(payload: bytes) -> Any:
     """Plain JSON, for what is read before its type is known."""
     return json.loads(payload)
+
+
+TRACEPARENT = "traceparent"
+"""The NATS header carrying a W3C Trace Context `traceparent`."""
+
+
+def traceparent(headers: Mapping[str, str] | None) -> str | None:
+    """The `traceparent` among a message's headers, if it has one (the name in any case)."""
+    for name, value in (headers or {}).items():
+        if name.lower() == TRACEPARENT and value:
+            return value
+    return None
+
+
+def trace_headers(trace: str | None) -> dict[str, str] | None:
+    """Headers carrying `trace` as the `traceparent`; None without one (no headers at all)."""
+    return {TRACEPARENT: trace} if trace else None

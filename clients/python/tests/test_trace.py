@@ -1,0 +1,68 @@
+"""W3C trace context: a command's `traceparent` reaches the dispatches, and the executor carries
+a dispatch's on its claim, its heartbeats and its report (docs/protocol.md, "Trace context")."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+
+import pytest
+from conftest import HEARTBEAT_INTERVAL, events_until_end, serving
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from planner_client import Client, Executor, TaskContext, TaskMessage, wire
+
+PLAN = {"tasks": [{"id": "a", "description": "take a while", "kind": "tool_call", "target": "slow"}]}
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-report", "stream-report"])
+async def test_the_dispatch_trace_is_carried_on_the_claim_the_heartbeats_and_the_report(
+    nc: NatsClient, client: Client, session: str, direct: bool
+) -> None:
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    executor = Executor(direct_reports=direct)
+    handed: list[str | None] = []
+
+    @executor.tool("slow")
+    async def slow(task: TaskMessage, ctx: TaskContext) -> str:
+        handed.append(ctx.traceparent)
+        await asyncio.sleep(HEARTBEAT_INTERVAL * 2.5)  # two heartbeats or so
+        return "done"
+
+    # What each message carried, by kind (`planner.<kind>.…`), as a core subscription sees it.
+    seen: dict[str, list[str | None]] = defaultdict(list)
+
+    async def record(msg: Msg) -> None:
+        seen[msg.subject.split(".")[1]].append(wire.traceparent(msg.headers))
+
+    for subject in ("planner.task.tool_call.slow", f"planner.claim.{session}",
+                    f"planner.heartbeat.{session}", f"planner.result.{session}",
+                    f"planner.report.{session}"):
+        await nc.subscribe(subject, cb=record)
+    async with serving(executor, nc):
+        await client.submit(session, "one step", plan=PLAN, traceparent=traceparent)
+        events = await events_until_end(client, session)
+    await nc.flush()
+    assert events[-1].type == "plan_completed", [e.type for e in events]
+
+    # The command's trace reaches the dispatch (with the daemon's own span id).
+    [dispatched] = seen.pop("task")
+    assert dispatched is not None and dispatched.split("-")[1] == trace_id, dispatched
+    # The executor carries the dispatch's on, as it is.
+    assert seen.pop("claim") == [dispatched]
+    beats = seen.pop("heartbeat")
+    assert beats and beats == [dispatched] * len(beats), beats
+    # The report, on the path it took (a direct one is stored by no stream).
+    assert seen == ({"result": [dispatched]} if direct else {"report": [dispatched]}), seen
+    assert handed == [dispatched]
+
+
+def test_the_traceparent_header_is_read_in_any_case_and_never_made_up() -> None:
+    assert wire.traceparent({"Traceparent": "00-ab-cd-01", "Nats-Msg-Id": "x"}) == "00-ab-cd-01"
+    assert wire.traceparent({"Nats-Msg-Id": "x"}) is None
+    assert wire.traceparent(None) is None
+    assert wire.trace_headers(None) is None
+    assert wire.trace_headers("00-ab-cd-01") == {"traceparent": "00-ab-cd-01"}
