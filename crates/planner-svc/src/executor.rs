@@ -205,6 +205,17 @@ pub async fn run_pool(
                 .await;
                 return;
             }
+            // A delivery of an attempt this pool is claiming or running (the first delivery's
+            // ack was lost, or came after its ack wait): the first one runs it. The planner
+            // grants this pool's claim again (one claim id per attempt), so without this the
+            // attempt would run twice. It comes back later, when `done` answers it.
+            let cancelled = CancellationToken::new();
+            let Some(_running) = RunningEntry::enter(&running, &key, &cancelled) else {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+                return;
+            };
             // Claim before running: the fence that makes a second delivery harmless. The
             // message is acked only once the claim is answered, so an executor that dies
             // before it leaves the message to be redelivered to another.
@@ -261,17 +272,10 @@ pub async fn run_pool(
                 .await;
             }
             let latency = executor.latency();
-            let cancelled = CancellationToken::new();
-            if let Ok(mut running) = running.lock() {
-                running.insert(key.clone(), cancelled.clone());
-            }
             let stopped = tokio::select! {
                 stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
-            if let Ok(mut running) = running.lock() {
-                running.remove(&key);
-            }
             if let Some(reason) = stopped {
                 tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
                 observer.stopped(&task, reason);
@@ -307,6 +311,40 @@ pub async fn run_pool(
             observer.reported(&task, Instant::now());
             drop(permit);
         });
+    }
+}
+
+/// An attempt's place in [`Running`], from its claim until its report is sent (or it is
+/// given up): removed when dropped.
+struct RunningEntry {
+    running: Running,
+    key: (String, String, u32),
+}
+
+impl RunningEntry {
+    /// Enters `key` with its cancellation token; `None` when it is there already.
+    fn enter(
+        running: &Running,
+        key: &(String, String, u32),
+        cancelled: &CancellationToken,
+    ) -> Option<RunningEntry> {
+        let mut map = running.lock().ok()?;
+        if map.contains_key(key) {
+            return None;
+        }
+        map.insert(key.clone(), cancelled.clone());
+        Some(RunningEntry {
+            running: Arc::clone(running),
+            key: key.clone(),
+        })
+    }
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.key);
+        }
     }
 }
 

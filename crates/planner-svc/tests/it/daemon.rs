@@ -1584,3 +1584,92 @@ async fn a_large_context_comes_with_the_claim_not_with_every_dispatch() {
     assert_eq!(context.reference(), reference);
     daemon.stop().await;
 }
+
+/// Counts the pool's executions (reports sent after running) per attempt.
+#[derive(Default)]
+struct Executions(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl planner_svc::executor::PoolObserver for Executions {
+    fn reported(&self, task: &planner_svc::protocol::TaskMessage, _at: std::time::Instant) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((task.assignment.task_id.0.clone(), task.assignment.attempt));
+    }
+}
+
+/// A pool is granted its own claim again (one claim id per attempt, so that a claim whose
+/// reply was lost is not refused on the redelivery). A second delivery of an attempt it is
+/// still running must then not run it again: it waits and is answered from what the pool ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_delivery_of_an_attempt_the_pool_is_running_does_not_run_it_again() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let _daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    client.flush().await.unwrap();
+    let executions = std::sync::Arc::new(Executions::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(planner_svc::executor::run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        planner_svc::executor::PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: "twice-pool".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: false,
+            reports: Default::default(),
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency: Duration::from_millis(1500),
+                jitter_percent: 0,
+                ..Default::default()
+            },
+        },
+        std::sync::Arc::clone(&executions)
+            as std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
+        stop.clone(),
+    ));
+    let plan = json!({"type": "initialize", "input": "twice", "plan": {"tasks": [
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
+    ]}});
+    let reply = client
+        .request(
+            "planner.cmd.twice",
+            serde_json::to_vec(&plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: CommandReply = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(matches!(reply, CommandReply::Ok { .. }), "{reply:?}");
+    let dispatch = tokio::time::timeout(Duration::from_secs(10), dispatches.next())
+        .await
+        .expect("the dispatch")
+        .unwrap();
+    // The same attempt delivered again while the pool runs it (as JetStream does when the
+    // first delivery's ack is lost).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(dispatch.subject.clone(), dispatch.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "twice").await;
+    assert_eq!(
+        Planner::fold(&events).state().phase,
+        PlanPhase::Completed,
+        "{events:?}"
+    );
+    // Long enough for the second delivery to come back after its delay and be answered.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        *executions.0.lock().unwrap(),
+        vec![("a".to_owned(), 1)],
+        "attempt 1 ran once"
+    );
+    stop.cancel();
+    let _ = pool.await;
+}
