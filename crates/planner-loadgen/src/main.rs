@@ -125,7 +125,12 @@ impl PoolObserver for Observer {
             }
         }
     }
-    fn reported(&self, task: &TaskMessage, at: Instant) {
+    fn reporting(&self, task: &TaskMessage, at: Instant) {
+        if let Ok(mut m) = self.last_report.lock() {
+            m.insert(task.session.clone(), at);
+        }
+    }
+    fn reported(&self, task: &TaskMessage, _at: Instant) {
         self.reported.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut executed) = self.executed.lock() {
             let key = (
@@ -142,9 +147,6 @@ impl PoolObserver for Observer {
             if first_of_task {
                 self.tasks_done.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        if let Ok(mut m) = self.last_report.lock() {
-            m.insert(task.session.clone(), at);
         }
     }
 }

@@ -79,6 +79,10 @@ pub trait PoolObserver: Send + Sync + 'static {
     /// A final report was answered `ok` (or `refused`) by the planner, or acknowledged by
     /// JetStream.
     fn reported(&self, _task: &TaskMessage, _at: Instant) {}
+    /// A final report is about to be sent. A report sent directly is answered once the
+    /// planner persisted it, and the session's next dispatch may arrive before that answer:
+    /// a latency from result to next dispatch starts here, not at [`PoolObserver::reported`].
+    fn reporting(&self, _task: &TaskMessage, _at: Instant) {}
     /// The planner stopped a running attempt (cancelled, superseded, ...): no report.
     fn stopped(&self, _task: &TaskMessage, _reason: FenceReason) {}
 }
@@ -291,6 +295,7 @@ pub async fn run_pool(
                 }
                 done.insert(key, report.clone());
             }
+            observer.reporting(&task, Instant::now());
             send_report(
                 &client,
                 &js,
