@@ -205,6 +205,18 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// The daemons started, killed when dropped: a run that fails leaves none behind.
+struct Daemons(Vec<std::process::Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for daemon in &mut self.0 {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+    }
+}
+
 /// The pids of this process's child `nats-server`s (one, or a cluster's nodes).
 fn nats_server_pids() -> Vec<u32> {
     let me = std::process::id();
@@ -347,7 +359,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let workdir = tempfile::tempdir()?;
     let instances = args.instances.max(1);
-    let mut daemons = Vec::new();
+    let mut daemons = Daemons(Vec::new());
     for _ in 0..instances {
         let daemon = Command::new(&daemon_bin)
             .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
@@ -371,13 +383,8 @@ async fn main() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", daemon_bin.display()))?;
-        daemons.push(daemon);
+        daemons.0.push(daemon);
     }
-    let kill_all = |daemons: &mut Vec<std::process::Child>| {
-        for daemon in daemons.iter_mut() {
-            let _ = daemon.kill();
-        }
-    };
     // Ready when every instance answers for its partitions and together they hold them all
     // (with ownership off, each answers with every partition).
     let mut ready = false;
@@ -401,7 +408,6 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if !ready {
-        kill_all(&mut daemons);
         bail!("the {instances} daemon(s) did not answer with their partitions on planner.admin.ownership");
     }
 
@@ -449,7 +455,7 @@ async fn main() -> anyhow::Result<()> {
         daemons.iter().map(|d| cpu_seconds(d.id())).sum()
     };
     let cpu_before = (
-        daemons_cpu(&daemons),
+        daemons_cpu(&daemons.0),
         cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
@@ -518,6 +524,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed();
     let rss = daemons
+        .0
         .iter()
         .filter_map(|d| peak_rss_mib(d.id()))
         .fold(None, |max: Option<f64>, r| {
@@ -526,7 +533,7 @@ async fn main() -> anyhow::Result<()> {
     let owners = ownership(&client).await;
     let writes = stream_writes(&js).await?;
     let cpu_after = (
-        daemons_cpu(&daemons),
+        daemons_cpu(&daemons.0),
         cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
@@ -543,20 +550,32 @@ async fn main() -> anyhow::Result<()> {
         .step_by((args.sessions / 20).max(1))
         .collect();
     for s in &sample {
-        let events = store.load_all(&format!("load-{s}")).await?;
+        // A cluster that lost a node may still be electing a stream leader: ask again.
+        let mut tries = 0;
+        let events = loop {
+            match store.load_all(&format!("load-{s}")).await {
+                Ok(events) => break events,
+                Err(error) if tries < 30 => {
+                    tries += 1;
+                    eprintln!("reading session load-{s} failed ({error}); trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         if events.iter().any(|e| e.event_type() == "plan_completed") {
             completed += 1;
         }
     }
     shutdown.cancel();
     let _ = pool.await;
-    for daemon in &daemons {
+    for daemon in &daemons.0 {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(daemon.id().to_string())
             .status();
     }
-    for daemon in &mut daemons {
+    for daemon in &mut daemons.0 {
         let _ = daemon.wait();
     }
 
