@@ -107,28 +107,14 @@ pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
     connect_watching(config, None).await
 }
 
-/// The server's refusal of a subscription (`Permissions Violation for Subscription to
-/// "<subject>"`): what the daemon cannot serve without.
-fn subscription_denial(event: &async_nats::Event) -> Option<&str> {
+/// The server's refusal of a `what` ("subscription" or "publish"): `Permissions Violation for
+/// Subscription to "<subject>"` is what the daemon cannot serve without.
+fn permission_denial<'a>(event: &'a async_nats::Event, what: &str) -> Option<&'a str> {
     match event {
         async_nats::Event::ServerError(async_nats::ServerError::Other(text))
             if text
                 .to_lowercase()
-                .starts_with("permissions violation for subscription") =>
-        {
-            Some(text)
-        }
-        _ => None,
-    }
-}
-
-/// The server's refusal of a publish (`Permissions Violation for Publish to "<subject>"`).
-fn publish_denial(event: &async_nats::Event) -> Option<&str> {
-    match event {
-        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
-            if text
-                .to_lowercase()
-                .starts_with("permissions violation for publish") =>
+                .starts_with(&format!("permissions violation for {what}")) =>
         {
             Some(text)
         }
@@ -167,9 +153,9 @@ async fn connect_watching(
             async move {
                 log_event(&event);
                 if let Some(denials) = denials {
-                    if let Some(denied) = subscription_denial(&event) {
+                    if let Some(denied) = permission_denial(&event, "subscription") {
                         let _ = denials.subscriptions.send(denied.to_owned());
-                    } else if let Some(denied) = publish_denial(&event) {
+                    } else if let Some(denied) = permission_denial(&event, "publish") {
                         denials.publishes.record(denied);
                     }
                 }

@@ -1610,27 +1610,13 @@ async fn a_second_delivery_of_an_attempt_the_pool_is_running_does_not_run_it_aga
     let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
     client.flush().await.unwrap();
     let executions = std::sync::Arc::new(Executions::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = tokio::spawn(planner_svc::executor::run_pool(
-        client.clone(),
-        planner_svc::protocol::Subjects::new("planner"),
-        planner_svc::executor::PoolOptions {
-            stream: "PLANNER_TASKS".into(),
-            consumer: "twice-pool".into(),
-            filter: "planner.task.>".into(),
-            concurrency: 4,
-            report_started: false,
-            reports: Default::default(),
-            behaviour: planner_svc::sim::SimBehaviour {
-                latency: Duration::from_millis(1500),
-                jitter_percent: 0,
-                ..Default::default()
-            },
-        },
+    let (pool, stop) = start_pool(
+        &client,
+        "twice-pool",
+        Duration::from_millis(1500),
         std::sync::Arc::clone(&executions)
             as std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
-        stop.clone(),
-    ));
+    );
     let plan = json!({"type": "initialize", "input": "twice", "plan": {"tasks": [
         {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
     ]}});

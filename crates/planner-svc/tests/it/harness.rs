@@ -408,3 +408,38 @@ pub async fn wait_for_end(store: &JetStreamStore, session: &str) -> Vec<Event> {
         .collect();
     panic!("session {session} did not end: events {types:?}, tasks {tasks:?}");
 }
+
+/// The shipped executor pool (`planner-svc executor`) on `client`, pulling every dispatch
+/// through its own consumer `consumer`, each task taking `latency`; it stops when the token
+/// is cancelled.
+pub fn start_pool(
+    client: &async_nats::Client,
+    consumer: &str,
+    latency: std::time::Duration,
+    observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio_util::sync::CancellationToken,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(planner_svc::executor::run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        planner_svc::executor::PoolOptions {
+            stream: "PLANNER_TASKS".into(),
+            consumer: consumer.into(),
+            filter: "planner.task.>".into(),
+            concurrency: 4,
+            report_started: false,
+            reports: Default::default(),
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency,
+                jitter_percent: 0,
+                ..Default::default()
+            },
+        },
+        observer,
+        stop.clone(),
+    ));
+    (pool, stop)
+}

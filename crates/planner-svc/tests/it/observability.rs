@@ -624,25 +624,12 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
     // Every dispatch, as a core subscriber sees it (headers included).
     let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
     client.flush().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = tokio::spawn(planner_svc::executor::run_pool(
-        client.clone(),
-        planner_svc::protocol::Subjects::new("planner"),
-        planner_svc::executor::PoolOptions {
-            stream: "PLANNER_TASKS".into(),
-            consumer: "trace-pool".into(),
-            filter: "planner.task.>".into(),
-            concurrency: 4,
-            report_started: false,
-            behaviour: planner_svc::sim::SimBehaviour {
-                latency: Duration::from_millis(1),
-                ..Default::default()
-            },
-            reports: Default::default(),
-        },
+    let (pool, stop) = start_pool(
+        &client,
+        "trace-pool",
+        Duration::from_millis(1),
         std::sync::Arc::new(planner_svc::executor::NoObserver),
-        stop.clone(),
-    ));
+    );
     // b waits for a: its dispatch is decided while the daemon handles a's report.
     let plan = json!({"type": "initialize", "input": "traced", "plan": {"tasks": [
         {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
@@ -918,25 +905,12 @@ async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_at
     );
     let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
     client.flush().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = tokio::spawn(planner_svc::executor::run_pool(
-        client.clone(),
-        planner_svc::protocol::Subjects::new("planner"),
-        planner_svc::executor::PoolOptions {
-            stream: "PLANNER_TASKS".into(),
-            consumer: "otlp-pool".into(),
-            filter: "planner.task.>".into(),
-            concurrency: 4,
-            report_started: false,
-            reports: Default::default(),
-            behaviour: planner_svc::sim::SimBehaviour {
-                latency: Duration::from_millis(1),
-                ..Default::default()
-            },
-        },
+    let (pool, stop) = start_pool(
+        &client,
+        "otlp-pool",
+        Duration::from_millis(1),
         std::sync::Arc::new(planner_svc::executor::NoObserver),
-        stop.clone(),
-    ));
+    );
     let plan = json!({"type": "initialize", "input": "exported", "plan": {"tasks": [
         {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
     ]}});
