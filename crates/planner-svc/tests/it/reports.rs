@@ -414,3 +414,72 @@ async fn a_direct_report_reaching_an_instance_that_does_not_own_the_session_is_f
     a.stop().await;
     b.stop().await;
 }
+
+/// A report in the languages executors really answer in, at the size limit: the limit counts
+/// bytes (a character of these is 2 to 4 of them), a report just under it is applied with its
+/// output intact, one just over it is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_english_report_at_the_size_limit_is_applied_intact_and_one_byte_over_refused() {
+    let server = NatsServer::start().unwrap();
+    let config = config(&server);
+    let limit = config.limits.max_message_bytes;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let store = store(&server.url()).await;
+    command(&client, "s-intl", chain(&["a", "b"])).await;
+    let lease = lease_of(&client, "s-intl", "a").await;
+
+    let report = |output: &str| {
+        serde_json::to_vec(&json!({"task_id": "a", "attempt": 1, "status": "completed", "output": output, "lease": lease})).unwrap()
+    };
+    // Chinese, Cyrillic, Arabic, an emoji with a skin tone and a combining accent.
+    let phrase = "结果：完成。Итог: готово. النتيجة: تم. 👍🏽 e\u{301} ";
+    let overhead = report("").len();
+    let mut output = String::new();
+    while overhead + output.len() + phrase.len() <= limit {
+        output.push_str(phrase);
+    }
+    // Filled to the byte with one-byte characters (JSON escapes none of these).
+    while overhead + output.len() < limit {
+        output.push('x');
+    }
+    assert_eq!(report(&output).len(), limit);
+    assert!(
+        output.chars().count() < limit,
+        "characters are not bytes here"
+    );
+
+    let over = report(&format!("{output}x"));
+    match result(&client, "s-intl", over).await {
+        ReportReply::Refused(error) => assert_eq!(error.kind, ErrorKind::TooLarge, "{error:?}"),
+        other => panic!("one byte over the limit: {other:?}"),
+    }
+    let events = store.load_all("s-intl").await.unwrap();
+    assert_eq!(
+        completions(&events, "a"),
+        0,
+        "the refused report changed nothing"
+    );
+
+    assert_eq!(
+        result(&client, "s-intl", report(&output)).await,
+        ReportReply::Ok
+    );
+    let events = store.load_all("s-intl").await.unwrap();
+    let stored = events.iter().find_map(|e| match e {
+        Event::TaskStatusUpdated {
+            task_id,
+            status: TaskStatus::Completed,
+            output,
+            ..
+        } if task_id.as_str() == "a" => output.clone(),
+        _ => None,
+    });
+    assert_eq!(
+        stored.as_deref(),
+        Some(output.as_str()),
+        "stored byte for byte"
+    );
+    assert_eq!(dispatches(&events, "b"), 1, "{events:?}");
+    daemon.stop().await;
+}
