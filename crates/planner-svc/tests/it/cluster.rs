@@ -1,7 +1,6 @@
 //! A NATS cluster is the scale-out story: three nats-server nodes, streams at R3, three planner
 //! instances; one node and one planner die mid-run.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use planner_core::{Event, PlanPhase, Planner};
@@ -12,35 +11,18 @@ use serde_json::json;
 use crate::harness::{command, store, ExecutorBehaviour, Executors};
 
 /// A planner-svc process against the cluster, every stream and the lease bucket at R3.
-struct Planner3(Child);
-
-impl Planner3 {
-    fn start(url: &str) -> Planner3 {
-        let child = Command::new(env!("CARGO_BIN_EXE_planner-svc"))
-            .arg("serve")
-            .env("PLANNER_NATS__URL", url)
-            .env("PLANNER_LOG__LEVEL", "warn")
-            .env("PLANNER_METRICS__LISTEN", "")
-            .env("PLANNER_STORE__REPLICAS", "3")
-            .env("PLANNER_DISPATCH__REPLICAS", "3")
-            .env("PLANNER_REPORTS__REPLICAS", "3")
-            .env("PLANNER_OWNERSHIP__REPLICAS", "3")
-            .env("PLANNER_OWNERSHIP__LEASE_TTL_MS", "3000")
-            .env("PLANNER_REPORTS__ACK_WAIT_S", "2")
-            .env("PLANNER_SESSIONS__RECOVERY_INTERVAL_S", "1")
-            .env("PLANNER_PLANNER__RETRY__INITIAL_BACKOFF_MS", "50")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Planner3(child)
-    }
-}
-
-impl Drop for Planner3 {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// One planner instance of the cluster: everything at R3, leases of 3 s.
+fn planner3(url: &str) -> crate::support::Spawned {
+    crate::support::serve_instance(
+        url,
+        3000,
+        &[
+            ("PLANNER_STORE__REPLICAS", "3"),
+            ("PLANNER_DISPATCH__REPLICAS", "3"),
+            ("PLANNER_REPORTS__REPLICAS", "3"),
+            ("PLANNER_OWNERSHIP__REPLICAS", "3"),
+        ],
+    )
 }
 
 fn chain_plan(tasks: usize) -> serde_json::Value {
@@ -74,7 +56,7 @@ async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_
         assert!(Instant::now() < deadline, "JetStream never became ready");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut planners: Vec<Planner3> = (0..3).map(|_| Planner3::start(&url)).collect();
+    let mut planners: Vec<crate::support::Spawned> = (0..3).map(|_| planner3(&url)).collect();
     // Three instances serving, the partitions split between them.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

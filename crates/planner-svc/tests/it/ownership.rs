@@ -2,7 +2,6 @@
 //! server's subject transform, requests forwarded to the owner, failover and handover.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -80,33 +79,6 @@ fn chain_plan(tasks: usize) -> serde_json::Value {
 
 fn completed(events: &[Event]) -> bool {
     Planner::fold(events).state().phase == PlanPhase::Completed
-}
-
-/// A daemon as a process of its own, to be killed with SIGKILL.
-struct Process(Child);
-
-impl Process {
-    fn start(server: &NatsServer, ttl_ms: u64) -> Process {
-        let child = Command::new(env!("CARGO_BIN_EXE_planner-svc"))
-            .arg("serve")
-            .env("PLANNER_NATS__URL", server.url())
-            .env("PLANNER_LOG__LEVEL", "warn")
-            .env("PLANNER_OWNERSHIP__LEASE_TTL_MS", ttl_ms.to_string())
-            .env("PLANNER_REPORTS__ACK_WAIT_S", "2")
-            .env("PLANNER_SESSIONS__RECOVERY_INTERVAL_S", "1")
-            .env("PLANNER_PLANNER__RETRY__INITIAL_BACKOFF_MS", "50")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        Process(child)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +174,8 @@ async fn two_instances_split_the_partitions_and_each_serves_its_own_sessions() {
 async fn a_killed_instance_s_partitions_are_taken_over_within_the_ttl_and_nothing_runs_twice() {
     let server = NatsServer::start().unwrap();
     let ttl_ms = 3000;
-    let mut doomed = Process::start(&server, ttl_ms);
-    let _survivor = Process::start(&server, ttl_ms);
+    let mut doomed = crate::support::serve_instance(&server.url(), ttl_ms, &[]);
+    let _survivor = crate::support::serve_instance(&server.url(), ttl_ms, &[]);
     let client = async_nats::connect(server.url()).await.unwrap();
     wait_for_split(&client, 2, Duration::from_secs(60)).await;
     let behaviour = ExecutorBehaviour {
@@ -235,9 +207,8 @@ async fn a_killed_instance_s_partitions_are_taken_over_within_the_ttl_and_nothin
         assert!(Instant::now() < deadline, "no progress before the kill");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    doomed.0.kill().unwrap(); // SIGKILL
+    doomed.kill(); // SIGKILL
     let killed_at = Instant::now();
-    let _ = doomed.0.wait();
     // The survivor holds every partition within about the TTL (its key expires, the next
     // refresh round sees it gone).
     loop {
@@ -506,13 +477,12 @@ async fn a_request_for_a_killed_owner_s_session_is_answered_before_its_lease_exp
     let server = NatsServer::start().unwrap();
     // A lease far longer than the test: the dead owner's partitions stay its own throughout.
     let ttl_ms = 60_000;
-    let mut doomed = Process::start(&server, ttl_ms);
-    let _survivor = Process::start(&server, ttl_ms);
+    let mut doomed = crate::support::serve_instance(&server.url(), ttl_ms, &[]);
+    let _survivor = crate::support::serve_instance(&server.url(), ttl_ms, &[]);
     let client = async_nats::connect(server.url()).await.unwrap();
     let before = wait_for_split(&client, 2, Duration::from_secs(60)).await;
-    doomed.0.kill().unwrap(); // SIGKILL: its lease stays until the TTL
+    doomed.kill(); // SIGKILL: its lease stays until the TTL
     let killed_at = Instant::now();
-    let _ = doomed.0.wait();
     let survivor = ownership(&client).await;
     assert_eq!(survivor.len(), 1, "{survivor:?}");
     let dead = before

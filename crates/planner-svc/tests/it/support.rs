@@ -168,3 +168,24 @@ pub async fn answers_ping(client: &async_nats::Client) -> bool {
     }
     false
 }
+
+/// `planner-svc serve` on `url`, one of several instances: warnings only, no metrics listener
+/// (instances would share its port), lease TTL `lease_ttl_ms`, and the short timers the
+/// failover tests wait on (reports redelivered after 2 s, recovery every second, retries after
+/// 50 ms); `extra` settings as `PLANNER_…` variables. Killed when dropped.
+pub fn serve_instance(url: &str, lease_ttl_ms: u64, extra: &[(&str, &str)]) -> Spawned {
+    let mut command = planner_svc();
+    command
+        .arg("serve")
+        .env("PLANNER_NATS__URL", url)
+        .env("PLANNER_LOG__LEVEL", "warn")
+        .env("PLANNER_METRICS__LISTEN", "")
+        .env("PLANNER_OWNERSHIP__LEASE_TTL_MS", lease_ttl_ms.to_string())
+        .env("PLANNER_REPORTS__ACK_WAIT_S", "2")
+        .env("PLANNER_SESSIONS__RECOVERY_INTERVAL_S", "1")
+        .env("PLANNER_PLANNER__RETRY__INITIAL_BACKOFF_MS", "50");
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    Spawned::start(&mut command)
+}
