@@ -636,22 +636,7 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
         {"id": "b", "description": "do b", "kind": "tool_call", "target": "search", "dependencies": ["a"]},
     ]}});
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", traceparent);
-    let reply = client
-        .request_with_headers(
-            "planner.cmd.traced",
-            headers,
-            serde_json::to_vec(&plan).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    let reply: planner_svc::protocol::CommandReply =
-        serde_json::from_slice(&reply.payload).unwrap();
-    assert!(
-        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
-        "{reply:?}"
-    );
+    command_traced(&client, "traced", traceparent, &plan).await;
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let message = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
@@ -717,25 +702,13 @@ async fn a_retry_after_a_failure_is_dispatched_in_the_trace_of_its_request() {
         {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
     ]}});
     let trace = "0af7651916cd43dd8448eb211c80319c";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{trace}-b7ad6b7169203331-01").as_str(),
-    );
-    let reply = client
-        .request_with_headers(
-            "planner.cmd.retried",
-            headers,
-            serde_json::to_vec(&plan).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    let reply: planner_svc::protocol::CommandReply =
-        serde_json::from_slice(&reply.payload).unwrap();
-    assert!(
-        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
-        "{reply:?}"
-    );
+    command_traced(
+        &client,
+        "retried",
+        &format!("00-{trace}-b7ad6b7169203331-01"),
+        &plan,
+    )
+    .await;
     let mut attempts = Vec::new();
     while attempts.len() < 2 {
         let message = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
@@ -916,22 +889,13 @@ async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_at
     ]}});
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", format!("00-{trace}-{parent}-01").as_str());
-    let reply = client
-        .request_with_headers(
-            "planner.cmd.exported",
-            headers,
-            serde_json::to_vec(&plan).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    let reply: planner_svc::protocol::CommandReply =
-        serde_json::from_slice(&reply.payload).unwrap();
-    assert!(
-        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
-        "{reply:?}"
-    );
+    command_traced(
+        &client,
+        "exported",
+        &format!("00-{trace}-{parent}-01"),
+        &plan,
+    )
+    .await;
     // The dispatch carries the request's trace, and the span that sent it.
     let dispatch = tokio::time::timeout(Duration::from_secs(20), dispatches.next())
         .await
@@ -1047,4 +1011,29 @@ async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_at
     )
     .unwrap_or_else(|| panic!("attempt: {}", describe()));
     assert!(attempt.end_time_unix_nano >= attempt.start_time_unix_nano);
+}
+
+/// Sends `plan` to `session` with the header `traceparent`; the command must be accepted.
+async fn command_traced(
+    client: &async_nats::Client,
+    session: &str,
+    traceparent: &str,
+    plan: &serde_json::Value,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", traceparent);
+    let reply = client
+        .request_with_headers(
+            format!("planner.cmd.{session}"),
+            headers,
+            serde_json::to_vec(plan).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let reply: planner_svc::protocol::CommandReply =
+        serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
+        "{reply:?}"
+    );
 }
