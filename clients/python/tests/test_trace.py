@@ -1,5 +1,6 @@
 """W3C trace context: a command's `traceparent` reaches the dispatches, and the executor carries
-a dispatch's on its claim, its heartbeats and its report (docs/protocol.md, "Trace context")."""
+a dispatch's on its report, and on its claim and heartbeats when the trace is sampled
+(docs/protocol.md, "Trace context")."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from planner_client import Client, Executor, TaskContext, TaskMessage, wire
 PLAN = {"tasks": [{"id": "a", "description": "take a while", "kind": "tool_call", "target": "slow"}]}
 
 
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-report", "stream-report"])
-async def test_the_dispatch_trace_is_carried_on_the_claim_the_heartbeats_and_the_report(
-    nc: NatsClient, client: Client, session: str, direct: bool
+async def test_the_dispatch_trace_is_carried_on_the_report_and_if_sampled_the_claim_and_heartbeats(
+    nc: NatsClient, client: Client, session: str, direct: bool, sampled: bool
 ) -> None:
     trace_id = uuid.uuid4().hex
-    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{'01' if sampled else '00'}"
     executor = Executor(direct_reports=direct)
     handed: list[str | None] = []
 
@@ -51,10 +53,12 @@ async def test_the_dispatch_trace_is_carried_on_the_claim_the_heartbeats_and_the
     # The command's trace reaches the dispatch (with the daemon's own span id).
     [dispatched] = seen.pop("task")
     assert dispatched is not None and dispatched.split("-")[1] == trace_id, dispatched
-    # The executor carries the dispatch's on, as it is.
-    assert seen.pop("claim") == [dispatched]
+    # The executor carries the dispatch's on, as it is: on the claim and the heartbeats only
+    # when the trace is sampled (the planner files them under the session's trace otherwise).
+    leased = dispatched if sampled else None
+    assert seen.pop("claim") == [leased]
     beats = seen.pop("heartbeat")
-    assert beats and beats == [dispatched] * len(beats), beats
+    assert beats and beats == [leased] * len(beats), beats
     # The report, on the path it took (a direct one is stored by no stream).
     assert seen == ({"result": [dispatched]} if direct else {"report": [dispatched]}), seen
     assert handed == [dispatched]
@@ -66,3 +70,15 @@ def test_the_traceparent_header_is_read_in_any_case_and_never_made_up() -> None:
     assert wire.traceparent(None) is None
     assert wire.trace_headers(None) is None
     assert wire.trace_headers("00-ab-cd-01") == {"traceparent": "00-ab-cd-01"}
+
+
+def test_only_a_valid_traceparent_with_the_sampled_flag_is_sampled() -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+    assert wire.sampled(f"{trace}-01")
+    assert wire.sampled(f"{trace}-03")
+    assert not wire.sampled(f"{trace}-00")
+    assert not wire.sampled(f"{trace}-02")
+    assert not wire.sampled(f"{trace}-zz")
+    assert not wire.sampled(f"01-{trace[3:]}-01")
+    assert not wire.sampled("")
+    assert not wire.sampled(None)

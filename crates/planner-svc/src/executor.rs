@@ -179,8 +179,11 @@ pub async fn run_pool(
             Arc::clone(&contexts),
         );
         let (report_started, direct) = (options.report_started, Arc::clone(&direct));
-        // The claim, the heartbeats and the report carry the dispatch's trace context on: one
-        // request, one trace.
+        // The report carries the dispatch's trace context on: one request, one trace. The
+        // claim and the heartbeats carry it only when the trace is sampled (recorded
+        // somewhere): they decide no work, and the planner files one without a trace under
+        // its session's latest (the same trace id), so for an unsampled trace the header
+        // would only cost the bus.
         let trace = message
             .headers
             .as_ref()
@@ -188,6 +191,7 @@ pub async fn run_pool(
             .map(|v| v.as_str().to_owned());
         tokio::spawn(async move {
             let trace = trace.as_deref();
+            let lease_trace = trace.filter(|value| crate::trace::sampled(value));
             let key = (
                 task.session.clone(),
                 task.assignment.task_id.0.clone(),
@@ -225,7 +229,7 @@ pub async fn run_pool(
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
             let claim_id = claim_id(&pool_id, &key);
-            let lease = match claim(&client, &subjects, &task, &claim_id, held, trace).await {
+            let lease = match claim(&client, &subjects, &task, &claim_id, held, lease_trace).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -277,7 +281,7 @@ pub async fn run_pool(
             }
             let latency = executor.latency();
             let stopped = tokio::select! {
-                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, trace) => stopped,
+                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, lease_trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
             if let Some(reason) = stopped {

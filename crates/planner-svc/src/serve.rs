@@ -1804,6 +1804,21 @@ impl Endpoint {
     }
 
     /// Where its requests enter, for their trace.
+    /// The trace a request is handled in: the one it carries, or a new one; but a claim or
+    /// a heartbeat that carries none (executors send it only for sampled traces) is handled
+    /// in its session's latest trace (`Engine::handle`), which is the trace of the request
+    /// that dispatched the attempt, rather than in a trace of its own.
+    fn trace_context(
+        self,
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> Option<crate::trace::TraceParent> {
+        let carried = headers.is_some_and(|h| h.get(crate::trace::HEADER).is_some());
+        if !carried && matches!(self, Endpoint::Claim | Endpoint::Heartbeat) {
+            return None;
+        }
+        crate::trace::context_of(headers)
+    }
+
     fn edge(self) -> crate::trace::Edge {
         match self {
             Endpoint::Command => crate::trace::Edge::Command,
@@ -1898,7 +1913,7 @@ fn answer_here<S: EventStore>(
     let (engine, router) = (Arc::clone(engine), Arc::clone(router));
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).
-        let context = crate::trace::context_of(incoming.headers.as_ref());
+        let context = endpoint.trace_context(incoming.headers.as_ref());
         tracker.spawn(crate::trace::scope(context, endpoint.edge(), async move {
             let _ = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
         }));
@@ -1918,7 +1933,7 @@ fn answer_here<S: EventStore>(
         });
         return;
     };
-    let context = crate::trace::context_of(incoming.headers.as_ref());
+    let context = endpoint.trace_context(incoming.headers.as_ref());
     tracker.spawn(crate::trace::scope(context, endpoint.edge(), async move {
         // Boxed: the handling's state is large, and a spawned future is moved whole into its
         // task (that copy was 5% of the daemon's CPU at saturation, perf).

@@ -81,13 +81,25 @@ pub struct TraceParent {
     pub flags: u8,
 }
 
+/// The value of one hex digit (either case).
+fn nibble(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
+}
+
 fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    if text.len() != N * 2 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let digits = text.as_bytes();
+    if digits.len() != N * 2 {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let [high, low] = pair else { return None };
+        *byte = nibble(*high)? << 4 | nibble(*low)?;
     }
     Some(out)
 }
@@ -144,13 +156,20 @@ impl TraceParent {
         })
     }
 
-    /// A new trace (sampled).
+    /// A new trace: sampled when spans are exported (this process records it), else not,
+    /// as W3C defines the flag; an unsampled trace is carried only where it continues work
+    /// (see [`sampled`]).
     pub fn new_root() -> Self {
         TraceParent {
             trace_id: random(),
             span_id: span_id(),
-            flags: 1,
+            flags: u8::from(exporting()),
         }
+    }
+
+    /// Whether the trace is sampled (flags bit 0).
+    pub fn is_sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 
     /// The same trace with a new span id: what a message published in this context carries.
@@ -219,6 +238,13 @@ impl fmt::Display for TraceParent {
         push_hex(&mut out, &[self.flags]);
         f.write_str(&out)
     }
+}
+
+/// Whether `value` is a valid `traceparent` of a sampled trace: what a claim or a heartbeat
+/// carries on (an executor's lease-keeping requests decide no work, and the planner files one
+/// without a trace under its session's latest; the trace id in every log line is the same).
+pub fn sampled(value: &str) -> bool {
+    TraceParent::parse(value).is_some_and(|parsed| parsed.is_sampled())
 }
 
 /// Where a piece of work entered the daemon: names the span [`scope`] opens for it.

@@ -10,8 +10,9 @@ on every delivery: a dispatch that comes again after a claim whose reply was los
 again. A delivery of an attempt this executor runs, or ran, is acked and not run again (its ack
 was lost; the planner would grant the claim again all the same).
 
-The claim, the heartbeats and the report carry the dispatch's `traceparent` header on: one
-request, one trace.
+The report carries the dispatch's `traceparent` header on: one request, one trace. The claim
+and the heartbeats carry it only for a sampled trace (`wire.sampled`): the planner files them
+under the session's latest trace otherwise, and the header would only cost the bus.
 
 While the handler runs, three things can stop it: a heartbeat reply `stop`, a message on
 `planner.cancel.<session>.<task>` (the fast path), and the end of the executor's shutdown
@@ -127,9 +128,10 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         await _settle(msg.ack())
         return
     trace = wire.traceparent(msg.headers)
+    lease_trace = trace if wire.sampled(trace) else None
     try:
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
-                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace)
+                                  claim_id=lease.claim_id(rt.executor_id, task), trace=lease_trace)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
@@ -187,7 +189,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     if ctx.heartbeat_interval:
         beats = asyncio.ensure_future(
             lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval,
-                                          trace=ctx.traceparent)
+                                          trace=ctx.traceparent if wire.sampled(ctx.traceparent) else None)
         )
         watchers.append(beats)
     try:

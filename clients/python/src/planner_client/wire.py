@@ -6,7 +6,8 @@ docs/protocol.md's examples. Incoming messages are validated by the generated mo
 reply the models cannot read is an error here rather than a KeyError later.
 
 The W3C trace context travels in a NATS header, `traceparent` (docs/protocol.md, "Trace
-context"): read from a dispatch, carried on the executor's requests and reports.
+context"): read from a dispatch, carried on the executor's reports, and on its claims and
+heartbeats when the trace is sampled (`sampled`).
 """
 
 from __future__ import annotations
@@ -56,3 +57,20 @@ def traceparent(headers: Mapping[str, str] | None) -> str | None:
 def trace_headers(trace: str | None) -> dict[str, str] | None:
     """Headers carrying `trace` as the `traceparent`; None without one (no headers at all)."""
     return {TRACEPARENT: trace} if trace else None
+
+
+def sampled(trace: str | None) -> bool:
+    """Whether `trace` is a version-00 `traceparent` whose sampled flag (bit 0) is set.
+
+    Claims and heartbeats carry the trace only then: they decide no work, and the planner files
+    one without a trace under its session's latest, which has the same trace id.
+    """
+    if not trace:
+        return False
+    parts = trace.strip().split("-")
+    if len(parts) != 4 or parts[0] != "00" or len(parts[3]) != 2:
+        return False
+    try:
+        return int(parts[3], 16) & 1 == 1
+    except ValueError:
+        return False

@@ -341,8 +341,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 .and_then(|slot| slot.trace())
                 .unwrap_or_else(crate::trace::TraceParent::new_root);
             let edge = crate::trace::Edge::Internal;
-            let work = self.handle_traced(session, command);
-            return Box::pin(crate::trace::scope(Some(context), edge, work)).await;
+            // Boxed before it is wrapped: the handling's future is large, and moving it into
+            // the scope's future and that into a box was 3% of the daemon's CPU at saturation
+            // (perf: claims without a trace come this way).
+            let work = Box::pin(self.handle_traced(session, command));
+            return crate::trace::scope(Some(context), edge, work).await;
         }
         self.handle_traced(session, command).await
     }

@@ -37,9 +37,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     pub async fn republish(&self, session: &str) -> Result<(), EngineError> {
         if crate::trace::current().is_none() && crate::trace::enabled() {
             if let Some(context) = self.registry.get(session).and_then(|slot| slot.trace()) {
-                let work = self.republish_traced(session);
+                // Boxed before it is wrapped (see `Engine::handle`).
+                let work = Box::pin(self.republish_traced(session));
                 let edge = crate::trace::Edge::Internal;
-                return Box::pin(crate::trace::scope(Some(context), edge, work)).await;
+                return crate::trace::scope(Some(context), edge, work).await;
             }
         }
         self.republish_traced(session).await

@@ -43,6 +43,9 @@ pub(super) struct SlotState {
     pub(super) planner: Option<Planner>,
     /// A publish failed after its events were persisted: the outbox sweep re-publishes.
     pub(super) unpublished: bool,
+    /// The trace id this instance last stored with one of the session's appends: an append
+    /// in the same trace stores none (see `Engine::drive`).
+    pub(super) appended_trace: Option<[u8; 16]>,
 }
 
 /// Sessions in memory and sessions seen ended.

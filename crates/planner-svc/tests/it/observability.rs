@@ -733,19 +733,29 @@ async fn a_retry_after_a_failure_is_dispatched_in_the_trace_of_its_request() {
         .iter()
         .any(|e| matches!(e, planner_core::Event::RetryScheduled { .. })));
     // Every append of the session (the request, the claims, the reports, the tick that
-    // retried) is tied to the request's trace on its JetStream message.
+    // retried) is in the request's trace: the first carries it on its JetStream message, and
+    // the others carry no other (an append stores its trace when the trace changes).
     let batches = planner_store::EventStore::load_batches(&store, "retried")
         .await
         .unwrap();
     assert!(batches.len() >= 5, "{batches:?}");
-    for batch in &batches {
-        let traced = batch
-            .traceparent
-            .as_deref()
-            .and_then(planner_svc::trace::TraceParent::parse)
-            .map(|t| t.trace_id());
-        assert_eq!(traced.as_deref(), Some(trace), "{batch:?}");
-    }
+    let traced: Vec<Option<String>> = batches
+        .iter()
+        .map(|batch| {
+            batch
+                .traceparent
+                .as_deref()
+                .and_then(planner_svc::trace::TraceParent::parse)
+                .map(|t| t.trace_id())
+        })
+        .collect();
+    assert_eq!(traced[0].as_deref(), Some(trace), "{batches:?}");
+    assert!(traced.iter().flatten().all(|t| t == trace), "{traced:?}");
+    let stored = traced.iter().flatten().count();
+    assert!(
+        stored < batches.len(),
+        "once per trace, not per append: {traced:?}"
+    );
     // An operator reads them back with `replay`.
     let output = crate::support::planner_svc()
         .args([
@@ -760,7 +770,7 @@ async fn a_retry_after_a_failure_is_dispatched_in_the_trace_of_its_request() {
     assert!(output.status.success(), "{stdout}");
     assert_eq!(
         stdout.matches(&format!("trace {trace}")).count(),
-        batches.len(),
+        stored,
         "{stdout}"
     );
     daemon.stop().await;
@@ -1036,4 +1046,83 @@ async fn command_traced(
         matches!(reply, planner_svc::protocol::CommandReply::Ok { .. }),
         "{reply:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_stores_the_sessions_trace_when_it_changes_and_a_claim_without_one_joins_it() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut questions = client
+        .subscribe("planner.ui.changing.question")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    // The request asks a question, then runs a tool in the trace of whoever answers it.
+    let plan = json!({"type": "initialize", "input": "changing", "plan": {"tasks": [
+        {"id": "q", "description": "which year?", "kind": "clarification", "target": "user", "dependencies": []},
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": ["q"]},
+    ]}});
+    let (first, second) = (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "0af7651916cd43dd8448eb211c80319c",
+    );
+    command_traced(
+        &client,
+        "changing",
+        &format!("00-{first}-00f067aa0ba902b7-00"),
+        &plan,
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(20), questions.next())
+        .await
+        .expect("the question")
+        .unwrap();
+    let answer = json!({"type": "answer_clarification", "task_id": "q", "answer": "1999"});
+    command_traced(
+        &client,
+        "changing",
+        &format!("00-{second}-b7ad6b7169203331-00"),
+        &answer,
+    )
+    .await;
+    // The shipped pool: the trace is unsampled, so its claim carries no `traceparent`.
+    let (pool, stop) = start_pool(
+        &client,
+        "changing-pool",
+        Duration::from_millis(1),
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+    );
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "changing").await;
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, planner_core::Event::AttemptClaimed { .. })));
+    let batches = planner_store::EventStore::load_batches(&store, "changing")
+        .await
+        .unwrap();
+    let traced: Vec<Option<String>> = batches
+        .iter()
+        .map(|batch| {
+            batch
+                .traceparent
+                .as_deref()
+                .and_then(planner_svc::trace::TraceParent::parse)
+                .map(|t| t.trace_id())
+        })
+        .collect();
+    // The request's append and the answer's store their traces; the claim (no header: it
+    // joined the session's trace, the answer's) and the report (the answer's trace, carried
+    // by the dispatch) store none.
+    assert!(batches.len() >= 4, "{batches:?}");
+    assert_eq!(traced[0].as_deref(), Some(first), "{traced:?}");
+    assert_eq!(
+        traced.iter().flatten().collect::<Vec<_>>(),
+        [first, second],
+        "{traced:?}"
+    );
+    stop.cancel();
+    let _ = pool.await;
+    daemon.stop().await;
 }
