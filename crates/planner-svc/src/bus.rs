@@ -16,6 +16,9 @@ pub struct NatsPublisher {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     subjects: Subjects,
+    /// This instance's name, put on every dispatch ([`crate::protocol::OWNER_HEADER`]) when
+    /// sessions have owners: what it dispatches, it owns.
+    owner: Option<String>,
 }
 
 impl NatsPublisher {
@@ -25,7 +28,14 @@ impl NatsPublisher {
             jetstream: jetstream::new(client.clone()),
             client,
             subjects,
+            owner: None,
         }
+    }
+
+    /// Names `owner` on every dispatch, for its executors to address it directly.
+    pub fn owned_by(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
     }
 }
 
@@ -63,6 +73,9 @@ impl Publisher for NatsPublisher {
                         .message_id(dispatch_id(&task.session, &a.task_id, a.attempt));
                     if let Some(trace) = crate::trace::outgoing_from(&span) {
                         publish = publish.header(crate::trace::HEADER, trace.as_str());
+                    }
+                    if let Some(owner) = &self.owner {
+                        publish = publish.header(crate::protocol::OWNER_HEADER, owner.as_str());
                     }
                     let sent = self
                         .jetstream

@@ -136,6 +136,7 @@ pub async fn run_pool(
     let done: Arc<Mutex<RunAttempts>> = Arc::default();
     let contexts: Contexts = Arc::default();
     let direct = Arc::new(DirectReports::new(options.reports));
+    let addressing = Arc::new(Pause::default());
     let mut seed = 0u64;
     // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch the
     // pool claimed before (the grant lost to a timeout, a cluster node dying under the append)
@@ -189,8 +190,16 @@ pub async fn run_pool(
             .as_ref()
             .and_then(|h| h.get(crate::trace::HEADER))
             .map(|v| v.as_str().to_owned());
+        let owner = owner_of(message.headers.as_ref());
+        let addressing = Arc::clone(&addressing);
         tokio::spawn(async move {
             let trace = trace.as_deref();
+            let route = Route {
+                client: &client,
+                subjects: &subjects,
+                owner: owner.as_deref(),
+                addressing: &addressing,
+            };
             let lease_trace = trace.filter(|value| crate::trace::sampled(value));
             let key = (
                 task.session.clone(),
@@ -201,16 +210,7 @@ pub async fn run_pool(
             let known = done.lock().ok().and_then(|d| d.get(&key).cloned());
             if let Some(report) = known {
                 let _ = message.ack().await;
-                send_report(
-                    &client,
-                    &js,
-                    &subjects,
-                    &task.session,
-                    &report,
-                    trace,
-                    &direct,
-                )
-                .await;
+                send_report(route, &js, &task.session, &report, trace, &direct).await;
                 return;
             }
             // A delivery of an attempt this pool is claiming or running (the first delivery's
@@ -229,7 +229,7 @@ pub async fn run_pool(
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
             let claim_id = claim_id(&pool_id, &key);
-            let lease = match claim(&client, &subjects, &task, &claim_id, held, lease_trace).await {
+            let lease = match claim(route, &task, &claim_id, held, lease_trace).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -268,20 +268,11 @@ pub async fn run_pool(
                     event: SimExecutor::started(&task),
                     lease: Some(lease.clone()),
                 };
-                send_report(
-                    &client,
-                    &js,
-                    &subjects,
-                    &task.session,
-                    &started,
-                    trace,
-                    &direct,
-                )
-                .await;
+                send_report(route, &js, &task.session, &started, trace, &direct).await;
             }
             let latency = executor.latency();
             let stopped = tokio::select! {
-                stopped = work_with_heartbeats(&client, &subjects, &task, &lease, interval, latency, lease_trace) => stopped,
+                stopped = work_with_heartbeats(route, &task, &lease, interval, latency, lease_trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
             if let Some(reason) = stopped {
@@ -300,16 +291,7 @@ pub async fn run_pool(
                 done.insert(key, report.clone());
             }
             observer.reporting(&task, Instant::now());
-            send_report(
-                &client,
-                &js,
-                &subjects,
-                &task.session,
-                &report,
-                trace,
-                &direct,
-            )
-            .await;
+            send_report(route, &js, &task.session, &report, trace, &direct).await;
             let status = match &report.event.outcome {
                 planner_core::ExecutorOutcome::Completed { .. } => "completed",
                 planner_core::ExecutorOutcome::Failed { .. } => "failed",
@@ -421,8 +403,7 @@ fn trace_headers(trace: Option<&str>) -> async_nats::HeaderMap {
 
 /// Asks the planner for the attempt, naming the context the pool holds for it.
 async fn claim(
-    client: &async_nats::Client,
-    subjects: &Subjects,
+    route: Route<'_>,
     task: &TaskMessage,
     claim_id: &str,
     context_ref: Option<String>,
@@ -439,17 +420,11 @@ async fn claim(
     let mut tries = 0;
     loop {
         tries += 1;
-        let reply = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            client.request_with_headers(
-                subjects.claim(&task.session),
-                trace_headers(trace),
-                body.clone().into(),
-            ),
-        )
-        .await
-        .context("no claim reply in time")
-        .and_then(|reply| reply.context("claim request failed"));
+        let subject = route.subjects.claim(&task.session);
+        let reply = ask(route, subject, &trace_headers(trace), body.clone().into())
+            .await
+            .context("no claim reply in time")
+            .and_then(|reply| reply.context("claim request failed"));
         match reply {
             Ok(reply) => return Ok(serde_json::from_slice(&reply.payload)?),
             Err(error) if tries >= CLAIM_TRIES => return Err(error),
@@ -464,8 +439,7 @@ async fn claim(
 /// Works for `latency`, heartbeating every `interval`; returns why the planner stopped the
 /// attempt, if it did.
 async fn work_with_heartbeats(
-    client: &async_nats::Client,
-    subjects: &Subjects,
+    route: Route<'_>,
     task: &TaskMessage,
     lease: &str,
     interval: Option<u64>,
@@ -494,15 +468,8 @@ async fn work_with_heartbeats(
         tokio::select! {
             () = &mut work => return None,
             _ = beats.tick() => {
-                let reply = tokio::time::timeout(
-                    REQUEST_TIMEOUT,
-                    client.request_with_headers(
-                        subjects.heartbeat(&task.session),
-                        trace_headers(trace),
-                        body.clone().into(),
-                    ),
-                )
-                .await;
+                let subject = route.subjects.heartbeat(&task.session);
+                let reply = ask(route, subject, &trace_headers(trace), body.clone().into()).await;
                 match reply.ok().and_then(Result::ok).and_then(|r| serde_json::from_slice::<LeaseReply>(&r.payload).ok()) {
                     Some(LeaseReply::Stop { reason, .. }) => return Some(reason),
                     Some(_) => {}
@@ -519,37 +486,122 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Claim requests per dispatch (with one claim id) before the dispatch is left to come again.
 const CLAIM_TRIES: u64 = 3;
 
+/// A way of sending that is switched off for a while after a request sent that way went
+/// unanswered for [`REQUEST_TIMEOUT`].
+#[derive(Default)]
+struct Pause {
+    off_until: Mutex<Option<Instant>>,
+}
+
+impl Pause {
+    fn on(&self) -> bool {
+        self.off_until
+            .lock()
+            .map_or(true, |until| until.is_none_or(|t| Instant::now() >= t))
+    }
+
+    fn pause(&self, how_long: Duration) {
+        if let Ok(mut until) = self.off_until.lock() {
+            *until = Some(Instant::now() + how_long);
+        }
+    }
+}
+
 /// Whether a pool sends its reports directly now.
 struct DirectReports {
     path: ReportPath,
-    /// Set when a direct report went unanswered for [`REQUEST_TIMEOUT`]: until then, reports
-    /// go to the stream without asking. A planner that cannot answer in time is overloaded or
+    /// Paused when a direct report went unanswered for [`REQUEST_TIMEOUT`]: reports then go
+    /// to the stream without asking. A planner that cannot answer in time is overloaded or
     /// unreachable (or a server's permissions drop the request: an executor user without
     /// `{p}.result.*`), and waiting that long for each report would stall every one of them.
-    off_until: Mutex<Option<Instant>>,
+    paused: Pause,
 }
 
 impl DirectReports {
     fn new(path: ReportPath) -> Self {
         DirectReports {
             path,
-            off_until: Mutex::new(None),
+            paused: Pause::default(),
         }
     }
 
     fn on(&self) -> bool {
-        self.path == ReportPath::Direct
-            && self
-                .off_until
-                .lock()
-                .map_or(true, |until| until.is_none_or(|t| Instant::now() >= t))
+        self.path == ReportPath::Direct && self.paused.on()
     }
 
     fn pause(&self) {
-        if let Ok(mut until) = self.off_until.lock() {
-            *until = Some(Instant::now() + DIRECT_PAUSE);
+        self.paused.pause(DIRECT_PAUSE);
+    }
+}
+
+/// Where an attempt's claim, heartbeats and direct report go: to the instance that owns the
+/// session, `{p}.fwd.<owner>.<subject>`, when the dispatch named it (its `Planner-Owner`
+/// header) and the pool addresses owners now; else to the planner's subject, which any
+/// instance serves and forwards to the owner. Addressing the owner saves that hop (half or
+/// more of the requests with two or three instances). When nobody listens there (the owner
+/// died), the request goes to the planner's subject at once; when the owner does not answer in
+/// time, to the planner's subject too, and the pool stops addressing owners for a while: an
+/// executor user whose permissions lack `{p}.fwd.*.…` sees every such request dropped.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    client: &'a async_nats::Client,
+    subjects: &'a Subjects,
+    owner: Option<&'a str>,
+    addressing: &'a Pause,
+}
+
+/// How long a pool sends to the planner's subjects only after a request to an owner went
+/// unanswered in time.
+const ADDRESSING_PAUSE: Duration = Duration::from_secs(60);
+
+/// The header of a dispatch naming the instance that owns its session.
+const OWNER_HEADER: &str = crate::protocol::OWNER_HEADER;
+
+/// The owner a dispatch names, if it names a valid one.
+fn owner_of(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers
+        .and_then(|h| h.get(OWNER_HEADER))
+        .map(|v| v.as_str())
+        .filter(|owner| planner_core::is_valid_token(owner))
+        .map(str::to_owned)
+}
+
+/// Sends a request on `subject` (`{p}.<claim|heartbeat|result>.<session>`) along `route`,
+/// waiting up to [`REQUEST_TIMEOUT`] for each place asked.
+async fn ask(
+    route: Route<'_>,
+    subject: String,
+    headers: &async_nats::HeaderMap,
+    body: Bytes,
+) -> Result<Result<async_nats::Message, async_nats::RequestError>, tokio::time::error::Elapsed> {
+    let client = route.client;
+    let send = |subject: String| {
+        let (headers, body) = (headers.clone(), body.clone());
+        tokio::time::timeout(REQUEST_TIMEOUT, async move {
+            if headers.is_empty() {
+                client.request(subject, body).await
+            } else {
+                client.request_with_headers(subject, headers, body).await
+            }
+        })
+    };
+    if let Some(owner) = route.owner.filter(|_| route.addressing.on()) {
+        let addressed = route.subjects.forward(owner, &subject);
+        let answered = send(addressed).await;
+        match &answered {
+            Ok(Ok(_)) => return answered,
+            // Nobody listens there: the owner is gone; whoever serves the subject answers.
+            Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Ok(Err(error)) if error.kind() != async_nats::RequestErrorKind::TimedOut => {
+                return answered
+            }
+            _ => {
+                route.addressing.pause(ADDRESSING_PAUSE);
+                tracing::warn!(owner, pause = ?ADDRESSING_PAUSE, "the session's owner did not answer in time; asking on the planner's subjects for a while (may executors publish to {{p}}.fwd.*?)");
+            }
         }
     }
+    send(subject).await
 }
 
 /// How long reports go to the stream only after a direct report was not answered in time.
@@ -558,9 +610,8 @@ const DIRECT_PAUSE: Duration = Duration::from_secs(30);
 /// Sends a report: directly when the pool does and the planner answered in time lately, with
 /// the stream as the fallback; else to the stream.
 async fn send_report(
-    client: &async_nats::Client,
+    route: Route<'_>,
     js: &jetstream::Context,
-    subjects: &Subjects,
     session: &str,
     report: &ReportMessage,
     trace: Option<&str>,
@@ -570,7 +621,7 @@ async fn send_report(
     let headers = trace_headers(trace);
     if path.on() {
         let (task, attempt) = (&report.event.task_id, report.event.attempt);
-        match direct(client, subjects, session, &headers, body.clone()).await {
+        match direct(route, session, &headers, body.clone()).await {
             Direct::Done => return,
             Direct::Refused(error) => {
                 // The stream would refuse it the same way: nothing more to do with it.
@@ -586,7 +637,7 @@ async fn send_report(
             }
         }
     }
-    publish(js, subjects, session, headers, body).await;
+    publish(js, route.subjects, session, headers, body).await;
 }
 
 /// What became of a report sent directly.
@@ -604,23 +655,13 @@ enum Direct {
 
 /// Sends a report as a request on `{p}.result.<session>`, once: the stream is the retry.
 async fn direct(
-    client: &async_nats::Client,
-    subjects: &Subjects,
+    route: Route<'_>,
     session: &str,
     headers: &async_nats::HeaderMap,
     body: Bytes,
 ) -> Direct {
-    let subject = subjects.result(session);
-    let request = async {
-        if headers.is_empty() {
-            client.request(subject, body).await
-        } else {
-            client
-                .request_with_headers(subject, headers.clone(), body)
-                .await
-        }
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+    let subject = route.subjects.result(session);
+    match ask(route, subject, headers, body).await {
         Err(_) => Direct::TimedOut,
         Ok(Err(error)) if error.kind() == async_nats::RequestErrorKind::TimedOut => {
             Direct::TimedOut
@@ -665,6 +706,22 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dispatch_names_an_owner_only_with_a_valid_instance_name() {
+        let named = |value: &str| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(OWNER_HEADER, value);
+            owner_of(Some(&headers))
+        };
+        assert_eq!(named("Yd5u1oFH9x-z_2").as_deref(), Some("Yd5u1oFH9x-z_2"));
+        // Anything that would change the subject it is put into is ignored.
+        for bad in ["", "a.b", "*", ">", "a b", "é", &"x".repeat(200)] {
+            assert_eq!(named(bad), None, "{bad:?}");
+        }
+        assert_eq!(owner_of(None), None);
+        assert_eq!(owner_of(Some(&async_nats::HeaderMap::new())), None);
+    }
 
     #[test]
     fn a_pool_claims_an_attempt_under_one_id_every_delivery_and_other_pools_under_others() {

@@ -7,6 +7,11 @@ use planner_core::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The header of a dispatch naming the planner instance that owns its session (with
+/// `ownership.enabled`): an executor may send the attempt's claim, heartbeats and direct report
+/// to it, on [`Subjects::forward`], instead of the planner's subjects (docs/protocol.md).
+pub const OWNER_HEADER: &str = "Planner-Owner";
+
 /// Subject names, all under one prefix (`planner` by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subjects {

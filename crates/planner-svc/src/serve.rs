@@ -506,7 +506,18 @@ async fn run_with<S: EventStore>(
         health,
     } = run;
     let subjects = Subjects::new(&config.subjects.prefix);
-    let publisher = NatsPublisher::new(client.clone(), subjects.clone());
+    let ownership = &config.ownership;
+    // This instance's name in the lease bucket, on the forwarding subjects, and on its
+    // dispatches.
+    let instance = if ownership.instance_id.is_empty() {
+        uuid::Uuid::new_v4().simple().to_string()
+    } else {
+        ownership.instance_id.clone()
+    };
+    let mut publisher = NatsPublisher::new(client.clone(), subjects.clone());
+    if ownership.enabled {
+        publisher = publisher.owned_by(instance.clone());
+    }
     let mut engine_config = engine_config(&config);
     let max_payload = client.server_info().max_payload;
     if max_payload > 0 {
@@ -520,7 +531,6 @@ async fn run_with<S: EventStore>(
             );
         }
     }
-    let ownership = &config.ownership;
     let partitions = if ownership.enabled {
         Partitions::new(ownership.partitions)
     } else {
@@ -562,12 +572,6 @@ async fn run_with<S: EventStore>(
             crate::metrics::sessions(engine.loaded_sessions(), engine.quarantined().len())
         });
     }
-    // This instance's name in the lease bucket and on the forwarding subjects.
-    let instance = if ownership.instance_id.is_empty() {
-        uuid::Uuid::new_v4().simple().to_string()
-    } else {
-        ownership.instance_id.clone()
-    };
     let admission = Arc::new(Semaphore::new(config.limits.max_requests_in_flight));
     let max_bytes = config.limits.max_message_bytes;
     let report_pump = Arc::new(ReportPump {

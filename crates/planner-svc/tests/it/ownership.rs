@@ -563,3 +563,103 @@ async fn serve_with_a_changed_partition_count_exits_at_once_naming_the_setting()
     );
     assert!(output.contains("waiting will not help"), "{output}");
 }
+
+/// A dispatch names its session's owner, and the shipped executor pool sends the attempt's
+/// claim and report to it: with two instances, only the clients' commands are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_address_the_owner_a_dispatch_names_so_their_requests_are_not_forwarded() {
+    let server = NatsServer::start().unwrap();
+    let a = Daemon::start(config(&server)).await;
+    let b = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    wait_for_split(&client, 2, Duration::from_secs(10)).await;
+    let (pool, stop) = crate::harness::start_pool(
+        &client,
+        "addressing-pool",
+        Duration::from_millis(1),
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+    );
+    let sessions: Vec<String> = (0..24).map(|i| format!("addressed-{i}")).collect();
+    for session in &sessions {
+        command(&client, session, chain_plan(5)).await;
+    }
+    let store = store(&server.url()).await;
+    for session in &sessions {
+        assert!(completed(&wait_for_end(&store, session).await), "{session}");
+    }
+    let replies = ownership(&client).await;
+    let forwarded: u64 = replies.iter().map(|r| r.forwarded).sum();
+    // 24 commands sent to the planner's subject (about half reach the other instance) and
+    // 240 claims and reports sent to the owners: forwarding the latter took ~120 hops.
+    assert!(
+        forwarded <= sessions.len() as u64,
+        "{forwarded} requests forwarded: {replies:?}"
+    );
+    stop.cancel();
+    let _ = pool.await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A dispatch naming an owner nobody listens for (it died) is claimed and reported on the
+/// planner's subjects at once, not after a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_naming_a_dead_owner_is_claimed_through_the_planners_subjects() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    wait_for_split(&client, 1, Duration::from_secs(10)).await;
+    command(&client, "ghosted", chain_plan(1)).await;
+    // Take the daemon's dispatch off the work queue and put it back naming an owner that is
+    // gone (another message id: the first is in the dedup window).
+    let js = jetstream::new(client.clone());
+    let tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+    let taker = tasks
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("taker".into()),
+            filter_subject: "planner.task.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut batch = taker.fetch().max_messages(1).messages().await.unwrap();
+    let dispatch = tokio::time::timeout(Duration::from_secs(10), batch.next())
+        .await
+        .expect("the dispatch")
+        .unwrap()
+        .unwrap();
+    let mut headers = dispatch.headers.clone().unwrap_or_default();
+    assert!(
+        headers.get(planner_svc::protocol::OWNER_HEADER).is_some(),
+        "{headers:?}"
+    );
+    headers.insert(planner_svc::protocol::OWNER_HEADER, "ghost-instance");
+    headers.insert("Nats-Msg-Id", "ghosted-again");
+    let subject = dispatch.subject.to_string();
+    let payload = dispatch.payload.clone();
+    dispatch.ack().await.unwrap();
+    tasks.delete_consumer("taker").await.unwrap();
+    js.publish_with_headers(subject, headers, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (pool, stop) = crate::harness::start_pool(
+        &client,
+        "ghost-pool",
+        Duration::from_millis(1),
+        std::sync::Arc::new(planner_svc::executor::NoObserver),
+    );
+    let store = store(&server.url()).await;
+    assert!(completed(&wait_for_end(&store, "ghosted").await));
+    // Well under the 5 s a request waits: nobody listening is known at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    stop.cancel();
+    let _ = pool.await;
+    daemon.stop().await;
+}
