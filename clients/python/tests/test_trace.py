@@ -1,5 +1,5 @@
 """W3C trace context: a command's `traceparent` reaches the dispatches, and the executor carries
-a dispatch's on its report, and on its claim and heartbeats when the trace is sampled
+a dispatch's on its claim, its heartbeats and its report when the trace is sampled
 (docs/protocol.md, "Trace context")."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PLAN = {"tasks": [{"id": "a", "description": "take a while", "kind": "tool_call"
 
 @pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "unsampled"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-report", "stream-report"])
-async def test_the_dispatch_trace_is_carried_on_the_report_and_if_sampled_the_claim_and_heartbeats(
+async def test_a_sampled_dispatch_trace_is_carried_on_the_claim_the_heartbeats_and_the_report(
     nc: NatsClient, client: Client, session: str, direct: bool, sampled: bool
 ) -> None:
     trace_id = uuid.uuid4().hex
@@ -53,14 +53,15 @@ async def test_the_dispatch_trace_is_carried_on_the_report_and_if_sampled_the_cl
     # The command's trace reaches the dispatch (with the daemon's own span id).
     [dispatched] = seen.pop("task")
     assert dispatched is not None and dispatched.split("-")[1] == trace_id, dispatched
-    # The executor carries the dispatch's on, as it is: on the claim and the heartbeats only
-    # when the trace is sampled (the planner files them under the session's trace otherwise).
+    # The executor carries the dispatch's on, as it is, when the trace is sampled (the planner
+    # handles them in the trace it dispatched the attempt in otherwise).
     leased = dispatched if sampled else None
     assert seen.pop("claim") == [leased]
     beats = seen.pop("heartbeat")
     assert beats and beats == [leased] * len(beats), beats
     # The report, on the path it took (a direct one is stored by no stream).
-    assert seen == ({"result": [dispatched]} if direct else {"report": [dispatched]}), seen
+    assert seen == ({"result": [leased]} if direct else {"report": [leased]}), seen
+    # The handler sees the dispatch's either way, to pass on to what it calls.
     assert handed == [dispatched]
 
 

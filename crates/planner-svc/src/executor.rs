@@ -180,11 +180,10 @@ pub async fn run_pool(
             Arc::clone(&contexts),
         );
         let (report_started, direct) = (options.report_started, Arc::clone(&direct));
-        // The report carries the dispatch's trace context on: one request, one trace. The
-        // claim and the heartbeats carry it only when the trace is sampled (recorded
-        // somewhere): they decide no work, and the planner files one without a trace under
-        // its session's latest (the same trace id), so for an unsampled trace the header
-        // would only cost the bus.
+        // The claim, the heartbeats and the report carry the dispatch's trace context on when
+        // the trace is sampled (recorded somewhere): one request, one trace, one tree of
+        // spans. For an unsampled one the header would only cost the bus: the planner handles
+        // a message of the attempt that carries none in the trace it dispatched it in.
         let trace = message
             .headers
             .as_ref()
@@ -200,7 +199,7 @@ pub async fn run_pool(
                 owner: owner.as_deref(),
                 addressing: &addressing,
             };
-            let lease_trace = trace.filter(|value| crate::trace::sampled(value));
+            let trace = trace.filter(|value| crate::trace::sampled(value));
             let key = (
                 task.session.clone(),
                 task.assignment.task_id.0.clone(),
@@ -229,7 +228,7 @@ pub async fn run_pool(
             // before it leaves the message to be redelivered to another.
             let held = hold_context(&contexts, &mut task);
             let claim_id = claim_id(&pool_id, &key);
-            let lease = match claim(route, &task, &claim_id, held, lease_trace).await {
+            let lease = match claim(route, &task, &claim_id, held, trace).await {
                 Ok(LeaseReply::Granted {
                     lease,
                     heartbeat_interval_ms,
@@ -272,7 +271,7 @@ pub async fn run_pool(
             }
             let latency = executor.latency();
             let stopped = tokio::select! {
-                stopped = work_with_heartbeats(route, &task, &lease, interval, latency, lease_trace) => stopped,
+                stopped = work_with_heartbeats(route, &task, &lease, interval, latency, trace) => stopped,
                 () = cancelled.cancelled() => Some(FenceReason::Cancelled),
             };
             if let Some(reason) = stopped {

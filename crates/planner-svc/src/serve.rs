@@ -1290,7 +1290,7 @@ impl<S: EventStore> ReportPump<S> {
             self.client.clone(),
         );
         let (max_bytes, max_deliver) = (self.max_bytes, self.max_deliver);
-        let context = crate::trace::context_of(message.headers.as_ref());
+        let context = crate::trace::carried_by(message.headers.as_ref());
         let edge = crate::trace::Edge::Report;
         self.tracker
             .spawn(crate::trace::scope(context, edge, async move {
@@ -1808,19 +1808,20 @@ impl Endpoint {
     }
 
     /// Where its requests enter, for their trace.
-    /// The trace a request is handled in: the one it carries, or a new one; but a claim or
-    /// a heartbeat that carries none (executors send it only for sampled traces) is handled
-    /// in its session's latest trace (`Engine::handle`), which is the trace of the request
-    /// that dispatched the attempt, rather than in a trace of its own.
+    /// The trace a request is handled in: the one it carries, or a new one for a command;
+    /// an executor's claim, heartbeat or report that carries none (executors send it only for
+    /// sampled traces) is handled in the trace its attempt was dispatched in
+    /// ([`crate::trace::carried_by`]).
     fn trace_context(
         self,
         headers: Option<&async_nats::HeaderMap>,
     ) -> Option<crate::trace::TraceParent> {
-        let carried = headers.is_some_and(|h| h.get(crate::trace::HEADER).is_some());
-        if !carried && matches!(self, Endpoint::Claim | Endpoint::Heartbeat) {
-            return None;
+        match self {
+            Endpoint::Command => crate::trace::context_of(headers),
+            Endpoint::Claim | Endpoint::Heartbeat | Endpoint::Result => {
+                crate::trace::carried_by(headers)
+            }
         }
-        crate::trace::context_of(headers)
     }
 
     fn edge(self) -> crate::trace::Edge {

@@ -56,6 +56,15 @@ pub fn context_of(headers: Option<&async_nats::HeaderMap>) -> Option<TraceParent
     enabled().then(|| TraceParent::from_headers(headers))
 }
 
+/// The context of an executor's message (a claim, a heartbeat, a report) with `headers`: the
+/// one it carries (a new trace for an invalid one), or `None` when it carries none, so that the
+/// engine handles it in the trace its attempt was dispatched in (`Engine::handle`): executors
+/// carry the trace only for sampled traces. `None` too when propagation is off.
+pub fn carried_by(headers: Option<&async_nats::HeaderMap>) -> Option<TraceParent> {
+    let carried = headers.is_some_and(|h| h.get(HEADER).is_some());
+    context_of(headers).filter(|_| carried)
+}
+
 /// The context of a request whose `traceparent` is `value` (an HTTP header, say): it, or a
 /// new trace; `None` when propagation is off.
 pub fn context_of_value(value: Option<&str>) -> Option<TraceParent> {

@@ -10,9 +10,10 @@ on every delivery: a dispatch that comes again after a claim whose reply was los
 again. A delivery of an attempt this executor runs, or ran, is acked and not run again (its ack
 was lost; the planner would grant the claim again all the same).
 
-The report carries the dispatch's `traceparent` header on: one request, one trace. The claim
-and the heartbeats carry it only for a sampled trace (`wire.sampled`): the planner files them
-under the session's latest trace otherwise, and the header would only cost the bus.
+The claim, the heartbeats and the report carry the dispatch's `traceparent` header on when its
+trace is sampled (`wire.sampled`): one request, one trace. For an unsampled trace the planner
+handles them in the trace it dispatched the attempt in, and the header would only cost the bus;
+a handler finds the dispatch's `traceparent` in `ctx.traceparent` either way.
 
 While the handler runs, three things can stop it: a heartbeat reply `stop`, a message on
 `planner.cancel.<session>.<task>` (the fast path), and the end of the executor's shutdown
@@ -127,11 +128,11 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         _log_again(task)
         await _settle(msg.ack())
         return
-    trace = wire.traceparent(msg.headers)
-    lease_trace = trace if wire.sampled(trace) else None
+    dispatch_trace = wire.traceparent(msg.headers)
+    trace = dispatch_trace if wire.sampled(dispatch_trace) else None
     try:
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
-                                  claim_id=lease.claim_id(rt.executor_id, task), trace=lease_trace)
+                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
@@ -156,7 +157,7 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         # A large context is left out of the dispatch and sent with the grant.
         task = task.model_copy(update={"context": reply.context})
     interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
-    ctx = TaskContext(task, reply.lease, interval, traceparent=trace)
+    ctx = TaskContext(task, reply.lease, interval, traceparent=dispatch_trace)
     if rt.draining.is_set():
         ctx._begin_shutdown()
     control = AttemptControl(ctx)
@@ -189,7 +190,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     if ctx.heartbeat_interval:
         beats = asyncio.ensure_future(
             lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval,
-                                          trace=ctx.traceparent if wire.sampled(ctx.traceparent) else None)
+                                          trace=_carried(ctx.traceparent))
         )
         watchers.append(beats)
     try:
@@ -217,7 +218,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
-        await _report(rt, task, report, ctx.traceparent)
+        await _report(rt, task, report, _carried(ctx.traceparent))
         return
 
     reason = ctx.stop_reason or "stopped"
@@ -227,7 +228,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         handback = reporting.failed(
             task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
         )
-        await _report(rt, task, handback, ctx.traceparent)
+        await _report(rt, task, handback, _carried(ctx.traceparent))
     else:
         log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
                  task.task_id, task.attempt, reason)
@@ -241,6 +242,11 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     await asyncio.wait([work])
     if not work.cancelled() and work.exception() is not None:
         log.debug("a stopped handler ended with %r (discarded)", work.exception())
+
+
+def _carried(trace: str | None) -> str | None:
+    """The `traceparent` an attempt's requests carry: the dispatch's, if its trace is sampled."""
+    return trace if wire.sampled(trace) else None
 
 
 async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report, trace: str | None) -> None:

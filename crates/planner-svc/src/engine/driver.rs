@@ -249,10 +249,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     self.appended(session, before, &events, planner.state());
                     crate::metrics::after_append(&observed, planner.state(), &events);
                     crate::otel::after_append(session, planner.state(), &events);
-                    if decides_work(&command) {
-                        if let Some(context) = crate::trace::here() {
+                    if let Some(context) = crate::trace::here() {
+                        if decides_work(&command) {
                             slot.remember_trace(context);
                         }
+                        slot.note_attempts(&events, context);
                     }
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),

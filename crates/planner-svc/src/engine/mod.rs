@@ -335,10 +335,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         command: Command,
     ) -> Result<Handled, EngineError> {
         if crate::trace::current().is_none() && crate::trace::enabled() {
-            let context = self
-                .registry
-                .get(session)
-                .and_then(|slot| slot.trace())
+            let slot = self.registry.get(session);
+            // An executor's claim, heartbeat or report without a trace of its own is in the
+            // trace its attempt was dispatched in; other work in the session's latest.
+            let (task, attempt) = attempt_of(&command);
+            let attempt = task.zip(attempt);
+            let context = slot
+                .as_ref()
+                .and_then(|slot| {
+                    attempt
+                        .and_then(|(task, attempt)| slot.attempt_trace(task, attempt))
+                        .or_else(|| slot.trace())
+                })
                 .unwrap_or_else(crate::trace::TraceParent::new_root);
             let edge = crate::trace::Edge::Internal;
             // Boxed before it is wrapped: the handling's future is large, and moving it into
@@ -414,7 +422,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 }
 
-/// The task and attempt a command names, for its span.
+/// The task and attempt a command names, for its span and its trace.
 fn attempt_of(command: &Command) -> (Option<&planner_core::TaskId>, Option<u32>) {
     match command {
         Command::HandleExecutorEvent { event, .. } => (Some(&event.task_id), Some(event.attempt)),

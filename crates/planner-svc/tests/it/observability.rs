@@ -1049,7 +1049,7 @@ async fn command_traced(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_stores_the_sessions_trace_when_it_changes_and_a_claim_without_one_joins_it() {
+async fn an_append_stores_its_trace_when_it_changes_and_an_untraced_claim_is_in_its_dispatchs() {
     use futures::StreamExt as _;
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
@@ -1059,10 +1059,11 @@ async fn an_append_stores_the_sessions_trace_when_it_changes_and_a_claim_without
         .await
         .unwrap();
     client.flush().await.unwrap();
-    // The request asks a question, then runs a tool in the trace of whoever answers it.
+    // The request dispatches a tool and asks a question; the answer comes in another trace
+    // before any executor takes the tool's attempt.
     let plan = json!({"type": "initialize", "input": "changing", "plan": {"tasks": [
         {"id": "q", "description": "which year?", "kind": "clarification", "target": "user", "dependencies": []},
-        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": ["q"]},
+        {"id": "a", "description": "do a", "kind": "tool_call", "target": "search", "dependencies": []},
     ]}});
     let (first, second) = (
         "4bf92f3577b34da6a3ce929d0e0e4736",
@@ -1087,7 +1088,8 @@ async fn an_append_stores_the_sessions_trace_when_it_changes_and_a_claim_without
         &answer,
     )
     .await;
-    // The shipped pool: the trace is unsampled, so its claim carries no `traceparent`.
+    // The shipped pool: the traces are unsampled, so its claim and report carry no
+    // `traceparent`.
     let (pool, stop) = start_pool(
         &client,
         "changing-pool",
@@ -1112,15 +1114,20 @@ async fn an_append_stores_the_sessions_trace_when_it_changes_and_a_claim_without
                 .map(|t| t.trace_id())
         })
         .collect();
-    // The request's append and the answer's store their traces; the claim (no header: it
-    // joined the session's trace, the answer's) and the report (the answer's trace, carried
-    // by the dispatch) store none.
+    // The request's append and the answer's store their traces; the claim (no header) is
+    // handled in the trace its attempt was dispatched in, the request's, not the session's
+    // latest (the answer's), so its append stores the request's again; the report, in the
+    // same trace, stores none.
     assert!(batches.len() >= 4, "{batches:?}");
     assert_eq!(traced[0].as_deref(), Some(first), "{traced:?}");
     assert_eq!(
         traced.iter().flatten().collect::<Vec<_>>(),
-        [first, second],
+        [first, second, first],
         "{traced:?}"
+    );
+    assert!(
+        traced.len() > 3,
+        "the report's append stores no trace: {traced:?}"
     );
     stop.cancel();
     let _ = pool.await;
