@@ -34,12 +34,17 @@ async def test_a_sampled_dispatch_trace_is_carried_on_the_claim_the_heartbeats_a
         await asyncio.sleep(HEARTBEAT_INTERVAL * 2.5)  # two heartbeats or so
         return "done"
 
-    # What each message carried, by kind (`planner.<kind>.…`), as a core subscription sees it.
+    # What each message carried, by kind (`planner.<kind>.…`, or sent to the session's owner,
+    # `planner.fwd.<owner>.planner.<kind>.…`), as a core subscription sees it.
     seen: dict[str, list[str | None]] = defaultdict(list)
 
     async def record(msg: Msg) -> None:
-        seen[msg.subject.split(".")[1]].append(wire.traceparent(msg.headers))
+        parts = msg.subject.split(".")
+        kind = parts[4] if parts[1] == "fwd" else parts[1]
+        seen[kind].append(wire.traceparent(msg.headers))
 
+    for kind in ("claim", "heartbeat", "result"):
+        await nc.subscribe(f"planner.fwd.*.planner.{kind}.{session}", cb=record)
     for subject in ("planner.task.tool_call.slow", f"planner.claim.{session}",
                     f"planner.heartbeat.{session}", f"planner.result.{session}",
                     f"planner.report.{session}"):

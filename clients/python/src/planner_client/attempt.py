@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 
-from . import handlers, lease, reporting, wire
+from . import handlers, lease, reporting, routing, wire
 from .context import TaskContext
 from .handlers import Handler
 from .models.lease_reply import LeaseReplyGranted, LeaseReplyStop
@@ -60,7 +60,9 @@ FINISHED_KEPT = 10_000
 class AttemptControl:
     """The executor's handle on a running attempt: how it is stopped from outside."""
 
-    def __init__(self, ctx: TaskContext) -> None:
+    def __init__(self, ctx: TaskContext, route: routing.Route = routing.USUAL) -> None:
+        self.route = route
+        """Where the attempt's heartbeats and report go (`routing`)."""
         self.ctx = ctx
         self._stopped = asyncio.Event()
 
@@ -94,6 +96,8 @@ class Runtime:
     """Set when shutdown gives up: reports still unacknowledged are abandoned."""
     direct: reporting.DirectReports = field(default_factory=reporting.DirectReports)
     """Whether reports go to the planner directly (the stream as the fallback)."""
+    addressing: routing.Addressing = field(default_factory=routing.Addressing)
+    """Whether requests go to the session's owner a dispatch names (`routing`)."""
     executor_id: uuid.UUID = field(default_factory=uuid.uuid4)
     """The executor's random id, which its claim ids are derived from (`lease.claim_id`)."""
     running: dict[AttemptKey, AttemptControl] = field(default_factory=dict)
@@ -130,9 +134,11 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
         return
     dispatch_trace = wire.traceparent(msg.headers)
     trace = dispatch_trace if wire.sampled(dispatch_trace) else None
+    route = routing.Route(routing.owner(msg.headers), rt.addressing)
     try:
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
-                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace)
+                                  claim_id=lease.claim_id(rt.executor_id, task), trace=trace,
+                                  route=route)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
@@ -160,14 +166,14 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
     ctx = TaskContext(task, reply.lease, interval, traceparent=dispatch_trace)
     if rt.draining.is_set():
         ctx._begin_shutdown()
-    control = AttemptControl(ctx)
+    control = AttemptControl(ctx, route)
     rt.running[key] = control
     try:
         # The claim is ours: the dispatch has done its job. (Were this ack lost, the
         # redelivery's claim would be granted again, and the delivery found running here.)
         await _settle(msg.ack())
         if rt.report_started:
-            await _report(rt, task, reporting.started(task, ctx.lease), trace)
+            await _report(rt, task, reporting.started(task, ctx.lease), trace, route)
         await _supervise(handler, task, control, rt)
     except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
@@ -190,7 +196,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     if ctx.heartbeat_interval:
         beats = asyncio.ensure_future(
             lease.heartbeat_until_stopped(rt.nc, rt.subjects, task, ctx.lease, ctx.heartbeat_interval,
-                                          trace=_carried(ctx.traceparent))
+                                          trace=_carried(ctx.traceparent), route=control.route)
         )
         watchers.append(beats)
     try:
@@ -218,7 +224,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
-        await _report(rt, task, report, _carried(ctx.traceparent))
+        await _report(rt, task, report, _carried(ctx.traceparent), control.route)
         return
 
     reason = ctx.stop_reason or "stopped"
@@ -228,7 +234,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         handback = reporting.failed(
             task, ctx.lease, "the executor shut down before the attempt finished", retryable=True
         )
-        await _report(rt, task, handback, _carried(ctx.traceparent))
+        await _report(rt, task, handback, _carried(ctx.traceparent), control.route)
     else:
         log.info("%s/%s attempt %s stopped by the planner (%s); no report", task.session,
                  task.task_id, task.attempt, reason)
@@ -249,9 +255,11 @@ def _carried(trace: str | None) -> str | None:
     return trace if wire.sampled(trace) else None
 
 
-async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report, trace: str | None) -> None:
+async def _report(rt: Runtime, task: TaskMessage, report: reporting.Report, trace: str | None,
+                  route: routing.Route) -> None:
     await reporting.send(rt.nc, rt.js, rt.subjects, task.session, report, direct=rt.direct,
-                         timeout=rt.request_timeout, give_up=rt.hard_stop, trace=trace)
+                         timeout=rt.request_timeout, give_up=rt.hard_stop, trace=trace,
+                         route=route)
 
 
 async def _settle(ack: Awaitable[None]) -> None:

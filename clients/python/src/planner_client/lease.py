@@ -30,7 +30,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
-from . import wire
+from . import routing, wire
 from .models.claim_request import ClaimRequest
 from .models.heartbeat_request import HeartbeatRequest
 from .models.lease_reply import (
@@ -74,6 +74,7 @@ async def claim(
     *,
     claim_id: str,
     trace: str | None = None,
+    route: routing.Route = routing.USUAL,
 ) -> AnyLeaseReply:
     """Claims `task`'s attempt as `claim_id`; raises `NoAnswer` when the planner cannot be heard.
 
@@ -91,12 +92,12 @@ async def claim(
     subject = subjects.claim(task.session)
     for tries in range(1, CLAIM_TRIES):
         try:
-            return await _request(nc, subject, body, timeout, trace)
+            return await _request(nc, subjects, route, subject, body, timeout, trace)
         except NoAnswer as error:
             log.debug("claim of %s/%s attempt %s not answered (%s); asking again",
                       task.session, task.task_id, task.attempt, error)
             await asyncio.sleep(0.2 * tries)
-    return await _request(nc, subject, body, timeout, trace)
+    return await _request(nc, subjects, route, subject, body, timeout, trace)
 
 
 async def heartbeat(
@@ -106,10 +107,12 @@ async def heartbeat(
     lease: str,
     timeout: float,
     trace: str | None = None,
+    route: routing.Route = routing.USUAL,
 ) -> AnyLeaseReply:
     """Heartbeats a claimed attempt; raises `NoAnswer` when the planner cannot be heard."""
     body = wire.encode(HeartbeatRequest(task_id=task.task_id, attempt=task.attempt, lease=lease))
-    return await _request(nc, subjects.heartbeat(task.session), body, timeout, trace)
+    return await _request(nc, subjects, route, subjects.heartbeat(task.session), body, timeout,
+                          trace)
 
 
 async def heartbeat_until_stopped(
@@ -119,6 +122,7 @@ async def heartbeat_until_stopped(
     lease: str,
     interval: float,
     trace: str | None = None,
+    route: routing.Route = routing.USUAL,
 ) -> str:
     """Heartbeats every `interval` seconds for as long as it runs; returns the reason of a `stop`.
 
@@ -132,7 +136,7 @@ async def heartbeat_until_stopped(
         next_beat += interval
         try:
             reply = await heartbeat(nc, subjects, task, lease, timeout=max(interval, 0.2),
-                                    trace=trace)
+                                    trace=trace, route=route)
         except NoAnswer as error:
             log.warning("heartbeat of %s/%s attempt %s not answered: %s",
                         task.session, task.task_id, task.attempt, error)
@@ -149,10 +153,17 @@ async def heartbeat_until_stopped(
 
 
 async def _request(
-    nc: NatsClient, subject: str, body: bytes, timeout: float, trace: str | None
+    nc: NatsClient,
+    subjects: Subjects,
+    route: routing.Route,
+    subject: str,
+    body: bytes,
+    timeout: float,
+    trace: str | None,
 ) -> AnyLeaseReply:
     try:
-        reply = await nc.request(subject, body, timeout=timeout, headers=wire.trace_headers(trace))
+        reply = await routing.request(nc, subjects, route, subject, body, timeout=timeout,
+                                      headers=wire.trace_headers(trace))
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as error:
         raise NoAnswer(f"no reply on {subject}: {type(error).__name__}") from error
     except nats.errors.Error as error:

@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
-from . import wire
+from . import routing, wire
 from .models.executor_report import (
     ReportMessageCompleted,
     ReportMessageFailed,
@@ -131,6 +131,7 @@ async def send(
     timeout: float,
     give_up: asyncio.Event | None = None,
     trace: str | None = None,
+    route: routing.Route = routing.USUAL,
 ) -> bool:
     """Sends `report` directly, else publishes it (`publish`); False only if `give_up` was set.
 
@@ -144,8 +145,8 @@ async def send(
         attempt = getattr(report, "attempt", 0)
         subject = subjects.result(session)
         try:
-            reply = await nc.request(subject, wire.encode(report), timeout=timeout,
-                                     headers=wire.trace_headers(trace))
+            reply = await routing.request(nc, subjects, route, subject, wire.encode(report),
+                                          timeout=timeout, headers=wire.trace_headers(trace))
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             log.warning("report %s of %s/%s attempt %s not answered in %.1fs; publishing it (and "
                         "the next %.0fs of reports) to the report stream", status, session,
