@@ -671,6 +671,25 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
     daemon.stop().await;
 }
 
+/// The trace id each append of `session` stored with it, in order (`None`: it stored none).
+async fn stored_traces(
+    store: &planner_store::JetStreamStore,
+    session: &str,
+) -> Vec<Option<String>> {
+    planner_store::EventStore::load_batches(store, session)
+        .await
+        .unwrap()
+        .iter()
+        .map(|batch| {
+            batch
+                .traceparent
+                .as_deref()
+                .and_then(planner_svc::trace::TraceParent::parse)
+                .map(|t| t.trace_id())
+        })
+        .collect()
+}
+
 /// The trace id of a `traceparent` header, if it has a valid one.
 fn trace_id_of(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
     headers
@@ -735,25 +754,13 @@ async fn a_retry_after_a_failure_is_dispatched_in_the_trace_of_its_request() {
     // Every append of the session (the request, the claims, the reports, the tick that
     // retried) is in the request's trace: the first carries it on its JetStream message, and
     // the others carry no other (an append stores its trace when the trace changes).
-    let batches = planner_store::EventStore::load_batches(&store, "retried")
-        .await
-        .unwrap();
-    assert!(batches.len() >= 5, "{batches:?}");
-    let traced: Vec<Option<String>> = batches
-        .iter()
-        .map(|batch| {
-            batch
-                .traceparent
-                .as_deref()
-                .and_then(planner_svc::trace::TraceParent::parse)
-                .map(|t| t.trace_id())
-        })
-        .collect();
-    assert_eq!(traced[0].as_deref(), Some(trace), "{batches:?}");
+    let traced = stored_traces(&store, "retried").await;
+    assert!(traced.len() >= 5, "{traced:?}");
+    assert_eq!(traced[0].as_deref(), Some(trace), "{traced:?}");
     assert!(traced.iter().flatten().all(|t| t == trace), "{traced:?}");
     let stored = traced.iter().flatten().count();
     assert!(
-        stored < batches.len(),
+        stored < traced.len(),
         "once per trace, not per append: {traced:?}"
     );
     // An operator reads them back with `replay`.
@@ -1101,24 +1108,12 @@ async fn an_append_stores_its_trace_when_it_changes_and_an_untraced_claim_is_in_
     assert!(events
         .iter()
         .any(|e| matches!(e, planner_core::Event::AttemptClaimed { .. })));
-    let batches = planner_store::EventStore::load_batches(&store, "changing")
-        .await
-        .unwrap();
-    let traced: Vec<Option<String>> = batches
-        .iter()
-        .map(|batch| {
-            batch
-                .traceparent
-                .as_deref()
-                .and_then(planner_svc::trace::TraceParent::parse)
-                .map(|t| t.trace_id())
-        })
-        .collect();
+    let traced = stored_traces(&store, "changing").await;
     // The request's append and the answer's store their traces; the claim (no header) is
     // handled in the trace its attempt was dispatched in, the request's, not the session's
     // latest (the answer's), so its append stores the request's again; the report, in the
     // same trace, stores none.
-    assert!(batches.len() >= 4, "{batches:?}");
+    assert!(traced.len() >= 4, "{traced:?}");
     assert_eq!(traced[0].as_deref(), Some(first), "{traced:?}");
     assert_eq!(
         traced.iter().flatten().collect::<Vec<_>>(),
