@@ -62,7 +62,11 @@ pub fn context_of(headers: Option<&async_nats::HeaderMap>) -> Option<TraceParent
 /// carry the trace only for sampled traces. `None` too when propagation is off.
 pub fn carried_by(headers: Option<&async_nats::HeaderMap>) -> Option<TraceParent> {
     let carried = headers.is_some_and(|h| h.get(HEADER).is_some());
-    context_of(headers).filter(|_| carried)
+    if carried {
+        context_of(headers)
+    } else {
+        None
+    }
 }
 
 /// The context of a request whose `traceparent` is `value` (an HTTP header, say): it, or a
@@ -76,7 +80,14 @@ pub fn context_of_value(value: Option<&str>) -> Option<TraceParent> {
 }
 
 tokio::task_local! {
-    static CURRENT: TraceParent;
+    static CURRENT: Current;
+}
+
+/// What [`scope`] holds for the work in progress: its context, which an executor's message
+/// without one gets later ([`adopt`]), and the span naming its trace id.
+struct Current {
+    context: std::cell::Cell<Option<TraceParent>>,
+    span: tracing::Span,
 }
 
 /// One `traceparent` value.
@@ -117,6 +128,15 @@ fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     let bytes = uuid::Uuid::new_v4().into_bytes();
     out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+/// A trace id: two words of this thread's generator (seeded from the OS once, like
+/// [`span_id`]). A `getrandom` system call per trace was 1% of the daemon's CPU (perf).
+fn trace_id() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&span_id());
+    out[8..].copy_from_slice(&span_id());
     out
 }
 
@@ -170,7 +190,7 @@ impl TraceParent {
     /// (see [`sampled`]).
     pub fn new_root() -> Self {
         TraceParent {
-            trace_id: random(),
+            trace_id: trace_id(),
             span_id: span_id(),
             flags: u8::from(exporting()),
         }
@@ -294,39 +314,79 @@ impl Edge {
     }
 }
 
-/// Runs `work` with `context` as the current trace, inside a span naming its trace id (just
-/// `work` when there is none). Exported, that span is the child of `context`, named after
-/// `edge`.
+/// Runs `work` with `context` as the current trace, inside a span naming its trace id.
+/// Exported, that span is the child of `context`, named after `edge`.
+///
+/// Without a context (an executor's message that carries none, [`carried_by`]) the work runs
+/// with the context pending: the engine adopts the trace the attempt was dispatched in once it
+/// holds the session ([`adopt`]), without wrapping the handling in a scope of its own (moving
+/// that large future was 3% of the daemon's CPU). With propagation off, just `work`.
 pub async fn scope<F: std::future::Future>(
     context: Option<TraceParent>,
     edge: Edge,
     work: F,
 ) -> F::Output {
     use tracing::Instrument as _;
-    match context {
-        Some(context) => {
-            let span = if exporting() {
-                let span = tracing::info_span!(
-                    "trace",
-                    trace_id = %context.trace_id(),
-                    otel.name = edge.name(),
-                    otel.kind = edge.kind(),
-                );
-                // Only fails for a span no layer records: then nothing is exported anyway.
-                let _ = span.set_parent(context.as_parent());
-                span
-            } else {
-                tracing::info_span!("trace", trace_id = %context.trace_id())
-            };
-            CURRENT.scope(context, work.instrument(span)).await
-        }
-        None => work.await,
+    if !enabled() {
+        return work.await;
     }
+    let span = match context {
+        Some(context) if exporting() => {
+            let span = tracing::info_span!(
+                "trace",
+                trace_id = %context.trace_id(),
+                otel.name = edge.name(),
+                otel.kind = edge.kind(),
+            );
+            // Only fails for a span no layer records: then nothing is exported anyway.
+            let _ = span.set_parent(context.as_parent());
+            span
+        }
+        Some(context) => tracing::info_span!("trace", trace_id = %context.trace_id()),
+        // Exported, a span of a trace not yet known would be a root of its own: the engine
+        // opens the edge's span when it knows the trace (`Engine::handle`).
+        None if exporting() => tracing::Span::none(),
+        None => tracing::info_span!("trace", trace_id = tracing::field::Empty),
+    };
+    let current = Current {
+        context: std::cell::Cell::new(context),
+        span: span.clone(),
+    };
+    CURRENT.scope(current, work.instrument(span)).await
 }
 
-/// The trace context of the work in progress, as the edge set it; `None` outside [`scope`].
+/// The trace context of the work in progress, as the edge set it (or the engine adopted it);
+/// `None` outside [`scope`] or while pending.
 pub fn current() -> Option<TraceParent> {
-    CURRENT.try_with(|current| *current).ok()
+    CURRENT
+        .try_with(|current| current.context.get())
+        .ok()
+        .flatten()
+}
+
+/// Whether the work in progress runs in a [`scope`] whose context is pending, which
+/// [`adopt`] can set: an executor's message without a trace, while spans are not exported.
+pub fn pending() -> bool {
+    !exporting()
+        && CURRENT
+            .try_with(|current| current.context.get().is_none())
+            .unwrap_or(false)
+}
+
+/// Makes `context` the pending context of the work in progress (see [`pending`]), and names
+/// its trace id on the edge's span; false when there is none pending.
+pub fn adopt(context: TraceParent) -> bool {
+    pending()
+        && CURRENT
+            .try_with(|current| {
+                current.context.set(Some(context));
+                if !current.span.is_disabled() {
+                    current
+                        .span
+                        .record("trace_id", tracing::field::display(context.trace_id()));
+                }
+            })
+            .is_ok()
 }
 
 /// What a message sent or an append made from inside `span` carries: `span`'s own context
@@ -342,7 +402,7 @@ pub fn outgoing_from(span: &tracing::Span) -> Option<String> {
             return Some(own.to_string());
         }
     }
-    CURRENT.try_with(|current| current.child().to_string()).ok()
+    current().map(|current| current.child().to_string())
 }
 
 /// The `traceparent` for a message published now: see [`outgoing_from`], for the current
@@ -393,5 +453,49 @@ mod tests {
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_executors_message_without_a_trace_adopts_one_once_inside_its_scope() {
+        let dispatched =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        // Outside any scope: nothing pending, nothing adopted.
+        assert!(!pending());
+        assert!(!adopt(dispatched));
+        // An executor's message that carries none: pending until the engine adopts one.
+        scope(carried_by(None), Edge::Claim, async {
+            assert!(pending());
+            assert_eq!(current(), None);
+            assert!(adopt(dispatched));
+            assert_eq!(current(), Some(dispatched));
+            assert!(!pending());
+            let other = TraceParent::new_root();
+            assert!(!adopt(other), "adopted once");
+            assert_eq!(current(), Some(dispatched));
+            // What goes out carries its trace.
+            let out = TraceParent::parse(&outgoing().unwrap()).unwrap();
+            assert_eq!(out.trace_id, dispatched.trace_id);
+        })
+        .await;
+        // One that carries its own is not pending.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            HEADER,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        );
+        scope(carried_by(Some(&headers)), Edge::Claim, async {
+            assert!(!pending());
+            assert_eq!(
+                current().map(|c| c.trace_id()).as_deref(),
+                Some("0af7651916cd43dd8448eb211c80319c")
+            );
+        })
+        .await;
+        // New traces do not repeat, and are unsampled while nothing is exported.
+        let roots: std::collections::BTreeSet<[u8; 16]> = (0..10_000)
+            .map(|_| TraceParent::new_root().trace_id)
+            .collect();
+        assert_eq!(roots.len(), 10_000);
+        assert!(!TraceParent::new_root().is_sampled());
     }
 }

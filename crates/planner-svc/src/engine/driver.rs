@@ -170,6 +170,17 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 }
                 state.planner = Some(loaded);
             }
+            if crate::trace::pending() {
+                // An executor's message without a trace: the trace its attempt was dispatched
+                // in, else the session's latest, else a new one.
+                let (task, attempt) = super::attempt_of(&command);
+                let context = task
+                    .zip(attempt)
+                    .and_then(|(task, attempt)| state.attempt_trace(task, attempt))
+                    .or_else(|| slot.trace())
+                    .unwrap_or_else(crate::trace::TraceParent::new_root);
+                crate::trace::adopt(context);
+            }
             let Some(planner) = state.planner.as_mut() else {
                 continue;
             };
@@ -253,7 +264,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         if decides_work(&command) {
                             slot.remember_trace(context);
                         }
-                        slot.note_attempts(&events, context);
+                        super::registry::note_attempts(&mut state.attempt_traces, &events, context);
                     }
                     let (outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),

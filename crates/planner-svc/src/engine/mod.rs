@@ -334,19 +334,16 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         session: &str,
         command: Command,
     ) -> Result<Handled, EngineError> {
-        if crate::trace::current().is_none() && crate::trace::enabled() {
-            let slot = self.registry.get(session);
-            // An executor's claim, heartbeat or report without a trace of its own is in the
-            // trace its attempt was dispatched in; other work in the session's latest.
-            let (task, attempt) = attempt_of(&command);
-            let attempt = task.zip(attempt);
-            let context = slot
-                .as_ref()
-                .and_then(|slot| {
-                    attempt
-                        .and_then(|(task, attempt)| slot.attempt_trace(task, attempt))
-                        .or_else(|| slot.trace())
-                })
+        // An executor's message without a trace of its own (`trace::pending`) adopts the trace
+        // its attempt was dispatched in once the session is locked (`drive`). Work outside any
+        // trace (a tick, a revision, recovery; or, while spans are exported, an executor's
+        // message without one) runs in the session's latest.
+        if crate::trace::current().is_none() && crate::trace::enabled() && !crate::trace::pending()
+        {
+            let context = self
+                .registry
+                .get(session)
+                .and_then(|slot| slot.trace())
                 .unwrap_or_else(crate::trace::TraceParent::new_root);
             let edge = crate::trace::Edge::Internal;
             // Boxed before it is wrapped: the handling's future is large, and moving it into

@@ -21,47 +21,9 @@ pub(super) struct Slot {
     /// `std::sync::Mutex` beside the session's lock, not under it: a tick reads it without
     /// queueing behind a command, and nothing is awaited while it is held.
     trace: Mutex<Option<crate::trace::TraceParent>>,
-    /// The trace each running attempt was dispatched in, by task: a claim, heartbeat or report
-    /// of it that carries no `traceparent` (executors send one only for sampled traces) is
-    /// handled in it. An entry lives from the dispatch to the attempt's end (or the next
-    /// attempt's dispatch), so the map holds at most the session's running tasks.
-    attempt_traces: Mutex<HashMap<TaskId, (u32, crate::trace::TraceParent)>>,
 }
 
 impl Slot {
-    /// The trace `task`'s attempt `attempt` was dispatched in, while it runs.
-    pub(super) fn attempt_trace(
-        &self,
-        task: &TaskId,
-        attempt: u32,
-    ) -> Option<crate::trace::TraceParent> {
-        lock(&self.attempt_traces)
-            .get(task)
-            .filter(|(dispatched, _)| *dispatched == attempt)
-            .map(|(_, context)| *context)
-    }
-
-    /// Keeps the trace of the attempts `events` dispatch (`context`), and forgets those of the
-    /// tasks they end.
-    pub(super) fn note_attempts(&self, events: &[Event], context: crate::trace::TraceParent) {
-        let mut traces = lock(&self.attempt_traces);
-        for event in events {
-            match event {
-                Event::TaskDispatched {
-                    task_id, attempt, ..
-                } => {
-                    traces.insert(task_id.clone(), (*attempt, context));
-                }
-                Event::TaskStatusUpdated {
-                    task_id, status, ..
-                } if status.is_terminal() => {
-                    traces.remove(task_id);
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// The trace of the session's latest command that decided work.
     pub(super) fn trace(&self) -> Option<crate::trace::TraceParent> {
         *lock(&self.trace)
@@ -84,6 +46,51 @@ pub(super) struct SlotState {
     /// The trace id this instance last stored with one of the session's appends: an append
     /// in the same trace stores none (see `Engine::drive`).
     pub(super) appended_trace: Option<[u8; 16]>,
+    /// The trace each running attempt was dispatched in: an executor's claim, heartbeat or
+    /// report of it that carries no `traceparent` (executors send one only for sampled traces)
+    /// is handled in it. An entry lives from the dispatch to the attempt's end (or the next
+    /// attempt's dispatch), so there are at most as many as running tasks: a list, searched
+    /// under the session's lock.
+    pub(super) attempt_traces: Vec<(TaskId, u32, crate::trace::TraceParent)>,
+}
+
+impl SlotState {
+    /// The trace `task`'s attempt `attempt` was dispatched in, while it runs.
+    pub(super) fn attempt_trace(
+        &self,
+        task: &TaskId,
+        attempt: u32,
+    ) -> Option<crate::trace::TraceParent> {
+        self.attempt_traces
+            .iter()
+            .find(|(id, dispatched, _)| id == task && *dispatched == attempt)
+            .map(|(_, _, context)| *context)
+    }
+}
+
+/// Keeps in `traces` (a [`SlotState::attempt_traces`]) the trace of the attempts `events`
+/// dispatch (`context`), and forgets those of the tasks they end.
+pub(super) fn note_attempts(
+    traces: &mut Vec<(TaskId, u32, crate::trace::TraceParent)>,
+    events: &[Event],
+    context: crate::trace::TraceParent,
+) {
+    for event in events {
+        match event {
+            Event::TaskDispatched {
+                task_id, attempt, ..
+            } => {
+                traces.retain(|(id, _, _)| id != task_id);
+                traces.push((task_id.clone(), *attempt, context));
+            }
+            Event::TaskStatusUpdated {
+                task_id, status, ..
+            } if status.is_terminal() => {
+                traces.retain(|(id, _, _)| id != task_id);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Sessions in memory and sessions seen ended.
@@ -147,7 +154,6 @@ impl Registry {
                 state: tokio::sync::Mutex::new(SlotState::default()),
                 last_used_ms: AtomicU64::new(now_ms),
                 trace: Mutex::new(None),
-                attempt_traces: Mutex::new(HashMap::new()),
             })
         }));
         let len = sessions.len();
