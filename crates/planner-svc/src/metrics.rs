@@ -99,38 +99,41 @@ fn labels_of(labels: [Option<(&'static str, &'static str)>; 2]) -> Vec<metrics::
         .collect()
 }
 
-/// The counter `name` with `labels`, from this thread's cache.
-fn counter_of(
-    name: &'static str,
-    labels: [Option<(&'static str, &'static str)>; 2],
-) -> metrics::Counter {
+/// Adds `by` to the counter `name` with `labels`, through this thread's cache of handles
+/// (used in place: cloning a handle per update was two contended atomic operations each).
+fn count(name: &'static str, labels: [Option<(&'static str, &'static str)>; 2], by: u64) {
     // Before the recorder is installed a handle records nothing: not one to keep.
     if !enabled() {
-        return counter!(name, labels_of(labels));
+        return counter!(name, labels_of(labels)).increment(by);
     }
     COUNTERS.with(|cache| {
-        cache
-            .borrow_mut()
-            .entry(handle_key(name, labels))
-            .or_insert_with(|| counter!(name, labels_of(labels)))
-            .clone()
+        let key = handle_key(name, labels);
+        let mut cache = cache.borrow_mut();
+        match cache.get(&key) {
+            Some(counter) => counter.increment(by),
+            None => cache
+                .entry(key)
+                .or_insert_with(|| counter!(name, labels_of(labels)))
+                .increment(by),
+        }
     })
 }
 
-/// The histogram `name` with `labels`, from this thread's cache.
-fn histogram_of(
-    name: &'static str,
-    labels: [Option<(&'static str, &'static str)>; 2],
-) -> metrics::Histogram {
+/// Records `value` in the histogram `name` with `labels`, through this thread's cache.
+fn observe(name: &'static str, labels: [Option<(&'static str, &'static str)>; 2], value: f64) {
     if !enabled() {
-        return histogram!(name, labels_of(labels));
+        return histogram!(name, labels_of(labels)).record(value);
     }
     HISTOGRAMS.with(|cache| {
-        cache
-            .borrow_mut()
-            .entry(handle_key(name, labels))
-            .or_insert_with(|| histogram!(name, labels_of(labels)))
-            .clone()
+        let key = handle_key(name, labels);
+        let mut cache = cache.borrow_mut();
+        match cache.get(&key) {
+            Some(histogram) => histogram.record(value),
+            None => cache
+                .entry(key)
+                .or_insert_with(|| histogram!(name, labels_of(labels)))
+                .record(value),
+        }
     })
 }
 
@@ -386,11 +389,11 @@ pub fn after_append(before: &Before, after: &PlannerState, events: &[Event]) {
     }
     let mut running = before.running;
     for event in events {
-        counter_of(
+        count(
             "planner_events_appended_total",
             [Some(("type", event.event_type())), None],
-        )
-        .increment(1);
+            1,
+        );
         match event {
             Event::SessionStarted { .. } | Event::SessionForked { .. } => {}
             Event::TasksPlanned { .. } => {
@@ -400,11 +403,11 @@ pub fn after_append(before: &Before, after: &PlannerState, events: &[Event]) {
                 }
             }
             Event::TaskDispatched { task_id, .. } => {
-                counter_of(
+                count(
                     "planner_tasks_dispatched_total",
                     [Some(("kind", kind_of(after, task_id))), None],
-                )
-                .increment(1);
+                    1,
+                );
             }
             Event::AttemptClaimed {
                 task_id,
@@ -418,11 +421,11 @@ pub fn after_append(before: &Before, after: &PlannerState, events: &[Event]) {
                 // The state holds the current attempt's dispatch: only time that one.
                 if task.attempts == *attempt {
                     if let Some(dispatched) = task.dispatched_at {
-                        histogram_of(
+                        observe(
                             "planner_task_schedule_to_start_seconds",
                             [Some(("kind", task.kind.as_str())), None],
-                        )
-                        .record(seconds(dispatched, *at));
+                            seconds(dispatched, *at),
+                        );
                     }
                 }
             }
@@ -445,14 +448,14 @@ pub fn after_append(before: &Before, after: &PlannerState, events: &[Event]) {
                 } else {
                     "failed"
                 };
-                counter_of(
+                count(
                     "planner_tasks_ended_total",
                     [
                         Some(("kind", kind_of(after, task_id))),
                         Some(("outcome", ended)),
                     ],
-                )
-                .increment(1);
+                    1,
+                );
                 // A task failed because a dependency did ran no attempt.
                 if *attempt > 0 {
                     attempt_ended(after, task_id, *attempt, outcome, *at);
@@ -534,11 +537,11 @@ fn attempt_ended(
         return;
     };
     let kind = task.kind.as_str();
-    counter_of(
+    count(
         "planner_task_attempts_total",
         [Some(("kind", kind)), Some(("outcome", outcome))],
-    )
-    .increment(1);
+        1,
+    );
     // A later dispatch of the same task in the batch replaced the attempt's times: skip.
     if task.attempts != attempt || task.kind == NodeKind::Clarification {
         return;
@@ -549,11 +552,11 @@ fn attempt_ended(
         .map(|l| l.claimed_at)
         .or(task.dispatched_at);
     if let Some(started) = started {
-        histogram_of(
+        observe(
             "planner_task_execution_seconds",
             [Some(("kind", kind)), Some(("outcome", outcome))],
-        )
-        .record(seconds(started, at));
+            seconds(started, at),
+        );
     }
 }
 
@@ -568,7 +571,11 @@ fn plan_ended(after: &PlannerState, outcome: &'static str, at: Timestamp, runnin
 
 /// One append to the store: its latency, and a conflict or failure.
 pub fn append_done<T>(elapsed: Duration, result: &Result<T, planner_store::StoreError>) {
-    histogram_of("planner_store_append_seconds", [None, None]).record(elapsed.as_secs_f64());
+    observe(
+        "planner_store_append_seconds",
+        [None, None],
+        elapsed.as_secs_f64(),
+    );
     match result {
         Ok(_) => {}
         Err(error) if error.is_conflict() => {
@@ -580,26 +587,26 @@ pub fn append_done<T>(elapsed: Duration, result: &Result<T, planner_store::Store
 
 /// One command handled by the engine, with its result (`ok` or the error kind).
 pub fn command_done(command: &'static str, result: &'static str, elapsed: Duration) {
-    counter_of(
+    count(
         "planner_commands_total",
         [Some(("command", command)), Some(("result", result))],
-    )
-    .increment(1);
-    histogram_of(
+        1,
+    );
+    observe(
         "planner_command_duration_seconds",
         [Some(("command", command)), None],
-    )
-    .record(elapsed.as_secs_f64());
+        elapsed.as_secs_f64(),
+    );
 }
 
 /// What became of an executor report (`applied`, `retried`, `refused`) that came by `path`
 /// (`direct`: a request on `{p}.result.<session>`; `stream`: from the report stream).
 pub fn report(path: &'static str, result: &'static str) {
-    counter_of(
+    count(
         "planner_reports_total",
         [Some(("path", path)), Some(("result", result))],
-    )
-    .increment(1);
+        1,
+    );
 }
 
 /// A report moved to the dead-letter stream.
