@@ -7,8 +7,9 @@ from collections.abc import AsyncGenerator
 
 from conftest import events_until_end, serving
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
-from planner_client import Client, Executor, Question, TaskContext, TaskMessage
+from planner_client import Client, Executor, Question, TaskContext, TaskMessage, wire
 
 
 def executor_for_flights() -> tuple[Executor, dict[str, TaskMessage]]:
@@ -44,10 +45,20 @@ async def test_question_is_yielded_and_its_answer_completes_the_plan(
         assert question.session == session
         assert question.text == "Which date suits you?"
         assert question.deadline is None
+        # The question came in the request's trace, and its answer goes on in it.
+        assert question.traceparent is not None
+        answered: list[str | None] = []
+
+        async def record(msg: Msg) -> None:
+            answered.append(wire.traceparent(msg.headers))
+
+        await nc.subscribe(f"planner.cmd.{session}", cb=record)
         reply = await question.answer("next Friday")
         assert reply.events[0].type == "clarification_answered"
         events = await events_until_end(client, session)
         await questions.aclose()
+        await nc.flush()
+        assert answered == [question.traceparent], answered
 
     assert events[-1].type == "plan_completed"
     summary = next(t for t in seen.values() if t.target == "summarize")

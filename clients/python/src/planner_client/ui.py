@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -26,8 +27,13 @@ from .subjects import Subjects
 
 log = logging.getLogger(__name__)
 
-Answerer = Callable[[str, str, str], Awaitable[CommandResult]]
-"""`answer(session, task_id, text)`: how a question answers itself (the Client's `answer`)."""
+class Answerer(Protocol):
+    """`answer(session, task_id, text, traceparent=...)`: how a question answers itself (the
+    Client's `answer`)."""
+
+    def __call__(
+        self, session: str, task_id: str, answer: str, *, traceparent: str | None = None
+    ) -> Awaitable[CommandResult]: ...
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,15 @@ class Question:
     deadline: int | None
     """Milliseconds since the epoch after which the planner's timeout action happens, if set."""
     _answerer: Answerer = field(repr=False, compare=False)
+    traceparent: str | None = None
+    """The W3C trace context the question was asked in (its message's `traceparent` header);
+    None for a question read back from the log."""
 
-    async def answer(self, text: str) -> CommandResult:
-        """Sends `text` as the answer (`answer_clarification`)."""
-        return await self._answerer(self.session, self.task_id, text)
+    async def answer(self, text: str, *, traceparent: str | None = None) -> CommandResult:
+        """Sends `text` as the answer (`answer_clarification`), in `traceparent`'s trace, or by
+        default in the question's: the work the answer unblocks stays in the request's trace."""
+        return await self._answerer(self.session, self.task_id, text,
+                                    traceparent=traceparent or self.traceparent)
 
 
 def open_questions(log_events: list[events.SessionEvent]) -> list[tuple[str, int, str, int | None]]:
@@ -112,7 +123,8 @@ async def questions(
                 continue
             seen.add(key)
             deadline = q.deadline.root if q.deadline is not None else None
-            yield Question(q.session, q.task_id, q.attempt, q.question, deadline, answerer)
+            yield Question(q.session, q.task_id, q.attempt, q.question, deadline, answerer,
+                           wire.traceparent(msg.headers))
     finally:
         try:
             await sub.unsubscribe()
