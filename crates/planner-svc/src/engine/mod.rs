@@ -348,7 +348,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let edge = crate::trace::Edge::Internal;
             // Boxed before it is wrapped: the handling's future is large, and moving it into
             // the scope's future and that into a box was 3% of the daemon's CPU at saturation
-            // (perf: claims without a trace come this way).
+            // (perf, when executors' messages without a trace still came this way).
             let work = Box::pin(self.handle_traced(session, command));
             return crate::trace::scope(Some(context), edge, work).await;
         }
