@@ -14,6 +14,8 @@ its JSON Schemas (docs/schemas/) into `planner_client.models` and never edited b
 - `lease`: the claim and heartbeat requests.
 - `reporting`: report messages, sent to the planner directly, else published through
   JetStream until acknowledged.
+- `routing`: the attempt's requests sent to the planner instance that owns its session.
+- `pause`: a way of sending left alone for a while after it went unanswered.
 - `client`: `Client`: submit, answer, cancel, watch, questions.
 - `commands`: one command's request and reply.
 - `events`: a session's event log, live or replayed, parsed leniently.

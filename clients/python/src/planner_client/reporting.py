@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import nats.errors
 import nats.js.errors
@@ -33,6 +32,7 @@ from .models.executor_report import (
 )
 from .models.report_reply import ReportReply, ReportReplyOk, ReportReplyRefused
 from .models.task_message import TaskMessage
+from .pause import Pause
 from .subjects import Subjects
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def started(task: TaskMessage, lease: str) -> Report:
     )
 
 
-class DirectReports:
+class DirectReports(Pause):
     """Whether reports go to the planner directly now, for one executor.
 
     After a direct report got no reply in time (an overloaded or unreachable planner, or an
@@ -109,15 +109,11 @@ class DirectReports:
     """
 
     def __init__(self, enabled: bool = True, pause: float = DIRECT_PAUSE) -> None:
+        super().__init__(pause)
         self.enabled = enabled
-        self.pause = pause
-        self._off_until = 0.0
 
     def on(self) -> bool:
-        return self.enabled and time.monotonic() >= self._off_until
-
-    def timed_out(self) -> None:
-        self._off_until = time.monotonic() + self.pause
+        return self.enabled and super().on()
 
 
 async def send(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from .pause import Pause
 from .subjects import Subjects, is_valid_token
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,11 @@ def owner(headers: Mapping[str, str] | None) -> str | None:
     return None
 
 
-class Addressing:
+class Addressing(Pause):
     """Whether an executor addresses owners now (see the module doc)."""
 
     def __init__(self, pause: float = ADDRESSING_PAUSE) -> None:
-        self.pause = pause
-        self._off_until = 0.0
-
-    def on(self) -> bool:
-        return time.monotonic() >= self._off_until
-
-    def timed_out(self) -> None:
-        self._off_until = time.monotonic() + self.pause
+        super().__init__(pause)
 
 
 @dataclass(frozen=True)
