@@ -89,6 +89,10 @@ struct Args {
     /// per task), instead of sending them to the planner directly with the stream as fallback.
     #[arg(long)]
     stream_reports: bool,
+    /// Dispatches reach the executors only through the dispatch stream: the daemons offer
+    /// none (`dispatch.offers = false`) and the pool takes none.
+    #[arg(long)]
+    no_offers: bool,
 }
 
 #[derive(Default)]
@@ -363,6 +367,12 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..instances {
         let daemon = Command::new(&daemon_bin)
             .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
+            .args(
+                args.no_offers
+                    .then_some(["--set", "dispatch.offers=false"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("serve")
             .current_dir(workdir.path())
             .env("PLANNER_NATS__URL", &url)
@@ -434,6 +444,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 ReportPath::Direct
             },
+            offers: !args.no_offers,
         },
         observer.clone() as Arc<dyn PoolObserver>,
         shutdown.clone(),

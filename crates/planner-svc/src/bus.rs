@@ -1,16 +1,22 @@
 //! Publishers: where outgoing messages go.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::RequestErrorKind;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use crate::engine::{Confirmation, Outgoing, Publisher};
-use crate::protocol::{dispatch_id, Subjects};
+use crate::protocol::{dispatch_id, OfferReply, Subjects};
 
 /// Publishes to NATS: dispatches through the JetStream work-queue stream (acknowledged, with
-/// `Nats-Msg-Id` = session.task.attempt), questions and cancellations on core subjects.
+/// `Nats-Msg-Id` = session.task.attempt), first offered to an idle executor when offers are
+/// on; questions and cancellations on core subjects.
 #[derive(Debug, Clone)]
 pub struct NatsPublisher {
     client: async_nats::Client,
@@ -19,6 +25,45 @@ pub struct NatsPublisher {
     /// This instance's name, put on every dispatch ([`crate::protocol::OWNER_HEADER`]) when
     /// sessions have owners: what it dispatches, it owns.
     owner: Option<String>,
+    /// How dispatches are offered, when they are.
+    offers: Option<Arc<Offers>>,
+}
+
+/// Offering dispatches (docs/protocol.md, "Offers"): a core request on
+/// `{p}.offer.{kind}.{target}` answered by the executor that claimed the attempt. A dispatch
+/// taken that way never touches the dispatch stream: one durable write and one hop less per
+/// task. Anything but `taken` or `stopped` (no executor listens, none had a free slot, no
+/// answer in time, an answer that does not parse) sends it to the stream as before; a second
+/// delivery is harmless, the claim fences it.
+#[derive(Debug)]
+struct Offers {
+    /// How long an offer waits for its answer: longer than an executor's claim (5 s), so an
+    /// executor that takes an offer and claims has its answer counted.
+    timeout: Duration,
+    /// Offer subjects nobody listened on lately, until when they are not offered to: without
+    /// it every dispatch for executors that do not take offers would cost a round trip.
+    unheard: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a subject nobody listened on is not offered to.
+const UNHEARD_PAUSE: Duration = Duration::from_secs(10);
+
+impl Offers {
+    fn heard(&self, subject: &str) -> bool {
+        self.unheard.lock().map_or(true, |unheard| {
+            unheard
+                .get(subject)
+                .is_none_or(|until| Instant::now() >= *until)
+        })
+    }
+
+    fn not_heard(&self, subject: &str) {
+        if let Ok(mut unheard) = self.unheard.lock() {
+            let now = Instant::now();
+            unheard.retain(|_, until| *until > now);
+            unheard.insert(subject.to_owned(), now + UNHEARD_PAUSE);
+        }
+    }
 }
 
 impl NatsPublisher {
@@ -29,6 +74,7 @@ impl NatsPublisher {
             client,
             subjects,
             owner: None,
+            offers: None,
         }
     }
 
@@ -37,21 +83,20 @@ impl NatsPublisher {
         self.owner = Some(owner.into());
         self
     }
-}
 
-fn json<T: serde::Serialize>(value: &T) -> Bytes {
-    // These message types serialize infallibly (string keys, no floats).
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
-}
-
-impl Publisher for NatsPublisher {
-    async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
-        self.send(messages).await?.await
+    /// Offers each dispatch to an idle executor first, waiting up to `timeout` for the answer.
+    pub fn offering(mut self, timeout: Duration) -> Self {
+        self.offers = Some(Arc::new(Offers {
+            timeout,
+            unheard: Mutex::default(),
+        }));
+        self
     }
 
-    async fn send(&self, messages: &[Outgoing]) -> anyhow::Result<Confirmation> {
+    /// Sends `messages`; dispatches are offered first when `offer` (and offers are on).
+    async fn send_with(&self, messages: &[Outgoing], offer: bool) -> anyhow::Result<Confirmation> {
         // Dispatches go out together and their acks are awaited together, by the caller.
-        let mut acks = Vec::new();
+        let mut confirmations: Vec<Confirmation> = Vec::new();
         for message in messages {
             match message {
                 Outgoing::Task(task) => {
@@ -68,21 +113,71 @@ impl Publisher for NatsPublisher {
                         messaging.system = "nats",
                         messaging.destination.name = %subject,
                     );
-                    let mut publish = PublishMessage::build()
-                        .payload(json(task))
-                        .message_id(dispatch_id(&task.session, &a.task_id, a.attempt));
+                    let mut headers = async_nats::HeaderMap::new();
                     if let Some(trace) = crate::trace::outgoing_from(&span) {
-                        publish = publish.header(crate::trace::HEADER, trace.as_str());
+                        headers.insert(crate::trace::HEADER, trace.as_str());
                     }
                     if let Some(owner) = &self.owner {
-                        publish = publish.header(crate::protocol::OWNER_HEADER, owner.as_str());
+                        headers.insert(crate::protocol::OWNER_HEADER, owner.as_str());
                     }
-                    let sent = self
-                        .jetstream
-                        .send_publish(subject, publish)
-                        .instrument(span)
-                        .await?;
-                    acks.push(sent);
+                    let payload = json(task);
+                    let id = dispatch_id(&task.session, &a.task_id, a.attempt);
+                    let offers = self.offers.as_ref().filter(|_| offer);
+                    let offer_subject = self.subjects.offer(a.kind, &a.target);
+                    if let Some(offers) = offers.filter(|o| o.heard(&offer_subject)) {
+                        let publisher = self.clone();
+                        let offers = Arc::clone(offers);
+                        let offered = async move {
+                            let request = async_nats::Request::new()
+                                .headers(headers.clone())
+                                .payload(payload.clone())
+                                .timeout(Some(offers.timeout));
+                            let answer = publisher
+                                .client
+                                .send_request(offer_subject.clone(), request)
+                                .await;
+                            match answer
+                                .map(|reply| serde_json::from_slice::<OfferReply>(&reply.payload))
+                            {
+                                Ok(Ok(OfferReply::Taken)) => {
+                                    crate::metrics::offered("taken");
+                                    return Ok(());
+                                }
+                                Ok(Ok(OfferReply::Stopped)) => {
+                                    crate::metrics::offered("stopped");
+                                    return Ok(());
+                                }
+                                Ok(Ok(OfferReply::Declined)) => crate::metrics::offered("declined"),
+                                Ok(Err(error)) => {
+                                    tracing::warn!(%error, subject = %offer_subject, "an offer's answer is not an offer reply; the dispatch goes to the stream");
+                                    crate::metrics::offered("unanswered");
+                                }
+                                Err(error) if error.kind() == RequestErrorKind::NoResponders => {
+                                    offers.not_heard(&offer_subject);
+                                    crate::metrics::offered("unheard");
+                                }
+                                Err(error) => {
+                                    tracing::debug!(%error, subject = %offer_subject, "offer not answered; the dispatch goes to the stream");
+                                    crate::metrics::offered("unanswered");
+                                }
+                            }
+                            publisher
+                                .stream(subject, headers, payload, id)
+                                .await?
+                                .await?;
+                            Ok(())
+                        };
+                        confirmations.push(Box::pin(offered.instrument(span)));
+                    } else {
+                        let sent = self
+                            .stream(subject, headers, payload, id)
+                            .instrument(span)
+                            .await?;
+                        confirmations.push(Box::pin(async move {
+                            sent.await?;
+                            Ok(())
+                        }));
+                    }
                 }
                 Outgoing::Question(question) => {
                     let subject = self.subjects.question(&question.session);
@@ -120,11 +215,45 @@ impl Publisher for NatsPublisher {
             }
         }
         Ok(Box::pin(async move {
-            for ack in acks {
-                ack.await?;
+            for confirmation in confirmations {
+                confirmation.await?;
             }
             Ok(())
         }))
+    }
+
+    /// Publishes a dispatch to the stream; what it returns resolves with JetStream's ack.
+    async fn stream(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+        id: String,
+    ) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+        let mut publish = PublishMessage::build().payload(payload).message_id(id);
+        for (name, values) in headers.iter() {
+            for value in values {
+                publish = publish.header(name.clone(), value.clone());
+            }
+        }
+        Ok(self.jetstream.send_publish(subject, publish).await?)
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Bytes {
+    // These message types serialize infallibly (string keys, no floats).
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+impl Publisher for NatsPublisher {
+    /// What the outbox and recovery use (under the session's lock): straight to the stream.
+    /// An offer waits for the executor's claim, which needs that lock.
+    async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        self.send_with(messages, false).await?.await
+    }
+
+    async fn send(&self, messages: &[Outgoing]) -> anyhow::Result<Confirmation> {
+        self.send_with(messages, true).await
     }
 }
 

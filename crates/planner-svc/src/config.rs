@@ -357,6 +357,14 @@ pub struct DispatchConfig {
     pub duplicate_window_s: u64,
     /// Replicas.
     pub replicas: usize,
+    /// Offer each dispatch to an idle executor over core NATS before the stream
+    /// (docs/protocol.md, "Offers"): an executor that takes it claims at once, and the dispatch
+    /// is never written to the stream. Executors that do not listen for offers get dispatches
+    /// from the stream as before.
+    pub offers: bool,
+    /// How long an offer waits for its answer before the dispatch goes to the stream, in
+    /// milliseconds: above an executor's claim timeout (5 s in the shipped pool and client).
+    pub offer_timeout_ms: u64,
     /// Contexts (request, summary, system prompt) up to this many bytes travel in every
     /// dispatch; a larger one is left out of it and sent with the claim's grant, unless the
     /// executor says it holds it already (docs/protocol.md). Executors that do not claim, or
@@ -370,6 +378,8 @@ impl Default for DispatchConfig {
             stream_name: "PLANNER_TASKS".into(),
             duplicate_window_s: 3_600,
             replicas: 1,
+            offers: true,
+            offer_timeout_ms: 6_000,
             inline_context_bytes: 1_024,
         }
     }
@@ -869,6 +879,9 @@ impl Config {
                 "ownership.instance_id {:?}: use 1 to 64 of A-Z a-z 0-9 _ -",
                 self.ownership.instance_id
             ));
+        }
+        if self.dispatch.offers && self.dispatch.offer_timeout_ms < 100 {
+            problems.push("dispatch.offer_timeout_ms must be at least 100 (executors claim before they answer)".into());
         }
         if self.reports.max_deliver == 0 {
             problems.push("reports.max_deliver must be at least 1".into());

@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, ReportMessage, ReportReply,
-    Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, OfferReply, ReportMessage,
+    ReportReply, Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
@@ -57,6 +57,8 @@ pub struct PoolOptions {
     pub behaviour: SimBehaviour,
     /// How reports reach the planner.
     pub reports: ReportPath,
+    /// Whether to take offers (`{p}.offer.…`, answered after the claim) besides the stream.
+    pub offers: bool,
 }
 
 /// How a pool sends its reports.
@@ -124,6 +126,17 @@ pub async fn run_pool(
     let mut messages = crate::bus::pull_messages(&consumer, 200)
         .await
         .context("pulling dispatches")?;
+    // Offers of the same subjects, in one queue group per consumer: a dispatch offered is
+    // taken by one member of the one pool that serves its subject, as a stream message is.
+    let mut offers = match subjects.offers_for(&options.filter) {
+        Some(offer_subjects) if options.offers => Some(
+            client
+                .queue_subscribe(offer_subjects, options.consumer.clone())
+                .await
+                .context("subscribing to offers")?,
+        ),
+        _ => None,
+    };
     let running: Running = Arc::default();
     let cancels = client
         .subscribe(subjects.cancel("*", &planner_core::TaskId::from("*")))
@@ -131,176 +144,314 @@ pub async fn run_pool(
         .context("subscribing to cancellations")?;
     tokio::spawn(stop_cancelled(cancels, Arc::clone(&running)));
     let slots = Arc::new(Semaphore::new(options.concurrency));
-    // What this pool has run: (session, task, attempt) -> its final report. Bounded: cleared
-    // when large (a repeat older than that is re-run, which at-least-once executors tolerate).
-    let done: Arc<Mutex<RunAttempts>> = Arc::default();
-    let contexts: Contexts = Arc::default();
-    let direct = Arc::new(DirectReports::new(options.reports));
-    let addressing = Arc::new(Pause::default());
+    let pool = Arc::new(Shared {
+        client: client.clone(),
+        js,
+        subjects,
+        observer,
+        // What this pool has run: (session, task, attempt) -> its final report. Bounded:
+        // cleared when large (a repeat older than that is re-run, which at-least-once
+        // executors tolerate).
+        done: Arc::default(),
+        running,
+        contexts: Arc::default(),
+        direct: DirectReports::new(options.reports),
+        addressing: Pause::default(),
+        report_started: options.report_started,
+        // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch
+        // the pool claimed before (the grant lost to a timeout, a cluster node dying under the
+        // append) is claimed again with the same id and granted again. With a new id per
+        // delivery it was refused as another's, its message terminated, and the attempt waited
+        // out the heartbeat timeout (30 s) before a retry: seen in a three-node cluster run
+        // with a node killed.
+        pool_id: uuid::Uuid::new_v4(),
+    });
     let mut seed = 0u64;
-    // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch the
-    // pool claimed before (the grant lost to a timeout, a cluster node dying under the append)
-    // is claimed again with the same id and granted again. With a new id per delivery it was
-    // refused as another's, its message terminated, and the attempt waited out the heartbeat
-    // timeout (30 s) before a retry: seen in a three-node cluster run with a node killed.
-    let pool_id = uuid::Uuid::new_v4();
     loop {
-        let message = tokio::select! {
+        let (delivery, payload, headers) = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             m = messages.next() => match m {
-                Some(Ok(m)) => m,
+                Some(Ok(m)) => {
+                    let (payload, headers) = (m.payload.clone(), m.headers.clone());
+                    (Delivery::Stream(Box::new(m)), payload, headers)
+                }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "dispatch stream error");
                     continue;
                 }
                 None => return Ok(()),
             },
+            Some(m) = next_offer(&mut offers) => {
+                let delivery = Delivery::Offer { client: client.clone(), reply: m.reply };
+                (delivery, m.payload, m.headers)
+            }
         };
-        let mut task: TaskMessage = match serde_json::from_slice(&message.payload) {
+        let task: TaskMessage = match serde_json::from_slice(&payload) {
             Ok(task) => task,
             Err(error) => {
                 tracing::warn!(%error, "not a task message; terminating it");
-                let _ = message.ack_with(async_nats::jetstream::AckKind::Term).await;
+                delivery.refuse().await;
                 continue;
             }
         };
-        observer.dispatched(&task, Instant::now());
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return Ok(());
+        // A stream message waits for a slot (the consumer's max_ack_pending bounds how many
+        // wait); an offer is taken only with a slot free now, else the planner sends it to the
+        // stream at once.
+        let permit = match &delivery {
+            Delivery::Stream(_) => match Arc::clone(&slots).acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return Ok(()),
+            },
+            Delivery::Offer { .. } => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    delivery.decline().await;
+                    continue;
+                }
+            },
         };
+        pool.observer.dispatched(&task, Instant::now());
         seed += 1;
-        let mut executor = SimExecutor::new(options.behaviour, seed);
-        let (client, js, subjects, done, observer, running, contexts) = (
-            client.clone(),
-            js.clone(),
-            subjects.clone(),
-            done.clone(),
-            observer.clone(),
-            Arc::clone(&running),
-            Arc::clone(&contexts),
-        );
-        let (report_started, direct) = (options.report_started, Arc::clone(&direct));
+        let executor = SimExecutor::new(options.behaviour, seed);
         // The claim, the heartbeats and the report carry the dispatch's trace context on when
         // the trace is sampled (recorded somewhere): one request, one trace, one tree of
         // spans. For an unsampled one the header would only cost the bus: the planner handles
         // a message of the attempt that carries none in the trace it dispatched it in.
-        let trace = message
-            .headers
+        let trace = headers
             .as_ref()
             .and_then(|h| h.get(crate::trace::HEADER))
-            .map(|v| v.as_str().to_owned());
-        let owner = owner_of(message.headers.as_ref());
-        let addressing = Arc::clone(&addressing);
+            .map(|v| v.as_str().to_owned())
+            .filter(|value| crate::trace::sampled(value));
+        let owner = owner_of(headers.as_ref());
+        let pool = Arc::clone(&pool);
         tokio::spawn(async move {
-            let trace = trace.as_deref();
-            let route = Route {
-                client: &client,
-                subjects: &subjects,
-                owner: owner.as_deref(),
-                addressing: &addressing,
-            };
-            let trace = trace.filter(|value| crate::trace::sampled(value));
-            let key = (
-                task.session.clone(),
-                task.assignment.task_id.0.clone(),
-                task.assignment.attempt,
-            );
-            // A redelivery of an attempt this pool already ran: the same report again.
-            let known = done.lock().ok().and_then(|d| d.get(&key).cloned());
-            if let Some(report) = known {
-                let _ = message.ack().await;
-                send_report(route, &js, &task.session, &report, trace, &direct).await;
-                return;
-            }
-            // A delivery of an attempt this pool is claiming or running (the first delivery's
-            // ack was lost, or came after its ack wait): the first one runs it. The planner
-            // grants this pool's claim again (one claim id per attempt), so without this the
-            // attempt would run twice. It comes back later, when `done` answers it.
-            let cancelled = CancellationToken::new();
-            let Some(_running) = RunningEntry::enter(&running, &key, &cancelled) else {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                    .await;
-                return;
-            };
-            // Claim before running: the fence that makes a second delivery harmless. The
-            // message is acked only once the claim is answered, so an executor that dies
-            // before it leaves the message to be redelivered to another.
-            let held = hold_context(&contexts, &mut task);
-            let claim_id = claim_id(&pool_id, &key);
-            let lease = match claim(route, &task, &claim_id, held, trace).await {
-                Ok(LeaseReply::Granted {
-                    lease,
-                    heartbeat_interval_ms,
-                    context,
-                }) => {
-                    let _ = message.ack().await;
-                    if let Some(context) = context {
-                        remember_context(&contexts, &task.session, &context);
-                        task.assignment.context = Some(context);
-                    }
-                    (lease, heartbeat_interval_ms)
-                }
-                Ok(LeaseReply::Stop { reason, .. }) => {
-                    tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt not ours to run; discarded");
-                    let _ = message.ack_with(AckKind::Term).await;
-                    return;
-                }
-                Ok(other) => {
-                    tracing::warn!(?other, "claim not answered; the dispatch will come again");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "claim failed; the dispatch will come again");
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                    return;
-                }
-            };
-            let (lease, interval) = lease;
-            if report_started {
-                let started = ReportMessage {
-                    event: SimExecutor::started(&task),
-                    lease: Some(lease.clone()),
-                };
-                send_report(route, &js, &task.session, &started, trace, &direct).await;
-            }
-            let latency = executor.latency();
-            let stopped = tokio::select! {
-                stopped = work_with_heartbeats(route, &task, &lease, interval, latency, trace) => stopped,
-                () = cancelled.cancelled() => Some(FenceReason::Cancelled),
-            };
-            if let Some(reason) = stopped {
-                tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
-                observer.stopped(&task, reason);
-                return;
-            }
-            let report = ReportMessage {
-                event: executor.outcome(&task),
-                lease: Some(lease),
-            };
-            if let Ok(mut done) = done.lock() {
-                if done.len() > 100_000 {
-                    done.clear();
-                }
-                done.insert(key, report.clone());
-            }
-            observer.reporting(&task, Instant::now());
-            send_report(route, &js, &task.session, &report, trace, &direct).await;
-            let status = match &report.event.outcome {
-                planner_core::ExecutorOutcome::Completed { .. } => "completed",
-                planner_core::ExecutorOutcome::Failed { .. } => "failed",
-                planner_core::ExecutorOutcome::NeedsClarification { .. } => "asked a question",
-                planner_core::ExecutorOutcome::Started => "started",
-            };
-            tracing::info!(session = %task.session, task = %task.assignment.task_id, attempt = task.assignment.attempt, target = %task.assignment.target, status, "ran a task");
-            observer.reported(&task, Instant::now());
+            pool.run(delivery, task, executor, trace, owner).await;
             drop(permit);
         });
+    }
+}
+
+/// The next offer, or never when the pool takes none.
+async fn next_offer(offers: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match offers {
+        Some(offers) => offers.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a pool's attempts share.
+struct Shared {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    observer: Arc<dyn PoolObserver>,
+    done: Arc<Mutex<RunAttempts>>,
+    running: Running,
+    contexts: Contexts,
+    direct: DirectReports,
+    addressing: Pause,
+    report_started: bool,
+    pool_id: uuid::Uuid,
+}
+
+/// How a dispatch reached the pool, and so how to answer it.
+enum Delivery {
+    /// A message of the dispatch stream: acked, nak'ed or terminated.
+    Stream(Box<jetstream::Message>),
+    /// An offer: answered with an [`OfferReply`] (none when it has no reply subject).
+    Offer {
+        client: async_nats::Client,
+        reply: Option<async_nats::Subject>,
+    },
+}
+
+impl Delivery {
+    /// The attempt is claimed (or was run) by this pool: nothing more to deliver.
+    async fn taken(&self) {
+        match self {
+            Delivery::Stream(message) => {
+                let _ = message.ack().await;
+            }
+            Delivery::Offer { .. } => self.answer(OfferReply::Taken).await,
+        }
+    }
+
+    /// The planner said the attempt is not to run: never deliver it again.
+    async fn stopped(&self) {
+        match self {
+            Delivery::Stream(message) => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Delivery::Offer { .. } => self.answer(OfferReply::Stopped).await,
+        }
+    }
+
+    /// Not a dispatch at all.
+    async fn refuse(&self) {
+        match self {
+            Delivery::Stream(message) => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Delivery::Offer { .. } => self.answer(OfferReply::Declined).await,
+        }
+    }
+
+    /// Not taken now: deliver it again after `delay` (to anyone, for an offer: the stream).
+    async fn again(&self, delay: Duration) {
+        match self {
+            Delivery::Stream(message) => {
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            Delivery::Offer { .. } => self.answer(OfferReply::Declined).await,
+        }
+    }
+
+    async fn decline(&self) {
+        self.again(Duration::from_secs(1)).await;
+    }
+
+    async fn answer(&self, reply: OfferReply) {
+        if let Delivery::Offer {
+            client,
+            reply: Some(subject),
+        } = self
+        {
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(error) = client.publish(subject.clone(), body.into()).await {
+                tracing::warn!(%error, "could not answer an offer; the planner sends it to the stream after its timeout");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Claims, runs and reports one delivered attempt.
+    async fn run(
+        &self,
+        delivery: Delivery,
+        mut task: TaskMessage,
+        mut executor: SimExecutor,
+        trace: Option<String>,
+        owner: Option<String>,
+    ) {
+        let trace = trace.as_deref();
+        let route = Route {
+            client: &self.client,
+            subjects: &self.subjects,
+            owner: owner.as_deref(),
+            addressing: &self.addressing,
+        };
+        let key = (
+            task.session.clone(),
+            task.assignment.task_id.0.clone(),
+            task.assignment.attempt,
+        );
+        // A redelivery of an attempt this pool already ran: the same report again.
+        let known = self.done.lock().ok().and_then(|d| d.get(&key).cloned());
+        if let Some(report) = known {
+            delivery.taken().await;
+            send_report(route, &self.js, &task.session, &report, trace, &self.direct).await;
+            return;
+        }
+        // A delivery of an attempt this pool is claiming or running (the first delivery's
+        // ack was lost, or came after its ack wait): the first one runs it. The planner
+        // grants this pool's claim again (one claim id per attempt), so without this the
+        // attempt would run twice. A stream message comes back later, when `done` answers it;
+        // an offer is answered taken: this pool holds the attempt.
+        let cancelled = CancellationToken::new();
+        let Some(_running) = RunningEntry::enter(&self.running, &key, &cancelled) else {
+            match delivery {
+                Delivery::Stream(_) => delivery.again(Duration::from_secs(5)).await,
+                Delivery::Offer { .. } => delivery.taken().await,
+            }
+            return;
+        };
+        // Claim before running: the fence that makes a second delivery harmless. The
+        // message is acked (the offer answered) only once the claim is answered, so an
+        // executor that dies before it leaves the dispatch to be delivered to another.
+        let held = hold_context(&self.contexts, &mut task);
+        let claim_id = claim_id(&self.pool_id, &key);
+        let tries = match delivery {
+            Delivery::Stream(_) => CLAIM_TRIES,
+            // The planner waits for the answer a little longer than one claim request.
+            Delivery::Offer { .. } => 1,
+        };
+        let lease = match claim(route, &task, &claim_id, held, trace, tries).await {
+            Ok(LeaseReply::Granted {
+                lease,
+                heartbeat_interval_ms,
+                context,
+            }) => {
+                delivery.taken().await;
+                if let Some(context) = context {
+                    remember_context(&self.contexts, &task.session, &context);
+                    task.assignment.context = Some(context);
+                }
+                (lease, heartbeat_interval_ms)
+            }
+            Ok(LeaseReply::Stop { reason, .. }) => {
+                tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt not ours to run; discarded");
+                delivery.stopped().await;
+                return;
+            }
+            Ok(other) => {
+                tracing::warn!(?other, "claim not answered; the dispatch will come again");
+                delivery.again(Duration::from_secs(1)).await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "claim failed; the dispatch will come again");
+                delivery.again(Duration::from_secs(1)).await;
+                return;
+            }
+        };
+        drop(delivery);
+        let (lease, interval) = lease;
+        if self.report_started {
+            let started = ReportMessage {
+                event: SimExecutor::started(&task),
+                lease: Some(lease.clone()),
+            };
+            send_report(
+                route,
+                &self.js,
+                &task.session,
+                &started,
+                trace,
+                &self.direct,
+            )
+            .await;
+        }
+        let latency = executor.latency();
+        let stopped = tokio::select! {
+            stopped = work_with_heartbeats(route, &task, &lease, interval, latency, trace) => stopped,
+            () = cancelled.cancelled() => Some(FenceReason::Cancelled),
+        };
+        if let Some(reason) = stopped {
+            tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
+            self.observer.stopped(&task, reason);
+            return;
+        }
+        let report = ReportMessage {
+            event: executor.outcome(&task),
+            lease: Some(lease),
+        };
+        if let Ok(mut done) = self.done.lock() {
+            if done.len() > 100_000 {
+                done.clear();
+            }
+            done.insert(key, report.clone());
+        }
+        self.observer.reporting(&task, Instant::now());
+        send_report(route, &self.js, &task.session, &report, trace, &self.direct).await;
+        let status = match &report.event.outcome {
+            planner_core::ExecutorOutcome::Completed { .. } => "completed",
+            planner_core::ExecutorOutcome::Failed { .. } => "failed",
+            planner_core::ExecutorOutcome::NeedsClarification { .. } => "asked a question",
+            planner_core::ExecutorOutcome::Started => "started",
+        };
+        tracing::info!(session = %task.session, task = %task.assignment.task_id, attempt = task.assignment.attempt, target = %task.assignment.target, status, "ran a task");
+        self.observer.reported(&task, Instant::now());
     }
 }
 
@@ -407,6 +558,7 @@ async fn claim(
     claim_id: &str,
     context_ref: Option<String>,
     trace: Option<&str>,
+    max_tries: u64,
 ) -> anyhow::Result<LeaseReply> {
     // One id for this claim, sent again on a retry and on a redelivery: a claim whose reply
     // was lost is then granted again instead of refused as someone else's.
@@ -426,7 +578,7 @@ async fn claim(
             .and_then(|reply| reply.context("claim request failed"));
         match reply {
             Ok(reply) => return Ok(serde_json::from_slice(&reply.payload)?),
-            Err(error) if tries >= CLAIM_TRIES => return Err(error),
+            Err(error) if tries >= max_tries => return Err(error),
             Err(error) => {
                 tracing::debug!(%error, tries, "claim not answered; asking again");
                 tokio::time::sleep(Duration::from_millis(200 * tries)).await;

@@ -122,6 +122,9 @@ enum Cmd {
         /// reports do (default: a request to the planner first, the stream as the fallback).
         #[arg(long)]
         stream_reports: bool,
+        /// Take dispatches from the dispatch stream only, not offers (`{prefix}.offer.…`) too.
+        #[arg(long)]
+        no_offers: bool,
     },
     /// Start a session on the daemon from a request; prints its id (follow it with `watch`).
     Submit {
@@ -481,6 +484,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             latency_ms,
             fail_percent,
             stream_reports,
+            no_offers,
             ..
         } => {
             let admin = planner_svc::health::start(
@@ -518,6 +522,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                 } else {
                     planner_svc::executor::ReportPath::Direct
                 },
+                offers: !no_offers,
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let stop = shutdown.clone();

@@ -289,6 +289,10 @@ fn describe() {
         "Messages re-published by recovery and the outbox sweep."
     );
     c!(
+        "planner_dispatch_offers_total",
+        "Dispatches offered to an executor before the stream, by outcome (taken, stopped, declined, unheard, unanswered)."
+    );
+    c!(
         "planner_commands_total",
         "Commands handled, by command type and result (ok, or the error kind)."
     );
@@ -622,6 +626,17 @@ pub fn busy(endpoint: &'static str) {
 /// A publish that failed after its events were persisted.
 pub fn publish_failed() {
     counter!("planner_publish_failures_total").increment(1);
+}
+
+/// A dispatch offered to an executor, by what became of the offer: `taken` (claimed),
+/// `stopped` (the claim was refused: nothing to send), `declined`, `unheard` (nobody listens
+/// on its subject) or `unanswered`; the last three send it to the stream.
+pub fn offered(outcome: &'static str) {
+    count(
+        "planner_dispatch_offers_total",
+        [Some(("outcome", outcome)), None],
+        1,
+    );
 }
 
 /// Messages re-published by recovery or the outbox sweep.

@@ -68,6 +68,21 @@ impl Subjects {
         format!("{}.task.>", self.prefix)
     }
 
+    /// `{p}.offer.{kind}.{target}`: a dispatch offered to an idle executor over core NATS
+    /// before it goes to the stream (docs/protocol.md, "Offers").
+    pub fn offer(&self, kind: NodeKind, target: &str) -> String {
+        format!("{}.offer.{}.{target}", self.prefix, kind.as_str())
+    }
+
+    /// The offer subjects matching a pool's dispatch filter (`{p}.task.…` → `{p}.offer.…`);
+    /// `None` for a filter outside the dispatch subjects.
+    pub fn offers_for(&self, task_filter: &str) -> Option<String> {
+        let rest = task_filter
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".task.")?;
+        Some(format!("{}.offer.{rest}", self.prefix))
+    }
+
     /// `{p}.claim.{session}`: an executor claims an attempt before running it (request/reply).
     pub fn claim(&self, session: &str) -> String {
         format!("{}.claim.{session}", self.prefix)
@@ -616,6 +631,20 @@ pub enum LeaseReply {
     Error(ErrorBody),
 }
 
+/// An executor's answer to an offer (`{p}.offer.{kind}.{target}`, a request whose body is
+/// the dispatch, [`TaskMessage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "offer", rename_all = "snake_case")]
+pub enum OfferReply {
+    /// The executor claimed the attempt and holds its lease: nothing more to send.
+    Taken,
+    /// The claim was answered `stop`: the attempt is not to run, anywhere.
+    Stopped,
+    /// The executor did not take it (no free slot, the claim not answered): the planner
+    /// publishes the dispatch to the stream.
+    Declined,
+}
+
 /// A dispatch on `{p}.task.{kind}.{target}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskMessage {
@@ -692,6 +721,7 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
             "task_message.json",
             json(schemars::schema_for!(TaskMessage)),
         ),
+        ("offer_reply.json", json(schemars::schema_for!(OfferReply))),
         (
             "question_message.json",
             json(schemars::schema_for!(QuestionMessage)),

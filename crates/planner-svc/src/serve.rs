@@ -515,6 +515,9 @@ async fn run_with<S: EventStore>(
         ownership.instance_id.clone()
     };
     let mut publisher = NatsPublisher::new(client.clone(), subjects.clone());
+    if config.dispatch.offers {
+        publisher = publisher.offering(Duration::from_millis(config.dispatch.offer_timeout_ms));
+    }
     if ownership.enabled {
         publisher = publisher.owned_by(instance.clone());
     }

@@ -9,6 +9,8 @@
 //! same way when the store shows the session moved on, so an instance never judges input
 //! against a stale copy.
 
+use std::sync::Arc;
+
 use planner_core::{Command, Planner, Timestamp};
 use planner_store::{load_planner, AppendMeta, EventStore, StoreError};
 use tracing::Instrument as _;
@@ -293,15 +295,25 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // The bus's acknowledgements guard no order (the messages left in order
                     // above), so they are awaited without the session's lock: the session's
                     // next command (typically the claim of the dispatch just sent) need not
-                    // wait for them.
+                    // wait for them. Nor does this command's reply: it is justified by the
+                    // append, and an offered dispatch is confirmed only once an executor
+                    // claimed it (a claim this instance may have to serve meanwhile).
                     drop(guard);
                     if let Some(confirmation) = confirmation {
-                        if let Err(error) = confirmation.await {
-                            tracing::warn!(%error, "publish not acknowledged after persisting; the outbox re-publishes it");
-                            // `slot` is held, so the session cannot have been evicted since.
-                            slot.state.lock().await.unpublished = true;
-                            self.retry_publish(session);
-                        }
+                        let (slot, unpublished) =
+                            (Arc::clone(&slot), Arc::clone(&self.unpublished));
+                        let session = session.to_owned();
+                        let confirmed = async move {
+                            if let Err(error) = confirmation.await {
+                                tracing::warn!(%error, "publish not acknowledged after persisting; the outbox re-publishes it");
+                                // `slot` is held, so the session cannot have been evicted since.
+                                slot.state.lock().await.unpublished = true;
+                                if let Ok(mut pending) = unpublished.lock() {
+                                    pending.insert(session);
+                                }
+                            }
+                        };
+                        tokio::spawn(confirmed.in_current_span());
                     }
                     tracing::debug!(version, events = events.len(), "persisted and published");
                     let handled = Handled {

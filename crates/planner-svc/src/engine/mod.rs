@@ -126,7 +126,7 @@ pub struct Engine<S, P> {
     observers: observe::Observers,
     /// Sessions whose publish failed since the outbox last retried them (each also has
     /// `unpublished` set, which keeps it in memory until then).
-    unpublished: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    unpublished: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// Counters of what sessions cost: loads from the store and lost races. With sessions routed
@@ -168,7 +168,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             timers: tx,
             stats: Stats::default(),
             observers: tokio::sync::broadcast::channel(observe::OBSERVER_CAPACITY).0,
-            unpublished: std::sync::Mutex::default(),
+            unpublished: Arc::default(),
         });
         (engine, TimerLoop::new(rx))
     }

@@ -528,6 +528,7 @@ async fn the_shipped_executor_pool_stops_a_cancelled_attempt_at_once() {
         client.clone(),
         planner_svc::protocol::Subjects::new("planner"),
         PoolOptions {
+            offers: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "cancel-pool".into(),
             filter: "planner.task.>".into(),
@@ -601,6 +602,7 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
         client.clone(),
         planner_svc::protocol::Subjects::new("planner"),
         PoolOptions {
+            offers: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "shipped-pool".into(),
             filter: "planner.task.>".into(),
@@ -1607,7 +1609,8 @@ async fn a_second_delivery_of_an_attempt_the_pool_is_running_does_not_run_it_aga
     let server = NatsServer::start().unwrap();
     let _daemon = Daemon::start(config(&server)).await;
     let client = async_nats::connect(server.url()).await.unwrap();
-    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    // The pool takes offers: the dispatch is seen on its offer subject.
+    let mut dispatches = client.subscribe("planner.offer.>").await.unwrap();
     client.flush().await.unwrap();
     let executions = std::sync::Arc::new(Executions::default());
     let (pool, stop) = start_pool(
@@ -1637,7 +1640,10 @@ async fn a_second_delivery_of_an_attempt_the_pool_is_running_does_not_run_it_aga
     // first delivery's ack is lost).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let js = async_nats::jetstream::new(client.clone());
-    js.publish(dispatch.subject.clone(), dispatch.payload.clone())
+    let subject = dispatch
+        .subject
+        .replacen("planner.offer.", "planner.task.", 1);
+    js.publish(subject, dispatch.payload.clone())
         .await
         .unwrap()
         .await

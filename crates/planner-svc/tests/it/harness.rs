@@ -426,6 +426,7 @@ pub fn start_pool(
         client.clone(),
         planner_svc::protocol::Subjects::new("planner"),
         planner_svc::executor::PoolOptions {
+            offers: true,
             stream: "PLANNER_TASKS".into(),
             consumer: consumer.into(),
             filter: "planner.task.>".into(),

@@ -14,6 +14,7 @@ mod harness;
 mod http;
 mod llm;
 mod observability;
+mod offers;
 mod outbox;
 mod ownership;
 mod protocol;

@@ -621,8 +621,9 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
     let client = async_nats::connect(server.url()).await.unwrap();
-    // Every dispatch, as a core subscriber sees it (headers included).
-    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    // Every dispatch, as a core subscriber sees it (headers included): offered first, and the
+    // pool takes offers.
+    let mut dispatches = client.subscribe("planner.offer.>").await.unwrap();
     client.flush().await.unwrap();
     let (pool, stop) = start_pool(
         &client,
@@ -893,7 +894,8 @@ async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_at
         "the daemon did not start:\n{}",
         daemon.output()
     );
-    let mut dispatches = client.subscribe("planner.task.>").await.unwrap();
+    // The dispatch, offered first (the pool takes offers).
+    let mut dispatches = client.subscribe("planner.offer.>").await.unwrap();
     client.flush().await.unwrap();
     let (pool, stop) = start_pool(
         &client,

@@ -4,8 +4,8 @@
 use planner_core::codec;
 use planner_svc::protocol::{
     CancelMessage, ClaimRequest, ClientCommand, CommandReply, ErrorNotice, HeartbeatRequest,
-    LeaseReply, QuarantineReply, QuarantineRequest, QuestionMessage, ReportMessage, ReportReply,
-    TaskMessage,
+    LeaseReply, OfferReply, QuarantineReply, QuarantineRequest, QuestionMessage, ReportMessage,
+    ReportReply, TaskMessage,
 };
 
 #[test]
@@ -60,6 +60,9 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
             "lease_reply" => serde_json::from_str::<LeaseReply>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
+            "offer_reply" => serde_json::from_str::<OfferReply>(&body)
+                .map(drop)
+                .map_err(|e| e.to_string()),
             "quarantine_request" => serde_json::from_str::<QuarantineRequest>(&body)
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -89,6 +92,7 @@ fn every_example_in_the_protocol_doc_decodes_as_its_type() {
         "claim",
         "heartbeat",
         "lease_reply",
+        "offer_reply",
         "quarantine_request",
         "quarantine_reply",
     ] {

@@ -314,6 +314,7 @@ async fn with_no_planner_running_the_pools_report_goes_to_the_stream_and_is_appl
         client.clone(),
         Subjects::new("planner"),
         PoolOptions {
+            offers: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "fallback-pool".into(),
             filter: "planner.task.>".into(),

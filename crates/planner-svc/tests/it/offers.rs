@@ -1,0 +1,166 @@
+//! Offers (docs/protocol.md, "Offers"): a dispatch offered over core NATS before the stream,
+//! taken by an executor that claims it, or sent to the stream when nobody takes it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use planner_core::Event;
+use planner_testkit::NatsServer;
+use serde_json::json;
+
+use crate::harness::{
+    command, config, start_pool, store, wait_for_end, Daemon, ExecutorBehaviour, Executors,
+};
+
+fn plan(tasks: &[(&str, &[&str])]) -> serde_json::Value {
+    let tasks: Vec<_> = tasks
+        .iter()
+        .map(|(id, deps)| json!({"id": id, "description": format!("do {id}"), "kind": "tool_call", "target": "tool", "dependencies": deps}))
+        .collect();
+    json!({"type": "initialize", "input": "planned", "plan": {"tasks": tasks}})
+}
+
+fn completed(events: &[Event]) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, Event::PlanCompleted { .. }))
+}
+
+/// Messages the dispatch stream ever stored.
+async fn stored_dispatches(client: &async_nats::Client) -> u64 {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream("PLANNER_TASKS").await.unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatches_taken_by_offer_are_never_written_to_the_stream() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let (pool, stop) = start_pool(
+        &client,
+        "offer-pool",
+        Duration::from_millis(1),
+        Arc::new(planner_svc::executor::NoObserver),
+    );
+    // One session at a time: the pool (4 slots) always has one free for an offer; a pool
+    // without one declines, and the dispatch goes to the stream (the next test).
+    let chain = plan(&[("a", &[]), ("b", &["a"]), ("c", &["a"]), ("d", &["b", "c"])]);
+    let store = store(&server.url()).await;
+    for s in 0..3 {
+        command(&client, &format!("s-offer-{s}"), chain.clone()).await;
+        let events = wait_for_end(&store, &format!("s-offer-{s}")).await;
+        assert!(completed(&events), "s-offer-{s} did not complete");
+    }
+    assert_eq!(
+        stored_dispatches(&client).await,
+        0,
+        "every dispatch was taken by offer: none should have been written to PLANNER_TASKS"
+    );
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
+
+/// An executor that takes offers and never answers them (it died before its claim): each
+/// dispatch reaches the stream after `dispatch.offer_timeout_ms`, and runs once there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_nobody_answers_goes_to_the_stream_after_the_timeout() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offer_timeout_ms = 300;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut swallowed = client.subscribe("planner.offer.>").await.unwrap();
+    let offers = Arc::new(Mutex::new(0u32));
+    let counted = Arc::clone(&offers);
+    let sink = tokio::spawn(async move {
+        while swallowed.next().await.is_some() {
+            *counted.lock().unwrap() += 1;
+        }
+    });
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    command(&client, "s-silent", plan(&[("a", &[]), ("b", &["a"])])).await;
+    let events = wait_for_end(&store(&server.url()).await, "s-silent").await;
+    assert!(completed(&events));
+    assert_eq!(
+        *offers.lock().unwrap(),
+        2,
+        "both dispatches were offered first"
+    );
+    assert_eq!(stored_dispatches(&client).await, 2);
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    sink.abort();
+    daemon.stop().await;
+}
+
+/// Declined offers, and answers that are not offer replies, send the dispatch to the stream
+/// at once: the plan does not wait out the offer timeout (a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_or_garbled_answer_sends_the_dispatch_to_the_stream_at_once() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offer_timeout_ms = 60_000;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut offered = client.subscribe("planner.offer.>").await.unwrap();
+    let answerer = client.clone();
+    let responder = tokio::spawn(async move {
+        let mut n = 0u32;
+        while let Some(offer) = offered.next().await {
+            n += 1;
+            let body: &'static [u8] = if n % 2 == 1 {
+                br#"{"offer": "declined"}"#
+            } else {
+                b"\xff not json"
+            };
+            if let Some(reply) = offer.reply {
+                answerer.publish(reply, body.into()).await.unwrap();
+            }
+        }
+    });
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let started = Instant::now();
+    command(
+        &client,
+        "s-declined",
+        plan(&[("a", &[]), ("b", &["a"]), ("c", &["b"])]),
+    )
+    .await;
+    let events = wait_for_end(&store(&server.url()).await, "s-declined").await;
+    assert!(completed(&events));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the dispatches waited for the offer timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stored_dispatches(&client).await, 3);
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    responder.abort();
+    daemon.stop().await;
+}
+
+/// With offers off, dispatches go to the stream only, and the shipped pool still runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_offers_off_every_dispatch_goes_through_the_stream() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offers = false;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let (pool, stop) = start_pool(
+        &client,
+        "stream-pool",
+        Duration::from_millis(1),
+        Arc::new(planner_svc::executor::NoObserver),
+    );
+    command(&client, "s-stream", plan(&[("a", &[]), ("b", &["a"])])).await;
+    let events = wait_for_end(&store(&server.url()).await, "s-stream").await;
+    assert!(completed(&events));
+    assert_eq!(stored_dispatches(&client).await, 2);
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
