@@ -144,6 +144,7 @@ pub async fn run_pool(
         .context("subscribing to cancellations")?;
     tokio::spawn(stop_cancelled(cancels, Arc::clone(&running)));
     let slots = Arc::new(Semaphore::new(options.concurrency));
+    let backlog = Arc::new(Semaphore::new(options.concurrency));
     let pool = Arc::new(Shared {
         client: client.clone(),
         js,
@@ -194,20 +195,26 @@ pub async fn run_pool(
                 continue;
             }
         };
-        // A stream message waits for a slot (the consumer's max_ack_pending bounds how many
-        // wait); an offer is taken only with a slot free now, else the planner sends it to the
-        // stream at once.
-        let permit = match &delivery {
+        // A stream message waits for a slot here (the consumer's max_ack_pending bounds how
+        // many wait). An offer takes a slot free now, or waits for one in its own task while
+        // fewer than `concurrency` offers wait (answered once claimed: the planner's offer
+        // timeout bounds the wait); past that it is declined, and the planner sends it to the
+        // stream at once. Declining whenever every slot was busy sent a fifth of the
+        // dispatches of a saturated load generator run to the stream after all.
+        let slot = match &delivery {
             Delivery::Stream(_) => match Arc::clone(&slots).acquire_owned().await {
-                Ok(permit) => permit,
+                Ok(permit) => Slot::Held(permit),
                 Err(_) => return Ok(()),
             },
             Delivery::Offer { .. } => match Arc::clone(&slots).try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    delivery.decline().await;
-                    continue;
-                }
+                Ok(permit) => Slot::Held(permit),
+                Err(_) => match Arc::clone(&backlog).try_acquire_owned() {
+                    Ok(waiting) => Slot::Awaited(waiting),
+                    Err(_) => {
+                        delivery.decline().await;
+                        continue;
+                    }
+                },
             },
         };
         pool.observer.dispatched(&task, Instant::now());
@@ -223,12 +230,30 @@ pub async fn run_pool(
             .map(|v| v.as_str().to_owned())
             .filter(|value| crate::trace::sampled(value));
         let owner = owner_of(headers.as_ref());
-        let pool = Arc::clone(&pool);
+        let (pool, slots) = (Arc::clone(&pool), Arc::clone(&slots));
         tokio::spawn(async move {
+            let permit = match slot {
+                Slot::Held(permit) => permit,
+                Slot::Awaited(waiting) => {
+                    let Ok(permit) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    drop(waiting);
+                    permit
+                }
+            };
             pool.run(delivery, task, executor, trace, owner).await;
             drop(permit);
         });
     }
+}
+
+/// A delivery's place among the pool's running attempts.
+enum Slot {
+    /// One of the `concurrency` slots.
+    Held(tokio::sync::OwnedSemaphorePermit),
+    /// A place among the offers waiting for a slot.
+    Awaited(tokio::sync::OwnedSemaphorePermit),
 }
 
 /// The next offer, or never when the pool takes none.
