@@ -214,10 +214,11 @@ impl NatsPublisher {
                 }
             }
         }
+        // Together, not one after another: an offer is sent when its future is first polled,
+        // and resolves only once an executor claimed it (a batch's second offer waited for
+        // the first task's claim, its third for the second's, ...).
         Ok(Box::pin(async move {
-            for confirmation in confirmations {
-                confirmation.await?;
-            }
+            futures::future::try_join_all(confirmations).await?;
             Ok(())
         }))
     }

@@ -164,3 +164,50 @@ async fn with_offers_off_every_dispatch_goes_through_the_stream() {
     pool.await.unwrap().unwrap();
     daemon.stop().await;
 }
+
+/// A batch's offers go out together: with one slot (and so one offer waiting for it), of
+/// three tasks ready at once one at least is declined and runs from the stream. (Offered one
+/// after another, each waited for the claim of the one before, and none was declined.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_offers_go_out_together_and_those_past_the_pools_room_reach_the_stream() {
+    use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        PoolOptions {
+            offers: true,
+            stream: "PLANNER_TASKS".into(),
+            consumer: "one-slot".into(),
+            filter: "planner.task.>".into(),
+            concurrency: 1,
+            report_started: false,
+            behaviour: planner_svc::sim::SimBehaviour {
+                latency: Duration::from_millis(300),
+                jitter_percent: 0,
+                ..Default::default()
+            },
+            reports: Default::default(),
+        },
+        Arc::new(NoObserver),
+        stop.clone(),
+    ));
+    command(
+        &client,
+        "s-together",
+        plan(&[("x", &[]), ("y", &[]), ("z", &[])]),
+    )
+    .await;
+    let events = wait_for_end(&store(&server.url()).await, "s-together").await;
+    assert!(completed(&events));
+    assert!(
+        stored_dispatches(&client).await >= 1,
+        "no offer was declined: were they sent one after another?"
+    );
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
