@@ -134,10 +134,10 @@ async def test_a_dispatch_delivered_again_to_its_executor_is_not_run_twice(
         settled.append(msg.data)
 
     # A core subscription sees the claims (to the usual subject or to the session's owner) and
-    # the dispatch as they are sent.
+    # the dispatch as they are sent (offered: the executor takes offers).
     await nc.subscribe(f"planner.claim.{session}", cb=claimed)
     await nc.subscribe(f"planner.fwd.*.planner.claim.{session}", cb=claimed)
-    await nc.subscribe("planner.task.tool_call.echo", cb=dispatched)
+    await nc.subscribe("planner.offer.tool_call.echo", cb=dispatched)
     await nc.subscribe("test.settle", cb=acked)
     async with serving(executor, nc):
         runtime = executor._runtime

@@ -24,6 +24,7 @@ from planner_client.models.event import Event
 from planner_client.models.executor_report import ReportMessage
 from planner_client.models.heartbeat_request import HeartbeatRequest
 from planner_client.models.lease_reply import LeaseReply
+from planner_client.models.offer_reply import OfferReply
 from planner_client.models.question_message import QuestionMessage
 from planner_client.models.report_reply import ReportReply
 from planner_client.models.task_message import TaskMessage
@@ -75,6 +76,7 @@ EXAMPLE_MODELS: dict[str, type[BaseModel]] = {
     "claim": ClaimRequest,
     "heartbeat": HeartbeatRequest,
     "lease_reply": LeaseReply,
+    "offer_reply": OfferReply,
     "report": ReportMessage,
     "report_reply": ReportReply,
     "notice": ErrorNotice,

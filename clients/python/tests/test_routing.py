@@ -37,7 +37,8 @@ async def test_an_executor_sends_its_claim_and_report_to_the_owner_its_dispatch_
     async def dispatched(msg: Msg) -> None:
         owners.append(owner(msg.headers))
 
-    await nc.subscribe("planner.task.tool_call.addressed", cb=dispatched)
+    # The executor takes offers: the dispatch is seen on its offer subject.
+    await nc.subscribe("planner.offer.tool_call.addressed", cb=dispatched)
     async with serving(executor, nc):
         await client.submit(session, "one step", plan=PLAN)
         events = await events_until_end(client, session)

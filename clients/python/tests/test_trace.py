@@ -45,7 +45,8 @@ async def test_a_sampled_dispatch_trace_is_carried_on_the_claim_the_heartbeats_a
 
     for kind in ("claim", "heartbeat", "result"):
         await nc.subscribe(f"planner.fwd.*.planner.{kind}.{session}", cb=record)
-    for subject in ("planner.task.tool_call.slow", f"planner.claim.{session}",
+    # The executor takes offers: the dispatch is seen on its offer subject.
+    for subject in ("planner.offer.tool_call.slow", f"planner.claim.{session}",
                     f"planner.heartbeat.{session}", f"planner.result.{session}",
                     f"planner.report.{session}"):
         await nc.subscribe(subject, cb=record)
@@ -56,7 +57,7 @@ async def test_a_sampled_dispatch_trace_is_carried_on_the_claim_the_heartbeats_a
     assert events[-1].type == "plan_completed", [e.type for e in events]
 
     # The command's trace reaches the dispatch (with the daemon's own span id).
-    [dispatched] = seen.pop("task")
+    [dispatched] = seen.pop("offer")
     assert dispatched is not None and dispatched.split("-")[1] == trace_id, dispatched
     # The executor carries the dispatch's on, as it is, when the trace is sampled (the planner
     # handles them in the trace it dispatched the attempt in otherwise).

@@ -1,9 +1,14 @@
-"""One dispatch, from the moment it is fetched to its report: docs/protocol.md's executor loop.
+"""One dispatch, from the moment it is fetched (or offered) to its report: docs/protocol.md's
+executor loop.
 
     claim ─ granted ─> ack, run the handler while heartbeating ─> report with the lease
                                                                    (directly, else through JetStream)
           ─ stop ────> term (someone else's, or cancelled: never run it)
           ─ error, no answer ─> nak with a delay (it comes again)
+
+An offer (docs/protocol.md, "Offers") goes the same way, answered instead of settled: `taken`
+for the ack, `stopped` for the term, `declined` for the nak (the planner then sends it to the
+stream).
 
 The claim is asked under this executor's claim id for the attempt (`lease.claim_id`), the same
 on every delivery: a dispatch that comes again after a claim whose reply was lost is granted
@@ -31,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -55,6 +60,66 @@ AttemptKey = tuple[str, str, int]
 
 FINISHED_KEPT = 10_000
 """Attempts over that an executor remembers, so that a late redelivery of one is not run again."""
+
+
+class Delivery(Protocol):
+    """How a dispatch reached the executor: a stream message, or an `Offer`."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+    async def ack(self) -> None: ...
+
+    async def nak(self, delay: float | None = None) -> None: ...
+
+    async def term(self) -> None: ...
+
+
+_TAKEN = b'{"offer": "taken"}'
+_STOPPED = b'{"offer": "stopped"}'
+_DECLINED = b'{"offer": "declined"}'
+
+
+class Offer:
+    """A dispatch offered on `planner.offer.<kind>.<target>`, answered as a stream message is
+    settled: `taken` (ack), `stopped` (term), `declined` (nak)."""
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return self._msg.headers
+
+    async def ack(self) -> None:
+        await self._answer(_TAKEN)
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._answer(_DECLINED)
+
+    async def term(self) -> None:
+        await self._answer(_STOPPED)
+
+    async def decline(self) -> None:
+        await self._answer(_DECLINED)
+
+    async def _answer(self, body: bytes) -> None:
+        if self._msg.reply:
+            await self._msg.respond(body)
 
 
 class AttemptControl:
@@ -115,8 +180,8 @@ class Runtime:
             self.finished.popitem(last=False)
 
 
-async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
-    """Takes one fetched dispatch through claim, work and report. Never raises."""
+async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
+    """Takes one fetched or offered dispatch through claim, work and report. Never raises."""
     try:
         task = wire.decode(TaskMessage, msg.data)
     except ValidationError as error:
@@ -136,9 +201,12 @@ async def run(msg: Msg, handler: Handler, rt: Runtime) -> None:
     trace = dispatch_trace if wire.sampled(dispatch_trace) else None
     route = routing.Route(routing.owner(msg.headers), rt.addressing)
     try:
+        # An offer is asked once: the planner waits for its answer a little longer than one
+        # claim request, then sends the dispatch to the stream.
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
                                   claim_id=lease.claim_id(rt.executor_id, task), trace=trace,
-                                  route=route)
+                                  route=route,
+                                  tries=1 if isinstance(msg, Offer) else lease.CLAIM_TRIES)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)

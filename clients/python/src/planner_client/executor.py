@@ -20,6 +20,14 @@ the attempt is over (or the fetch found nothing). Never holding more dispatches 
 leaves the rest in the stream for the other executors of the pool. With more handlers than
 slots, the idle fetches take turns, every `fetch_wait` seconds.
 
+Offers. Each handler also takes the dispatches the planner offers on
+`planner.offer.<kind>.<target>` before the stream (docs/protocol.md, "Offers"), in a queue group
+named like its consumer: with a slot free (or after waiting for one, while fewer offers
+than slots wait) it claims the attempt and answers `taken` (or `stopped`), so the dispatch is
+never written to the stream (one durable write less per task); past that it answers `declined`
+and the planner publishes it to the stream. `offers=False`
+takes dispatches from the stream only.
+
 Claims. Each executor has a random id (`Executor.id`, made when it is built); its claim of an
 attempt has an id derived from it and the attempt (`lease.claim_id`), so a dispatch that comes
 again to the same executor after a lost claim reply is granted again, and a dispatch that comes
@@ -40,7 +48,7 @@ import asyncio
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -74,6 +82,7 @@ class Executor:
     publish a `started` report before running. `listen_for_cancels`: also stop attempts on the
     `planner.cancel.*.*` fast path (heartbeats stop them within one interval regardless).
     `consumer_prefix`: the durable consumers' names start with it (default: the subject prefix).
+    `offers`: also take the dispatches the planner offers before the stream (module doc).
     """
 
     def __init__(
@@ -89,6 +98,7 @@ class Executor:
         listen_for_cancels: bool = True,
         consumer_prefix: str | None = None,
         direct_reports: bool = True,
+        offers: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -101,6 +111,7 @@ class Executor:
         self.report_started = report_started
         self.listen_for_cancels = listen_for_cancels
         self.direct_reports = direct_reports
+        self.offers = offers
         self.consumer_prefix = consumer_prefix or self.subjects.prefix.replace(".", "_")
         self.id = uuid.uuid4()
         """This executor's random id: its claim ids are derived from it (`lease.claim_id`)."""
@@ -197,6 +208,7 @@ class Executor:
         slots = asyncio.Semaphore(self.concurrency)
         attempts: set[asyncio.Task[None]] = set()
         cancel_sub = None
+        offer_subs: list[Any] = []
         loops: list[asyncio.Task[None]] = []
         try:
             if self.listen_for_cancels:
@@ -204,6 +216,12 @@ class Executor:
             subscriptions = await self._bind_all(js, shutdown)
             if subscriptions is None:
                 return
+            if self.offers:
+                for handler, _ in subscriptions:
+                    take = self._offer_taker(handler, rt, slots, attempts, shutdown)
+                    offer_subs.append(await nc.subscribe(
+                        self.subjects.offer(handler.kind, handler.target),
+                        queue=self._durable(handler), cb=take))
             loops = [
                 asyncio.create_task(self._fetch_loop(sub, handler, rt, slots, attempts, shutdown))
                 for handler, sub in subscriptions
@@ -213,6 +231,7 @@ class Executor:
                      ", ".join(f"{h.kind}.{h.target}" for h in self._handlers.values()),
                      self.concurrency)
             await shutdown.wait()
+            await _unsubscribe(offer_subs)
             await self._drain(rt, loops, attempts)
             for _, sub in subscriptions:
                 try:
@@ -223,6 +242,7 @@ class Executor:
             self.ready.clear()
             for task in loops:
                 task.cancel()
+            await _unsubscribe(offer_subs)
             if cancel_sub is not None:
                 try:
                     await cancel_sub.unsubscribe()
@@ -242,7 +262,7 @@ class Executor:
         """Binds one durable consumer per handler, waiting for the stream if the planner is not up."""
         subscriptions = []
         for subject, handler in self._handlers.items():
-            durable = f"{self.consumer_prefix}-{handler.kind}-{handler.target}"
+            durable = self._durable(handler)
             while True:
                 try:
                     sub = await js.pull_subscribe(
@@ -265,6 +285,58 @@ class Executor:
                     pass
             subscriptions.append((handler, sub))
         return subscriptions
+
+    def _durable(self, handler: Handler) -> str:
+        """The handler's durable consumer, and the queue group of its offers."""
+        return f"{self.consumer_prefix}-{handler.kind}-{handler.target}"
+
+    def _offer_taker(
+        self,
+        handler: Handler,
+        rt: attempt.Runtime,
+        slots: asyncio.Semaphore,
+        attempts: set[asyncio.Task[None]],
+        shutdown: asyncio.Event,
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """What takes `handler`'s offers: an attempt task that takes a slot (waiting for one
+        while fewer than `concurrency` offers wait: an attempt's slot is held until its report
+        is answered, and the planner offers the next task before it answers) and answers once
+        the claim is answered; past that, or shutting down, `declined` at once."""
+        waiting = 0
+
+        async def attempt_with_slot(offer: attempt.Offer, queued: bool) -> None:
+            nonlocal waiting
+            if queued:
+                got = await _acquire(slots, shutdown)
+                waiting -= 1
+                if not got:
+                    await _settle_offer(offer.decline())
+                    return
+            try:
+                await attempt.run(offer, handler, rt)
+            finally:
+                slots.release()
+
+        async def take(msg: Msg) -> None:
+            nonlocal waiting
+            offer = attempt.Offer(msg)
+            if shutdown.is_set():
+                await _settle_offer(offer.decline())
+                return
+            if not slots.locked():
+                await slots.acquire()  # free: returns at once
+                queued = False
+            elif waiting < self.concurrency:
+                waiting += 1
+                queued = True
+            else:
+                await _settle_offer(offer.decline())
+                return
+            task = asyncio.create_task(attempt_with_slot(offer, queued))
+            attempts.add(task)
+            task.add_done_callback(attempts.discard)
+
+        return take
 
     async def _fetch_loop(
         self,
@@ -363,6 +435,23 @@ async def _acquire(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
         slots.release()
         return False
     return True
+
+
+async def _unsubscribe(subscriptions: list[Any]) -> None:
+    """Unsubscribes each (once: the list is emptied); the connection may be gone already."""
+    while subscriptions:
+        try:
+            await subscriptions.pop().unsubscribe()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _settle_offer(answer: Awaitable[None]) -> None:
+    try:
+        await answer
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not answer an offer (the planner sends it to the stream after its "
+                    "timeout): %s", error)
 
 
 async def _nak(msg: Msg) -> None:

@@ -75,13 +75,14 @@ async def claim(
     claim_id: str,
     trace: str | None = None,
     route: routing.Route = routing.USUAL,
+    tries: int = CLAIM_TRIES,
 ) -> AnyLeaseReply:
     """Claims `task`'s attempt as `claim_id`; raises `NoAnswer` when the planner cannot be heard.
 
     A grant carries the attempt's context when the dispatch left it out (see `run`). `trace` is
     the dispatch's `traceparent`, carried on.
 
-    Asks up to `CLAIM_TRIES` times with the one claim id: a retried claim whose first reply was
+    Asks up to `tries` times (`CLAIM_TRIES`) with the one claim id: a retried claim whose first reply was
     lost is the same claim, granted again with the same lease.
     """
     # A dispatch that carries its context says so by reference, so the grant need not repeat
@@ -90,13 +91,13 @@ async def claim(
     body = wire.encode(ClaimRequest(task_id=task.task_id, attempt=task.attempt, claim_id=claim_id,
                                     context_ref=held))
     subject = subjects.claim(task.session)
-    for tries in range(1, CLAIM_TRIES):
+    for asked in range(1, tries):
         try:
             return await _request(nc, subjects, route, subject, body, timeout, trace)
         except NoAnswer as error:
             log.debug("claim of %s/%s attempt %s not answered (%s); asking again",
                       task.session, task.task_id, task.attempt, error)
-            await asyncio.sleep(0.2 * tries)
+            await asyncio.sleep(0.2 * asked)
     return await _request(nc, subjects, route, subject, body, timeout, trace)
 
 

@@ -53,6 +53,10 @@ class Subjects:
         """Where dispatches of `kind` for `target` are published (JetStream work queue)."""
         return f"{self.prefix}.task.{kind}.{check_token(target, 'target')}"
 
+    def offer(self, kind: TaskKind, target: str) -> str:
+        """Where dispatches of `kind` for `target` are offered before the stream (request/reply)."""
+        return f"{self.prefix}.offer.{kind}.{check_token(target, 'target')}"
+
     def addressed(self, owner: str, subject: str) -> str:
         """`subject` sent to the planner instance `owner` (docs/protocol.md, "Addressing the owner")."""
         return f"{self.prefix}.fwd.{check_token(owner, 'owner')}.{subject}"

@@ -1,0 +1,89 @@
+"""Offers (docs/protocol.md, "Offers"): the executor takes the dispatches the planner offers
+before the stream, so they are never written to it; past its free slots and the offers
+waiting for one it declines, and the dispatch reaches it through the stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import events_until_end, serving
+from nats.aio.client import Client as NatsClient
+
+from planner_client import Client, Executor, TaskContext, TaskMessage
+
+PLAN = {"tasks": [
+    {"id": "a", "description": "first", "kind": "tool_call", "target": "web_search"},
+    {"id": "b", "description": "second", "kind": "tool_call", "target": "web_search",
+     "dependencies": ["a"]},
+    {"id": "c", "description": "third", "kind": "tool_call", "target": "web_search",
+     "dependencies": ["b"]},
+]}
+
+
+async def stored_dispatches(nc: NatsClient) -> int:
+    """Messages the dispatch stream ever stored."""
+    info = await nc.jetstream().stream_info("PLANNER_TASKS")
+    return info.state.last_seq
+
+
+def executor_counting(runs: list[str], **options: object) -> Executor:
+    executor = Executor(**options)  # type: ignore[arg-type]
+
+    @executor.tool("web_search")
+    async def search(task: TaskMessage, ctx: TaskContext) -> str:
+        runs.append(task.task_id)
+        await asyncio.sleep(0.01)
+        return f"found {task.description}"
+
+    return executor
+
+
+async def test_offered_dispatches_are_taken_and_never_written_to_the_stream(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    runs: list[str] = []
+    async with serving(executor_counting(runs, concurrency=2), nc):
+        await client.submit(session, "three in a row", plan=PLAN)
+        events = await events_until_end(client, session)
+    assert events[-1].type == "plan_completed", [e.type for e in events]
+    assert runs == ["a", "b", "c"]
+    assert await stored_dispatches(nc) == 0
+
+
+async def test_with_offers_off_dispatches_come_through_the_stream(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    runs: list[str] = []
+    async with serving(executor_counting(runs, concurrency=2, offers=False), nc):
+        await client.submit(session, "three in a row", plan=PLAN)
+        events = await events_until_end(client, session)
+    assert events[-1].type == "plan_completed", [e.type for e in events]
+    assert runs == ["a", "b", "c"]
+    assert await stored_dispatches(nc) == 3
+
+
+async def test_offers_past_the_slots_and_those_waiting_are_declined_and_come_through_the_stream(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    # One slot, so at most one offer waits for it: of three tasks ready at once, one at least
+    # is declined.
+    runs: list[str] = []
+    executor = Executor(concurrency=1)
+
+    @executor.tool("web_search")
+    async def search(task: TaskMessage, ctx: TaskContext) -> str:
+        runs.append(task.task_id)
+        await asyncio.sleep(0.3)
+        return "done"
+
+    plan = {"tasks": [
+        {"id": task, "description": task, "kind": "tool_call", "target": "web_search"}
+        for task in ("x", "y", "z")
+    ]}
+    async with serving(executor, nc):
+        await client.submit(session, "three at once", plan=plan)
+        events = await events_until_end(client, session)
+    assert events[-1].type == "plan_completed", [e.type for e in events]
+    # Each ran once, the declined ones through the stream.
+    assert sorted(runs) == ["x", "y", "z"]
+    assert await stored_dispatches(nc) >= 1
