@@ -43,6 +43,9 @@ struct Offers {
     /// Offer subjects nobody listened on lately, until when they are not offered to: without
     /// it every dispatch for executors that do not take offers would cost a round trip.
     unheard: Mutex<HashMap<String, Instant>>,
+    /// Offers waiting for their answer, by dispatch id: the claim, handled here, answers them
+    /// ([`Publisher::claim_answered`]), so executors need not.
+    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// How long a subject nobody listened on is not offered to.
@@ -55,6 +58,21 @@ impl Offers {
                 .get(subject)
                 .is_none_or(|until| Instant::now() >= *until)
         })
+    }
+
+    /// Notes an offer of `id` waiting for its claim; what resolves when the claim is answered.
+    fn wait_for_claim(&self, id: &str) -> tokio::sync::oneshot::Receiver<()> {
+        let (answered, answer) = tokio::sync::oneshot::channel();
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id.to_owned(), answered);
+        }
+        answer
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(id);
+        }
     }
 
     fn not_heard(&self, subject: &str) {
@@ -89,6 +107,7 @@ impl NatsPublisher {
         self.offers = Some(Arc::new(Offers {
             timeout,
             unheard: Mutex::default(),
+            waiting: Mutex::default(),
         }));
         self
     }
@@ -132,10 +151,18 @@ impl NatsPublisher {
                                 .headers(headers.clone())
                                 .payload(payload.clone())
                                 .timeout(Some(offers.timeout));
-                            let answer = publisher
+                            let claimed = offers.wait_for_claim(&id);
+                            let asked = publisher
                                 .client
-                                .send_request(offer_subject.clone(), request)
-                                .await;
+                                .send_request(offer_subject.clone(), request);
+                            let answer = tokio::select! {
+                                answer = asked => answer,
+                                Ok(()) = claimed => {
+                                    crate::metrics::offered("claimed");
+                                    return Ok(());
+                                }
+                            };
+                            offers.forget(&id);
                             match answer
                                 .map(|reply| serde_json::from_slice::<OfferReply>(&reply.payload))
                             {
@@ -217,8 +244,11 @@ impl NatsPublisher {
         // Together, not one after another: an offer is sent when its future is first polled,
         // and resolves only once an executor claimed it (a batch's second offer waited for
         // the first task's claim, its third for the second's, ...).
+        // Every one to its end (an offer's entry in `waiting` goes with it), then the first
+        // failure, if any.
         Ok(Box::pin(async move {
-            futures::future::try_join_all(confirmations).await?;
+            let results = futures::future::join_all(confirmations).await;
+            results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
             Ok(())
         }))
     }
@@ -247,6 +277,18 @@ fn json<T: serde::Serialize>(value: &T) -> Bytes {
 }
 
 impl Publisher for NatsPublisher {
+    fn claim_answered(&self, session: &str, task_id: &planner_core::TaskId, attempt: u32) {
+        if let Some(offers) = &self.offers {
+            let taken =
+                offers.waiting.lock().ok().and_then(|mut waiting| {
+                    waiting.remove(&dispatch_id(session, task_id, attempt))
+                });
+            if let Some(answered) = taken {
+                let _ = answered.send(());
+            }
+        }
+    }
+
     /// What the outbox and recovery use (under the session's lock): straight to the stream.
     /// An offer waits for the executor's claim, which needs that lock.
     async fn publish(&self, messages: &[Outgoing]) -> anyhow::Result<()> {

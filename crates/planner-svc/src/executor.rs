@@ -57,7 +57,7 @@ pub struct PoolOptions {
     pub behaviour: SimBehaviour,
     /// How reports reach the planner.
     pub reports: ReportPath,
-    /// Whether to take offers (`{p}.offer.…`, answered after the claim) besides the stream.
+    /// Whether to take offers (`{p}.offer.…`, answered by the claim) besides the stream.
     pub offers: bool,
 }
 
@@ -283,7 +283,8 @@ struct Shared {
 enum Delivery {
     /// A message of the dispatch stream: acked, nak'ed or terminated.
     Stream(Box<jetstream::Message>),
-    /// An offer: answered with an [`OfferReply`] (none when it has no reply subject).
+    /// An offer: answered with an [`OfferReply`] when the pool does not claim it (none when it
+    /// has no reply subject); a claim answers it otherwise.
     Offer {
         client: async_nats::Client,
         reply: Option<async_nats::Subject>,
@@ -291,23 +292,30 @@ enum Delivery {
 }
 
 impl Delivery {
-    /// The attempt is claimed (or was run) by this pool: nothing more to deliver.
+    /// The claim was granted: nothing more to deliver. The planner answered an offer itself
+    /// when it answered the claim.
+    async fn claimed(&self) {
+        if let Delivery::Stream(message) = self {
+            let _ = message.ack().await;
+        }
+    }
+
+    /// The planner refused the claim for good: never deliver it again (an offer, answered by
+    /// the planner with the claim).
+    async fn refused(&self) {
+        if let Delivery::Stream(message) = self {
+            let _ = message.ack_with(AckKind::Term).await;
+        }
+    }
+
+    /// The attempt runs, or ran, in this pool, which does not claim it again: nothing more to
+    /// deliver.
     async fn taken(&self) {
         match self {
             Delivery::Stream(message) => {
                 let _ = message.ack().await;
             }
             Delivery::Offer { .. } => self.answer(OfferReply::Taken).await,
-        }
-    }
-
-    /// The planner said the attempt is not to run: never deliver it again.
-    async fn stopped(&self) {
-        match self {
-            Delivery::Stream(message) => {
-                let _ = message.ack_with(AckKind::Term).await;
-            }
-            Delivery::Offer { .. } => self.answer(OfferReply::Stopped).await,
         }
     }
 
@@ -407,7 +415,7 @@ impl Shared {
                 heartbeat_interval_ms,
                 context,
             }) => {
-                delivery.taken().await;
+                delivery.claimed().await;
                 if let Some(context) = context {
                     remember_context(&self.contexts, &task.session, &context);
                     task.assignment.context = Some(context);
@@ -416,7 +424,7 @@ impl Shared {
             }
             Ok(LeaseReply::Stop { reason, .. }) => {
                 tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt not ours to run; discarded");
-                delivery.stopped().await;
+                delivery.refused().await;
                 return;
             }
             Ok(other) => {

@@ -290,7 +290,7 @@ fn describe() {
     );
     c!(
         "planner_dispatch_offers_total",
-        "Dispatches offered to an executor before the stream, by outcome (taken, stopped, declined, unheard, unanswered)."
+        "Dispatches offered to an executor before the stream, by outcome (claimed, taken, stopped, declined, unheard, unanswered)."
     );
     c!(
         "planner_commands_total",
@@ -628,9 +628,10 @@ pub fn publish_failed() {
     counter!("planner_publish_failures_total").increment(1);
 }
 
-/// A dispatch offered to an executor, by what became of the offer: `taken` (claimed),
-/// `stopped` (the claim was refused: nothing to send), `declined`, `unheard` (nobody listens
-/// on its subject) or `unanswered`; the last three send it to the stream.
+/// A dispatch offered to an executor, by what became of the offer: `claimed` (its claim was
+/// answered here), `taken` and `stopped` (answered so by the executor), `declined`,
+/// `unheard` (nobody listens on its subject) or `unanswered`; the last three send it to the
+/// stream.
 pub fn offered(outcome: &'static str) {
     count(
         "planner_dispatch_offers_total",

@@ -6,9 +6,10 @@ executor loop.
           ─ stop ────> term (someone else's, or cancelled: never run it)
           ─ error, no answer ─> nak with a delay (it comes again)
 
-An offer (docs/protocol.md, "Offers") goes the same way, answered instead of settled: `taken`
-for the ack, `stopped` for the term, `declined` for the nak (the planner then sends it to the
-stream).
+An offer (docs/protocol.md, "Offers") goes the same way. The planner answers it itself when it
+answers the claim, so the ack and the term send nothing; the nak answers `declined` (the planner
+then sends the dispatch to the stream), and a delivery of an attempt this executor runs or ran,
+which it does not claim again, answers `taken`.
 
 The claim is asked under this executor's claim id for the attempt (`lease.claim_id`), the same
 on every delivery: a dispatch that comes again after a claim whose reply was lost is granted
@@ -82,13 +83,13 @@ class Delivery(Protocol):
 
 
 _TAKEN = b'{"offer": "taken"}'
-_STOPPED = b'{"offer": "stopped"}'
 _DECLINED = b'{"offer": "declined"}'
 
 
 class Offer:
-    """A dispatch offered on `planner.offer.<kind>.<target>`, answered as a stream message is
-    settled: `taken` (ack), `stopped` (term), `declined` (nak)."""
+    """A dispatch offered on `planner.offer.<kind>.<target>`. The claim answers it (so `ack`
+    and `term` send nothing), `nak` and `decline` answer `declined`, `taken` answers `taken`
+    (for an attempt not claimed again)."""
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
@@ -106,13 +107,16 @@ class Offer:
         return self._msg.headers
 
     async def ack(self) -> None:
-        await self._answer(_TAKEN)
+        """After a granted claim: the planner answered the offer with it."""
 
     async def nak(self, delay: float | None = None) -> None:
         await self._answer(_DECLINED)
 
     async def term(self) -> None:
-        await self._answer(_STOPPED)
+        """After a claim refused for good: the planner answered the offer with it."""
+
+    async def taken(self) -> None:
+        await self._answer(_TAKEN)
 
     async def decline(self) -> None:
         await self._answer(_DECLINED)
@@ -195,7 +199,7 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
     key = (task.session, task.task_id, task.attempt)
     if rt.ours(key):
         _log_again(task)
-        await _settle(msg.ack())
+        await _settle(msg.taken() if isinstance(msg, Offer) else msg.ack())
         return
     dispatch_trace = wire.traceparent(msg.headers)
     trace = dispatch_trace if wire.sampled(dispatch_trace) else None

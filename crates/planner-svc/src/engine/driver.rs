@@ -2,8 +2,9 @@
 //!
 //! Load the planner if needed (snapshot + tail), `process`, **append the events** (optimistic
 //! concurrency at the version the planner was at), then send the dispatches, questions and
-//! cancellations they carry, then arm the session's timer, then release the lock and await the
-//! bus's acks (they guard no order; a missing one marks the session for the outbox sweep).
+//! cancellations they carry, then arm the session's timer, then release the lock; the bus's
+//! acks (and executors' answers to offers) are awaited in a task of their own (they guard no
+//! order; a missing one marks the session for the outbox sweep).
 //! Nothing is published before its events are persisted. On a concurrency conflict (another instance appended first) the
 //! session is reloaded and the command retried; a command the planner refuses is retried the
 //! same way when the store shows the session moved on, so an instance never judges input

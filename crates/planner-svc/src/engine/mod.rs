@@ -379,6 +379,12 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             span.record("attempt", attempt);
         }
         let started = std::time::Instant::now();
+        let claimed = match &command {
+            Command::ClaimAttempt {
+                task_id, attempt, ..
+            } => Some((task_id.clone(), *attempt)),
+            _ => None,
+        };
         let result: Result<Handled, EngineError> = async {
             let command = self.plan_with_llm(session, command).await?;
             let rewrite_summary = !matches!(command, Command::CompactContext { .. });
@@ -415,6 +421,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             Err(error) => error.kind().as_str(),
         };
         crate::metrics::command_done(command_type, outcome, started.elapsed());
+        // A claim granted or refused for good answers the attempt's offer, if it was offered:
+        // the executor need not say so (one message less per task). One that may pass
+        // (`retry`) does not: the executor declines the offer.
+        if let Some((task_id, attempt)) = claimed {
+            let answered = match &result {
+                Ok(_) => true,
+                Err(error) => error.disposition() == Disposition::Reject,
+            };
+            if answered {
+                self.publisher.claim_answered(session, &task_id, attempt);
+            }
+        }
         result
     }
 }

@@ -19,14 +19,20 @@ pub type Confirmation = BoxFuture<'static, anyhow::Result<()>>;
 /// Where outgoing messages go: NATS in the daemon, channels in the embedded run.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `messages` in order; `Ok` once each is accepted by the bus (for dispatches:
-    /// acknowledged by JetStream).
+    /// acknowledged by JetStream). Called under the session's lock (the outbox, recovery): it
+    /// must not wait for anything that needs that lock, such as an executor's claim.
     fn publish(&self, messages: &[Outgoing]) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// The claim of `attempt` of `task_id` was answered for good (granted, or refused): an
+    /// offer of it waiting for its executor's answer is answered. By default, nothing.
+    fn claim_answered(&self, _session: &str, _task_id: &planner_core::TaskId, _attempt: u32) {}
 
     /// Sends `messages` in order and returns what confirms them, without waiting for it: the
     /// driver sends under the session's lock (so a session's messages leave in order) and
-    /// waits for the bus's acknowledgements after releasing it (they guard no order: a
-    /// dispatch that is not acknowledged is re-published by the outbox sweep). By default,
-    /// [`Publisher::publish`] and an already resolved confirmation.
+    /// waits for the confirmation in a task of its own (it guards no order: a dispatch that is
+    /// not acknowledged is re-published by the outbox sweep). A confirmation may wait for an
+    /// executor's claim (an offered dispatch). By default, [`Publisher::publish`] and an
+    /// already resolved confirmation.
     fn send(
         &self,
         messages: &[Outgoing],
