@@ -449,6 +449,9 @@ async fn main() -> anyhow::Result<()> {
         observer.clone() as Arc<dyn PoolObserver>,
         shutdown.clone(),
     ));
+    if !args.no_offers {
+        wait_for_offers(&client).await?;
+    }
 
     let total = (args.sessions * args.tasks) as u64;
     let plan = |_: usize| {
@@ -675,4 +678,21 @@ async fn main() -> anyhow::Result<()> {
         bail!("some sampled sessions did not complete");
     }
     Ok(())
+}
+
+/// Waits until the pool takes offers (it answers an offer it cannot read with `declined`): a
+/// dispatch offered before would find nobody listening, and its instance would send that
+/// subject's dispatches to the stream for a while, measuring the fallback instead.
+async fn wait_for_offers(client: &async_nats::Client) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        let probe = client.request("planner.offer.tool_call.loadgen-probe", "probe".into());
+        if tokio::time::timeout(Duration::from_secs(1), probe)
+            .await
+            .is_ok_and(|answer| answer.is_ok())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("the executor pool did not take offers within 10 s")
 }
