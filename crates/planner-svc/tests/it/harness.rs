@@ -421,6 +421,20 @@ pub fn start_pool(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tokio_util::sync::CancellationToken,
 ) {
+    start_pool_with(client, consumer, 4, latency, observer)
+}
+
+/// [`start_pool`] with `concurrency` slots.
+pub fn start_pool_with(
+    client: &async_nats::Client,
+    consumer: &str,
+    concurrency: usize,
+    latency: std::time::Duration,
+    observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio_util::sync::CancellationToken,
+) {
     let stop = tokio_util::sync::CancellationToken::new();
     let pool = tokio::spawn(planner_svc::executor::run_pool(
         client.clone(),
@@ -430,7 +444,7 @@ pub fn start_pool(
             stream: "PLANNER_TASKS".into(),
             consumer: consumer.into(),
             filter: "planner.task.>".into(),
-            concurrency: 4,
+            concurrency,
             report_started: false,
             reports: Default::default(),
             behaviour: planner_svc::sim::SimBehaviour {

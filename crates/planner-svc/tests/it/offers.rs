@@ -10,7 +10,8 @@ use planner_testkit::NatsServer;
 use serde_json::json;
 
 use crate::harness::{
-    command, config, start_pool, store, wait_for_end, Daemon, ExecutorBehaviour, Executors,
+    command, config, start_pool, start_pool_with, store, wait_for_end, Daemon, ExecutorBehaviour,
+    Executors,
 };
 
 fn plan(tasks: &[(&str, &[&str])]) -> serde_json::Value {
@@ -170,31 +171,16 @@ async fn with_offers_off_every_dispatch_goes_through_the_stream() {
 /// after another, each waited for the claim of the one before, and none was declined.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_offers_go_out_together_and_those_past_the_pools_room_reach_the_stream() {
-    use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
     let client = async_nats::connect(server.url()).await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = tokio::spawn(run_pool(
-        client.clone(),
-        planner_svc::protocol::Subjects::new("planner"),
-        PoolOptions {
-            offers: true,
-            stream: "PLANNER_TASKS".into(),
-            consumer: "one-slot".into(),
-            filter: "planner.task.>".into(),
-            concurrency: 1,
-            report_started: false,
-            behaviour: planner_svc::sim::SimBehaviour {
-                latency: Duration::from_millis(300),
-                jitter_percent: 0,
-                ..Default::default()
-            },
-            reports: Default::default(),
-        },
-        Arc::new(NoObserver),
-        stop.clone(),
-    ));
+    let (pool, stop) = start_pool_with(
+        &client,
+        "one-slot",
+        1,
+        Duration::from_millis(300),
+        Arc::new(planner_svc::executor::NoObserver),
+    );
     command(
         &client,
         "s-together",
