@@ -41,8 +41,10 @@ def executor_counting(runs: list[str], **options: object) -> Executor:
 async def test_offered_dispatches_are_taken_and_never_written_to_the_stream(
     nc: NatsClient, client: Client, session: str
 ) -> None:
+    # Three slots: one for the handler's fetch loop (it holds one while it waits for a stream
+    # message), one for the attempt whose report is being answered, one for the next offer.
     runs: list[str] = []
-    async with serving(executor_counting(runs, concurrency=2), nc):
+    async with serving(executor_counting(runs, concurrency=3), nc):
         await client.submit(session, "three in a row", plan=PLAN)
         events = await events_until_end(client, session)
     assert events[-1].type == "plan_completed", [e.type for e in events]
@@ -87,3 +89,26 @@ async def test_offers_past_the_slots_and_those_waiting_are_declined_and_come_thr
     # Each ran once, the declined ones through the stream.
     assert sorted(runs) == ["x", "y", "z"]
     assert await stored_dispatches(nc) >= 1
+
+
+async def test_an_offer_is_not_held_behind_an_idle_fetch(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    # One slot, which the handler's fetch loop holds while it waits (up to `fetch_wait`) for a
+    # stream message. An offer that waited for that slot waited out the fetch: up to a second
+    # per task. Declined at once instead, it reaches the idle fetch through the stream.
+    runs: list[str] = []
+    executor = executor_counting(runs, concurrency=1, fetch_wait=1.0)
+    plan = {"tasks": [
+        {"id": f"t{i}", "description": f"step {i}", "kind": "tool_call", "target": "web_search",
+         "dependencies": [f"t{i - 1}"] if i else []}
+        for i in range(5)
+    ]}
+    async with serving(executor, nc):
+        started = asyncio.get_running_loop().time()
+        await client.submit(session, "five in a row", plan=plan)
+        events = await events_until_end(client, session)
+        took = asyncio.get_running_loop().time() - started
+    assert events[-1].type == "plan_completed", [e.type for e in events]
+    assert runs == [f"t{i}" for i in range(5)]
+    assert took < 1.5, f"five 10 ms tasks took {took:.2f} s"
