@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from conftest import events_until_end, serving
 from nats.aio.client import Client as NatsClient
 
@@ -38,30 +39,27 @@ def executor_counting(runs: list[str], **options: object) -> Executor:
     return executor
 
 
-async def test_offered_dispatches_are_taken_and_never_written_to_the_stream(
-    nc: NatsClient, client: Client, session: str
+@pytest.mark.parametrize(("offers", "stored"), [(True, 0), (False, 3)], ids=["offers", "stream-only"])
+async def test_offered_dispatches_never_reach_the_stream_and_with_offers_off_all_do(
+    nc: NatsClient, client: Client, session: str, offers: bool, stored: int
 ) -> None:
     # Three slots: one for the handler's fetch loop (it holds one while it waits for a stream
     # message), one for the attempt whose report is being answered, one for the next offer.
     runs: list[str] = []
-    async with serving(executor_counting(runs, concurrency=3), nc):
+    async with serving(executor_counting(runs, concurrency=3, offers=offers), nc):
         await client.submit(session, "three in a row", plan=PLAN)
         events = await events_until_end(client, session)
     assert events[-1].type == "plan_completed", [e.type for e in events]
     assert runs == ["a", "b", "c"]
-    assert await stored_dispatches(nc) == 0
+    assert await stored_dispatches(nc) == stored
 
 
-async def test_with_offers_off_dispatches_come_through_the_stream(
-    nc: NatsClient, client: Client, session: str
-) -> None:
-    runs: list[str] = []
-    async with serving(executor_counting(runs, concurrency=2, offers=False), nc):
-        await client.submit(session, "three in a row", plan=PLAN)
-        events = await events_until_end(client, session)
-    assert events[-1].type == "plan_completed", [e.type for e in events]
-    assert runs == ["a", "b", "c"]
-    assert await stored_dispatches(nc) == 3
+async def test_an_unreadable_offer_is_declined_at_once(nc: NatsClient) -> None:
+    executor = executor_counting([])
+    async with serving(executor, nc):
+        answer = await nc.request("planner.offer.tool_call.web_search", b"\xff not a dispatch",
+                                  timeout=2)
+    assert answer.data == b'{"offer": "declined"}'
 
 
 async def test_offers_past_the_slots_and_those_waiting_are_declined_and_come_through_the_stream(

@@ -191,7 +191,9 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
     except ValidationError as error:
         # Not a dispatch this client can read: it would fail the same way on every delivery.
         log.error("terminating an unreadable dispatch on %s: %s", msg.subject, error)
-        await _settle(msg.term())
+        # An offer is declined (no claim answers it, and its timeout would delay the stream's
+        # copy, which is then terminated the same way).
+        await _settle(msg.decline() if isinstance(msg, Offer) else msg.term())
         return
     if rt.draining.is_set():
         await _settle(msg.nak())
