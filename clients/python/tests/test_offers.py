@@ -1,6 +1,6 @@
 """Offers (docs/protocol.md, "Offers"): the executor takes the dispatches the planner offers
-before the stream, so they are never written to it; past its free slots and the offers
-waiting for one it declines, and the dispatch reaches it through the stream."""
+before the stream, so they are never written to it; without a free slot it declines, and the
+dispatch reaches it through the stream."""
 
 from __future__ import annotations
 
@@ -62,11 +62,10 @@ async def test_an_unreadable_offer_is_declined_at_once(nc: NatsClient) -> None:
     assert answer.data == b'{"offer": "declined"}'
 
 
-async def test_offers_past_the_slots_and_those_waiting_are_declined_and_come_through_the_stream(
+async def test_offers_past_the_free_slots_are_declined_and_come_through_the_stream(
     nc: NatsClient, client: Client, session: str
 ) -> None:
-    # One slot, so at most one offer waits for it: of three tasks ready at once, one at least
-    # is declined.
+    # One slot: of three tasks ready at once, one at least finds it busy and is declined.
     runs: list[str] = []
     executor = Executor(concurrency=1)
 

@@ -366,13 +366,16 @@ async fn main() -> anyhow::Result<()> {
     let mut daemons = Daemons(Vec::new());
     for _ in 0..instances {
         let daemon = Command::new(&daemon_bin)
+            // Offers are opt-in in the daemon; the load generator measures them unless told not.
+            .args([
+                "--set",
+                if args.no_offers {
+                    "dispatch.offers=false"
+                } else {
+                    "dispatch.offers=true"
+                },
+            ])
             .args(args.daemon_set.iter().flat_map(|kv| ["--set", kv.as_str()]))
-            .args(
-                args.no_offers
-                    .then_some(["--set", "dispatch.offers=false"])
-                    .into_iter()
-                    .flatten(),
-            )
             .arg("serve")
             .current_dir(workdir.path())
             .env("PLANNER_NATS__URL", &url)

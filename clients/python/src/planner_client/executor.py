@@ -22,11 +22,9 @@ slots, the idle fetches take turns, every `fetch_wait` seconds.
 
 Offers. Each handler also takes the dispatches the planner offers on
 `planner.offer.<kind>.<target>` before the stream (docs/protocol.md, "Offers"), in a queue group
-named like its consumer: with a slot free (or after waiting for one, while fewer offers
-than slots wait and no slot is held by a fetch waiting for a stream message) it claims the
-attempt and answers `taken` (or `stopped`), so the dispatch is
-never written to the stream (one durable write less per task); past that it answers `declined`
-and the planner publishes it to the stream. `offers=False`
+named like its consumer: with a slot free it claims the attempt, and the claim answers the
+offer, so the dispatch is never written to the stream (one durable write less per task);
+without one it answers `declined` and the planner publishes it to the stream. `offers=False`
 takes dispatches from the stream only.
 
 Claims. Each executor has a random id (`Executor.id`, made when it is built); its claim of an
@@ -121,10 +119,6 @@ class Executor:
         self.ready = asyncio.Event()
         """Set once every consumer is bound and fetching; cleared when `serve` returns."""
         self._runtime: attempt.Runtime | None = None
-        self._idle_fetches = 0
-        """Fetch loops waiting for a stream message, each holding a slot."""
-        self._offers_waiting = 0
-        """Offers waiting for a slot: a fetch loop that gets one gives it up to them."""
 
     # Registration -------------------------------------------------------------------------
 
@@ -303,47 +297,23 @@ class Executor:
         attempts: set[asyncio.Task[None]],
         shutdown: asyncio.Event,
     ) -> Callable[[Msg], Awaitable[None]]:
-        """What takes `handler`'s offers: an attempt task that takes a slot (waiting for one
-        while fewer than `concurrency` offers wait: an attempt's slot is held until its report
-        is answered, and the planner offers the next task before it answers) and answers once
-        the claim is answered; past that, or shutting down, `declined` at once."""
-        async def attempt_with_slot(offer: attempt.Offer, queued: bool) -> None:
-            if queued:
-                try:
-                    got = await _acquire(slots, shutdown)
-                finally:
-                    self._offers_waiting -= 1
-                if not got:
-                    await _settle_offer(offer.decline())
-                    return
-            try:
-                await attempt.run(offer, handler, rt)
-            finally:
-                slots.release()
+        """What takes `handler`'s offers: with a slot free now, an attempt task (the claim
+        answers the offer); without one, or shutting down, `declined` at once, and the
+        dispatch comes through the stream. An offer never waits for a slot: it would wait
+        behind the fetch loops (each holds a slot while it waits for a stream message), and
+        fetch loops that gave way to waiting offers starved the stream while offers kept
+        coming (a planner instance killed mid-run left sessions waiting on the stream)."""
 
         async def take(msg: Msg) -> None:
             offer = attempt.Offer(msg)
-            if shutdown.is_set():
+            if shutdown.is_set() or slots.locked():
                 await _settle_offer(offer.decline())
                 return
-            if not slots.locked():
-                await slots.acquire()  # free: returns at once
-                queued = False
-            elif self._idle_fetches:
-                # A slot is held by a fetch waiting for a stream message: declined, the
-                # dispatch reaches that fetch through the stream at once. (Waiting for the
-                # slot waited out the fetch, up to `fetch_wait` per task.)
-                await _settle_offer(offer.decline())
-                return
-            elif self._offers_waiting < self.concurrency:
-                self._offers_waiting += 1
-                queued = True
-            else:
-                await _settle_offer(offer.decline())
-                return
-            task = asyncio.create_task(attempt_with_slot(offer, queued))
+            await slots.acquire()  # free: returns at once
+            task = asyncio.create_task(attempt.run(offer, handler, rt))
             attempts.add(task)
             task.add_done_callback(attempts.discard)
+            task.add_done_callback(lambda _: slots.release())
 
         return take
 
@@ -360,15 +330,8 @@ class Executor:
         while not shutdown.is_set():
             if not await _acquire(slots, shutdown):
                 return
-            if self._offers_waiting:
-                # An offer waits for a slot: it goes first (this fetch would hold the slot for
-                # up to `fetch_wait` waiting for a stream message), and the loop queues again.
-                slots.release()
-                await asyncio.sleep(0)
-                continue
             handed_over = False
             try:
-                self._idle_fetches += 1
                 try:
                     msgs = await sub.fetch(1, timeout=self.fetch_wait)
                 except nats.errors.TimeoutError:
@@ -377,8 +340,6 @@ class Executor:
                     log.warning("fetching %s failed: %s", handler.target, error)
                     await asyncio.sleep(self.fetch_wait)
                     continue
-                finally:
-                    self._idle_fetches -= 1
                 for msg in msgs:
                     if shutdown.is_set():
                         await _nak(msg)

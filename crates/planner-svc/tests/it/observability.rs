@@ -879,6 +879,8 @@ async fn a_traced_requests_spans_are_exported_over_otlp_with_session_task_and_at
             .args([
                 "--set",
                 "metrics.listen=\"\"",
+                "--set",
+                "dispatch.offers=true",
                 "serve",
                 "--nats-url",
                 &server.url(),
