@@ -27,6 +27,8 @@ CHILDREN: list[subprocess.Popen[bytes]] = []
 def serve(name):
     env = {"PATH": os.environ["PATH"], "PLANNER_NATS__URL": URL, "PLANNER_LOG__LEVEL": "warn",
            "PLANNER_METRICS__LISTEN": "", "PLANNER_OWNERSHIP__INSTANCE_ID": name}
+    # The caller's own settings win (PLANNER_DISPATCH__OFFERS=true, PLANNER_LOG__LEVEL=info, ...).
+    env.update({k: v for k, v in os.environ.items() if k.startswith("PLANNER_") and "__" in k})
     child = subprocess.Popen([SVC, "serve"], env=env, stdout=subprocess.DEVNULL,
                              stderr=open(f"/tmp/owner-kill-{name}.log", "w"))  # noqa: SIM115 (open for the life of the child)
     CHILDREN.append(child)
@@ -70,6 +72,9 @@ async def main():
                                 return_exceptions=True)
     kinds = collections.Counter(getattr(e, "type", type(e).__name__) for e in ends)
     twice = sum(1 for n in runs.values() if n > 1)
+    stuck = [s for s, e in zip(sessions, ends, strict=True) if isinstance(e, Exception)]
+    if stuck:
+        print(f"not ended: {stuck[:10]}{' ...' if len(stuck) > 10 else ''}")
     print(f"{N} sessions: {dict(kinds)}, the last {time.monotonic() - killed:.1f} s after the kill; "
           f"attempts run {len(runs)}, run twice {twice}; requests sent to each owner {dict(addressed)}")
     shutdown.set()

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 from conftest import events_until_end, serving
 from nats.aio.client import Client as NatsClient
 
@@ -137,3 +138,35 @@ async def test_blocking_handler_keeps_its_attempt_through_heartbeats(
     assert attempts == [1]
     assert "retry_scheduled" not in [e.type for e in events]
     assert any(e.type == "attempt_heartbeat" for e in events)
+
+
+async def test_wait_for_end_waits_for_the_current_plan(nc: NatsClient, client: Client, session: str) -> None:
+    executor = Executor(concurrency=2)
+    release = asyncio.Event()
+
+    @executor.tool("echo")
+    async def echo(task: TaskMessage, ctx: TaskContext) -> str:
+        if task.task_id == "second":
+            await release.wait()
+        return task.description
+
+    def plan(task_id: str) -> dict[str, object]:
+        return {"tasks": [{"id": task_id, "description": task_id, "kind": "tool_call",
+                           "target": "echo"}]}
+
+    async with serving(executor, nc):
+        await client.submit(session, "the first request", plan=plan("first"))
+        first = await client.wait_for_end(session, timeout=30)
+        assert first.type == "plan_completed"
+        # Already ended: answered from the log's last batch, at once.
+        assert (await client.wait_for_end(session, timeout=5)).session_version == first.session_version
+
+        # A follow-up starts the session again: the first plan's end is not this one's.
+        await client.submit(session, "a follow-up", plan=plan("second"))
+        with pytest.raises(asyncio.TimeoutError):
+            await client.wait_for_end(session, timeout=1)
+        release.set()
+        second = await client.wait_for_end(session, timeout=30)
+        assert second.type == "plan_completed"
+        assert first.session_version is not None and second.session_version is not None
+        assert second.session_version > first.session_version

@@ -176,16 +176,12 @@ class Client:
         return await events.history(self.js, self.subjects, check_token(session, "session"))
 
     async def wait_for_end(self, session: str, timeout: float | None = None) -> SessionEvent:
-        """Waits for the plan to end; returns its last event (`plan_completed`, `plan_failed`
-        or `plan_cancelled`). Raises `asyncio.TimeoutError` after `timeout` seconds."""
-
-        async def first_end() -> SessionEvent:
-            async for event in self.watch(session):
-                if event.ends_plan:
-                    return event
-            raise AssertionError("the event stream ended")
-
-        return await asyncio.wait_for(first_end(), timeout)
+        """Waits for the session's current plan to end; returns the event that ended it
+        (`plan_completed`, `plan_failed` or `plan_cancelled`), at once if it already has.
+        Reads the log's last batch and what follows, never the whole log. Raises
+        `asyncio.TimeoutError` after `timeout` seconds."""
+        check_token(session, "session")
+        return await asyncio.wait_for(events.until_end(self.js, self.subjects, session), timeout)
 
     def questions(
         self, session: str = "*", *, include_open: bool = True

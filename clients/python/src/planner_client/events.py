@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.js.errors
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
@@ -117,6 +117,41 @@ async def watch(
             msg = await sub.next_msg(timeout=None)
             for event in parse_batch(msg.data, msg.headers):
                 yield event
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may be closed already
+            pass
+
+
+async def until_end(js: JetStreamContext, subjects: Subjects, session: str) -> SessionEvent:
+    """The event that ends the session's current plan: from its last batch if that ended it,
+    else the next one that does.
+
+    Reads the log's last message, then follows from just after it: never the whole log. A
+    replay from the start carries every result the session ever had; two hundred sessions with
+    ~1 MB logs waited on at once left a quarter of them unseen for two minutes
+    (`scripts/owner_kill.py`), though every log ended with `plan_completed`.
+    """
+    try:
+        last = await js.get_last_msg(subjects.events_stream, subjects.events(session))
+    except nats.js.errors.NotFoundError:
+        last = None
+    if last is not None and last.data is not None:
+        for event in reversed(parse_batch(last.data, last.headers)):
+            if event.ends_plan:
+                return event
+    after = last.seq if last is not None and last.seq is not None else 0
+    sub = await js.subscribe(
+        subjects.events(session), stream=subjects.events_stream, ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+    )
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            for event in parse_batch(msg.data, msg.headers):
+                if event.ends_plan:
+                    return event
     finally:
         try:
             await sub.unsubscribe()
