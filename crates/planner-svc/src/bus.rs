@@ -1,14 +1,16 @@
 //! Publishers: where outgoing messages go.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::RequestErrorKind;
+use async_nats::StatusCode;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures::StreamExt as _;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
 use crate::engine::{Confirmation, Outgoing, Publisher};
@@ -29,12 +31,17 @@ pub struct NatsPublisher {
     offers: Option<Arc<Offers>>,
 }
 
-/// Offering dispatches (docs/protocol.md, "Offers"): a core request on
-/// `{p}.offer.{kind}.{target}` answered by the executor that claimed the attempt. A dispatch
-/// taken that way never touches the dispatch stream: one durable write and one hop less per
-/// task. Anything but `taken` or `stopped` (no executor listens, none had a free slot, no
-/// answer in time, an answer that does not parse) sends it to the stream as before; a second
-/// delivery is harmless, the claim fences it.
+/// Offering dispatches (docs/protocol.md, "Offers"): a core message on
+/// `{p}.offer.{kind}.{target}` whose reply subject is this publisher's own inbox, answered by
+/// the executor's claim (handled here: [`Publisher::claim_answered`]) or by the executor. A
+/// dispatch taken that way never touches the dispatch stream: one durable write and one hop
+/// less per task. Anything but a claim, `taken` or `stopped` (no executor listens, none had a
+/// free slot, no answer in time, an answer that does not parse, a daemon shutting down) sends
+/// it to the stream as before; a second delivery is harmless, the claim fences it.
+///
+/// The inbox is ours, not async-nats' request multiplexer: an offer settled by its claim gets
+/// no reply, and the multiplexer keeps a request's entry until its reply comes, so every
+/// offer taken leaked one (about 1 MB a second at 10,000 tasks a second).
 #[derive(Debug)]
 struct Offers {
     /// How long an offer waits for its answer: longer than an executor's claim (5 s), so an
@@ -43,9 +50,61 @@ struct Offers {
     /// Offer subjects nobody listened on lately, until when they are not offered to: without
     /// it every dispatch for executors that do not take offers would cost a round trip.
     unheard: Mutex<HashMap<String, Instant>>,
-    /// Offers waiting for their answer, by dispatch id: the claim, handled here, answers them
-    /// ([`Publisher::claim_answered`]), so executors need not.
-    waiting: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    /// Where answers come: `{inbox}.{token}`, one subscription for every offer.
+    inbox: String,
+    next_token: AtomicU64,
+    waiting: Mutex<Waiting>,
+    /// Set when the daemon stops: no new offers, and those waiting go to the stream at once
+    /// (the claims that would answer them are no longer served).
+    stopped: AtomicBool,
+}
+
+/// Offers waiting for their answer, by token (an answer's subject) and by dispatch id (a
+/// claim's attempt).
+#[derive(Debug, Default)]
+struct Waiting {
+    by_token: HashMap<u64, (String, oneshot::Sender<Answer>)>,
+    by_dispatch: HashMap<String, u64>,
+}
+
+impl Waiting {
+    fn insert(&mut self, token: u64, id: &str, answered: oneshot::Sender<Answer>) {
+        // A dispatch offered again (the outbox does not offer, but a batch could name it
+        // twice): the newer offer is the one a claim answers.
+        if let Some(older) = self.by_dispatch.insert(id.to_owned(), token) {
+            self.by_token.remove(&older);
+        }
+        self.by_token.insert(token, (id.to_owned(), answered));
+    }
+
+    fn take_token(&mut self, token: u64) -> Option<oneshot::Sender<Answer>> {
+        let (id, answered) = self.by_token.remove(&token)?;
+        if self.by_dispatch.get(&id) == Some(&token) {
+            self.by_dispatch.remove(&id);
+        }
+        Some(answered)
+    }
+
+    fn take_dispatch(&mut self, id: &str) -> Option<oneshot::Sender<Answer>> {
+        let token = self.by_dispatch.remove(id)?;
+        self.by_token.remove(&token).map(|(_, answered)| answered)
+    }
+
+    fn len(&self) -> usize {
+        self.by_token.len()
+    }
+}
+
+/// How an offer was answered.
+#[derive(Debug)]
+enum Answer {
+    /// Its attempt's claim was answered here.
+    Claimed,
+    /// A message came to its reply subject: an executor's answer, or the server's
+    /// no-responders status.
+    Replied(async_nats::Message),
+    /// The daemon is stopping.
+    Stopped,
 }
 
 /// How long a subject nobody listened on is not offered to: short, because executors that
@@ -62,18 +121,61 @@ impl Offers {
         })
     }
 
-    /// Notes an offer of `id` waiting for its claim; what resolves when the claim is answered.
-    fn wait_for_claim(&self, id: &str) -> tokio::sync::oneshot::Receiver<()> {
-        let (answered, answer) = tokio::sync::oneshot::channel();
+    /// Notes an offer of dispatch `id`: its reply subject, and what resolves when it is answered.
+    fn wait(&self, id: &str) -> (String, oneshot::Receiver<Answer>) {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let (answered, answer) = oneshot::channel();
         if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id.to_owned(), answered);
+            waiting.insert(token, id, answered);
         }
-        answer
+        (format!("{}.{token}", self.inbox), answer)
     }
 
-    fn forget(&self, id: &str) {
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.remove(id);
+    fn answer_reply(&self, message: async_nats::Message) {
+        let token = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(|token| token.parse::<u64>().ok());
+        let answered = token.and_then(|token| {
+            self.waiting
+                .lock()
+                .ok()
+                .and_then(|mut waiting| waiting.take_token(token))
+        });
+        // None: an answer after the claim's, or after the timeout; nothing waits for it.
+        if let Some(answered) = answered {
+            let _ = answered.send(Answer::Replied(message));
+        }
+    }
+
+    fn answer_claim(&self, id: &str) {
+        let answered = self
+            .waiting
+            .lock()
+            .ok()
+            .and_then(|mut waiting| waiting.take_dispatch(id));
+        if let Some(answered) = answered {
+            let _ = answered.send(Answer::Claimed);
+        }
+    }
+
+    /// Forgets an offer no longer waited for (timed out, or not sent).
+    fn forget(&self, reply: &str) {
+        let token = reply.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
+        if let (Some(token), Ok(mut waiting)) = (token, self.waiting.lock()) {
+            waiting.take_token(token);
+        }
+    }
+
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let waiting = self.waiting.lock().map(|mut w| std::mem::take(&mut *w));
+        if let Ok(waiting) = waiting {
+            for (_, answered) in waiting.by_token.into_values() {
+                let _ = answered.send(Answer::Stopped);
+            }
         }
     }
 
@@ -105,13 +207,48 @@ impl NatsPublisher {
     }
 
     /// Offers each dispatch to an idle executor first, waiting up to `timeout` for the answer.
-    pub fn offering(mut self, timeout: Duration) -> Self {
-        self.offers = Some(Arc::new(Offers {
+    /// Subscribes to the publisher's answer inbox, read until the connection closes.
+    pub async fn offering(mut self, timeout: Duration) -> anyhow::Result<Self> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|error| anyhow::anyhow!("subscribing to the offers' answer inbox: {error}"))?;
+        let offers = Arc::new(Offers {
             timeout,
             unheard: Mutex::default(),
+            inbox,
+            next_token: AtomicU64::new(0),
             waiting: Mutex::default(),
-        }));
-        self
+            stopped: AtomicBool::new(false),
+        });
+        let reader = Arc::clone(&offers);
+        tokio::spawn(async move {
+            while let Some(message) = answers.next().await {
+                reader.answer_reply(message);
+            }
+            // The connection is closing: nothing will answer those still waiting.
+            reader.stop();
+        });
+        self.offers = Some(offers);
+        Ok(self)
+    }
+
+    /// Stops offering: offers still waiting for an answer go to the stream now, later
+    /// dispatches straight there. For a daemon that stops serving claims.
+    pub fn stop_offering(&self) {
+        if let Some(offers) = &self.offers {
+            offers.stop();
+        }
+    }
+
+    /// Offers waiting for an answer.
+    pub fn offers_waiting(&self) -> usize {
+        self.offers
+            .as_ref()
+            .and_then(|offers| offers.waiting.lock().ok().map(|w| w.len()))
+            .unwrap_or(0)
     }
 
     /// Sends `messages`; dispatches are offered first when `offer` (and offers are on).
@@ -143,63 +280,82 @@ impl NatsPublisher {
                     }
                     let payload = json(task);
                     let id = dispatch_id(&task.session, &a.task_id, a.attempt);
-                    let offers = self.offers.as_ref().filter(|_| offer);
-                    let offer_subject = self.subjects.offer(a.kind, &a.target);
-                    if let Some(offers) = offers.filter(|o| o.heard(&offer_subject)) {
-                        let publisher = self.clone();
+                    let offering = self
+                        .offers
+                        .as_ref()
+                        .filter(|o| offer && !o.stopped.load(Ordering::Relaxed))
+                        .and_then(|offers| {
+                            let subject = self.subjects.offer(a.kind, &a.target);
+                            offers.heard(&subject).then_some((offers, subject))
+                        });
+                    if let Some((offers, offer_subject)) = offering {
+                        let (client, jetstream) = (self.client.clone(), self.jetstream.clone());
                         let offers = Arc::clone(offers);
                         let offered = async move {
-                            let request = async_nats::Request::new()
-                                .headers(headers.clone())
-                                .payload(payload.clone())
-                                .timeout(Some(offers.timeout));
-                            let claimed = offers.wait_for_claim(&id);
-                            let asked = publisher
-                                .client
-                                .send_request(offer_subject.clone(), request);
-                            let answer = tokio::select! {
-                                answer = asked => answer,
-                                Ok(()) = claimed => {
+                            let (reply, answer) = offers.wait(&id);
+                            let sent = client
+                                .publish_with_reply_and_headers(
+                                    offer_subject.clone(),
+                                    reply.clone(),
+                                    headers.clone(),
+                                    payload.clone(),
+                                )
+                                .await;
+                            let answer = match sent {
+                                Ok(()) => tokio::time::timeout(offers.timeout, answer)
+                                    .await
+                                    .ok()
+                                    .and_then(Result::ok),
+                                Err(error) => {
+                                    tracing::debug!(%error, subject = %offer_subject, "offer not sent; the dispatch goes to the stream");
+                                    None
+                                }
+                            };
+                            match answer {
+                                Some(Answer::Claimed) => {
                                     crate::metrics::offered("claimed");
                                     return Ok(());
                                 }
-                            };
-                            offers.forget(&id);
-                            match answer
-                                .map(|reply| serde_json::from_slice::<OfferReply>(&reply.payload))
-                            {
-                                Ok(Ok(OfferReply::Taken)) => {
-                                    crate::metrics::offered("taken");
-                                    return Ok(());
-                                }
-                                Ok(Ok(OfferReply::Stopped)) => {
-                                    crate::metrics::offered("stopped");
-                                    return Ok(());
-                                }
-                                Ok(Ok(OfferReply::Declined)) => crate::metrics::offered("declined"),
-                                Ok(Err(error)) => {
-                                    tracing::warn!(%error, subject = %offer_subject, "an offer's answer is not an offer reply; the dispatch goes to the stream");
-                                    crate::metrics::offered("unanswered");
-                                }
-                                Err(error) if error.kind() == RequestErrorKind::NoResponders => {
+                                Some(Answer::Replied(message))
+                                    if message.status == Some(StatusCode::NO_RESPONDERS) =>
+                                {
                                     offers.not_heard(&offer_subject);
                                     crate::metrics::offered("unheard");
                                 }
-                                Err(error) => {
-                                    tracing::debug!(%error, subject = %offer_subject, "offer not answered; the dispatch goes to the stream");
+                                Some(Answer::Replied(message)) => {
+                                    match serde_json::from_slice::<OfferReply>(&message.payload) {
+                                        Ok(OfferReply::Taken) => {
+                                            crate::metrics::offered("taken");
+                                            return Ok(());
+                                        }
+                                        Ok(OfferReply::Stopped) => {
+                                            crate::metrics::offered("stopped");
+                                            return Ok(());
+                                        }
+                                        Ok(OfferReply::Declined) => {
+                                            crate::metrics::offered("declined")
+                                        }
+                                        Err(error) => {
+                                            tracing::warn!(%error, subject = %offer_subject, "an offer's answer is not an offer reply; the dispatch goes to the stream");
+                                            crate::metrics::offered("unanswered");
+                                        }
+                                    }
+                                }
+                                Some(Answer::Stopped) => crate::metrics::offered("shutdown"),
+                                None => {
+                                    offers.forget(&reply);
+                                    tracing::debug!(subject = %offer_subject, "offer not answered; the dispatch goes to the stream");
                                     crate::metrics::offered("unanswered");
                                 }
                             }
-                            publisher
-                                .stream(subject, headers, payload, id)
+                            stream(&jetstream, subject, headers, payload, id)
                                 .await?
                                 .await?;
                             Ok(())
                         };
                         confirmations.push(Box::pin(offered.instrument(span)));
                     } else {
-                        let sent = self
-                            .stream(subject, headers, payload, id)
+                        let sent = stream(&self.jetstream, subject, headers, payload, id)
                             .instrument(span)
                             .await?;
                         confirmations.push(Box::pin(async move {
@@ -254,23 +410,21 @@ impl NatsPublisher {
             Ok(())
         }))
     }
+}
 
-    /// Publishes a dispatch to the stream; what it returns resolves with JetStream's ack.
-    async fn stream(
-        &self,
-        subject: String,
-        headers: async_nats::HeaderMap,
-        payload: Bytes,
-        id: String,
-    ) -> anyhow::Result<jetstream::context::PublishAckFuture> {
-        let mut publish = PublishMessage::build().payload(payload).message_id(id);
-        for (name, values) in headers.iter() {
-            for value in values {
-                publish = publish.header(name.clone(), value.clone());
-            }
-        }
-        Ok(self.jetstream.send_publish(subject, publish).await?)
-    }
+/// Publishes a dispatch to the stream; what it returns resolves with JetStream's ack.
+async fn stream(
+    jetstream: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+    id: String,
+) -> anyhow::Result<jetstream::context::PublishAckFuture> {
+    let publish = PublishMessage::build()
+        .payload(payload)
+        .headers(headers)
+        .message_id(id);
+    Ok(jetstream.send_publish(subject, publish).await?)
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Bytes {
@@ -281,13 +435,7 @@ fn json<T: serde::Serialize>(value: &T) -> Bytes {
 impl Publisher for NatsPublisher {
     fn claim_answered(&self, session: &str, task_id: &planner_core::TaskId, attempt: u32) {
         if let Some(offers) = &self.offers {
-            let taken =
-                offers.waiting.lock().ok().and_then(|mut waiting| {
-                    waiting.remove(&dispatch_id(session, task_id, attempt))
-                });
-            if let Some(answered) = taken {
-                let _ = answered.send(());
-            }
+            offers.answer_claim(&dispatch_id(session, task_id, attempt));
         }
     }
 
@@ -351,4 +499,37 @@ pub async fn pull_messages(
         .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offer_answered_either_way_leaves_nothing_waiting() {
+        let mut waiting = Waiting::default();
+        let (claimed, _a) = oneshot::channel();
+        let (replied, _b) = oneshot::channel();
+        waiting.insert(1, "s.a.1", claimed);
+        waiting.insert(2, "s.b.1", replied);
+        assert!(waiting.take_dispatch("s.a.1").is_some());
+        assert!(waiting.take_token(2).is_some());
+        assert_eq!(waiting.len(), 0);
+        assert!(waiting.by_dispatch.is_empty());
+        // An answer after the claim's finds nothing.
+        assert!(waiting.take_token(1).is_none());
+    }
+
+    #[test]
+    fn a_dispatch_offered_again_is_answered_by_its_newer_offer() {
+        let mut waiting = Waiting::default();
+        let (older, _a) = oneshot::channel();
+        let (newer, _b) = oneshot::channel();
+        waiting.insert(1, "s.a.1", older);
+        waiting.insert(2, "s.a.1", newer);
+        assert_eq!(waiting.len(), 1);
+        assert!(waiting.take_token(1).is_none());
+        assert!(waiting.take_dispatch("s.a.1").is_some());
+        assert_eq!(waiting.len(), 0);
+    }
 }

@@ -290,7 +290,7 @@ fn describe() {
     );
     c!(
         "planner_dispatch_offers_total",
-        "Dispatches offered to an executor before the stream, by outcome (claimed, taken, stopped, declined, unheard, unanswered)."
+        "Dispatches offered to an executor before the stream, by outcome (claimed, taken, stopped, declined, unheard, unanswered, shutdown)."
     );
     c!(
         "planner_commands_total",
@@ -630,8 +630,8 @@ pub fn publish_failed() {
 
 /// A dispatch offered to an executor, by what became of the offer: `claimed` (its claim was
 /// answered here), `taken` and `stopped` (answered so by the executor), `declined`,
-/// `unheard` (nobody listens on its subject) or `unanswered`; the last three send it to the
-/// stream.
+/// `unheard` (nobody listens on its subject), `unanswered` or `shutdown` (the daemon stopped
+/// while it waited); the last four send it to the stream.
 pub fn offered(outcome: &'static str) {
     count(
         "planner_dispatch_offers_total",

@@ -516,7 +516,9 @@ async fn run_with<S: EventStore>(
     };
     let mut publisher = NatsPublisher::new(client.clone(), subjects.clone());
     if config.dispatch.offers {
-        publisher = publisher.offering(Duration::from_millis(config.dispatch.offer_timeout_ms));
+        publisher = publisher
+            .offering(Duration::from_millis(config.dispatch.offer_timeout_ms))
+            .await?;
     }
     if ownership.enabled {
         publisher = publisher.owned_by(instance.clone());
@@ -545,7 +547,8 @@ async fn run_with<S: EventStore>(
     if ownership.enabled {
         engine_config.scope = Some(Arc::clone(&partitions));
     }
-    let (engine, timers) = Engine::new(Arc::new(store), Arc::new(publisher), engine_config);
+    let publisher = Arc::new(publisher);
+    let (engine, timers) = Engine::new(Arc::new(store), Arc::clone(&publisher), engine_config);
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
@@ -910,9 +913,17 @@ async fn run_with<S: EventStore>(
         let _ = admin.stop().await;
         let _ = admin_ownership.stop().await;
         let _ = forwarded.unsubscribe().await;
+        // Claims are no longer served: offers waiting for one go to the stream now.
+        publisher.stop_offering();
         token.cancel();
         tracker.close();
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        let confirmations = engine.confirmations().clone();
+        confirmations.close();
+        let settled = async {
+            tracker.wait().await;
+            confirmations.wait().await;
+        };
+        if tokio::time::timeout(grace, settled).await.is_err() {
             tracing::warn!(
                 ?grace,
                 "in-flight work did not finish within the grace period"

@@ -314,7 +314,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                                 }
                             }
                         };
-                        tokio::spawn(confirmed.in_current_span());
+                        self.confirmations.spawn(confirmed.in_current_span());
                     }
                     tracing::debug!(version, events = events.len(), "persisted and published");
                     let handled = Handled {

@@ -127,6 +127,9 @@ pub struct Engine<S, P> {
     /// Sessions whose publish failed since the outbox last retried them (each also has
     /// `unpublished` set, which keeps it in memory until then).
     unpublished: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// The tasks awaiting the bus's confirmation of what was sent (JetStream acks, offers'
+    /// answers), for a stop to wait for ([`Engine::confirmations`]).
+    confirmations: tokio_util::task::TaskTracker,
 }
 
 /// Counters of what sessions cost: loads from the store and lost races. With sessions routed
@@ -169,8 +172,16 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             stats: Stats::default(),
             observers: tokio::sync::broadcast::channel(observe::OBSERVER_CAPACITY).0,
             unpublished: Arc::default(),
+            confirmations: tokio_util::task::TaskTracker::new(),
         });
         (engine, TimerLoop::new(rx))
+    }
+
+    /// The tasks awaiting confirmations of what was sent: a daemon that stops waits for them
+    /// (after it stopped offering, so none waits for a claim no longer served), else a
+    /// dispatch offered just before the stop waited for the next owner's recovery.
+    pub fn confirmations(&self) -> &tokio_util::task::TaskTracker {
+        &self.confirmations
     }
 
     /// The store.

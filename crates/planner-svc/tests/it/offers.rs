@@ -97,6 +97,62 @@ async fn an_offer_nobody_answers_goes_to_the_stream_after_the_timeout() {
     daemon.stop().await;
 }
 
+/// An offer nobody subscribes to is answered by the server's no-responders status: the
+/// dispatch reaches the stream at once, not after the offer timeout (a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_nobody_listens_to_goes_to_the_stream_at_once() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offer_timeout_ms = 60_000;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // Stream-only executors: nothing listens on the offer subjects.
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let started = Instant::now();
+    command(&client, "s-unheard", plan(&[("a", &[]), ("b", &["a"])])).await;
+    let events = wait_for_end(&store(&server.url()).await, "s-unheard").await;
+    assert!(completed(&events));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the dispatches waited for the offer timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stored_dispatches(&client).await, 2);
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    daemon.stop().await;
+}
+
+/// A daemon that stops while an offer waits for its answer sends the dispatch to the stream
+/// before it exits, instead of leaving it to the next owner's recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_sends_offers_still_waiting_to_the_stream() {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offer_timeout_ms = 60_000;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    // Takes offers and never answers them.
+    let mut swallowed = client.subscribe("planner.offer.>").await.unwrap();
+    command(&client, "s-stopping", plan(&[("a", &[])])).await;
+    let offer = tokio::time::timeout(Duration::from_secs(10), swallowed.next())
+        .await
+        .expect("the dispatch was offered");
+    assert!(offer.is_some());
+    assert_eq!(stored_dispatches(&client).await, 0, "still only offered");
+    let stopping = Instant::now();
+    daemon.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "the stop waited for the offer timeout: {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        stored_dispatches(&client).await,
+        1,
+        "the offer still waiting at the stop went to the stream"
+    );
+}
+
 /// Declined offers, and answers that are not offer replies, send the dispatch to the stream
 /// at once: the plan does not wait out the offer timeout (a minute here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
