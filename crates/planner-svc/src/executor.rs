@@ -187,65 +187,131 @@ pub async fn run_pool(
                 (delivery, m.payload, m.headers)
             }
         };
-        let task: TaskMessage = match serde_json::from_slice(&payload) {
-            Ok(task) => task,
-            Err(error) => {
-                tracing::warn!(%error, "not a task message; terminating it");
-                delivery.refuse().await;
-                continue;
-            }
+        let Some(task) = readable(&delivery, &payload).await else {
+            continue;
         };
         // A stream message waits for a slot here (the consumer's max_ack_pending bounds how
-        // many wait). An offer takes a slot free now, or waits for one in its own task while
-        // fewer than `concurrency` offers wait (answered once claimed: the planner's offer
-        // timeout bounds the wait); past that it is declined, and the planner sends it to the
-        // stream at once. Declining whenever every slot was busy sent a fifth of the
-        // dispatches of a saturated load generator run to the stream after all.
+        // many wait), still taking offers meanwhile: a loop that only awaited the slot left
+        // them unread until their timeout sent them to the stream. An offer takes a slot free
+        // now, or waits for one in its own task while fewer than `concurrency` offers wait
+        // (answered once claimed: the planner's offer timeout bounds the wait); past that it
+        // is declined, and the planner sends it to the stream at once. Declining whenever
+        // every slot was busy sent a fifth of the dispatches of a saturated load generator
+        // run to the stream after all.
         let slot = match &delivery {
-            Delivery::Stream(_) => match Arc::clone(&slots).acquire_owned().await {
-                Ok(permit) => Slot::Held(permit),
-                Err(_) => return Ok(()),
-            },
-            Delivery::Offer { .. } => match Arc::clone(&slots).try_acquire_owned() {
-                Ok(permit) => Slot::Held(permit),
-                Err(_) => match Arc::clone(&backlog).try_acquire_owned() {
-                    Ok(waiting) => Slot::Awaited(waiting),
-                    Err(_) => {
-                        delivery.decline().await;
-                        continue;
+            Delivery::Stream(_) => {
+                let acquired = Arc::clone(&slots).acquire_owned();
+                tokio::pin!(acquired);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return Ok(()),
+                        permit = &mut acquired => match permit {
+                            Ok(permit) => break Slot::Held(permit),
+                            Err(_) => return Ok(()),
+                        },
+                        Some(m) = next_offer(&mut offers) => {
+                            let offer = Delivery::Offer { client: client.clone(), reply: m.reply };
+                            let Some(task) = readable(&offer, &m.payload).await else {
+                                continue;
+                            };
+                            if let Some(slot) = offer_slot(&offer, &slots, &backlog).await {
+                                seed += 1;
+                                start(&pool, &slots, offer, task, m.headers, slot, seed, options.behaviour);
+                            }
+                        }
                     }
-                },
+                }
+            }
+            Delivery::Offer { .. } => match offer_slot(&delivery, &slots, &backlog).await {
+                Some(slot) => slot,
+                None => continue,
             },
         };
-        pool.observer.dispatched(&task, Instant::now());
         seed += 1;
-        let executor = SimExecutor::new(options.behaviour, seed);
-        // The claim, the heartbeats and the report carry the dispatch's trace context on when
-        // the trace is sampled (recorded somewhere): one request, one trace, one tree of
-        // spans. For an unsampled one the header would only cost the bus: the planner handles
-        // a message of the attempt that carries none in the trace it dispatched it in.
-        let trace = headers
-            .as_ref()
-            .and_then(|h| h.get(crate::trace::HEADER))
-            .map(|v| v.as_str().to_owned())
-            .filter(|value| crate::trace::sampled(value));
-        let owner = owner_of(headers.as_ref());
-        let (pool, slots) = (Arc::clone(&pool), Arc::clone(&slots));
-        tokio::spawn(async move {
-            let permit = match slot {
-                Slot::Held(permit) => permit,
-                Slot::Awaited(waiting) => {
-                    let Ok(permit) = slots.acquire_owned().await else {
-                        return;
-                    };
-                    drop(waiting);
-                    permit
-                }
-            };
-            pool.run(delivery, task, executor, trace, owner).await;
-            drop(permit);
-        });
+        start(
+            &pool,
+            &slots,
+            delivery,
+            task,
+            headers,
+            slot,
+            seed,
+            options.behaviour,
+        );
     }
+}
+
+/// The dispatch a delivery carries; one that is not a task message is refused (and `None`).
+async fn readable(delivery: &Delivery, payload: &[u8]) -> Option<TaskMessage> {
+    match serde_json::from_slice(payload) {
+        Ok(task) => Some(task),
+        Err(error) => {
+            tracing::warn!(%error, "not a task message; refusing it");
+            delivery.refuse().await;
+            None
+        }
+    }
+}
+
+/// An offer's slot: one free now, else a place among the offers waiting for one; with
+/// neither, the offer is declined (and `None`).
+async fn offer_slot(
+    offer: &Delivery,
+    slots: &Arc<Semaphore>,
+    backlog: &Arc<Semaphore>,
+) -> Option<Slot> {
+    match Arc::clone(slots).try_acquire_owned() {
+        Ok(permit) => Some(Slot::Held(permit)),
+        Err(_) => match Arc::clone(backlog).try_acquire_owned() {
+            Ok(waiting) => Some(Slot::Awaited(waiting)),
+            Err(_) => {
+                offer.decline().await;
+                None
+            }
+        },
+    }
+}
+
+/// Runs a delivery's attempt in a task of its own, once it holds a slot.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    pool: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    delivery: Delivery,
+    task: TaskMessage,
+    headers: Option<async_nats::HeaderMap>,
+    slot: Slot,
+    seed: u64,
+    behaviour: SimBehaviour,
+) {
+    pool.observer.dispatched(&task, Instant::now());
+    let executor = SimExecutor::new(behaviour, seed);
+    // The claim, the heartbeats and the report carry the dispatch's trace context on when
+    // the trace is sampled (recorded somewhere): one request, one trace, one tree of
+    // spans. For an unsampled one the header would only cost the bus: the planner handles
+    // a message of the attempt that carries none in the trace it dispatched it in.
+    let trace = headers
+        .as_ref()
+        .and_then(|h| h.get(crate::trace::HEADER))
+        .map(|v| v.as_str().to_owned())
+        .filter(|value| crate::trace::sampled(value));
+    let owner = owner_of(headers.as_ref());
+    let (pool, slots) = (Arc::clone(pool), Arc::clone(slots));
+    tokio::spawn(async move {
+        let permit = match slot {
+            Slot::Held(permit) => permit,
+            Slot::Awaited(waiting) => {
+                let Ok(permit) = slots.acquire_owned().await else {
+                    return;
+                };
+                drop(waiting);
+                permit
+            }
+        };
+        pool.run(delivery, task, executor, trace, owner).await;
+        drop(permit);
+    });
 }
 
 /// A delivery's place among the pool's running attempts.

@@ -253,3 +253,48 @@ async fn a_batchs_offers_go_out_together_and_those_past_the_pools_room_reach_the
     pool.await.unwrap().unwrap();
     daemon.stop().await;
 }
+
+/// While a stream message waits for a slot, the pool still reads offers: one it has no room
+/// for is declined at once (and reaches the stream), not left unread until the offer timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_waiting_for_a_slot_still_answers_offers() {
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let (pool, stop) = start_pool_with(
+        &client,
+        "one-slot",
+        1,
+        Duration::from_secs(2),
+        Arc::new(planner_svc::executor::NoObserver),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // x takes the slot, y waits among the offers, z is declined: the stream's copy of z is
+    // then what the pool's loop waits for a slot for.
+    command(
+        &client,
+        "s-busy",
+        plan(&[("x", &[]), ("y", &[]), ("z", &[])]),
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while stored_dispatches(&client).await < 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored_dispatches(&client).await, 1, "z was declined");
+    let sent = Instant::now();
+    command(&client, "s-later", plan(&[("a", &[])])).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while stored_dispatches(&client).await < 2 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored_dispatches(&client).await, 2, "a reached the stream");
+    assert!(
+        sent.elapsed() < Duration::from_millis(1500),
+        "the offer of a was answered only after {:?}: unread while the pool waited for a slot",
+        sent.elapsed()
+    );
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
