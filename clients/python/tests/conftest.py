@@ -138,7 +138,7 @@ async def planner(nats_url: str, tmp_path: Path) -> AsyncIterator[Planner]:
         # Every context is then left out of the dispatches and comes with the claim's grant,
         # the path large contexts take (docs/protocol.md): the tests' handlers see it there.
         "PLANNER_DISPATCH__INLINE_CONTEXT_BYTES": "8",
-        # Offers are opt-in (docs/protocol.md, "Offers"); the client's tests cover them.
+        # The default, said here (docs/protocol.md, "Offers"): the client's tests cover them.
         "PLANNER_DISPATCH__OFFERS": "true",
         "RUST_LOG": "info",
         "NO_COLOR": "1",

@@ -366,7 +366,7 @@ async fn main() -> anyhow::Result<()> {
     let mut daemons = Daemons(Vec::new());
     for _ in 0..instances {
         let daemon = Command::new(&daemon_bin)
-            // Offers are opt-in in the daemon; the load generator measures them unless told not.
+            // Said explicitly, so a run measures what its flags say whatever the default.
             .args([
                 "--set",
                 if args.no_offers {

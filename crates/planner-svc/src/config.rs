@@ -360,7 +360,7 @@ pub struct DispatchConfig {
     /// Offer each dispatch to an idle executor over core NATS before the stream
     /// (docs/protocol.md, "Offers"): an executor that takes it claims at once, and the dispatch
     /// is never written to the stream. Executors that do not listen for offers get dispatches
-    /// from the stream as before. Off by default: not yet safe when an instance dies mid-run.
+    /// from the stream as before. On by default.
     pub offers: bool,
     /// How long an offer waits for its answer before the dispatch goes to the stream, in
     /// milliseconds: above an executor's claim timeout (5 s in the shipped pool and client).
@@ -378,10 +378,7 @@ impl Default for DispatchConfig {
             stream_name: "PLANNER_TASKS".into(),
             duplicate_window_s: 3_600,
             replicas: 1,
-            // Opt-in until a planner instance killed mid-run no longer leaves sessions stuck
-            // with offers on (scripts/owner_kill.py: 83-121 of 200 sessions did not complete
-            // in 120 s with offers, all 200 in 19 s without).
-            offers: false,
+            offers: true,
             offer_timeout_ms: 6_000,
             inline_context_bytes: 1_024,
         }

@@ -31,7 +31,7 @@ pub fn config(server: &NatsServer) -> Config {
     config.metrics.listen = String::new();
     // The metrics recorder is one per process: only the test of the background check runs it.
     config.metrics.check_interval_s = 0;
-    // Offers are opt-in; the suite runs with them (tests of the stream path turn them off).
+    // The default, said here: tests of the stream path turn them off.
     config.dispatch.offers = true;
     config
 }
