@@ -289,18 +289,24 @@ impl NatsPublisher {
                             offers.heard(&subject).then_some((offers, subject))
                         });
                     if let Some((offers, offer_subject)) = offering {
-                        let (client, jetstream) = (self.client.clone(), self.jetstream.clone());
+                        // Sent now, in order with the batch's other messages; only its
+                        // answer is awaited in the confirmation. (Sent when the confirmation
+                        // was first polled, every offer waited for the driver's spawned task
+                        // to be scheduled: one more hop on each task's critical path.)
+                        let (reply, answer) = offers.wait(&id);
+                        let sent = self
+                            .client
+                            .publish_with_reply_and_headers(
+                                offer_subject.clone(),
+                                reply.clone(),
+                                headers.clone(),
+                                payload.clone(),
+                            )
+                            .instrument(span.clone())
+                            .await;
+                        let jetstream = self.jetstream.clone();
                         let offers = Arc::clone(offers);
                         let offered = async move {
-                            let (reply, answer) = offers.wait(&id);
-                            let sent = client
-                                .publish_with_reply_and_headers(
-                                    offer_subject.clone(),
-                                    reply.clone(),
-                                    headers.clone(),
-                                    payload.clone(),
-                                )
-                                .await;
                             let answer = match sent {
                                 Ok(()) => tokio::time::timeout(offers.timeout, answer)
                                     .await
@@ -399,9 +405,9 @@ impl NatsPublisher {
                 }
             }
         }
-        // Together, not one after another: an offer is sent when its future is first polled,
-        // and resolves only once an executor claimed it (a batch's second offer waited for
-        // the first task's claim, its third for the second's, ...).
+        // Together, not one after another: an offer resolves only once an executor claimed
+        // it (awaited in turn, a batch's second offer's answer waited for the first task's
+        // claim, its third for the second's, ...).
         // Every one to its end (an offer's entry in `waiting` goes with it), then the first
         // failure, if any.
         Ok(Box::pin(async move {

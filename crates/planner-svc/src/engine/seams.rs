@@ -31,9 +31,8 @@ pub trait Publisher: Send + Sync + 'static {
     /// driver sends under the session's lock (so a session's messages leave in order) and
     /// waits for the confirmation in a task of its own (it guards no order: a dispatch that is
     /// not acknowledged is re-published by the outbox sweep). A confirmation may wait for an
-    /// executor's claim (an offered dispatch), and an offer leaves only when its confirmation
-    /// is first polled, just after the lock is released: after the batch's other messages
-    /// (harmless: a claim of a cancelled or superseded attempt is refused). By default,
+    /// executor's claim (an offered dispatch; the offer itself leaves here, in order, and the
+    /// claim that answers it waits for the lock to be released). By default,
     /// [`Publisher::publish`] and an already resolved confirmation.
     fn send(
         &self,
