@@ -5,10 +5,14 @@ dispatch reaches it through the stream."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+import nats
 import pytest
 from conftest import events_until_end, serving
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import RetentionPolicy
 
 from planner_client import Client, Executor, TaskContext, TaskMessage
 
@@ -109,3 +113,45 @@ async def test_an_offer_is_not_held_behind_an_idle_fetch(
     assert events[-1].type == "plan_completed", [e.type for e in events]
     assert runs == [f"t{i}" for i in range(5)]
     assert took < 1.5, f"five 10 ms tasks took {took:.2f} s"
+
+
+async def test_an_offers_claim_not_answered_is_asked_again_not_declined(nats_url: str) -> None:
+    # A planner that grants the claim but whose reply is lost has settled the offer with that
+    # claim: a `declined` would reach nobody, and the attempt would wait for its heartbeat
+    # timeout. The executor asks again with the same claim id, which is granted again.
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name="PLANNER_TASKS", subjects=["planner.task.>"],
+                                    retention=RetentionPolicy.WORK_QUEUE)
+    claims: list[bytes] = []
+
+    async def planner_losing_the_first_reply(msg: Msg) -> None:
+        claims.append(msg.data)
+        if len(claims) > 1:
+            lease = json.loads(msg.data)["claim_id"]
+            await msg.respond(json.dumps({"status": "granted", "lease": lease}).encode())
+
+    await nc.subscribe("planner.claim.s-offer-lost", cb=planner_losing_the_first_reply)
+    answers = await nc.subscribe("planner.offer-answers")
+    ran = asyncio.Event()
+    executor = Executor(request_timeout=0.3, grace_period=0.5)
+
+    @executor.tool("web_search")
+    async def search(task: TaskMessage, ctx: TaskContext) -> str:
+        ran.set()
+        return "found"
+
+    task = {"session": "s-offer-lost", "task_id": "t1", "attempt": 1, "kind": "tool_call",
+            "target": "web_search", "description": "do it", "attachments": [], "inputs": [],
+            "context": {"profile": "general", "request": "do it"}}
+    try:
+        async with serving(executor, nc):
+            await nc.publish("planner.offer.tool_call.web_search", json.dumps(task).encode(),
+                             reply="planner.offer-answers")
+            await asyncio.wait_for(ran.wait(), timeout=10)
+            assert len(claims) == 2, claims
+            assert claims[0] == claims[1], "the retry is the same claim"
+            # Not answered: the claim was (`declined` would be the bug).
+            with pytest.raises(nats.errors.TimeoutError):
+                await answers.next_msg(timeout=0.2)
+    finally:
+        await nc.close()

@@ -470,12 +470,12 @@ impl Shared {
         // executor that dies before it leaves the dispatch to be delivered to another.
         let held = hold_context(&self.contexts, &mut task);
         let claim_id = claim_id(&self.pool_id, &key);
-        let tries = match delivery {
-            Delivery::Stream(_) => CLAIM_TRIES,
-            // The planner waits for the answer a little longer than one claim request.
-            Delivery::Offer { .. } => 1,
-        };
-        let lease = match claim(route, &task, &claim_id, held, trace, tries).await {
+        // An offer's claim is asked again like a stream message's: a planner that granted it
+        // but whose reply was lost has settled the offer with that claim, so declining would
+        // reach nobody and the attempt would wait out its heartbeat timeout. Asked again with
+        // the same claim id, it is granted again. (Were the planner gone, its offer times out
+        // and the dispatch reaches the stream; that copy's claim is fenced.)
+        let lease = match claim(route, &task, &claim_id, held, trace, CLAIM_TRIES).await {
             Ok(LeaseReply::Granted {
                 lease,
                 heartbeat_interval_ms,

@@ -207,12 +207,14 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
     trace = dispatch_trace if wire.sampled(dispatch_trace) else None
     route = routing.Route(routing.owner(msg.headers), rt.addressing)
     try:
-        # An offer is asked once: the planner waits for its answer a little longer than one
-        # claim request, then sends the dispatch to the stream.
+        # An offer's claim is asked again like a stream message's: a planner that granted it
+        # but whose reply was lost has settled the offer with that claim, so a `declined`
+        # would reach nobody and the attempt would wait out its heartbeat timeout. Asked
+        # again with the same claim id, it is granted again. (Were the planner gone, its offer
+        # times out and the dispatch reaches the stream; that copy's claim is fenced.)
         reply = await lease.claim(rt.nc, rt.subjects, task, rt.request_timeout,
                                   claim_id=lease.claim_id(rt.executor_id, task), trace=trace,
-                                  route=route,
-                                  tries=1 if isinstance(msg, Offer) else lease.CLAIM_TRIES)
+                                  route=route)
     except lease.NoAnswer as error:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)

@@ -298,3 +298,77 @@ async fn a_pool_waiting_for_a_slot_still_answers_offers() {
     pool.await.unwrap().unwrap();
     daemon.stop().await;
 }
+
+/// A planner that granted an offer's claim but whose reply was lost has settled the offer
+/// with that claim: the pool asks again with the same claim id (granted again) instead of
+/// declining to nobody and leaving the attempt to its heartbeat timeout. The planner here is
+/// the test, on a real server: it loses the first claim's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offers_claim_not_answered_is_asked_again_not_declined() {
+    let server = NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    async_nats::jetstream::new(client.clone())
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "PLANNER_TASKS".into(),
+            subjects: vec!["planner.task.>".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut claims = client.subscribe("planner.claim.s-lost").await.unwrap();
+    let mut results = client.subscribe("planner.result.s-lost").await.unwrap();
+    let mut answers = client.subscribe("offer-answers").await.unwrap();
+    let (pool, stop) = start_pool_with(
+        &client,
+        "lost-grant",
+        1,
+        Duration::from_millis(1),
+        Arc::new(planner_svc::executor::NoObserver),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let task = json!({"session": "s-lost", "task_id": "t1", "attempt": 1, "kind": "tool_call",
+        "target": "tool", "description": "do it", "attachments": [], "inputs": [],
+        "context": {"profile": "general", "request": "do it"}});
+    client
+        .publish_with_reply(
+            "planner.offer.tool_call.tool",
+            "offer-answers",
+            serde_json::to_vec(&task).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let wait = Duration::from_secs(15);
+    let first = tokio::time::timeout(wait, claims.next())
+        .await
+        .unwrap()
+        .unwrap();
+    // Its reply lost.
+    let second = tokio::time::timeout(wait, claims.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.payload, second.payload, "the retry is the same claim");
+    let claim: serde_json::Value = serde_json::from_slice(&second.payload).unwrap();
+    let granted = json!({"status": "granted", "lease": claim["claim_id"]});
+    client
+        .publish(
+            second.reply.unwrap(),
+            serde_json::to_vec(&granted).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(wait, results.next()).await;
+    assert!(
+        matches!(report, Ok(Some(_))),
+        "the attempt ran and reported"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), answers.next())
+            .await
+            .is_err(),
+        "the offer was answered (declined?) instead of claimed again"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), pool).await;
+}
