@@ -35,6 +35,54 @@ async fn stored_dispatches(client: &async_nats::Client) -> u64 {
     stream.info().await.unwrap().state.last_sequence
 }
 
+/// A server, a daemon whose offers wait `offer_timeout_ms` for their answer, and a client.
+async fn daemon_offering_for(offer_timeout_ms: u64) -> (NatsServer, Daemon, async_nats::Client) {
+    let server = NatsServer::start().unwrap();
+    let mut config = config(&server);
+    config.dispatch.offer_timeout_ms = offer_timeout_ms;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    (server, daemon, client)
+}
+
+/// Runs a chain of `tasks` tasks in `session` on stream-only executors and asserts that it
+/// completes well within a minute-long offer timeout, every dispatch stored in the stream and
+/// none run twice.
+async fn chain_reaches_the_stream_at_once(
+    server: &NatsServer,
+    client: &async_nats::Client,
+    session: &str,
+    tasks: usize,
+) {
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let ids: Vec<String> = (0..tasks).map(|i| format!("t{i}")).collect();
+    let deps: Vec<Vec<&str>> = (0..tasks)
+        .map(|i| {
+            if i == 0 {
+                vec![]
+            } else {
+                vec![ids[i - 1].as_str()]
+            }
+        })
+        .collect();
+    let chain: Vec<(&str, &[&str])> = ids
+        .iter()
+        .zip(&deps)
+        .map(|(id, deps)| (id.as_str(), deps.as_slice()))
+        .collect();
+    let started = Instant::now();
+    command(client, session, plan(&chain)).await;
+    let events = wait_for_end(&store(&server.url()).await, session).await;
+    assert!(completed(&events));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the dispatches waited for the offer timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stored_dispatches(client).await, tasks as u64);
+    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatches_taken_by_offer_are_never_written_to_the_stream() {
     let server = NatsServer::start().unwrap();
@@ -69,11 +117,7 @@ async fn dispatches_taken_by_offer_are_never_written_to_the_stream() {
 /// dispatch reaches the stream after `dispatch.offer_timeout_ms`, and runs once there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_nobody_answers_goes_to_the_stream_after_the_timeout() {
-    let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.dispatch.offer_timeout_ms = 300;
-    let daemon = Daemon::start(config).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (server, daemon, client) = daemon_offering_for(300).await;
     let mut swallowed = client.subscribe("planner.offer.>").await.unwrap();
     let offers = Arc::new(Mutex::new(0u32));
     let counted = Arc::clone(&offers);
@@ -101,24 +145,9 @@ async fn an_offer_nobody_answers_goes_to_the_stream_after_the_timeout() {
 /// dispatch reaches the stream at once, not after the offer timeout (a minute here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_nobody_listens_to_goes_to_the_stream_at_once() {
-    let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.dispatch.offer_timeout_ms = 60_000;
-    let daemon = Daemon::start(config).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (server, daemon, client) = daemon_offering_for(60_000).await;
     // Stream-only executors: nothing listens on the offer subjects.
-    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
-    let started = Instant::now();
-    command(&client, "s-unheard", plan(&[("a", &[]), ("b", &["a"])])).await;
-    let events = wait_for_end(&store(&server.url()).await, "s-unheard").await;
-    assert!(completed(&events));
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "the dispatches waited for the offer timeout: {:?}",
-        started.elapsed()
-    );
-    assert_eq!(stored_dispatches(&client).await, 2);
-    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    chain_reaches_the_stream_at_once(&server, &client, "s-unheard", 2).await;
     daemon.stop().await;
 }
 
@@ -126,11 +155,7 @@ async fn an_offer_nobody_listens_to_goes_to_the_stream_at_once() {
 /// before it exits, instead of leaving it to the next owner's recovery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_sends_offers_still_waiting_to_the_stream() {
-    let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.dispatch.offer_timeout_ms = 60_000;
-    let daemon = Daemon::start(config).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (_server, daemon, client) = daemon_offering_for(60_000).await;
     // Takes offers and never answers them.
     let mut swallowed = client.subscribe("planner.offer.>").await.unwrap();
     command(&client, "s-stopping", plan(&[("a", &[])])).await;
@@ -157,11 +182,7 @@ async fn a_graceful_stop_sends_offers_still_waiting_to_the_stream() {
 /// at once: the plan does not wait out the offer timeout (a minute here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_or_garbled_answer_sends_the_dispatch_to_the_stream_at_once() {
-    let server = NatsServer::start().unwrap();
-    let mut config = config(&server);
-    config.dispatch.offer_timeout_ms = 60_000;
-    let daemon = Daemon::start(config).await;
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (server, daemon, client) = daemon_offering_for(60_000).await;
     let mut offered = client.subscribe("planner.offer.>").await.unwrap();
     let answerer = client.clone();
     let responder = tokio::spawn(async move {
@@ -178,23 +199,7 @@ async fn a_declined_or_garbled_answer_sends_the_dispatch_to_the_stream_at_once()
             }
         }
     });
-    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
-    let started = Instant::now();
-    command(
-        &client,
-        "s-declined",
-        plan(&[("a", &[]), ("b", &["a"]), ("c", &["b"])]),
-    )
-    .await;
-    let events = wait_for_end(&store(&server.url()).await, "s-declined").await;
-    assert!(completed(&events));
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "the dispatches waited for the offer timeout: {:?}",
-        started.elapsed()
-    );
-    assert_eq!(stored_dispatches(&client).await, 3);
-    assert_eq!(executors.max_runs_of_one_attempt(), 1);
+    chain_reaches_the_stream_at_once(&server, &client, "s-declined", 3).await;
     responder.abort();
     daemon.stop().await;
 }
