@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -170,3 +171,26 @@ async def test_wait_for_end_waits_for_the_current_plan(nc: NatsClient, client: C
         assert second.type == "plan_completed"
         assert first.session_version is not None and second.session_version is not None
         assert second.session_version > first.session_version
+
+
+async def test_wait_for_end_sees_an_end_followed_by_other_batches(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    executor = Executor(concurrency=2)
+
+    @executor.tool("echo")
+    async def echo(task: TaskMessage, ctx: TaskContext) -> str:
+        return task.description
+
+    plan = {"tasks": [{"id": "only", "description": "one", "kind": "tool_call", "target": "echo"}]}
+    async with serving(executor, nc):
+        await client.submit(session, "a request", plan=plan)
+        first = await client.wait_for_end(session, timeout=30)
+    # A batch after the end that neither starts nor ends a plan (as a summary rewritten by an
+    # LLM after the last task is): the plan has still ended.
+    late = [{"v": 1, "event": {"type": "context_compacted", "summary": "later", "through": 1}}]
+    await nc.jetstream().publish(client.subjects.events(session), json.dumps(late).encode(),
+                                 stream=client.subjects.events_stream)
+    again = await client.wait_for_end(session, timeout=5)
+    assert again.type == "plan_completed"
+    assert again.session_version == first.session_version

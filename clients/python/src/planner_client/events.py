@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 TERMINAL_TYPES = frozenset({"plan_completed", "plan_failed", "plan_cancelled"})
 """Event types that end a plan (a follow-up request can start the session again)."""
 
+PLAN_START = "request_received"
+"""The event type that starts a plan: a session's first request or a follow-up."""
+
 
 def _variants(union_model: type[BaseModel]) -> dict[str, type[BaseModel]]:
     """Maps each `type` tag of a generated tagged union to its model class."""
@@ -125,33 +128,50 @@ async def watch(
 
 
 async def until_end(js: JetStreamContext, subjects: Subjects, session: str) -> SessionEvent:
-    """The event that ends the session's current plan: from its last batch if that ended it,
-    else the next one that does.
+    """The event that ends the session's current plan: at once if it has ended, else the next
+    one that does.
 
-    Reads the log's last message, then follows from just after it: never the whole log. A
-    replay from the start carries every result the session ever had; two hundred sessions with
-    ~1 MB logs waited on at once left a quarter of them unseen for two minutes
-    (`scripts/owner_kill.py`), though every log ended with `plan_completed`.
+    Reads the log's last message first. When that batch ends the plan (or starts one), nothing
+    before it matters, and only what follows is read: a replay from the start carries every
+    result the session ever had, and two hundred sessions with ~1 MB logs waited on at once left
+    a quarter of them unseen for two minutes (`scripts/owner_kill.py`), though every log ended
+    with `plan_completed`. Only a last batch that neither starts nor ends a plan (a summary
+    rewritten after the end, say) sends it back to the start of the log.
     """
     try:
         last = await js.get_last_msg(subjects.events_stream, subjects.events(session))
     except nats.js.errors.NotFoundError:
         last = None
+    known = last.seq if last is not None and last.seq is not None else 0
+    start = known + 1
     if last is not None and last.data is not None:
         for event in reversed(parse_batch(last.data, last.headers)):
             if event.ends_plan:
                 return event
-    after = last.seq if last is not None and last.seq is not None else 0
+            if event.type == PLAN_START:
+                break
+        else:
+            start = 1
+    ended: SessionEvent | None = None
     sub = await js.subscribe(
         subjects.events(session), stream=subjects.events_stream, ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start),
     )
     try:
         while True:
             msg = await sub.next_msg(timeout=None)
+            seq = msg.metadata.sequence.stream
+            if seq < start:
+                # An ordered consumer that restarts before its first message starts over from
+                # the log's beginning: an earlier plan's end is not this one's.
+                continue
             for event in parse_batch(msg.data, msg.headers):
                 if event.ends_plan:
-                    return event
+                    ended = event
+                elif event.type == PLAN_START:
+                    ended = None
+            if ended is not None and seq >= known:
+                return ended
     finally:
         try:
             await sub.unsubscribe()
