@@ -453,7 +453,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     if !args.no_offers {
-        wait_for_offers(&client).await?;
+        wait_for_offers(&client, &subjects).await?;
     }
 
     let total = (args.sessions * args.tasks) as u64;
@@ -686,9 +686,10 @@ async fn main() -> anyhow::Result<()> {
 /// Waits until the pool takes offers (it answers an offer it cannot read with `declined`): a
 /// dispatch offered before would find nobody listening, and its instance would send that
 /// subject's dispatches to the stream for a while, measuring the fallback instead.
-async fn wait_for_offers(client: &async_nats::Client) -> anyhow::Result<()> {
+async fn wait_for_offers(client: &async_nats::Client, subjects: &Subjects) -> anyhow::Result<()> {
+    let subject = subjects.offer(planner_core::NodeKind::ToolCall, "loadgen-probe");
     for _ in 0..200 {
-        let probe = client.request("planner.offer.tool_call.loadgen-probe", "probe".into());
+        let probe = client.request(subject.clone(), "probe".into());
         if tokio::time::timeout(Duration::from_secs(1), probe)
             .await
             .is_ok_and(|answer| answer.is_ok())

@@ -70,7 +70,8 @@ struct Waiting {
 impl Waiting {
     fn insert(&mut self, token: u64, id: &str, answered: oneshot::Sender<Answer>) {
         // A dispatch offered again (the outbox does not offer, but a batch could name it
-        // twice): the newer offer is the one a claim answers.
+        // twice): the newer offer is the one a claim answers; the older one's sender goes,
+        // and its dispatch to the stream (a copy the claim fences).
         if let Some(older) = self.by_dispatch.insert(id.to_owned(), token) {
             self.by_token.remove(&older);
         }
@@ -107,6 +108,23 @@ enum Answer {
     Stopped,
 }
 
+/// An offer waiting for its answer; forgotten when dropped.
+struct Pending {
+    offers: Arc<Offers>,
+    token: u64,
+    /// The offer's reply subject.
+    reply: String,
+    answer: oneshot::Receiver<Answer>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.offers.waiting.lock() {
+            waiting.take_token(self.token);
+        }
+    }
+}
+
 /// How long a subject nobody listened on is not offered to: short, because executors that
 /// start after the planner find their first dispatches in the stream until it ends (with
 /// 10 s, a load generator run with three instances sent two thirds of its dispatches there).
@@ -121,14 +139,26 @@ impl Offers {
         })
     }
 
-    /// Notes an offer of dispatch `id`: its reply subject, and what resolves when it is answered.
-    fn wait(&self, id: &str) -> (String, oneshot::Receiver<Answer>) {
+    /// Notes an offer of dispatch `id`: its reply subject, and what resolves when it is
+    /// answered. Forgotten when dropped, however the offer's future ends (answered, timed out,
+    /// an error later in its batch, the task aborted). After [`Offers::stop`] it is answered
+    /// `Stopped` at once (checked under the lock `stop` takes, so none slips in after it).
+    fn wait(self: &Arc<Self>, id: &str) -> Pending {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (answered, answer) = oneshot::channel();
         if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(token, id, answered);
+            if self.stopped.load(Ordering::Relaxed) {
+                let _ = answered.send(Answer::Stopped);
+            } else {
+                waiting.insert(token, id, answered);
+            }
         }
-        (format!("{}.{token}", self.inbox), answer)
+        Pending {
+            offers: Arc::clone(self),
+            token,
+            reply: format!("{}.{token}", self.inbox),
+            answer,
+        }
     }
 
     fn answer_reply(&self, message: async_nats::Message) {
@@ -150,28 +180,26 @@ impl Offers {
         }
     }
 
-    fn answer_claim(&self, id: &str) {
-        let answered = self
-            .waiting
-            .lock()
-            .ok()
-            .and_then(|mut waiting| waiting.take_dispatch(id));
+    /// The claim of an attempt was answered: its offer, if one waits, is answered with it.
+    /// Most claims are of offers; those of stream deliveries cost a lock and, while any offer
+    /// waits, the dispatch id.
+    fn answer_claim(&self, session: &str, task_id: &planner_core::TaskId, attempt: u32) {
+        let answered = self.waiting.lock().ok().and_then(|mut waiting| {
+            if waiting.len() == 0 {
+                return None;
+            }
+            waiting.take_dispatch(&dispatch_id(session, task_id, attempt))
+        });
         if let Some(answered) = answered {
             let _ = answered.send(Answer::Claimed);
         }
     }
 
-    /// Forgets an offer no longer waited for (timed out, or not sent).
-    fn forget(&self, reply: &str) {
-        let token = reply.rsplit('.').next().and_then(|t| t.parse::<u64>().ok());
-        if let (Some(token), Ok(mut waiting)) = (token, self.waiting.lock()) {
-            waiting.take_token(token);
-        }
-    }
-
     fn stop(&self) {
-        self.stopped.store(true, Ordering::Relaxed);
-        let waiting = self.waiting.lock().map(|mut w| std::mem::take(&mut *w));
+        let waiting = self.waiting.lock().map(|mut waiting| {
+            self.stopped.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *waiting)
+        });
         if let Ok(waiting) = waiting {
             for (_, answered) in waiting.by_token.into_values() {
                 let _ = answered.send(Answer::Stopped);
@@ -243,14 +271,6 @@ impl NatsPublisher {
         }
     }
 
-    /// Offers waiting for an answer.
-    pub fn offers_waiting(&self) -> usize {
-        self.offers
-            .as_ref()
-            .and_then(|offers| offers.waiting.lock().ok().map(|w| w.len()))
-            .unwrap_or(0)
-    }
-
     /// Sends `messages`; dispatches are offered first when `offer` (and offers are on).
     async fn send_with(&self, messages: &[Outgoing], offer: bool) -> anyhow::Result<Confirmation> {
         // Dispatches go out together and their acks are awaited together, by the caller.
@@ -293,12 +313,14 @@ impl NatsPublisher {
                         // answer is awaited in the confirmation. (Sent when the confirmation
                         // was first polled, every offer waited for the driver's spawned task
                         // to be scheduled: one more hop on each task's critical path.)
-                        let (reply, answer) = offers.wait(&id);
+                        let mut pending = offers.wait(&id);
+                        // The timeout runs from the send, not from the confirmation's first poll.
+                        let deadline = tokio::time::Instant::now() + offers.timeout;
                         let sent = self
                             .client
                             .publish_with_reply_and_headers(
                                 offer_subject.clone(),
-                                reply.clone(),
+                                pending.reply.clone(),
                                 headers.clone(),
                                 payload.clone(),
                             )
@@ -308,7 +330,7 @@ impl NatsPublisher {
                         let offers = Arc::clone(offers);
                         let offered = async move {
                             let answer = match sent {
-                                Ok(()) => tokio::time::timeout(offers.timeout, answer)
+                                Ok(()) => tokio::time::timeout_at(deadline, &mut pending.answer)
                                     .await
                                     .ok()
                                     .and_then(Result::ok),
@@ -349,7 +371,6 @@ impl NatsPublisher {
                                 }
                                 Some(Answer::Stopped) => crate::metrics::offered("shutdown"),
                                 None => {
-                                    offers.forget(&reply);
                                     tracing::debug!(subject = %offer_subject, "offer not answered; the dispatch goes to the stream");
                                     crate::metrics::offered("unanswered");
                                 }
@@ -441,7 +462,7 @@ fn json<T: serde::Serialize>(value: &T) -> Bytes {
 impl Publisher for NatsPublisher {
     fn claim_answered(&self, session: &str, task_id: &planner_core::TaskId, attempt: u32) {
         if let Some(offers) = &self.offers {
-            offers.answer_claim(&dispatch_id(session, task_id, attempt));
+            offers.answer_claim(session, task_id, attempt);
         }
     }
 
@@ -524,6 +545,53 @@ mod tests {
         assert!(waiting.by_dispatch.is_empty());
         // An answer after the claim's finds nothing.
         assert!(waiting.take_token(1).is_none());
+    }
+
+    fn offers() -> Arc<Offers> {
+        Arc::new(Offers {
+            timeout: Duration::from_secs(6),
+            unheard: Mutex::default(),
+            inbox: "_INBOX.test".into(),
+            next_token: AtomicU64::new(0),
+            waiting: Mutex::default(),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    fn waiting(offers: &Offers) -> usize {
+        offers.waiting.lock().unwrap().len()
+    }
+
+    #[test]
+    fn an_offer_dropped_unanswered_is_forgotten() {
+        let offers = offers();
+        let pending = offers.wait("s.a.1");
+        assert_eq!(waiting(&offers), 1);
+        // An error later in its batch, an aborted task: the future holding it is dropped.
+        drop(pending);
+        assert_eq!(waiting(&offers), 0);
+        assert!(offers.waiting.lock().unwrap().by_dispatch.is_empty());
+    }
+
+    #[test]
+    fn an_offer_after_the_stop_is_answered_stopped_at_once() {
+        let offers = offers();
+        let before = offers.wait("s.a.1");
+        offers.stop();
+        let mut after = offers.wait("s.b.1");
+        assert_eq!(waiting(&offers), 0);
+        assert!(matches!(after.answer.try_recv(), Ok(Answer::Stopped)));
+        let mut before = before;
+        assert!(matches!(before.answer.try_recv(), Ok(Answer::Stopped)));
+    }
+
+    #[test]
+    fn a_claim_answers_its_offer() {
+        let offers = offers();
+        let mut pending = offers.wait(&dispatch_id("s", &planner_core::TaskId::from("a"), 1));
+        offers.answer_claim("s", &planner_core::TaskId::from("a"), 1);
+        assert!(matches!(pending.answer.try_recv(), Ok(Answer::Claimed)));
+        assert_eq!(waiting(&offers), 0);
     }
 
     #[test]
