@@ -126,7 +126,22 @@ async fn a_nats_node_and_a_planner_die_mid_run_and_every_session_completes_with_
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "{session} did not end");
+            if Instant::now() >= deadline {
+                let events = store.load_all(session).await.unwrap_or_default();
+                let tail: Vec<String> = events
+                    .iter()
+                    .rev()
+                    .take(12)
+                    .rev()
+                    .map(|e| serde_json::to_string(e).unwrap_or_default())
+                    .collect();
+                let logs: Vec<String> = planners.iter().map(|p| p.output()).collect();
+                panic!(
+                    "{session} did not end; its last events:\n{}\nthe live planners' logs:\n{}",
+                    tail.join("\n"),
+                    logs.join("\n----\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -131,6 +131,9 @@ impl Executors {
                 pull::Config {
                     durable_name: Some("test-pool".into()),
                     filter_subject: "planner.task.>".into(),
+                    // A delivery lost with a cluster node that dies comes back after this, not
+                    // after the default 30 s (the pool acks right after its claim).
+                    ack_wait: Duration::from_secs(5),
                     ..Default::default()
                 },
             )
@@ -149,7 +152,11 @@ impl Executors {
             stops_seen.clone(),
         );
         tokio::spawn(async move {
-            let mut messages = consumer.messages().await.unwrap();
+            // As the daemon's own pool pulls: async-nats' default pull requests outlive a
+            // cluster node that dies with them by about 30 s (see `pull_messages`).
+            let mut messages = planner_svc::bus::pull_messages(&consumer, 200)
+                .await
+                .unwrap();
             loop {
                 let message = tokio::select! {
                     () = stop.cancelled() => return,
