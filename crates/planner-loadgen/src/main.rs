@@ -93,6 +93,10 @@ struct Args {
     /// none (`dispatch.offers = false`) and the pool takes none.
     #[arg(long)]
     no_offers: bool,
+    /// The pool's reports never ask for the session's next task (`next`): each task comes by
+    /// an offer or the stream and is claimed, as before the planner handed tasks over.
+    #[arg(long)]
+    no_next: bool,
 }
 
 #[derive(Default)]
@@ -448,6 +452,7 @@ async fn main() -> anyhow::Result<()> {
                 ReportPath::Direct
             },
             offers: !args.no_offers,
+            take_next: !args.no_next,
         },
         observer.clone() as Arc<dyn PoolObserver>,
         shutdown.clone(),

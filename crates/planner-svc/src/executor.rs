@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, OfferReply, ReportMessage,
-    ReportReply, Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, NextRequest, NextTask, OfferReply,
+    ReportMessage, ReportReply, Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
@@ -59,6 +59,10 @@ pub struct PoolOptions {
     pub reports: ReportPath,
     /// Whether to take offers (`{p}.offer.…`, answered by the claim) besides the stream.
     pub offers: bool,
+    /// Whether each direct report asks for the session's next task (`next`), which the
+    /// planner then hands over in its reply, claimed: one write and no offer or claim per
+    /// task of a chain.
+    pub take_next: bool,
 }
 
 /// How a pool sends its reports.
@@ -159,6 +163,8 @@ pub async fn run_pool(
         direct: DirectReports::new(options.reports),
         addressing: Pause::default(),
         report_started: options.report_started,
+        take_next: options.take_next && options.reports == ReportPath::Direct,
+        filter: options.filter.clone(),
         // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch
         // the pool claimed before (the grant lost to a timeout, a cluster node dying under the
         // append) is claimed again with the same id and granted again. With a new id per
@@ -342,6 +348,9 @@ struct Shared {
     direct: DirectReports,
     addressing: Pause,
     report_started: bool,
+    take_next: bool,
+    /// The dispatch subjects served: what a report's `next` asks for.
+    filter: String,
     pool_id: uuid::Uuid,
 }
 
@@ -506,10 +515,49 @@ impl Shared {
         };
         drop(delivery);
         let (lease, interval) = lease;
+        let mut attempt = Claimed {
+            task,
+            lease,
+            interval,
+            cancelled,
+            _running,
+            trace: trace.map(str::to_owned),
+        };
+        // Each report asks for the session's next task (when the pool takes them), which the
+        // planner hands over in its reply: run it in this slot, with no offer and no claim.
+        loop {
+            let Some(next) = self.run_claimed(route, attempt, &mut executor).await else {
+                return;
+            };
+            let Some(claimed) = self.take_over(*next) else {
+                return;
+            };
+            attempt = claimed;
+        }
+    }
+
+    /// Runs an attempt this pool holds the lease of, reports it, and returns the task the
+    /// planner handed over in the report's reply, if any.
+    async fn run_claimed(
+        &self,
+        route: Route<'_>,
+        attempt: Claimed,
+        executor: &mut SimExecutor,
+    ) -> Option<Box<NextTask>> {
+        let Claimed {
+            task,
+            lease,
+            interval,
+            cancelled,
+            _running,
+            trace,
+        } = attempt;
+        let trace = trace.as_deref();
         if self.report_started {
             let started = ReportMessage {
                 event: SimExecutor::started(&task),
                 lease: Some(lease.clone()),
+                next: None,
             };
             send_report(
                 route,
@@ -529,20 +577,37 @@ impl Shared {
         if let Some(reason) = stopped {
             tracing::info!(session = %task.session, task = %task.assignment.task_id, reason = reason.as_str(), "attempt stopped by the planner; no report");
             self.observer.stopped(&task, reason);
-            return;
+            return None;
         }
-        let report = ReportMessage {
+        let mut report = ReportMessage {
             event: executor.outcome(&task),
             lease: Some(lease),
+            next: None,
         };
+        let key = (
+            task.session.clone(),
+            task.assignment.task_id.0.clone(),
+            task.assignment.attempt,
+        );
         if let Ok(mut done) = self.done.lock() {
             if done.len() > 100_000 {
                 done.clear();
             }
             done.insert(key, report.clone());
         }
+        if self.take_next {
+            report.next = Some(NextRequest {
+                serves: self.filter.clone(),
+                claim_id: uuid::Uuid::new_v4().simple().to_string(),
+                context_ref: self
+                    .contexts
+                    .lock()
+                    .ok()
+                    .and_then(|c| c.get(&task.session).map(|(reference, _)| reference.clone())),
+            });
+        }
         self.observer.reporting(&task, Instant::now());
-        send_report(route, &self.js, &task.session, &report, trace, &self.direct).await;
+        let next = send_report(route, &self.js, &task.session, &report, trace, &self.direct).await;
         let status = match &report.event.outcome {
             planner_core::ExecutorOutcome::Completed { .. } => "completed",
             planner_core::ExecutorOutcome::Failed { .. } => "failed",
@@ -551,7 +616,59 @@ impl Shared {
         };
         tracing::info!(session = %task.session, task = %task.assignment.task_id, attempt = task.assignment.attempt, target = %task.assignment.target, status, "ran a task");
         self.observer.reported(&task, Instant::now());
+        next
     }
+
+    /// A task handed over with a report's reply, as an attempt this pool holds; `None` when
+    /// the pool runs that attempt already (its lease then lapses into a retry).
+    fn take_over(&self, next: NextTask) -> Option<Claimed> {
+        let NextTask {
+            mut task,
+            lease,
+            heartbeat_interval_ms,
+            context,
+        } = next;
+        self.observer.dispatched(&task, Instant::now());
+        match context {
+            Some(context) => {
+                remember_context(&self.contexts, &task.session, &context);
+                task.assignment.context = Some(context);
+            }
+            None => {
+                hold_context(&self.contexts, &mut task);
+            }
+        }
+        let key = (
+            task.session.clone(),
+            task.assignment.task_id.0.clone(),
+            task.assignment.attempt,
+        );
+        let cancelled = CancellationToken::new();
+        let Some(running) = RunningEntry::enter(&self.running, &key, &cancelled) else {
+            tracing::warn!(session = %task.session, task = %task.assignment.task_id, "a task handed over is running here already; not run twice");
+            return None;
+        };
+        Some(Claimed {
+            task,
+            lease,
+            interval: heartbeat_interval_ms,
+            cancelled,
+            _running: running,
+            trace: None,
+        })
+    }
+}
+
+/// An attempt this pool holds the lease of.
+struct Claimed {
+    task: TaskMessage,
+    lease: String,
+    interval: Option<u64>,
+    /// Cancelled by the attempt's cancel message.
+    cancelled: CancellationToken,
+    _running: RunningEntry,
+    /// The dispatch's trace context, sent on with the heartbeats and the report.
+    trace: Option<String>,
 }
 
 /// An attempt's place in [`Running`], from its claim until its report is sent (or it is
@@ -866,17 +983,17 @@ async fn send_report(
     report: &ReportMessage,
     trace: Option<&str>,
     path: &DirectReports,
-) {
+) -> Option<Box<NextTask>> {
     let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
     let headers = trace_headers(trace);
     if path.on() {
         let (task, attempt) = (&report.event.task_id, report.event.attempt);
         match direct(route, session, &headers, body.clone()).await {
-            Direct::Done => return,
+            Direct::Done(next) => return next,
             Direct::Refused(error) => {
                 // The stream would refuse it the same way: nothing more to do with it.
                 tracing::warn!(session, task = %task, attempt, kind = %error.kind, error = %error.message, "report refused by the planner; dropped");
-                return;
+                return None;
             }
             Direct::TimedOut => {
                 tracing::warn!(session, task = %task, attempt, pause = ?DIRECT_PAUSE, "report not answered in time; publishing it and the next reports to the report stream");
@@ -888,12 +1005,14 @@ async fn send_report(
         }
     }
     publish(js, route.subjects, session, headers, body).await;
+    None
 }
 
 /// What became of a report sent directly.
 enum Direct {
-    /// Applied (its events persisted), or recognised as changing nothing.
-    Done,
+    /// Applied (its events persisted), or recognised as changing nothing; with the task
+    /// handed over, if the report asked for one and got it.
+    Done(Option<Box<NextTask>>),
     /// Refused for good.
     Refused(crate::protocol::ErrorBody),
     /// No reply within [`REQUEST_TIMEOUT`]: publish it to the stream (if it was applied after
@@ -918,7 +1037,7 @@ async fn direct(
         }
         Ok(Err(error)) => Direct::Fallback(error.to_string()),
         Ok(Ok(reply)) => match serde_json::from_slice::<ReportReply>(&reply.payload) {
-            Ok(ReportReply::Ok) => Direct::Done,
+            Ok(ReportReply::Ok { next }) => Direct::Done(next),
             Ok(ReportReply::Refused(error)) => Direct::Refused(error),
             Ok(ReportReply::Retry(error)) => {
                 Direct::Fallback(format!("{}: {}", error.kind, error.message))

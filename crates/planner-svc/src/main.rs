@@ -125,6 +125,10 @@ enum Cmd {
         /// Take dispatches from the dispatch stream only, not offers (`{prefix}.offer.…`) too.
         #[arg(long)]
         no_offers: bool,
+        /// Never ask for the session's next task with a report (`next`): every task comes by
+        /// an offer or the dispatch stream, and is claimed.
+        #[arg(long)]
+        no_next: bool,
     },
     /// Start a session on the daemon from a request; prints its id (follow it with `watch`).
     Submit {
@@ -485,6 +489,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
             fail_percent,
             stream_reports,
             no_offers,
+            no_next,
             ..
         } => {
             let admin = planner_svc::health::start(
@@ -523,6 +528,7 @@ async fn dispatch(command: Cmd, config: Config) -> anyhow::Result<ExitCode> {
                     planner_svc::executor::ReportPath::Direct
                 },
                 offers: !no_offers,
+                take_next: !no_next,
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let stop = shutdown.clone();

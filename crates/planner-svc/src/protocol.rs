@@ -522,6 +522,90 @@ pub struct ReportMessage {
     /// the planner requires claims).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<String>,
+    /// Optional, and heeded only on `{p}.result.{session}`: the executor runs another task of
+    /// this session in the slot the report frees. If the report makes a task ready that the
+    /// executor serves, the planner claims it for the executor in the same write as the
+    /// report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
+    /// of offering it or publishing it to the dispatch stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<NextRequest>,
+}
+
+/// What an executor asks for with a report: the session's next task, claimed for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NextRequest {
+    /// The dispatch subjects the executor serves, as a NATS subject filter (`planner.task.>`,
+    /// `planner.task.tool_call.web_search`, `planner.task.*.search`): only a task whose
+    /// dispatch subject it matches is handed over.
+    pub serves: String,
+    /// The claim id, and so the lease, of the task handed over: as [`ClaimRequest`]'s
+    /// `claim_id` (16 to 64 letters, digits, `_` or `-`), new for each report. A `next` with
+    /// a malformed one is ignored (the report is applied all the same).
+    pub claim_id: String,
+    /// Optional: the `context_ref` of the session's context the executor holds; the reply
+    /// carries the context unless it is that one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_ref: Option<String>,
+}
+
+impl NextRequest {
+    /// Why this request cannot be granted, if it cannot.
+    pub fn problem(&self, subjects: &Subjects) -> Option<String> {
+        let claim = ClaimRequest {
+            task_id: TaskId::from("next"),
+            attempt: 1,
+            claim_id: Some(self.claim_id.clone()),
+            context_ref: None,
+        };
+        if let Some(problem) = claim.claim_id_problem() {
+            return Some(problem);
+        }
+        if !self
+            .serves
+            .starts_with(&format!("{}.task.", subjects.prefix))
+        {
+            return Some(format!(
+                "serves must be a filter of dispatch subjects ({}.task.…), not {:?}",
+                subjects.prefix, self.serves
+            ));
+        }
+        None
+    }
+}
+
+/// A task handed over in the reply to a report ([`NextRequest`]): claimed for the executor,
+/// to run at once in the slot the report freed, as a granted claim's attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NextTask {
+    /// The dispatch, as the stream would have carried it (a large context left out, as
+    /// there: see `context`).
+    pub task: TaskMessage,
+    /// The lease: the request's claim id.
+    pub lease: String,
+    /// How often to heartbeat; absent when the planner times out no silent attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// The attempt's context, unless the request named it (`context_ref`) as the one the
+    /// executor holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<planner_core::DispatchContext>,
+}
+
+/// Whether a NATS subject matches a filter (`*` one token, a last `>` one or more).
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut subject_tokens = subject.split('.');
+    let mut filter_tokens = filter.split('.').peekable();
+    while let Some(wanted) = filter_tokens.next() {
+        if wanted == ">" && filter_tokens.peek().is_none() {
+            return subject_tokens.next().is_some();
+        }
+        match subject_tokens.next() {
+            Some(token) if wanted == "*" || wanted == token => {}
+            _ => return false,
+        }
+    }
+    subject_tokens.next().is_none()
 }
 
 /// The reply to a report sent directly on `{p}.result.{session}` (the body is a
@@ -531,7 +615,12 @@ pub struct ReportMessage {
 pub enum ReportReply {
     /// Done: the events the report caused are persisted (or it changed nothing: a duplicate,
     /// or a report on an attempt that already ended). Do not publish it to the stream.
-    Ok,
+    Ok {
+        /// The task handed over, when the report asked for one ([`ReportMessage`]'s `next`)
+        /// and made one ready that the executor serves: run it now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<Box<NextTask>>,
+    },
     /// Refused: it would be refused again (malformed, too large, an unknown task, a wrong
     /// lease, ...). Nothing changed; do not send it again, by either path. A notice went to
     /// `{p}.errors` too.
@@ -736,4 +825,71 @@ pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
         ),
         ("event.json", json(schemars::schema_for!(Event))),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_matches_a_filter_as_nats_matches_it() {
+        let task = "planner.task.tool_call.web_search";
+        for filter in [
+            "planner.task.>",
+            "planner.>",
+            "planner.task.tool_call.web_search",
+            "planner.task.*.web_search",
+            "planner.task.tool_call.*",
+            "*.task.*.*",
+        ] {
+            assert!(subject_matches(filter, task), "{filter}");
+        }
+        for filter in [
+            "planner.task.processing.>",
+            "planner.task.tool_call",
+            "planner.task.tool_call.web_search.more",
+            "planner.task.*",
+            "planner.task.tool_call.web_search.>",
+            "other.task.>",
+            "planner.task.>.web_search",
+            "",
+        ] {
+            assert!(!subject_matches(filter, task), "{filter}");
+        }
+    }
+
+    #[test]
+    fn a_next_request_must_name_dispatch_subjects_and_a_claim_id_fit_for_a_lease() {
+        let subjects = Subjects::new("planner");
+        let next = |serves: &str, claim_id: &str| NextRequest {
+            serves: serves.into(),
+            claim_id: claim_id.into(),
+            context_ref: None,
+        };
+        assert_eq!(
+            next("planner.task.>", "0123456789abcdef").problem(&subjects),
+            None
+        );
+        assert!(next("planner.task.>", "short")
+            .problem(&subjects)
+            .is_some_and(|p| p.contains("claim_id")));
+        assert!(next("planner.task.>", "not a token at all!")
+            .problem(&subjects)
+            .is_some());
+        assert!(next("planner.report.>", "0123456789abcdef")
+            .problem(&subjects)
+            .is_some_and(|p| p.contains("serves")));
+        assert!(next(">", "0123456789abcdef").problem(&subjects).is_some());
+    }
+
+    #[test]
+    fn a_report_reply_without_a_next_task_is_the_ok_of_before() {
+        let ok = ReportReply::Ok { next: None };
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            serde_json::json!({"status": "ok"})
+        );
+        let read: ReportReply = serde_json::from_str(r#"{"status":"ok"}"#).unwrap();
+        assert_eq!(read, ok);
+    }
 }

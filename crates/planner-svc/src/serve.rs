@@ -1495,8 +1495,8 @@ fn quarantine_reply<S: EventStore>(
 /// What becomes of one executor report, whichever way it came.
 enum ReportOutcome {
     /// Applied (or a recognised duplicate, or on an attempt that already ended): ack it, or
-    /// answer `ok`.
-    Done,
+    /// answer `ok`, with the task handed over when a direct report asked for one.
+    Done(Option<Box<crate::protocol::NextTask>>),
     /// It may pass later: nak with a delay, for redelivery (or, past `reports.max_deliver`,
     /// to the dead-letter stream); answered directly, `retry` (the executor publishes it to
     /// the stream).
@@ -1511,10 +1511,12 @@ enum ReportOutcome {
 /// lease and the attempt). `subject` is the one it came on, `session` the one it names.
 async fn judge_report<S: EventStore>(
     engine: &Arc<Engine<S, NatsPublisher>>,
+    subjects: &Subjects,
     subject: &str,
     session: Option<&str>,
     payload: &[u8],
     max_bytes: usize,
+    path: ReportVia,
 ) -> ReportOutcome {
     let refuse = |kind: ErrorKind, text: String| {
         ReportOutcome::Refused(ErrorNotice {
@@ -1532,18 +1534,44 @@ async fn judge_report<S: EventStore>(
     let Some(session) = session else {
         return refuse(ErrorKind::BadSession, "no session in subject".into());
     };
-    let ReportMessage { event, lease } = match serde_json::from_slice(payload) {
+    let ReportMessage { event, lease, next } = match serde_json::from_slice(payload) {
         Ok(report) => report,
         Err(e) => return refuse(ErrorKind::Malformed, format!("not an executor report: {e}")),
     };
     let task = event.task_id.clone();
+    // Only a direct report has a reply to hand a task over in; from the stream, `next` is
+    // ignored (its executor may be long gone).
+    let chain = match next {
+        Some(next) if path == ReportVia::Direct => match next.problem(subjects) {
+            None => Some(chain_for(subjects, next)),
+            Some(problem) => {
+                tracing::warn!(session, task = %task, problem, "a report's `next` ignored; the report is applied");
+                None
+            }
+        },
+        _ => None,
+    };
+    let held = chain.as_ref().and_then(|(_, held)| held.clone());
     let command = Command::HandleExecutorEvent {
         event,
         lease,
         now: engine.now(),
     };
-    match engine.handle(session, command).await {
-        Ok(_) => ReportOutcome::Done,
+    match engine
+        .handle_chained(session, command, chain.map(|(chain, _)| chain))
+        .await
+    {
+        Ok(handled) => ReportOutcome::Done(handled.handover.map(|handover| {
+            Box::new(crate::protocol::NextTask {
+                heartbeat_interval_ms: heartbeat_interval(handover.lease_terms.as_ref()),
+                // The executor holds the context already, or gets it here.
+                context: handover
+                    .context
+                    .filter(|context| held.as_deref() != Some(&context.reference())),
+                task: handover.task,
+                lease: handover.lease,
+            })
+        })),
         Err(e) => match e.disposition() {
             Disposition::Reject => {
                 tracing::warn!(session, task = %task, error = %e, "executor report refused");
@@ -1555,6 +1583,40 @@ async fn judge_report<S: EventStore>(
             }
         },
     }
+}
+
+/// Which way a report came.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReportVia {
+    /// A request on `{p}.result.<session>`.
+    Direct,
+    /// The report stream.
+    Stream,
+}
+
+/// The engine's [`Chain`](crate::engine::Chain) for a report's `next`, and the context
+/// reference the executor holds.
+fn chain_for(
+    subjects: &Subjects,
+    next: crate::protocol::NextRequest,
+) -> (crate::engine::Chain, Option<String>) {
+    let subjects = subjects.clone();
+    let serves = next.serves;
+    let chain = crate::engine::Chain {
+        lease: next.claim_id,
+        serves: Box::new(move |kind, target| {
+            crate::protocol::subject_matches(&serves, &subjects.task(kind, target))
+        }),
+    };
+    (chain, next.context_ref)
+}
+
+/// How often the executor of an attempt with these timeouts heartbeats: three beats per
+/// timeout, so one lost or late beat never costs the lease.
+fn heartbeat_interval(terms: Option<&planner_core::TaskTimeouts>) -> Option<u64> {
+    terms
+        .and_then(|t| t.heartbeat_timeout_ms)
+        .map(|timeout| (timeout / 3).max(1))
 }
 
 /// A report from the stream: acked once applied, nak'd (or dead-lettered) to come again, or
@@ -1569,9 +1631,19 @@ async fn handle_report<S: EventStore>(
 ) {
     let subject = message.subject.to_string();
     let session = subjects.report_session(&subject);
-    let outcome = judge_report(engine, &subject, session, &message.payload, max_bytes).await;
+    let via = ReportVia::Stream;
+    let outcome = judge_report(
+        engine,
+        subjects,
+        &subject,
+        session,
+        &message.payload,
+        max_bytes,
+        via,
+    )
+    .await;
     match outcome {
-        ReportOutcome::Done => {
+        ReportOutcome::Done(_) => {
             crate::metrics::report("stream", "applied");
             if let Err(error) = message.ack().await {
                 tracing::warn!(%error, "could not acknowledge a report; it will be redelivered and ignored as a duplicate");
@@ -1623,10 +1695,11 @@ async fn result_reply<S: EventStore>(
     max_bytes: usize,
 ) -> ReportReply {
     let session = subjects.session_of(subject, Endpoint::Result.token());
-    match judge_report(engine, subject, session, payload, max_bytes).await {
-        ReportOutcome::Done => {
+    let via = ReportVia::Direct;
+    match judge_report(engine, subjects, subject, session, payload, max_bytes, via).await {
+        ReportOutcome::Done(next) => {
             crate::metrics::report("direct", "applied");
-            ReportReply::Ok
+            ReportReply::Ok { next }
         }
         ReportOutcome::Retry(error) => {
             crate::metrics::report("direct", "retried");
@@ -1720,13 +1793,9 @@ async fn lease_reply<S: EventStore>(
     };
     match engine.handle(session, command).await {
         Ok(handled) => match granted {
-            // Three beats per timeout: one lost or late beat never costs the lease.
             LeaseReply::Granted { lease, .. } => LeaseReply::Granted {
                 lease,
-                heartbeat_interval_ms: handled
-                    .lease_terms
-                    .and_then(|t| t.heartbeat_timeout_ms)
-                    .map(|timeout| (timeout / 3).max(1)),
+                heartbeat_interval_ms: heartbeat_interval(handled.lease_terms.as_ref()),
                 // The executor holds the context already, or gets it here.
                 context: handled
                     .claim_context

@@ -12,12 +12,12 @@
 
 use std::sync::Arc;
 
-use planner_core::{Command, Planner, Timestamp};
+use planner_core::{Command, NodeKind, Planner, PlannerCmd, Timestamp};
 use planner_store::{load_planner, AppendMeta, EventStore, StoreError};
 use tracing::Instrument as _;
 
-use super::render::{deliverable, outgoing, Undeliverable};
-use super::{Engine, EngineError, Handled, Publisher};
+use super::render::{deliverable, outgoing, Outgoing, Undeliverable};
+use super::{Chain, Engine, EngineError, Handled, Handover, Publisher};
 
 /// Sets every `now` of `command`: the engine's clock is the only time the planner sees.
 pub(super) fn stamp(command: Command, at: Timestamp) -> Command {
@@ -151,6 +151,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         &self,
         session: &str,
         command: Command,
+        chain: Option<&Chain>,
     ) -> Result<(Handled, Vec<Undeliverable>), EngineError> {
         let retries = self.config.conflict_retries;
         for attempt in 0..=retries {
@@ -189,7 +190,8 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             };
             let before = planner.version();
             let observed = crate::metrics::Before::of(planner.state());
-            let events = match planner.process(stamp(command.clone(), self.clock.now())) {
+            let now = self.clock.now();
+            let mut events = match planner.process(stamp(command.clone(), now)) {
                 Ok(events) => events,
                 Err(refused) => {
                     // Another instance may have moved the session on (a report for a task it
@@ -201,6 +203,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     return Err(refused.into());
                 }
             };
+            let handed_over = chain.and_then(|chain| hand_over(planner, &mut events, chain, now));
             planner.drain_log();
             let (lease_terms, claim_context) = match &command {
                 Command::ClaimAttempt { task_id, .. } => (
@@ -215,6 +218,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     events,
                     lease_terms,
                     claim_context,
+                    handover: None,
                 };
                 return Ok((handled, Vec::new()));
             }
@@ -269,11 +273,28 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         }
                         super::registry::note_attempts(&mut state.attempt_traces, &events, context);
                     }
-                    let (outgoing, undeliverable) = deliverable(
+                    let (mut outgoing, undeliverable) = deliverable(
                         outgoing(session, planner, &events),
                         self.config.max_dispatch_bytes,
                         self.config.inline_context_bytes,
                     );
+                    // The task handed over goes in the reply, to no one else. (Too large for
+                    // the bus, it is among `undeliverable` instead, and its attempt fails.)
+                    let handover = handed_over.and_then(|(task_id, attempt, lease)| {
+                        let at = outgoing.iter().position(|message| {
+                            matches!(message, Outgoing::Task(t)
+                                if t.assignment.task_id == task_id && t.assignment.attempt == attempt)
+                        })?;
+                        let Outgoing::Task(task) = outgoing.remove(at) else {
+                            return None;
+                        };
+                        Some(Handover {
+                            task,
+                            lease,
+                            lease_terms: planner.attempt_timeouts(&task_id),
+                            context: planner.dispatch_context(&task_id),
+                        })
+                    });
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot
@@ -322,6 +343,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         events,
                         lease_terms,
                         claim_context,
+                        handover,
                     };
                     return Ok((handled, undeliverable));
                 }
@@ -344,4 +366,37 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             retries,
         })
     }
+}
+
+/// Claims, for a report's executor, the first task its events dispatch that the executor
+/// serves ([`Chain`]): the claim's events join the report's, so one append carries both.
+/// Returns the task, attempt and lease handed over; `None` (and `events` unchanged) when no
+/// dispatched task suits or the claim is refused.
+fn hand_over(
+    planner: &mut Planner,
+    events: &mut Vec<planner_core::Event>,
+    chain: &Chain,
+    now: Timestamp,
+) -> Option<(planner_core::TaskId, u32, String)> {
+    let (task_id, attempt) = events
+        .iter()
+        .filter_map(planner_core::Event::planner_cmd)
+        .find_map(|cmd| {
+            let (kind, dispatch) = match cmd {
+                PlannerCmd::ExecuteTool(dispatch) => (NodeKind::ToolCall, dispatch),
+                PlannerCmd::RunProcessing(dispatch) => (NodeKind::Processing, dispatch),
+                _ => return None,
+            };
+            (chain.serves)(kind, &dispatch.target)
+                .then(|| (dispatch.task_id.clone(), dispatch.attempt))
+        })?;
+    let claim = Command::ClaimAttempt {
+        task_id: task_id.clone(),
+        attempt,
+        lease: chain.lease.clone(),
+        now,
+    };
+    let claimed = planner.process(claim).ok()?;
+    events.extend(claimed);
+    Some((task_id, attempt, chain.lease.clone()))
 }

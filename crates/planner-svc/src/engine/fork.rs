@@ -63,6 +63,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 events,
                 lease_terms: None,
                 claim_context: None,
+                handover: None,
             }
         };
         let claimed: Vec<(planner_core::TaskId, u32)> = {

@@ -112,6 +112,40 @@ pub struct Handled {
     pub lease_terms: Option<planner_core::TaskTimeouts>,
     /// For a granted claim: the context its executor is handed, as of now.
     pub claim_context: Option<planner_core::DispatchContext>,
+    /// The task handed over to the reporting executor, when a report came with a [`Chain`]
+    /// and made a task ready that the executor serves.
+    pub handover: Option<Handover>,
+}
+
+/// A report's request for the session's next task (the wire's `NextRequest`): the engine
+/// claims the first task the report makes ready that the executor serves, in the same append
+/// as the report's events, and sends that task to no one else.
+pub struct Chain {
+    /// The lease of the task handed over: the executor's claim id.
+    pub lease: String,
+    /// Whether the executor serves dispatches of this kind and target.
+    pub serves: Box<dyn Fn(planner_core::NodeKind, &str) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A task claimed for the executor whose report made it ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The dispatch, as it would have been published (a large context left out).
+    pub task: crate::protocol::TaskMessage,
+    /// Its lease.
+    pub lease: String,
+    /// The timeouts of its attempt, as a granted claim's `lease_terms`.
+    pub lease_terms: Option<planner_core::TaskTimeouts>,
+    /// Its context, as a granted claim's.
+    pub context: Option<planner_core::DispatchContext>,
 }
 
 /// Sessions, their locks and their timers. See the module docs.
@@ -311,7 +345,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             retryable: false,
             now: self.clock.now(),
         };
-        if let Err(error) = Box::pin(self.drive(session, abandon)).await {
+        if let Err(error) = Box::pin(self.drive(session, abandon, None)).await {
             tracing::warn!(session, %error, "could not record an undeliverable dispatch");
         }
         if let Err(error) = self.publisher.publish(&[notice]).await {
@@ -345,6 +379,18 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         session: &str,
         command: Command,
     ) -> Result<Handled, EngineError> {
+        self.handle_chained(session, command, None).await
+    }
+
+    /// [`Engine::handle`] for an executor's report that asks for the session's next task: see
+    /// [`Chain`]. `chain` is ignored for any other command.
+    pub async fn handle_chained(
+        self: &Arc<Self>,
+        session: &str,
+        command: Command,
+        chain: Option<Chain>,
+    ) -> Result<Handled, EngineError> {
+        let chain = chain.filter(|_| matches!(command, Command::HandleExecutorEvent { .. }));
         // An executor's message without a trace of its own (`trace::pending`) adopts the trace
         // its attempt was dispatched in once the session is locked (`drive`). Work outside any
         // trace (a tick, a revision, recovery; or, while spans are exported, an executor's
@@ -360,16 +406,17 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             // Boxed before it is wrapped: the handling's future is large, and moving it into
             // the scope's future and that into a box was 3% of the daemon's CPU at saturation
             // (perf, when executors' messages without a trace still came this way).
-            let work = Box::pin(self.handle_traced(session, command));
+            let work = Box::pin(self.handle_traced(session, command, chain));
             return crate::trace::scope(Some(context), edge, work).await;
         }
-        self.handle_traced(session, command).await
+        self.handle_traced(session, command, chain).await
     }
 
     async fn handle_traced(
         self: &Arc<Self>,
         session: &str,
         command: Command,
+        chain: Option<Chain>,
     ) -> Result<Handled, EngineError> {
         if !planner_core::is_valid_token(session) {
             return Err(EngineError::BadSession(session.to_owned()));
@@ -399,7 +446,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let result: Result<Handled, EngineError> = async {
             let command = self.plan_with_llm(session, command).await?;
             let rewrite_summary = !matches!(command, Command::CompactContext { .. });
-            let (handled, undeliverable) = self.drive(session, command).await?;
+            let (handled, undeliverable) = self.drive(session, command, chain.as_ref()).await?;
             log_activity(&handled.events);
             for (task_id, attempt, bytes) in undeliverable {
                 self.abandon_undeliverable(session, task_id, attempt, bytes)

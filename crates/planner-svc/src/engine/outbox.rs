@@ -183,7 +183,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let grace = Command::ExtendLeases {
             now: self.clock.now(),
         };
-        if let Err(error) = self.drive(session, grace).await {
+        if let Err(error) = self.drive(session, grace, None).await {
             tracing::warn!(session, %error, "could not extend the leases of a recovered session");
         }
         self.republish(session).await?;

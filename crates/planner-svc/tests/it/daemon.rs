@@ -529,6 +529,7 @@ async fn the_shipped_executor_pool_stops_a_cancelled_attempt_at_once() {
         planner_svc::protocol::Subjects::new("planner"),
         PoolOptions {
             offers: true,
+            take_next: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "cancel-pool".into(),
             filter: "planner.task.>".into(),
@@ -603,6 +604,7 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
         planner_svc::protocol::Subjects::new("planner"),
         PoolOptions {
             offers: true,
+            take_next: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "shipped-pool".into(),
             filter: "planner.task.>".into(),

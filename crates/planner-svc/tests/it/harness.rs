@@ -279,6 +279,7 @@ impl Executors {
                         outcome,
                     },
                     lease: Some(lease),
+                    next: None,
                 };
                 let subject = format!("planner.report.{}", task.session);
                 tokio::spawn(async move {
@@ -450,6 +451,7 @@ pub fn start_pool_with(
         planner_svc::protocol::Subjects::new("planner"),
         planner_svc::executor::PoolOptions {
             offers: true,
+            take_next: true,
             stream: "PLANNER_TASKS".into(),
             consumer: consumer.into(),
             filter: "planner.task.>".into(),

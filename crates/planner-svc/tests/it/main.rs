@@ -10,6 +10,7 @@ mod cluster;
 mod config;
 mod daemon;
 mod deploy;
+mod handover;
 mod harness;
 mod http;
 mod llm;

@@ -102,7 +102,7 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         .await
         .unwrap();
     let reply: planner_svc::protocol::ReportReply = serde_json::from_slice(&reply.payload).unwrap();
-    assert_eq!(reply, planner_svc::protocol::ReportReply::Ok);
+    assert_eq!(reply, planner_svc::protocol::ReportReply::Ok { next: None });
     // The metrics are recorded after the append, so poll: the last event may be a moment old.
     let mut exposition = String::new();
     for _ in 0..100 {

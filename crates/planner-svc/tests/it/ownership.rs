@@ -359,6 +359,7 @@ async fn a_deployment_from_before_ownership_is_partitioned_and_its_stored_report
             },
         },
         lease: Some(lease),
+        next: None,
     };
     js.publish(
         "planner.report.migrated",

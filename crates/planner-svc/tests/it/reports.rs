@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::harness::{claim, command, config, store, wait_for_end, Daemon};
 use crate::ownership::ownership;
 
-fn chain(session_tasks: &[&str]) -> serde_json::Value {
+pub(crate) fn chain(session_tasks: &[&str]) -> serde_json::Value {
     let tasks: Vec<_> = session_tasks
         .iter()
         .enumerate()
@@ -34,7 +34,11 @@ fn chain(session_tasks: &[&str]) -> serde_json::Value {
 }
 
 /// Sends `body` as a direct report for `session`; the planner's reply.
-async fn result(client: &async_nats::Client, session: &str, body: Vec<u8>) -> ReportReply {
+pub(crate) async fn result(
+    client: &async_nats::Client,
+    session: &str,
+    body: Vec<u8>,
+) -> ReportReply {
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
         client.request(format!("planner.result.{session}"), body.into()),
@@ -46,11 +50,11 @@ async fn result(client: &async_nats::Client, session: &str, body: Vec<u8>) -> Re
         .unwrap_or_else(|e| panic!("not a report reply: {e}: {:?}", reply.payload))
 }
 
-fn completed(task: &str, attempt: u32, lease: &str) -> Vec<u8> {
+pub(crate) fn completed(task: &str, attempt: u32, lease: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"task_id": task, "attempt": attempt, "status": "completed", "output": format!("{task} done"), "lease": lease})).unwrap()
 }
 
-async fn lease_of(client: &async_nats::Client, session: &str, task: &str) -> String {
+pub(crate) async fn lease_of(client: &async_nats::Client, session: &str, task: &str) -> String {
     match claim(client, session, json!({"task_id": task, "attempt": 1})).await {
         LeaseReply::Granted { lease, .. } => lease,
         other => panic!("the claim of {task} was not granted: {other:?}"),
@@ -107,7 +111,7 @@ async fn a_direct_report_is_answered_ok_once_its_events_are_stored_and_writes_no
     let lease = lease_of(&client, "s-direct", "a").await;
 
     let reply = result(&client, "s-direct", completed("a", 1, &lease)).await;
-    assert_eq!(reply, ReportReply::Ok);
+    assert_eq!(reply, ReportReply::Ok { next: None });
     // When the reply comes, the completion and the dispatch it caused are in the store.
     let events = store.load_all("s-direct").await.unwrap();
     assert_eq!(completions(&events, "a"), 1, "{events:?}");
@@ -121,7 +125,7 @@ async fn a_direct_report_is_answered_ok_once_its_events_are_stored_and_writes_no
     let lease = lease_of(&client, "s-direct", "b").await;
     assert_eq!(
         result(&client, "s-direct", completed("b", 1, &lease)).await,
-        ReportReply::Ok
+        ReportReply::Ok { next: None }
     );
     let events = store.load_all("s-direct").await.unwrap();
     assert!(
@@ -214,7 +218,7 @@ async fn a_direct_report_with_a_wrong_lease_or_bad_input_is_refused_and_changes_
     // The holder of the lease completes it.
     assert_eq!(
         result(&client, "s-refuse", completed("a", 1, &lease)).await,
-        ReportReply::Ok
+        ReportReply::Ok { next: None }
     );
     assert!(crate::daemon::ended_completed(
         &store.load_all("s-refuse").await.unwrap()
@@ -245,7 +249,7 @@ async fn a_report_sent_both_ways_is_applied_once_and_one_for_an_ended_attempt_is
     let lease = lease_of(&client, "s-twice", "a").await;
     assert_eq!(
         result(&client, "s-twice", completed("a", 1, &lease)).await,
-        ReportReply::Ok
+        ReportReply::Ok { next: None }
     );
     publish(completed("a", 1, &lease)).await;
     reports_drained(&js).await;
@@ -255,7 +259,7 @@ async fn a_report_sent_both_ways_is_applied_once_and_one_for_an_ended_attempt_is
     reports_drained(&js).await;
     assert_eq!(
         result(&client, "s-twice", completed("b", 1, &lease)).await,
-        ReportReply::Ok,
+        ReportReply::Ok { next: None },
         "a duplicate is answered ok: nothing more to do"
     );
     let events = store.load_all("s-twice").await.unwrap();
@@ -279,7 +283,7 @@ async fn a_report_sent_both_ways_is_applied_once_and_one_for_an_ended_attempt_is
     client.flush().await.unwrap();
     assert_eq!(
         result(&client, "s-twice", completed("c", 1, &lease)).await,
-        ReportReply::Ok
+        ReportReply::Ok { next: None }
     );
     assert_eq!(store.version("s-twice").await.unwrap(), version);
     assert!(
@@ -315,6 +319,7 @@ async fn with_no_planner_running_the_pools_report_goes_to_the_stream_and_is_appl
         Subjects::new("planner"),
         PoolOptions {
             offers: true,
+            take_next: true,
             stream: "PLANNER_TASKS".into(),
             consumer: "fallback-pool".into(),
             filter: "planner.task.>".into(),
@@ -401,7 +406,7 @@ async fn a_direct_report_reaching_an_instance_that_does_not_own_the_session_is_f
         let before = forwarded(ownership(&client).await);
         assert_eq!(
             result(&client, &session, completed("a", 1, &lease)).await,
-            ReportReply::Ok
+            ReportReply::Ok { next: None }
         );
         let events = store.load_all(&session).await.unwrap();
         assert_eq!(completions(&events, "a"), 1, "{session}: {events:?}");
@@ -464,7 +469,7 @@ async fn a_non_english_report_at_the_size_limit_is_applied_intact_and_one_byte_o
 
     assert_eq!(
         result(&client, "s-intl", report(&output)).await,
-        ReportReply::Ok
+        ReportReply::Ok { next: None }
     );
     let events = store.load_all("s-intl").await.unwrap();
     let stored = events.iter().find_map(|e| match e {

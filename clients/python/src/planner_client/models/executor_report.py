@@ -8,6 +8,34 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
+class NextRequest(BaseModel):
+    """
+    What an executor asks for with a report: the session's next task, claimed for it.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+    )
+    claim_id: str
+    """
+    The claim id, and so the lease, of the task handed over: as [`ClaimRequest`]'s
+    `claim_id` (16 to 64 letters, digits, `_` or `-`), new for each report. A `next` with
+    a malformed one is ignored (the report is applied all the same).
+    """
+    context_ref: str | None = None
+    """
+    Optional: the `context_ref` of the session's context the executor holds; the reply
+    carries the context unless it is that one.
+    """
+    serves: str
+    """
+    The dispatch subjects the executor serves, as a NATS subject filter (`planner.task.>`,
+    `planner.task.tool_call.web_search`, `planner.task.*.search`): only a task whose
+    dispatch subject it matches is handed over.
+    """
+
+
 class ReportMessageStarted(BaseModel):
     """
     The executor took the task.
@@ -24,6 +52,14 @@ class ReportMessageStarted(BaseModel):
     """
     The lease the claim returned; required once the attempt was claimed (and always when
     the planner requires claims).
+    """
+    next: NextRequest | None = None
+    """
+    Optional, and heeded only on `{p}.result.{session}`: the executor runs another task of
+    this session in the slot the report frees. If the report makes a task ready that the
+    executor serves, the planner claims it for the executor in the same write as the
+    report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
+    of offering it or publishing it to the dispatch stream.
     """
     task_id: str
     """
@@ -48,6 +84,14 @@ class ReportMessageCompleted(BaseModel):
     """
     The lease the claim returned; required once the attempt was claimed (and always when
     the planner requires claims).
+    """
+    next: NextRequest | None = None
+    """
+    Optional, and heeded only on `{p}.result.{session}`: the executor runs another task of
+    this session in the slot the report frees. If the report makes a task ready that the
+    executor serves, the planner claims it for the executor in the same write as the
+    report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
+    of offering it or publishing it to the dispatch stream.
     """
     task_id: str
     """
@@ -80,6 +124,14 @@ class ReportMessageFailed(BaseModel):
     """
     The lease the claim returned; required once the attempt was claimed (and always when
     the planner requires claims).
+    """
+    next: NextRequest | None = None
+    """
+    Optional, and heeded only on `{p}.result.{session}`: the executor runs another task of
+    this session in the slot the report frees. If the report makes a task ready that the
+    executor serves, the planner claims it for the executor in the same write as the
+    report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
+    of offering it or publishing it to the dispatch stream.
     """
     task_id: str
     """
@@ -117,6 +169,14 @@ class ReportMessageNeedsClarification(BaseModel):
     """
     The lease the claim returned; required once the attempt was claimed (and always when
     the planner requires claims).
+    """
+    next: NextRequest | None = None
+    """
+    Optional, and heeded only on `{p}.result.{session}`: the executor runs another task of
+    this session in the slot the report frees. If the report makes a task ready that the
+    executor serves, the planner claims it for the executor in the same write as the
+    report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
+    of offering it or publishing it to the dispatch stream.
     """
     task_id: str
     """

@@ -8,16 +8,45 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
-class ReportReplyOk(BaseModel):
+class Attachment(BaseModel):
     """
-    Done: the events the report caused are persisted (or it changed nothing: a duplicate,
-    or a report on an attempt that already ended). Do not publish it to the stream.
+    A file, URL or blob a request or task refers to. The planner passes attachments through to
+    executors; it never reads them.
     """
 
     model_config = ConfigDict(
         populate_by_name=True,
     )
-    status: Literal["ok"]
+    media_type: str | None = None
+    """
+    The media type when known, e.g. `text/csv`.
+    """
+    name: str
+    """
+    A short human-readable name, e.g. `report.csv`.
+    """
+    uri: str
+    """
+    Where the content lives, e.g. `s3://bucket/report.csv` or `file:///tmp/x`.
+    """
+
+
+class TaskOutput(BaseModel):
+    """
+    The output of a completed dependency.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    output: str
+    """
+    Its output.
+    """
+    task_id: str
+    """
+    The dependency.
+    """
 
 
 class ReportReplyRefused(BaseModel):
@@ -61,14 +90,30 @@ class ReportReplyRetry(BaseModel):
     status: Literal["retry"]
 
 
-class ReportReply(RootModel[ReportReplyOk | ReportReplyRefused | ReportReplyRetry]):
-    root: Annotated[
-        ReportReplyOk | ReportReplyRefused | ReportReplyRetry,
-        Field(title="ReportReply"),
-    ]
+class DispatchContext(BaseModel):
     """
-    The reply to a report sent directly on `{p}.result.{session}` (the body is a
-    [`ReportMessage`], as on the report stream).
+    The context handed to an executor with a task.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    profile: Literal["general", "coding", "analysis"]
+    """
+    The compaction profile, a hint for LLM steps.
+    """
+    request: str
+    """
+    The request the task serves.
+    """
+    summary: str | None = None
+    """
+    The summary of older conversation: the session's latest when the assignment is rendered
+    (for a live dispatch, the summary as of the dispatch).
+    """
+    system_prompt: str | None = None
+    """
+    The system prompt (processing steps only).
     """
 
 
@@ -87,4 +132,118 @@ class ErrorBody(BaseModel):
     message: str
     """
     What went wrong, for people.
+    """
+
+
+class TaskMessage(BaseModel):
+    """
+    A dispatch on `{p}.task.{kind}.{target}`.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    answer: str | None = None
+    """
+    A human's answer to the question this task (or one of its attempts) asked.
+    """
+    attachments: list[Attachment]
+    """
+    Files or URLs it needs.
+    """
+    attempt: Annotated[int, Field(ge=0)]
+    """
+    The attempt, from 1. An executor that sees a (task, attempt) twice ran it already.
+    """
+    context: DispatchContext | None = None
+    """
+    The conversation so far, compacted. A shell may leave it out of a dispatch (the daemon
+    does when it is large, see docs/protocol.md): the executor then gets it with its claim.
+    """
+    context_ref: str | None = None
+    """
+    What identifies `context`: equal references, equal contexts
+    ([`DispatchContext::reference`]). An executor that holds the context of this reference
+    (from an earlier task of the session) need not be sent it again.
+    """
+    description: str
+    """
+    What to do.
+    """
+    inputs: list[TaskOutput]
+    """
+    Outputs of the tasks it depends on, in dependency order.
+    """
+    kind: Literal["clarification", "tool_call", "processing"]
+    """
+    Tool call or processing step.
+    """
+    session: str
+    """
+    The session: report back on `{p}.result.{session}` or `{p}.report.{session}`.
+    """
+    target: str
+    """
+    The tool or step to use.
+    """
+    task_id: str
+    """
+    The task.
+    """
+
+
+class NextTask(BaseModel):
+    """
+    A task handed over in the reply to a report ([`NextRequest`]): claimed for the executor,
+    to run at once in the slot the report freed, as a granted claim's attempt.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    context: DispatchContext | None = None
+    """
+    The attempt's context, unless the request named it (`context_ref`) as the one the
+    executor holds.
+    """
+    heartbeat_interval_ms: Annotated[int | None, Field(ge=0)] = None
+    """
+    How often to heartbeat; absent when the planner times out no silent attempt.
+    """
+    lease: str
+    """
+    The lease: the request's claim id.
+    """
+    task: TaskMessage
+    """
+    The dispatch, as the stream would have carried it (a large context left out, as
+    there: see `context`).
+    """
+
+
+class ReportReplyOk(BaseModel):
+    """
+    Done: the events the report caused are persisted (or it changed nothing: a duplicate,
+    or a report on an attempt that already ended). Do not publish it to the stream.
+    """
+
+    model_config = ConfigDict(
+        populate_by_name=True,
+    )
+    next: NextTask | None = None
+    """
+    The task handed over, when the report asked for one ([`ReportMessage`]'s `next`)
+    and made one ready that the executor serves: run it now.
+    """
+    status: Literal["ok"]
+
+
+class ReportReply(RootModel[ReportReplyOk | ReportReplyRefused | ReportReplyRetry]):
+    root: Annotated[
+        ReportReplyOk | ReportReplyRefused | ReportReplyRetry,
+        Field(title="ReportReply"),
+    ]
+    """
+    The reply to a report sent directly on `{p}.result.{session}` (the body is a
+    [`ReportMessage`], as on the report stream).
     """
