@@ -165,6 +165,7 @@ pub async fn run_pool(
         report_started: options.report_started,
         take_next: options.take_next && options.reports == ReportPath::Direct,
         filter: options.filter.clone(),
+        shutdown: shutdown.clone(),
         // Claim ids are derived from this pool's id and the attempt: a redelivered dispatch
         // the pool claimed before (the grant lost to a timeout, a cluster node dying under the
         // append) is claimed again with the same id and granted again. With a new id per
@@ -351,6 +352,8 @@ struct Shared {
     take_next: bool,
     /// The dispatch subjects served: what a report's `next` asks for.
     filter: String,
+    /// Once cancelled, reports stop asking for the next task: a stopping pool would not run it.
+    shutdown: CancellationToken,
     pool_id: uuid::Uuid,
 }
 
@@ -526,24 +529,28 @@ impl Shared {
         // Each report asks for the session's next task (when the pool takes them), which the
         // planner hands over in its reply: run it in this slot, with no offer and no claim.
         loop {
-            let Some(next) = self.run_claimed(route, attempt, &mut executor).await else {
+            // The next task continues the trace (the same session's work) and gets the context
+            // this pool named in the request when the reply leaves it out.
+            let trace = attempt.trace.clone();
+            let Some((next, held)) = self.run_claimed(route, attempt, &mut executor).await else {
                 return;
             };
-            let Some(claimed) = self.take_over(*next) else {
+            let Some(mut claimed) = self.take_over(*next, held) else {
                 return;
             };
+            claimed.trace = trace;
             attempt = claimed;
         }
     }
 
     /// Runs an attempt this pool holds the lease of, reports it, and returns the task the
-    /// planner handed over in the report's reply, if any.
+    /// planner handed over in the report's reply, if any, with the context the request named.
     async fn run_claimed(
         &self,
         route: Route<'_>,
         attempt: Claimed,
         executor: &mut SimExecutor,
-    ) -> Option<Box<NextTask>> {
+    ) -> Option<(Box<NextTask>, Option<(String, DispatchContext)>)> {
         let Claimed {
             task,
             lease,
@@ -595,15 +602,19 @@ impl Shared {
             }
             done.insert(key, report.clone());
         }
-        if self.take_next {
+        // The context named is kept here: another task of the session may replace the pool's
+        // copy before the reply comes.
+        let mut held = None;
+        if self.take_next && !self.shutdown.is_cancelled() {
+            held = self
+                .contexts
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&task.session).cloned());
             report.next = Some(NextRequest {
                 serves: self.filter.clone(),
                 claim_id: uuid::Uuid::new_v4().simple().to_string(),
-                context_ref: self
-                    .contexts
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.get(&task.session).map(|(reference, _)| reference.clone())),
+                context_ref: held.as_ref().map(|(reference, _)| reference.clone()),
             });
         }
         self.observer.reporting(&task, Instant::now());
@@ -616,12 +627,16 @@ impl Shared {
         };
         tracing::info!(session = %task.session, task = %task.assignment.task_id, attempt = task.assignment.attempt, target = %task.assignment.target, status, "ran a task");
         self.observer.reported(&task, Instant::now());
-        next
+        next.map(|next| (next, held))
     }
 
     /// A task handed over with a report's reply, as an attempt this pool holds; `None` when
     /// the pool runs that attempt already (its lease then lapses into a retry).
-    fn take_over(&self, next: NextTask) -> Option<Claimed> {
+    fn take_over(
+        &self,
+        next: NextTask,
+        held: Option<(String, DispatchContext)>,
+    ) -> Option<Claimed> {
         let NextTask {
             mut task,
             lease,
@@ -634,9 +649,17 @@ impl Shared {
                 remember_context(&self.contexts, &task.session, &context);
                 task.assignment.context = Some(context);
             }
-            None => {
-                hold_context(&self.contexts, &mut task);
-            }
+            None => match held {
+                Some((reference, context))
+                    if task.assignment.context.is_none()
+                        && reference == task.assignment.context_ref =>
+                {
+                    task.assignment.context = Some(context);
+                }
+                _ => {
+                    hold_context(&self.contexts, &mut task);
+                }
+            },
         }
         let key = (
             task.session.clone(),

@@ -1590,7 +1590,8 @@ async fn judge_report<S: EventStore>(
 enum ReportVia {
     /// A request on `{p}.result.<session>`.
     Direct,
-    /// The report stream.
+    /// The report stream, or a message on `{p}.result.<session>` without a reply subject: no
+    /// reply to hand a task over in.
     Stream,
 }
 
@@ -1693,9 +1694,9 @@ async fn result_reply<S: EventStore>(
     subject: &str,
     payload: &[u8],
     max_bytes: usize,
+    via: ReportVia,
 ) -> ReportReply {
     let session = subjects.session_of(subject, Endpoint::Result.token());
-    let via = ReportVia::Direct;
     match judge_report(engine, subjects, subject, session, payload, max_bytes, via).await {
         ReportOutcome::Done(next) => {
             crate::metrics::report("direct", "applied");
@@ -2060,7 +2061,14 @@ async fn handle<S: EventStore>(
         }
         Endpoint::Result => {
             let client = &router.client;
-            let reply = result_reply(engine, subjects, client, subject, payload, max_bytes).await;
+            // A report published without a reply subject has no one to hand a task over to.
+            let via = if incoming.reply.is_some() {
+                ReportVia::Direct
+            } else {
+                ReportVia::Stream
+            };
+            let reply =
+                result_reply(engine, subjects, client, subject, payload, max_bytes, via).await;
             serde_json::to_vec(&reply)
         }
     };

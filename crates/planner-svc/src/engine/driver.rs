@@ -203,7 +203,17 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     return Err(refused.into());
                 }
             };
-            let handed_over = chain.and_then(|chain| hand_over(planner, &mut events, chain, now));
+            // A report that asks for the next task claims it here, or, sent again after its
+            // reply was lost (a duplicate, which changes nothing), finds the task claimed for
+            // it the first time and hands it over again.
+            let handed_over = chain.and_then(|chain| {
+                let limit = self
+                    .config
+                    .max_dispatch_bytes
+                    .saturating_sub(HANDOVER_ENVELOPE);
+                hand_over(session, planner, &mut events, chain, now, limit)
+                    .or_else(|| held_by(planner, &chain.lease))
+            });
             planner.drain_log();
             let (lease_terms, claim_context) = match &command {
                 Command::ClaimAttempt { task_id, .. } => (
@@ -213,12 +223,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 _ => (None, None),
             };
             if events.is_empty() {
+                let handover = handed_over.and_then(|held| self.handover(session, planner, held));
                 let handled = Handled {
                     version: before,
                     events,
                     lease_terms,
                     claim_context,
-                    handover: None,
+                    handover,
                 };
                 return Ok((handled, Vec::new()));
             }
@@ -278,23 +289,15 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         self.config.max_dispatch_bytes,
                         self.config.inline_context_bytes,
                     );
-                    // The task handed over goes in the reply, to no one else. (Too large for
-                    // the bus, it is among `undeliverable` instead, and its attempt fails.)
-                    let handover = handed_over.and_then(|(task_id, attempt, lease)| {
-                        let at = outgoing.iter().position(|message| {
-                            matches!(message, Outgoing::Task(t)
-                                if t.assignment.task_id == task_id && t.assignment.attempt == attempt)
-                        })?;
-                        let Outgoing::Task(task) = outgoing.remove(at) else {
-                            return None;
-                        };
-                        Some(Handover {
-                            task,
-                            lease,
-                            lease_terms: planner.attempt_timeouts(&task_id),
-                            context: planner.dispatch_context(&task_id),
-                        })
-                    });
+                    // The task handed over goes in the reply, to no one else.
+                    if let Some((task_id, attempt, _)) = &handed_over {
+                        outgoing.retain(|message| {
+                            !matches!(message, Outgoing::Task(t)
+                                if t.assignment.task_id == *task_id && t.assignment.attempt == *attempt)
+                        });
+                    }
+                    let handover =
+                        handed_over.and_then(|held| self.handover(session, planner, held));
                     let deadline = planner.next_deadline();
                     self.config
                         .snapshot
@@ -368,16 +371,61 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
     }
 }
 
+/// Room left in a reply for what surrounds the dispatch it hands over (the status, the lease,
+/// the heartbeat interval, JSON punctuation): a dispatch within `max_dispatch_bytes` less this
+/// fits the bus in a reply too.
+const HANDOVER_ENVELOPE: usize = 1024;
+
+/// An attempt handed over: task, attempt, lease.
+type HeldAttempt = (planner_core::TaskId, u32, String);
+
+impl<S: EventStore, P: Publisher> Engine<S, P> {
+    /// The reply's account of an attempt handed over, rendered from the planner.
+    fn handover(&self, session: &str, planner: &Planner, held: HeldAttempt) -> Option<Handover> {
+        let (task_id, attempt, lease) = held;
+        let task = super::render::dispatch(
+            session,
+            planner,
+            &task_id,
+            attempt,
+            self.config.inline_context_bytes,
+        )?;
+        // A context the dispatch carries inline is not sent twice.
+        let context = match task.assignment.context {
+            Some(_) => None,
+            None => planner.dispatch_context(&task_id),
+        };
+        Some(Handover {
+            task,
+            lease,
+            lease_terms: planner.attempt_timeouts(&task_id),
+            context,
+        })
+    }
+}
+
+/// The running attempt whose lease is `lease`, if any: what a report's `next` got the first
+/// time it was sent.
+fn held_by(planner: &Planner, lease: &str) -> Option<HeldAttempt> {
+    planner.state().tasks.iter().find_map(|task| {
+        let held = task.status == planner_core::TaskStatus::Running
+            && task.lease.as_ref().is_some_and(|l| l.token == lease);
+        held.then(|| (task.id.clone(), task.attempts, lease.to_owned()))
+    })
+}
+
 /// Claims, for a report's executor, the first task its events dispatch that the executor
-/// serves ([`Chain`]): the claim's events join the report's, so one append carries both.
-/// Returns the task, attempt and lease handed over; `None` (and `events` unchanged) when no
-/// dispatched task suits or the claim is refused.
+/// serves ([`Chain`]) and that fits a reply of `limit` bytes: the claim's events join the
+/// report's, so one append carries both. Returns the task, attempt and lease handed over;
+/// `None` (and `events` unchanged) when no dispatched task suits or the claim is refused.
 fn hand_over(
+    session: &str,
     planner: &mut Planner,
     events: &mut Vec<planner_core::Event>,
     chain: &Chain,
     now: Timestamp,
-) -> Option<(planner_core::TaskId, u32, String)> {
+    limit: usize,
+) -> Option<HeldAttempt> {
     let (task_id, attempt) = events
         .iter()
         .filter_map(planner_core::Event::planner_cmd)
@@ -390,6 +438,11 @@ fn hand_over(
             (chain.serves)(kind, &dispatch.target)
                 .then(|| (dispatch.task_id.clone(), dispatch.attempt))
         })?;
+    // One too large for a reply is published (or failed as undeliverable) as ever.
+    let message = super::render::dispatch(session, planner, &task_id, attempt, usize::MAX)?;
+    if super::render::oversized(&message, limit).is_some() {
+        return None;
+    }
     let claim = Command::ClaimAttempt {
         task_id: task_id.clone(),
         attempt,

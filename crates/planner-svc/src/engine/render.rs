@@ -75,6 +75,37 @@ pub fn oversized(task: &TaskMessage, limit: usize) -> Option<usize> {
     (bytes > limit).then_some(bytes)
 }
 
+/// The dispatch of `task_id`'s attempt `attempt` as it is published (a context over
+/// `inline_context` bytes left out, see [`deliverable`]); `None` for a task that is not an
+/// executor's.
+pub fn dispatch(
+    session: &str,
+    planner: &Planner,
+    task_id: &planner_core::TaskId,
+    attempt: u32,
+    inline_context: usize,
+) -> Option<TaskMessage> {
+    let task = planner.state().tasks.iter().find(|t| &t.id == task_id)?;
+    if task.kind == NodeKind::Clarification {
+        return None;
+    }
+    let dispatch = Dispatch {
+        task_id: task_id.clone(),
+        attempt,
+        target: task.target.clone(),
+    };
+    let mut message = TaskMessage {
+        session: session.to_owned(),
+        assignment: planner.assignment(&dispatch)?,
+    };
+    if let Some(context) = &message.assignment.context {
+        if context_bytes(context) > inline_context {
+            message.assignment.context = None;
+        }
+    }
+    Some(message)
+}
+
 /// What the events of one command ask to publish, rendered from the planner after them.
 pub fn outgoing(session: &str, planner: &Planner, events: &[Event]) -> Vec<Outgoing> {
     events

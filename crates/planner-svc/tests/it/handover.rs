@@ -78,13 +78,8 @@ async fn a_report_asking_for_next_gets_a_ready_task_it_serves_claimed_in_the_sam
     let lease = lease_of(&client, "s-next", "a").await;
 
     let claim_id = "next-claim-of-b-0001";
-    let reply = result(
-        &client,
-        "s-next",
-        completed_asking("a", &lease, "planner.task.>", claim_id),
-    )
-    .await;
-    let next = handed_over(reply);
+    let report = completed_asking("a", &lease, "planner.task.>", claim_id);
+    let next = handed_over(result(&client, "s-next", report.clone()).await);
     assert_eq!(next.task.session, "s-next");
     assert_eq!(next.task.assignment.task_id.as_str(), "b");
     assert_eq!(next.task.assignment.attempt, 1);
@@ -99,7 +94,17 @@ async fn a_report_asking_for_next_gets_a_ready_task_it_serves_claimed_in_the_sam
     ] {
         assert!(last.iter().any(|e| e == wanted), "{wanted} not in {last:?}");
     }
+    // The same report again (its reply lost): the same task, with the same lease.
+    let again = handed_over(result(&client, "s-next", report).await);
+    assert_eq!(again, next);
+    assert_eq!(
+        batches(&store, "s-next").await.len(),
+        logged.len(),
+        "a report sent again writes nothing"
+    );
     // b went to no one else: only a was ever in the dispatch stream (no pool takes offers).
+    // (A publish is sent before the reply but not awaited: give a stray one time to land.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(stored_dispatches(&client).await, 1);
     // The lease is the executor's: its heartbeat is answered, another's claim is refused.
     let beat = json!({"task_id": "b", "attempt": 1, "lease": claim_id});
@@ -163,7 +168,7 @@ async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     let store = store(&server.url()).await;
-    command(&client, "s-ignored", chain(&["a", "b", "c"])).await;
+    command(&client, "s-ignored", chain(&["a", "b", "c", "d"])).await;
 
     // From the stream there is no reply to hand a task over in.
     let lease = lease_of(&client, "s-ignored", "a").await;
@@ -191,19 +196,46 @@ async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and
     // b is unclaimed: anyone's claim gets it.
     let lease = lease_of(&client, "s-ignored", "b").await;
 
+    // A report published without a reply subject: there is no one to hand c over to.
+    let report = completed_asking("b", &lease, "planner.task.>", "next-claim-without-reply");
+    client
+        .publish("planner.result.s-ignored", report.into())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = store.load_all("s-ignored").await.unwrap();
+        if events
+            .iter()
+            .any(|e| matches!(e, Event::TaskDispatched { task_id, .. } if task_id.as_str() == "c"))
+        {
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::AttemptClaimed { task_id, .. } if task_id.as_str() == "c")),
+                "{events:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "c was never dispatched: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // A claim id too short to be a lease: the report counts, `next` does not.
-    let reply = result(
-        &client,
-        "s-ignored",
-        completed_asking("b", &lease, "planner.task.>", "short"),
-    )
-    .await;
-    assert_eq!(reply, ReportReply::Ok { next: None });
     let lease = lease_of(&client, "s-ignored", "c").await;
     let reply = result(
         &client,
         "s-ignored",
-        crate::reports::completed("c", 1, &lease),
+        completed_asking("c", &lease, "planner.task.>", "short"),
+    )
+    .await;
+    assert_eq!(reply, ReportReply::Ok { next: None });
+    let lease = lease_of(&client, "s-ignored", "d").await;
+    let reply = result(
+        &client,
+        "s-ignored",
+        crate::reports::completed("d", 1, &lease),
     )
     .await;
     assert_eq!(reply, ReportReply::Ok { next: None });
