@@ -124,8 +124,11 @@ pub struct Chain {
     /// The lease of the task handed over: the executor's claim id.
     pub lease: String,
     /// Whether the executor serves dispatches of this kind and target.
-    pub serves: Box<dyn Fn(planner_core::NodeKind, &str) -> bool + Send + Sync>,
+    pub serves: Serves,
 }
+
+/// Whether an executor serves dispatches of a kind and target.
+pub type Serves = Box<dyn Fn(planner_core::NodeKind, &str) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Chain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

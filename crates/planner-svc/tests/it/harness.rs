@@ -434,6 +434,20 @@ pub fn start_pool(
     start_pool_with(client, consumer, 4, latency, observer)
 }
 
+/// [`start_pool`] whose reports never ask for the next task: every task comes by an offer or
+/// the stream, as from an executor written before hand-over.
+pub fn start_pool_taking_no_next(
+    client: &async_nats::Client,
+    consumer: &str,
+    latency: std::time::Duration,
+    observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio_util::sync::CancellationToken,
+) {
+    start_pool_options(client, consumer, 4, latency, observer, false)
+}
+
 /// [`start_pool`] with `concurrency` slots.
 pub fn start_pool_with(
     client: &async_nats::Client,
@@ -445,13 +459,27 @@ pub fn start_pool_with(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tokio_util::sync::CancellationToken,
 ) {
+    start_pool_options(client, consumer, concurrency, latency, observer, true)
+}
+
+fn start_pool_options(
+    client: &async_nats::Client,
+    consumer: &str,
+    concurrency: usize,
+    latency: std::time::Duration,
+    observer: std::sync::Arc<dyn planner_svc::executor::PoolObserver>,
+    take_next: bool,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio_util::sync::CancellationToken,
+) {
     let stop = tokio_util::sync::CancellationToken::new();
     let pool = tokio::spawn(planner_svc::executor::run_pool(
         client.clone(),
         planner_svc::protocol::Subjects::new("planner"),
         planner_svc::executor::PoolOptions {
             offers: true,
-            take_next: true,
+            take_next,
             stream: "PLANNER_TASKS".into(),
             consumer: consumer.into(),
             filter: "planner.task.>".into(),

@@ -625,7 +625,8 @@ async fn a_commands_trace_context_reaches_its_dispatches_and_comes_back_with_the
     // pool takes offers.
     let mut dispatches = client.subscribe("planner.offer.>").await.unwrap();
     client.flush().await.unwrap();
-    let (pool, stop) = start_pool(
+    // (b is offered, not handed over with a's report: a pool that takes no next.)
+    let (pool, stop) = crate::harness::start_pool_taking_no_next(
         &client,
         "trace-pool",
         Duration::from_millis(1),

@@ -218,7 +218,8 @@ async fn with_offers_off_every_dispatch_goes_through_the_stream() {
         Duration::from_millis(1),
         Arc::new(planner_svc::executor::NoObserver),
     );
-    command(&client, "s-stream", plan(&[("a", &[]), ("b", &["a"])])).await;
+    // Two tasks ready at once: neither waits for a report that could hand it over.
+    command(&client, "s-stream", plan(&[("a", &[]), ("b", &[])])).await;
     let events = wait_for_end(&store(&server.url()).await, "s-stream").await;
     assert!(completed(&events));
     assert_eq!(stored_dispatches(&client).await, 2);
