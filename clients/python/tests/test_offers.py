@@ -49,8 +49,10 @@ async def test_offered_dispatches_never_reach_the_stream_and_with_offers_off_all
 ) -> None:
     # Three slots: one for the handler's fetch loop (it holds one while it waits for a stream
     # message), one for the attempt whose report is being answered, one for the next offer.
+    # (No hand-over: each task is dispatched, offered or stored.)
     runs: list[str] = []
-    async with serving(executor_counting(runs, concurrency=3, offers=offers), nc):
+    executor = executor_counting(runs, concurrency=3, offers=offers, take_next=False)
+    async with serving(executor, nc):
         await client.submit(session, "three in a row", plan=PLAN)
         events = await events_until_end(client, session)
     assert events[-1].type == "plan_completed", [e.type for e in events]

@@ -612,7 +612,7 @@ impl Shared {
                 .ok()
                 .and_then(|c| c.get(&task.session).cloned());
             report.next = Some(NextRequest {
-                serves: self.filter.clone(),
+                serves: vec![self.filter.clone()],
                 claim_id: uuid::Uuid::new_v4().simple().to_string(),
                 context_ref: held.as_ref().map(|(reference, _)| reference.clone()),
             });

@@ -535,10 +535,11 @@ pub struct ReportMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NextRequest {
-    /// The dispatch subjects the executor serves, as a NATS subject filter (`planner.task.>`,
-    /// `planner.task.tool_call.web_search`, `planner.task.*.search`): only a task whose
-    /// dispatch subject it matches is handed over.
-    pub serves: String,
+    /// The dispatch subjects the executor serves, as NATS subject filters (`planner.task.>`,
+    /// `planner.task.tool_call.web_search`, `planner.task.*.search`; at most
+    /// [`NextRequest::MAX_SERVES`]): only a task whose dispatch subject one of them matches is
+    /// handed over.
+    pub serves: Vec<String>,
     /// The claim id, and so the lease, of the task handed over: as [`ClaimRequest`]'s
     /// `claim_id` (16 to 64 letters, digits, `_` or `-`), new for each report. A `next` with
     /// a malformed one is ignored (the report is applied all the same).
@@ -550,6 +551,16 @@ pub struct NextRequest {
 }
 
 impl NextRequest {
+    /// Most filters one request may name.
+    pub const MAX_SERVES: usize = 64;
+
+    /// Whether a dispatch on `subject` is one the executor serves.
+    pub fn serves(&self, subject: &str) -> bool {
+        self.serves
+            .iter()
+            .any(|filter| subject_matches(filter, subject))
+    }
+
     /// Why this request cannot be granted, if it cannot.
     pub fn problem(&self, subjects: &Subjects) -> Option<String> {
         let claim = ClaimRequest {
@@ -561,13 +572,17 @@ impl NextRequest {
         if let Some(problem) = claim.claim_id_problem() {
             return Some(problem);
         }
-        if !self
-            .serves
-            .starts_with(&format!("{}.task.", subjects.prefix))
-        {
+        let dispatches = format!("{}.task.", subjects.prefix);
+        if self.serves.is_empty() || self.serves.len() > Self::MAX_SERVES {
             return Some(format!(
-                "serves must be a filter of dispatch subjects ({}.task.…), not {:?}",
-                subjects.prefix, self.serves
+                "serves must name 1 to {} subject filters, not {}",
+                Self::MAX_SERVES,
+                self.serves.len()
+            ));
+        }
+        if let Some(other) = self.serves.iter().find(|f| !f.starts_with(&dispatches)) {
+            return Some(format!(
+                "serves must be filters of dispatch subjects ({dispatches}…), not {other:?}"
             ));
         }
         None
@@ -862,7 +877,7 @@ mod tests {
     fn a_next_request_must_name_dispatch_subjects_and_a_claim_id_fit_for_a_lease() {
         let subjects = Subjects::new("planner");
         let next = |serves: &str, claim_id: &str| NextRequest {
-            serves: serves.into(),
+            serves: vec![serves.into()],
             claim_id: claim_id.into(),
             context_ref: None,
         };
@@ -880,6 +895,22 @@ mod tests {
             .problem(&subjects)
             .is_some_and(|p| p.contains("serves")));
         assert!(next(">", "0123456789abcdef").problem(&subjects).is_some());
+        let none = NextRequest {
+            serves: vec![],
+            ..next("planner.task.>", "0123456789abcdef")
+        };
+        assert!(none.problem(&subjects).is_some());
+        let several = NextRequest {
+            serves: vec![
+                "planner.task.tool_call.search".into(),
+                "planner.task.processing.*".into(),
+            ],
+            ..next("planner.task.>", "0123456789abcdef")
+        };
+        assert_eq!(several.problem(&subjects), None);
+        assert!(several.serves("planner.task.processing.summarize"));
+        assert!(several.serves("planner.task.tool_call.search"));
+        assert!(!several.serves("planner.task.tool_call.fetch"));
     }
 
     #[test]

@@ -1602,14 +1602,13 @@ fn chain_for(
     next: crate::protocol::NextRequest,
 ) -> (crate::engine::Chain, Option<String>) {
     let subjects = subjects.clone();
-    let serves = next.serves;
+    let held = next.context_ref.clone();
+    let lease = next.claim_id.clone();
     let chain = crate::engine::Chain {
-        lease: next.claim_id,
-        serves: Box::new(move |kind, target| {
-            crate::protocol::subject_matches(&serves, &subjects.task(kind, target))
-        }),
+        lease,
+        serves: Box::new(move |kind, target| next.serves(&subjects.task(kind, target))),
     };
-    (chain, next.context_ref)
+    (chain, held)
 }
 
 /// How often the executor of an attempt with these timeouts heartbeats: three beats per

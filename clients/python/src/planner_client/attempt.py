@@ -47,8 +47,10 @@ from pydantic import ValidationError
 from . import handlers, lease, reporting, routing, wire
 from .context import TaskContext
 from .handlers import Handler
+from .models.executor_report import NextRequest
 from .models.lease_reply import LeaseReplyGranted, LeaseReplyStop
-from .models.task_message import TaskMessage
+from .models.report_reply import NextTask
+from .models.task_message import DispatchContext, TaskMessage
 from .subjects import Subjects
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,13 @@ class Runtime:
     """Whether requests go to the session's owner a dispatch names (`routing`)."""
     executor_id: uuid.UUID = field(default_factory=uuid.uuid4)
     """The executor's random id, which its claim ids are derived from (`lease.claim_id`)."""
+    take_next: bool = False
+    """Whether final direct reports ask for the session's next task (docs/protocol.md, "The
+    next task with the reply"), run in the same slot without a claim."""
+    handlers: dict[tuple[str, str], Handler] = field(default_factory=dict)
+    """The executor's handlers by (kind, target): what runs a task handed over."""
+    serves: list[str] = field(default_factory=list)
+    """The dispatch subjects the handlers serve: what a report's `next` asks for."""
     running: dict[AttemptKey, AttemptControl] = field(default_factory=dict)
     finished: OrderedDict[AttemptKey, None] = field(default_factory=OrderedDict)
     """The last `FINISHED_KEPT` attempts over, oldest first."""
@@ -185,7 +194,20 @@ class Runtime:
 
 
 async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
-    """Takes one fetched or offered dispatch through claim, work and report. Never raises."""
+    """Takes one fetched or offered dispatch through claim, work and report, then runs the
+    tasks the planner hands over with the reports' replies, in the same slot. Never raises."""
+    handed = await _run_delivered(msg, handler, rt)
+    while handed is not None:
+        next_task, route, trace = handed
+        handed = await _run_handed_over(next_task, rt, route, trace)
+
+
+Handed = tuple[NextTask, routing.Route, str | None]
+"""A task handed over with a report's reply, the route its session's requests take and the
+trace it continues."""
+
+
+async def _run_delivered(msg: Delivery, handler: Handler, rt: Runtime) -> Handed | None:
     try:
         task = wire.decode(TaskMessage, msg.data)
     except ValidationError as error:
@@ -194,15 +216,15 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
         # An offer is declined (no claim answers it, and its timeout would delay the stream's
         # copy, which is then terminated the same way).
         await _settle(msg.decline() if isinstance(msg, Offer) else msg.term())
-        return
+        return None
     if rt.draining.is_set():
         await _settle(msg.nak())
-        return
+        return None
     key = (task.session, task.task_id, task.attempt)
     if rt.ours(key):
         _log_again(task)
         await _settle(msg.taken() if isinstance(msg, Offer) else msg.ack())
-        return
+        return None
     dispatch_trace = wire.traceparent(msg.headers)
     trace = dispatch_trace if wire.sampled(dispatch_trace) else None
     route = routing.Route(routing.owner(msg.headers), rt.addressing)
@@ -219,22 +241,22 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
         log.warning("claim of %s/%s attempt %s not answered (%s); it will come again",
                     task.session, task.task_id, task.attempt, error)
         await _settle(msg.nak(delay=rt.nak_delay))
-        return
+        return None
     if isinstance(reply, LeaseReplyStop):
         log.info("not running %s/%s attempt %s: %s", task.session, task.task_id, task.attempt,
                  reply.reason)
         await _settle(msg.term())
-        return
+        return None
     if not isinstance(reply, LeaseReplyGranted):
         log.warning("claim of %s/%s attempt %s refused (%s); it will come again",
                     task.session, task.task_id, task.attempt, reply)
         await _settle(msg.nak(delay=rt.nak_delay))
-        return
+        return None
     if rt.ours(key):
         # Another delivery of it was granted while this claim was asked, and runs it.
         _log_again(task)
         await _settle(msg.ack())
-        return
+        return None
     if reply.context is not None:
         # A large context is left out of the dispatch and sent with the grant.
         task = task.model_copy(update={"context": reply.context})
@@ -250,12 +272,58 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
         await _settle(msg.ack())
         if rt.report_started:
             await _report(rt, task, reporting.started(task, ctx.lease), trace, route)
-        await _supervise(handler, task, control, rt)
+        next_task = await _supervise(handler, task, control, rt)
+        return None if next_task is None else (next_task, route, dispatch_trace)
     except Exception:  # one attempt's bug must not end the executor
         log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
                       task.attempt)
+        return None
     finally:
         rt.finish(key)
+
+
+async def _run_handed_over(handed: NextTask, rt: Runtime, route: routing.Route,
+                           dispatch_trace: str | None) -> Handed | None:
+    """Runs a task the planner handed over with a report's reply (claimed for this executor
+    already: no claim, no ack), and returns the one handed over with its own report."""
+    # The reply's models are generated apart from the dispatch's: read it as a dispatch.
+    task = TaskMessage.model_validate(handed.task.model_dump(mode="json", by_alias=True))
+    if handed.context is not None:
+        # A context the dispatch leaves out comes with the reply (as with a claim's grant).
+        context = DispatchContext.model_validate(handed.context.model_dump(mode="json",
+                                                                           by_alias=True))
+        task = task.model_copy(update={"context": context})
+    key = (task.session, task.task_id, task.attempt)
+    handler = rt.handlers.get((task.kind, task.target))
+    if handler is None or rt.ours(key):
+        # Not ours to run after all (asked for subjects this executor does not serve, or a
+        # bug): hand it back at once rather than let it wait out its heartbeat timeout.
+        log.error("%s/%s attempt %s handed over but not runnable here; handing it back",
+                  task.session, task.task_id, task.attempt)
+        back = reporting.failed(task, handed.lease, "handed over to an executor that does not "
+                                "serve it", retryable=True)
+        await _report(rt, task, back, _carried(dispatch_trace), route)
+        return None
+    interval = handed.heartbeat_interval_ms / 1000 if handed.heartbeat_interval_ms else None
+    ctx = TaskContext(task, handed.lease, interval, traceparent=dispatch_trace)
+    if rt.draining.is_set():
+        ctx._begin_shutdown()
+    control = AttemptControl(ctx, route)
+    rt.running[key] = control
+    try:
+        if rt.report_started:
+            await _report(rt, task, reporting.started(task, ctx.lease), _carried(dispatch_trace),
+                          route)
+        next_task = await _supervise(handler, task, control, rt)
+        return None if next_task is None else (next_task, route, dispatch_trace)
+    except Exception:  # one attempt's bug must not end the executor
+        log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
+                      task.attempt)
+        return None
+    finally:
+        rt.finish(key)
+
+
 
 
 def _log_again(task: TaskMessage) -> None:
@@ -263,8 +331,10 @@ def _log_again(task: TaskMessage) -> None:
              "not run again", task.session, task.task_id, task.attempt)
 
 
-async def _supervise(handler: Handler, task: TaskMessage, control: AttemptControl, rt: Runtime) -> None:
-    """Runs the handler against its stop signals, then reports (or not) as the protocol says."""
+async def _supervise(handler: Handler, task: TaskMessage, control: AttemptControl,
+                     rt: Runtime) -> NextTask | None:
+    """Runs the handler against its stop signals, then reports (or not) as the protocol says;
+    returns the task the planner handed over with the report's reply, if any."""
     ctx = control.ctx
     work = asyncio.ensure_future(handlers.call(handler, task, ctx, rt.threads))
     watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(control.wait_stopped())]
@@ -300,8 +370,18 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
         report = handlers.report_for(work, task, ctx.lease)
         log.info("%s/%s attempt %s %s", task.session, task.task_id, task.attempt,
                  getattr(report, "status", "?"))
+        if rt.take_next and rt.direct.on() and not rt.draining.is_set():
+            # The slot this report frees runs the session's next task, if the planner has one
+            # this executor serves: it comes with the reply, claimed.
+            ask = NextRequest(serves=rt.serves, claim_id=uuid.uuid4().hex)
+            report = report.model_copy(update={"next": ask})
+            _, next_task = await reporting.send_taking_next(
+                rt.nc, rt.js, rt.subjects, task.session, report, direct=rt.direct,
+                timeout=rt.request_timeout, give_up=rt.hard_stop,
+                trace=_carried(ctx.traceparent), route=control.route)
+            return next_task
         await _report(rt, task, report, _carried(ctx.traceparent), control.route)
-        return
+        return None
 
     reason = ctx.stop_reason or "stopped"
     if reason == SHUTDOWN:
@@ -324,6 +404,7 @@ async def _supervise(handler: Handler, task: TaskMessage, control: AttemptContro
     await asyncio.wait([work])
     if not work.cancelled() and work.exception() is not None:
         log.debug("a stopped handler ended with %r (discarded)", work.exception())
+    return None
 
 
 def _carried(trace: str | None) -> str | None:

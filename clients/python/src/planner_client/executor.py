@@ -82,6 +82,9 @@ class Executor:
     `planner.cancel.*.*` fast path (heartbeats stop them within one interval regardless).
     `consumer_prefix`: the durable consumers' names start with it (default: the subject prefix).
     `offers`: also take the dispatches the planner offers before the stream (module doc).
+    `take_next`: each final report asks for the session's next task, which the planner hands
+    over with its reply, claimed, to run in the same slot (docs/protocol.md, "The next task
+    with the reply"); it needs `direct_reports`.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Executor:
         consumer_prefix: str | None = None,
         direct_reports: bool = True,
         offers: bool = True,
+        take_next: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -111,6 +115,7 @@ class Executor:
         self.listen_for_cancels = listen_for_cancels
         self.direct_reports = direct_reports
         self.offers = offers
+        self.take_next = take_next
         self.consumer_prefix = consumer_prefix or self.subjects.prefix.replace(".", "_")
         self.id = uuid.uuid4()
         """This executor's random id: its claim ids are derived from it (`lease.claim_id`)."""
@@ -201,7 +206,9 @@ class Executor:
             request_timeout=self.request_timeout, nak_delay=self.nak_delay,
             report_started=self.report_started, draining=asyncio.Event(),
             hard_stop=asyncio.Event(), direct=reporting.DirectReports(self.direct_reports),
-            executor_id=self.id,
+            executor_id=self.id, take_next=self.take_next,
+            handlers={(h.kind, h.target): h for h in self._handlers.values()},
+            serves=[self.subjects.task(h.kind, h.target) for h in self._handlers.values()],
         )
         self._runtime = rt
         slots = asyncio.Semaphore(self.concurrency)

@@ -30,7 +30,7 @@ from .models.executor_report import (
     ReportMessageNeedsClarification,
     ReportMessageStarted,
 )
-from .models.report_reply import ReportReply, ReportReplyOk, ReportReplyRefused
+from .models.report_reply import NextTask, ReportReply, ReportReplyOk, ReportReplyRefused
 from .models.task_message import TaskMessage
 from .pause import Pause
 from .subjects import Subjects
@@ -135,6 +135,26 @@ async def send(
     error in the log: the stream would refuse it the same way. `trace`: the dispatch's
     `traceparent`, carried on either way.
     """
+    sent, _ = await send_taking_next(nc, js, subjects, session, report, direct=direct,
+                                     timeout=timeout, give_up=give_up, trace=trace, route=route)
+    return sent
+
+
+async def send_taking_next(
+    nc: NatsClient,
+    js: JetStreamContext,
+    subjects: Subjects,
+    session: str,
+    report: BaseModel,
+    *,
+    direct: DirectReports,
+    timeout: float,
+    give_up: asyncio.Event | None = None,
+    trace: str | None = None,
+    route: routing.Route = routing.USUAL,
+) -> tuple[bool, NextTask | None]:
+    """`send`, and the task the planner handed over in its reply when `report` asked for one
+    (its `next`, docs/protocol.md "The next task with the reply"): run it now, it is yours."""
     if direct.on():
         status = getattr(report, "status", "report")
         task_id = getattr(report, "task_id", "?")
@@ -160,15 +180,15 @@ async def send(
                             reply.data[:200])
             else:
                 if isinstance(answer, ReportReplyOk):
-                    return True
+                    return True, answer.next
                 if isinstance(answer, ReportReplyRefused):
                     log.error("report %s of %s/%s attempt %s refused by the planner (%s: %s); "
                               "dropped", status, session, task_id, attempt, answer.kind,
                               answer.message)
-                    return True
+                    return True, None
                 log.info("report %s of %s/%s attempt %s not handled now (%s); publishing it",
                          status, session, task_id, attempt, answer.kind)
-    return await publish(js, subjects, session, report, give_up=give_up, trace=trace)
+    return await publish(js, subjects, session, report, give_up=give_up, trace=trace), None
 
 
 async def publish(

@@ -21,7 +21,7 @@ use crate::reports::{chain, lease_of, result};
 fn completed_asking(task: &str, lease: &str, serves: &str, claim_id: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "task_id": task, "attempt": 1, "status": "completed", "output": format!("{task} done"),
-        "lease": lease, "next": {"serves": serves, "claim_id": claim_id},
+        "lease": lease, "next": {"serves": [serves], "claim_id": claim_id},
     }))
     .unwrap()
 }

@@ -28,11 +28,12 @@ class NextRequest(BaseModel):
     Optional: the `context_ref` of the session's context the executor holds; the reply
     carries the context unless it is that one.
     """
-    serves: str
+    serves: list[str]
     """
-    The dispatch subjects the executor serves, as a NATS subject filter (`planner.task.>`,
-    `planner.task.tool_call.web_search`, `planner.task.*.search`): only a task whose
-    dispatch subject it matches is handed over.
+    The dispatch subjects the executor serves, as NATS subject filters (`planner.task.>`,
+    `planner.task.tool_call.web_search`, `planner.task.*.search`; at most
+    [`NextRequest::MAX_SERVES`]): only a task whose dispatch subject one of them matches is
+    handed over.
     """
 
 
