@@ -260,26 +260,10 @@ async def _run_delivered(msg: Delivery, handler: Handler, rt: Runtime) -> Handed
     if reply.context is not None:
         # A large context is left out of the dispatch and sent with the grant.
         task = task.model_copy(update={"context": reply.context})
-    interval = reply.heartbeat_interval_ms / 1000 if reply.heartbeat_interval_ms else None
-    ctx = TaskContext(task, reply.lease, interval, traceparent=dispatch_trace)
-    if rt.draining.is_set():
-        ctx._begin_shutdown()
-    control = AttemptControl(ctx, route)
-    rt.running[key] = control
-    try:
-        # The claim is ours: the dispatch has done its job. (Were this ack lost, the
-        # redelivery's claim would be granted again, and the delivery found running here.)
-        await _settle(msg.ack())
-        if rt.report_started:
-            await _report(rt, task, reporting.started(task, ctx.lease), trace, route)
-        next_task = await _supervise(handler, task, control, rt)
-        return None if next_task is None else (next_task, route, dispatch_trace)
-    except Exception:  # one attempt's bug must not end the executor
-        log.exception("attempt %s/%s %s ended with an error", task.session, task.task_id,
-                      task.attempt)
-        return None
-    finally:
-        rt.finish(key)
+    # The claim is ours: the dispatch has done its job. (Were this ack lost, the redelivery's
+    # claim would be granted again, and the delivery found running here.)
+    return await _run_held(handler, task, reply.lease, reply.heartbeat_interval_ms, rt, route,
+                           dispatch_trace, settle=msg.ack())
 
 
 async def _run_handed_over(handed: NextTask, rt: Runtime, route: routing.Route,
@@ -294,23 +278,39 @@ async def _run_handed_over(handed: NextTask, rt: Runtime, route: routing.Route,
                                                                            by_alias=True))
         task = task.model_copy(update={"context": context})
     key = (task.session, task.task_id, task.attempt)
+    if rt.ours(key):
+        _log_again(task)
+        return None
     handler = rt.handlers.get((task.kind, task.target))
-    if handler is None or rt.ours(key):
-        # Not ours to run after all (asked for subjects this executor does not serve, or a
-        # bug): hand it back at once rather than let it wait out its heartbeat timeout.
-        log.error("%s/%s attempt %s handed over but not runnable here; handing it back",
+    if handler is None:
+        # Not ours to run after all (asked for subjects this executor does not serve): hand it
+        # back at once rather than let it wait out its heartbeat timeout.
+        log.error("%s/%s attempt %s handed over but no handler serves it here; handing it back",
                   task.session, task.task_id, task.attempt)
         back = reporting.failed(task, handed.lease, "handed over to an executor that does not "
                                 "serve it", retryable=True)
         await _report(rt, task, back, _carried(dispatch_trace), route)
         return None
-    interval = handed.heartbeat_interval_ms / 1000 if handed.heartbeat_interval_ms else None
-    ctx = TaskContext(task, handed.lease, interval, traceparent=dispatch_trace)
+    return await _run_held(handler, task, handed.lease, handed.heartbeat_interval_ms, rt, route,
+                           dispatch_trace)
+
+
+async def _run_held(handler: Handler, task: TaskMessage, lease_token: str,
+                    heartbeat_interval_ms: int | None, rt: Runtime, route: routing.Route,
+                    dispatch_trace: str | None,
+                    settle: Awaitable[None] | None = None) -> Handed | None:
+    """Runs an attempt this executor holds the lease of and reports it; returns the task handed
+    over with the report's reply, if any. `settle`: the delivery's ack, once it is running."""
+    interval = heartbeat_interval_ms / 1000 if heartbeat_interval_ms else None
+    ctx = TaskContext(task, lease_token, interval, traceparent=dispatch_trace)
     if rt.draining.is_set():
         ctx._begin_shutdown()
     control = AttemptControl(ctx, route)
+    key = (task.session, task.task_id, task.attempt)
     rt.running[key] = control
     try:
+        if settle is not None:
+            await _settle(settle)
         if rt.report_started:
             await _report(rt, task, reporting.started(task, ctx.lease), _carried(dispatch_trace),
                           route)
@@ -322,8 +322,6 @@ async def _run_handed_over(handed: NextTask, rt: Runtime, route: routing.Route,
         return None
     finally:
         rt.finish(key)
-
-
 
 
 def _log_again(task: TaskMessage) -> None:

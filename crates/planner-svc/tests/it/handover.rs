@@ -66,6 +66,30 @@ async fn batches(store: &impl EventStore, session: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Polls the session's log until `task` is dispatched (attempt `attempt`); returns the log.
+async fn until_dispatched(
+    store: &impl EventStore,
+    session: &str,
+    task: &str,
+    attempt: u32,
+    within: Duration,
+) -> Vec<Event> {
+    let deadline = Instant::now() + within;
+    loop {
+        let events = store.load_all(session).await.unwrap();
+        if events.iter().any(|e| {
+            matches!(e, Event::TaskDispatched { task_id, attempt: a, .. } if task_id.as_str() == task && *a == attempt)
+        }) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{task} attempt {attempt} was never dispatched: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_asking_for_next_gets_a_ready_task_it_serves_claimed_in_the_same_write() {
     let server = NatsServer::start().unwrap();
@@ -178,21 +202,7 @@ async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and
         .unwrap()
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = store.load_all("s-ignored").await.unwrap();
-        if events
-            .iter()
-            .any(|e| matches!(e, Event::TaskDispatched { task_id, .. } if task_id.as_str() == "b"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "b was never dispatched: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_dispatched(&store, "s-ignored", "b", 1, Duration::from_secs(10)).await;
     // b is unclaimed: anyone's claim gets it.
     let lease = lease_of(&client, "s-ignored", "b").await;
 
@@ -202,25 +212,13 @@ async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and
         .publish("planner.result.s-ignored", report.into())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = store.load_all("s-ignored").await.unwrap();
-        if events
+    let events = until_dispatched(&store, "s-ignored", "c", 1, Duration::from_secs(10)).await;
+    assert!(
+        !events
             .iter()
-            .any(|e| matches!(e, Event::TaskDispatched { task_id, .. } if task_id.as_str() == "c"))
-        {
-            assert!(
-                !events.iter().any(|e| matches!(e, Event::AttemptClaimed { task_id, .. } if task_id.as_str() == "c")),
-                "{events:?}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "c was never dispatched: {events:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .any(|e| matches!(e, Event::AttemptClaimed { task_id, .. } if task_id.as_str() == "c")),
+        "{events:?}"
+    );
 
     // A claim id too short to be a lease: the report counts, `next` does not.
     let lease = lease_of(&client, "s-ignored", "c").await;
@@ -262,17 +260,7 @@ async fn a_task_handed_over_to_an_executor_that_dies_is_retried_after_its_heartb
     assert_eq!(next.heartbeat_interval_ms, Some(333));
     // The executor never runs it, never heartbeats: attempt 2 is dispatched to anyone.
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(15);
-    loop {
-        let events = store.load_all("s-lost").await.unwrap();
-        if events.iter().any(|e| {
-            matches!(e, Event::TaskDispatched { task_id, attempt: 2, .. } if task_id.as_str() == "b")
-        }) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "b was not retried: {events:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_dispatched(&store, "s-lost", "b", 2, Duration::from_secs(15)).await;
     assert!(started.elapsed() >= Duration::from_millis(500));
     daemon.stop().await;
 }
