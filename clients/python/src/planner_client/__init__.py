@@ -29,7 +29,15 @@ its JSON Schemas (docs/schemas/) into `planner_client.models` and never edited b
 from .client import Client
 from .commands import CommandResult
 from .context import TaskContext, TaskResult
-from .errors import Cancelled, Fatal, NeedsClarification, PlannerError, Retryable, TaskFailure
+from .errors import (
+    Cancelled,
+    CorruptLog,
+    Fatal,
+    NeedsClarification,
+    PlannerError,
+    Retryable,
+    TaskFailure,
+)
 from .events import SessionEvent
 from .executor import Executor
 from .models.task_message import TaskMessage
@@ -40,6 +48,7 @@ __all__ = [
     "Cancelled",
     "Client",
     "CommandResult",
+    "CorruptLog",
     "Executor",
     "Fatal",
     "NeedsClarification",

@@ -87,3 +87,21 @@ class PlannerError(Exception):
     def retryable(self) -> bool:
         """Whether the same command may succeed later."""
         return self.kind in self.RETRYABLE_KINDS
+
+
+class CorruptLog(Exception):
+    """A batch of a session's event log cannot be read (not a JSON array of event envelopes):
+    written by something other than the planner, or damaged. Reading that session's events
+    (`watch`, `history`, `wait_for_end`) stops here rather than skip what it cannot read.
+
+    The daemon quarantines such a session; `planner-svc check` reports the batch, and
+    `planner-svc replay` reads the log batch by batch (README, "Operations").
+    """
+
+    def __init__(self, session: str, sequence: int | None, reason: str) -> None:
+        where = f"stream sequence {sequence}" if sequence is not None else "an unknown position"
+        super().__init__(f"the event log of session {session} has an unreadable batch at "
+                         f"{where}: {reason}")
+        self.session = session
+        self.sequence = sequence
+        self.reason = reason

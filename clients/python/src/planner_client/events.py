@@ -24,6 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
+from .errors import CorruptLog
 from .models.event import Event
 from .subjects import Subjects
 
@@ -86,17 +87,28 @@ def parse_event(
     return SessionEvent(kind, data, typed, schema_version, session_version)
 
 
-def parse_batch(payload: bytes, headers: dict[str, str] | None) -> list[SessionEvent]:
-    """The events of one stream message."""
+def parse_batch(payload: bytes, headers: dict[str, str] | None, *, session: str = "?",
+                sequence: int | None = None) -> list[SessionEvent]:
+    """The events of one stream message; `CorruptLog` (naming `session` and the message's
+    `sequence`) when it is not a batch of event envelopes."""
     version = None
     if headers and "Planner-Version" in headers:
         try:
             version = int(headers["Planner-Version"])
         except ValueError:
             pass
+    try:
+        envelopes = json.loads(payload)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+        raise CorruptLog(session, sequence, f"not JSON ({error})") from error
+    if not isinstance(envelopes, list) or not all(isinstance(e, dict) for e in envelopes):
+        raise CorruptLog(session, sequence, "not an array of event envelopes")
     events = []
-    for envelope in json.loads(payload):
-        events.append(parse_event(envelope.get("event", {}), schema_version=envelope.get("v"),
+    for envelope in envelopes:
+        event = envelope.get("event", {})
+        if not isinstance(event, dict):
+            raise CorruptLog(session, sequence, "an envelope whose event is not an object")
+        events.append(parse_event(event, schema_version=envelope.get("v"),
                                   session_version=version))
     return events
 
@@ -118,7 +130,9 @@ async def watch(
     try:
         while True:
             msg = await sub.next_msg(timeout=None)
-            for event in parse_batch(msg.data, msg.headers):
+            batch = parse_batch(msg.data, msg.headers, session=session,
+                                sequence=msg.metadata.sequence.stream)
+            for event in batch:
                 yield event
     finally:
         try:
@@ -145,7 +159,8 @@ async def until_end(js: JetStreamContext, subjects: Subjects, session: str) -> S
     known = last.seq if last is not None and last.seq is not None else 0
     start = known + 1
     if last is not None and last.data is not None:
-        for event in reversed(parse_batch(last.data, last.headers)):
+        for event in reversed(parse_batch(last.data, last.headers, session=session,
+                                          sequence=last.seq)):
             if event.ends_plan:
                 return event
             if event.type == PLAN_START:
@@ -165,7 +180,7 @@ async def until_end(js: JetStreamContext, subjects: Subjects, session: str) -> S
                 # An ordered consumer that restarts before its first message starts over from
                 # the log's beginning: an earlier plan's end is not this one's.
                 continue
-            for event in parse_batch(msg.data, msg.headers):
+            for event in parse_batch(msg.data, msg.headers, session=session, sequence=seq):
                 if event.ends_plan:
                     ended = event
                 elif event.type == PLAN_START:
@@ -193,7 +208,8 @@ async def history(js: JetStreamContext, subjects: Subjects, session: str) -> lis
     try:
         while True:
             msg = await sub.next_msg(timeout=None)
-            events.extend(parse_batch(msg.data, msg.headers))
+            events.extend(parse_batch(msg.data, msg.headers, session=session,
+                                      sequence=msg.metadata.sequence.stream))
             if last.seq is None or msg.metadata.sequence.stream >= last.seq:
                 return events
     finally:
