@@ -293,6 +293,10 @@ fn describe() {
         "Dispatches offered to an executor before the stream, by outcome (claimed, taken, stopped, declined, unheard, unanswered, shutdown)."
     );
     c!(
+        "planner_tasks_handed_over_total",
+        "Tasks handed over in the reply to the report that made them ready (docs/protocol.md, \"The next task with the reply\"): each one is a dispatch neither offered nor published."
+    );
+    c!(
         "planner_commands_total",
         "Commands handled, by command type and result (ok, or the error kind)."
     );
@@ -638,6 +642,11 @@ pub fn offered(outcome: &'static str) {
         [Some(("outcome", outcome)), None],
         1,
     );
+}
+
+/// A task handed over in a report's reply.
+pub fn handed_over() {
+    count("planner_tasks_handed_over_total", [None, None], 1);
 }
 
 /// Messages re-published by recovery or the outbox sweep.

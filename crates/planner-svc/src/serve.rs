@@ -1699,6 +1699,9 @@ async fn result_reply<S: EventStore>(
     match judge_report(engine, subjects, subject, session, payload, max_bytes, via).await {
         ReportOutcome::Done(next) => {
             crate::metrics::report("direct", "applied");
+            if next.is_some() {
+                crate::metrics::handed_over();
+            }
             ReportReply::Ok { next }
         }
         ReportOutcome::Retry(error) => {

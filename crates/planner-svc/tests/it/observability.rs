@@ -74,7 +74,7 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
     config.metrics.listen = format!("127.0.0.1:{port}");
     config.metrics.check_interval_s = 1;
     let daemon = Daemon::start(config).await;
-    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let request =
         json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
@@ -103,6 +103,25 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         .unwrap();
     let reply: planner_svc::protocol::ReportReply = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(reply, planner_svc::protocol::ReportReply::Ok { next: None });
+    // A task handed over with a report's reply (the pool stopped, so the test claims a itself).
+    drop(executors);
+    command(&client, "metrics-next", crate::reports::chain(&["a", "b"])).await;
+    let lease = crate::reports::lease_of(&client, "metrics-next", "a").await;
+    let asking = json!({"task_id": "a", "attempt": 1, "status": "completed", "output": "a done",
+        "lease": lease, "next": {"serves": ["planner.task.>"], "claim_id": "metrics-next-claim-0001"}});
+    let reply = crate::reports::result(
+        &client,
+        "metrics-next",
+        serde_json::to_vec(&asking).unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(
+            &reply,
+            planner_svc::protocol::ReportReply::Ok { next: Some(_) }
+        ),
+        "{reply:?}"
+    );
     // The metrics are recorded after the append, so poll: the last event may be a moment old.
     let mut exposition = String::new();
     for _ in 0..100 {
@@ -167,6 +186,7 @@ async fn metrics_count_a_plan_its_tasks_and_their_durations_from_the_events() {
         1.0,
     );
     at_least("planner_build_info{version=", 1.0);
+    at_least("planner_tasks_handed_over_total", 1.0);
     // The background check read the session's log and found it whole.
     at_least("planner_consistency_checks_total{result=\"ok\"}", 1.0);
     assert_eq!(
@@ -370,7 +390,7 @@ async fn check_passes_a_good_jetstream_log_and_finds_a_gap_and_an_undecodable_ap
     use planner_store::EventStore as _;
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
-    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let request =
         json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
