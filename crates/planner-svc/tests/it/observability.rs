@@ -390,7 +390,7 @@ async fn check_passes_a_good_jetstream_log_and_finds_a_gap_and_an_undecodable_ap
     use planner_store::EventStore as _;
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
-    let executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
+    let _executors = Executors::start(&server.url(), ExecutorBehaviour::default()).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let request =
         json!({"type": "initialize", "input": "1. Search for flights\n2. Summarize the options"});
