@@ -527,8 +527,30 @@ pub struct ReportMessage {
     /// executor serves, the planner claims it for the executor in the same write as the
     /// report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
     /// of offering it or publishing it to the dispatch stream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_next"
+    )]
     pub next: Option<NextRequest>,
+}
+
+/// A `next` that does not parse reads as none: it is a request on the side of a report, and a
+/// report refused for it would be dropped by its executor, its result lost with it.
+fn lenient_next<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<NextRequest>, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    match NextRequest::deserialize(value) {
+        Ok(next) => Ok(Some(next)),
+        Err(error) => {
+            tracing::warn!(%error, "a report's `next` does not parse; ignored, the report is applied");
+            Ok(None)
+        }
+    }
 }
 
 /// What an executor asks for with a report: the session's next task, claimed for it.

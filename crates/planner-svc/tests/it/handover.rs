@@ -185,14 +185,13 @@ async fn a_report_asking_for_next_gets_a_ready_task_it_serves_claimed_in_the_sam
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and_the_report_applied(
-) {
+async fn a_next_on_the_report_stream_or_malformed_is_ignored_and_the_report_applied() {
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
     let store = store(&server.url()).await;
-    command(&client, "s-ignored", chain(&["a", "b", "c", "d"])).await;
+    command(&client, "s-ignored", chain(&["a", "b", "c", "d", "e"])).await;
 
     // From the stream there is no reply to hand a task over in.
     let lease = lease_of(&client, "s-ignored", "a").await;
@@ -220,20 +219,39 @@ async fn a_next_on_the_report_stream_or_with_a_malformed_claim_id_is_ignored_and
         "{events:?}"
     );
 
-    // A claim id too short to be a lease: the report counts, `next` does not.
+    // A `next` of the wrong shape: the report counts, `next` does not.
     let lease = lease_of(&client, "s-ignored", "c").await;
-    let reply = result(
-        &client,
-        "s-ignored",
-        completed_asking("c", &lease, "planner.task.>", "short"),
-    )
-    .await;
-    assert_eq!(reply, ReportReply::Ok { next: None });
+    for next in [
+        json!(5),
+        json!({"serves": ["planner.task.>"], "claim_id": "next-claim-with-extra", "extra": 1}),
+    ] {
+        let body = json!({"task_id": "c", "attempt": 1, "status": "completed", "output": "c done",
+            "lease": lease, "next": next});
+        let reply = result(&client, "s-ignored", serde_json::to_vec(&body).unwrap()).await;
+        assert_eq!(reply, ReportReply::Ok { next: None }, "{body}");
+    }
+    let events = until_dispatched(&store, "s-ignored", "d", 1, Duration::from_secs(10)).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::AttemptClaimed { task_id, .. } if task_id.as_str() == "d")),
+        "{events:?}"
+    );
+
+    // A claim id too short to be a lease: the report counts, `next` does not.
     let lease = lease_of(&client, "s-ignored", "d").await;
     let reply = result(
         &client,
         "s-ignored",
-        crate::reports::completed("d", 1, &lease),
+        completed_asking("d", &lease, "planner.task.>", "short"),
+    )
+    .await;
+    assert_eq!(reply, ReportReply::Ok { next: None });
+    let lease = lease_of(&client, "s-ignored", "e").await;
+    let reply = result(
+        &client,
+        "s-ignored",
+        crate::reports::completed("e", 1, &lease),
     )
     .await;
     assert_eq!(reply, ReportReply::Ok { next: None });
