@@ -95,3 +95,19 @@ async def test_only_tasks_the_executor_serves_are_handed_over(
     assert events[-1].type == "plan_completed", [e.type for e in events]
     assert searched == ["a", "c"]
     assert summarized == ["b"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic, on dumping the bad model
+async def test_a_task_handed_over_that_cannot_be_read_is_left_to_its_timeout_not_raised() -> None:
+    # A reply whose task does not read as a dispatch here (the attempt is not a number): the
+    # attempt loop must not raise (it runs inside an executor slot), nor run anything.
+    from planner_client import attempt, routing
+    from planner_client.models.report_reply import NextTask
+    from planner_client.models.report_reply import TaskMessage as HandedTask
+
+    task = HandedTask.model_construct(session="s", task_id="t", attempt="not a number",
+                                      kind="tool_call", target="web_search", description="d",
+                                      attachments=[], inputs=[], context_ref="")
+    handed = NextTask.model_construct(task=task, lease="lease-of-a-bad-task-01")
+    rt: Any = object()  # never reached: nothing is reported or run
+    assert await attempt._run_handed_over(handed, rt, routing.USUAL, None) is None

@@ -199,7 +199,12 @@ async def run(msg: Delivery, handler: Handler, rt: Runtime) -> None:
     handed = await _run_delivered(msg, handler, rt)
     while handed is not None:
         next_task, route, trace = handed
-        handed = await _run_handed_over(next_task, rt, route, trace)
+        try:
+            handed = await _run_handed_over(next_task, rt, route, trace)
+        except Exception:  # one attempt's bug must not end the executor
+            log.exception("a task handed over (%s/%s) ended with an error",
+                          next_task.task.session, next_task.task.task_id)
+            handed = None
 
 
 Handed = tuple[NextTask, routing.Route, str | None]
@@ -271,12 +276,20 @@ async def _run_handed_over(handed: NextTask, rt: Runtime, route: routing.Route,
     """Runs a task the planner handed over with a report's reply (claimed for this executor
     already: no claim, no ack), and returns the one handed over with its own report."""
     # The reply's models are generated apart from the dispatch's: read it as a dispatch.
-    task = TaskMessage.model_validate(handed.task.model_dump(mode="json", by_alias=True))
-    if handed.context is not None:
-        # A context the dispatch leaves out comes with the reply (as with a claim's grant).
-        context = DispatchContext.model_validate(handed.context.model_dump(mode="json",
-                                                                           by_alias=True))
-        task = task.model_copy(update={"context": context})
+    try:
+        task = TaskMessage.model_validate(handed.task.model_dump(mode="json", by_alias=True))
+        if handed.context is not None:
+            # A context the dispatch leaves out comes with the reply (as with a claim's grant).
+            context = DispatchContext.model_validate(handed.context.model_dump(mode="json",
+                                                                               by_alias=True))
+            task = task.model_copy(update={"context": context})
+    except ValidationError as error:
+        # Unreadable as a dispatch here: nothing to run it with, and no task to report on. Its
+        # heartbeat timeout hands it to another executor.
+        log.error("a task handed over (%s/%s) is not a dispatch this client can read; it is "
+                  "retried after its heartbeat timeout: %s", handed.task.session,
+                  handed.task.task_id, error)
+        return None
     key = (task.session, task.task_id, task.attempt)
     if rt.ours(key):
         _log_again(task)
