@@ -16,7 +16,7 @@ use planner_core::{Command, NodeKind, Planner, PlannerCmd, Timestamp};
 use planner_store::{load_planner, AppendMeta, EventStore, StoreError};
 use tracing::Instrument as _;
 
-use super::render::{deliverable, outgoing, Outgoing, Undeliverable};
+use super::render::{deliverable, outgoing, Undeliverable};
 use super::{Chain, Engine, EngineError, Handled, Handover, Publisher};
 
 /// Sets every `now` of `command`: the engine's clock is the only time the planner sees.
@@ -284,18 +284,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                         }
                         super::registry::note_attempts(&mut state.attempt_traces, &events, context);
                     }
-                    let (mut outgoing, undeliverable) = deliverable(
-                        outgoing(session, planner, &events),
+                    // The task handed over goes in the reply, to no one else.
+                    let skipped = handed_over.as_ref().map(|h| (&h.task_id, h.attempt));
+                    let (outgoing, undeliverable) = deliverable(
+                        outgoing(session, planner, &events, skipped),
                         self.config.max_dispatch_bytes,
                         self.config.inline_context_bytes,
                     );
-                    // The task handed over goes in the reply, to no one else.
-                    if let Some((task_id, attempt, _)) = &handed_over {
-                        outgoing.retain(|message| {
-                            !matches!(message, Outgoing::Task(t)
-                                if t.assignment.task_id == *task_id && t.assignment.attempt == *attempt)
-                        });
-                    }
                     let handover =
                         handed_over.and_then(|held| self.handover(session, planner, held));
                     let deadline = planner.next_deadline();
@@ -376,20 +371,29 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
 /// fits the bus in a reply too.
 const HANDOVER_ENVELOPE: usize = 1024;
 
-/// An attempt handed over: task, attempt, lease.
-type HeldAttempt = (planner_core::TaskId, u32, String);
+/// An attempt handed over, with its dispatch (its context whole) once rendered.
+struct HeldAttempt {
+    task_id: planner_core::TaskId,
+    attempt: u32,
+    lease: String,
+    message: Option<crate::protocol::TaskMessage>,
+}
 
 impl<S: EventStore, P: Publisher> Engine<S, P> {
-    /// The reply's account of an attempt handed over, rendered from the planner.
+    /// The reply's account of an attempt handed over: its dispatch as published (rendered by
+    /// [`hand_over`], or here for one handed over again), and its context unless inline.
     fn handover(&self, session: &str, planner: &Planner, held: HeldAttempt) -> Option<Handover> {
-        let (task_id, attempt, lease) = held;
-        let task = super::render::dispatch(
-            session,
-            planner,
-            &task_id,
+        let HeldAttempt {
+            task_id,
             attempt,
-            self.config.inline_context_bytes,
-        )?;
+            lease,
+            message,
+        } = held;
+        let mut task = match message {
+            Some(message) => message,
+            None => super::render::dispatch(session, planner, &task_id, attempt)?,
+        };
+        super::render::leave_out_large_context(&mut task, self.config.inline_context_bytes);
         // A context the dispatch carries inline is not sent twice.
         let context = match task.assignment.context {
             Some(_) => None,
@@ -410,7 +414,12 @@ fn held_by(planner: &Planner, lease: &str) -> Option<HeldAttempt> {
     planner.state().tasks.iter().find_map(|task| {
         let held = task.status == planner_core::TaskStatus::Running
             && task.lease.as_ref().is_some_and(|l| l.token == lease);
-        held.then(|| (task.id.clone(), task.attempts, lease.to_owned()))
+        held.then(|| HeldAttempt {
+            task_id: task.id.clone(),
+            attempt: task.attempts,
+            lease: lease.to_owned(),
+            message: None,
+        })
     })
 }
 
@@ -439,7 +448,7 @@ fn hand_over(
                 .then(|| (dispatch.task_id.clone(), dispatch.attempt))
         })?;
     // One too large for a reply is published (or failed as undeliverable) as ever.
-    let message = super::render::dispatch(session, planner, &task_id, attempt, usize::MAX)?;
+    let message = super::render::dispatch(session, planner, &task_id, attempt)?;
     if super::render::oversized(&message, limit).is_some() {
         return None;
     }
@@ -451,5 +460,10 @@ fn hand_over(
     };
     let claimed = planner.process(claim).ok()?;
     events.extend(claimed);
-    Some((task_id, attempt, chain.lease.clone()))
+    Some(HeldAttempt {
+        task_id,
+        attempt,
+        lease: chain.lease.clone(),
+        message: Some(message),
+    })
 }

@@ -42,15 +42,24 @@ pub fn deliverable(
                 undeliverable.push((a.task_id.clone(), a.attempt, bytes));
                 return None;
             }
-            if let Some(context) = &task.assignment.context {
-                if context_bytes(context) > inline_context {
-                    task.assignment.context = None;
-                }
-            }
+            leave_out_large_context(&mut task, inline_context);
             Some(Outgoing::Task(task))
         })
         .collect();
     (kept, undeliverable)
+}
+
+/// Leaves a context over `inline_context` bytes out of a dispatch (the claim's grant, or the
+/// hand-over's reply, carries it instead).
+pub fn leave_out_large_context(task: &mut TaskMessage, inline_context: usize) {
+    if task
+        .assignment
+        .context
+        .as_ref()
+        .is_some_and(|context| context_bytes(context) > inline_context)
+    {
+        task.assignment.context = None;
+    }
 }
 
 /// A context's size as the inlining limit counts it: its request, summary and system prompt.
@@ -75,15 +84,13 @@ pub fn oversized(task: &TaskMessage, limit: usize) -> Option<usize> {
     (bytes > limit).then_some(bytes)
 }
 
-/// The dispatch of `task_id`'s attempt `attempt` as it is published (a context over
-/// `inline_context` bytes left out, see [`deliverable`]); `None` for a task that is not an
-/// executor's.
+/// The dispatch of `task_id`'s attempt `attempt`, its context whole; `None` for a task that is
+/// not an executor's.
 pub fn dispatch(
     session: &str,
     planner: &Planner,
     task_id: &planner_core::TaskId,
     attempt: u32,
-    inline_context: usize,
 ) -> Option<TaskMessage> {
     let task = planner.state().tasks.iter().find(|t| &t.id == task_id)?;
     if task.kind == NodeKind::Clarification {
@@ -94,23 +101,30 @@ pub fn dispatch(
         attempt,
         target: task.target.clone(),
     };
-    let mut message = TaskMessage {
+    Some(TaskMessage {
         session: session.to_owned(),
         assignment: planner.assignment(&dispatch)?,
-    };
-    if let Some(context) = &message.assignment.context {
-        if context_bytes(context) > inline_context {
-            message.assignment.context = None;
-        }
-    }
-    Some(message)
+    })
 }
 
-/// What the events of one command ask to publish, rendered from the planner after them.
-pub fn outgoing(session: &str, planner: &Planner, events: &[Event]) -> Vec<Outgoing> {
+/// What the events of one command ask to publish, rendered from the planner after them, but
+/// for the dispatch of `handed_over` (task, attempt), which goes in a report's reply instead.
+pub fn outgoing(
+    session: &str,
+    planner: &Planner,
+    events: &[Event],
+    handed_over: Option<(&planner_core::TaskId, u32)>,
+) -> Vec<Outgoing> {
     events
         .iter()
         .filter_map(Event::planner_cmd)
+        .filter(|cmd| match (cmd, handed_over) {
+            (
+                PlannerCmd::ExecuteTool(dispatch) | PlannerCmd::RunProcessing(dispatch),
+                Some((task_id, attempt)),
+            ) => !(dispatch.task_id == *task_id && dispatch.attempt == attempt),
+            _ => true,
+        })
         .filter_map(|cmd| render(session, planner, cmd))
         .collect()
 }
