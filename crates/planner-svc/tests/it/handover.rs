@@ -329,3 +329,41 @@ async fn a_pool_that_asks_for_next_runs_a_chain_with_one_write_per_task() {
     pool.await.unwrap().unwrap();
     daemon.stop().await;
 }
+
+/// A non-English output at the report size limit: the task handed over with its reply carries
+/// it intact as its input, with its own non-English description.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_english_output_at_the_report_limit_reaches_the_task_handed_over_intact() {
+    let server = NatsServer::start().unwrap();
+    let config = config(&server);
+    let limit = config.limits.max_message_bytes;
+    let daemon = Daemon::start(config).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut plan = chain(&["a", "b"]);
+    plan["plan"]["tasks"][1]["description"] = json!("要約する — résumer — تلخيص 👍🏽");
+    command(&client, "s-intl-next", plan).await;
+    let lease = lease_of(&client, "s-intl-next", "a").await;
+    let report = |output: &str| {
+        serde_json::to_vec(&json!({"task_id": "a", "attempt": 1, "status": "completed",
+            "output": output, "lease": lease,
+            "next": {"serves": ["planner.task.tool_call.tool"], "claim_id": "next-claim-intl-0001"}}))
+        .unwrap()
+    };
+    let phrase = "结果：完成。Итог: готово. النتيجة: تم. 👍🏽 e\u{301} ";
+    let overhead = report("").len();
+    let mut output = String::new();
+    while overhead + output.len() + phrase.len() <= limit {
+        output.push_str(phrase);
+    }
+    while overhead + output.len() < limit {
+        output.push('x');
+    }
+    assert_eq!(report(&output).len(), limit);
+    let next = handed_over(result(&client, "s-intl-next", report(&output)).await);
+    let a = &next.task.assignment;
+    assert_eq!(a.task_id.as_str(), "b");
+    assert_eq!(a.description, "要約する — résumer — تلخيص 👍🏽");
+    assert_eq!(a.inputs.len(), 1);
+    assert_eq!(a.inputs[0].output, output, "a's output reached b intact");
+    daemon.stop().await;
+}
