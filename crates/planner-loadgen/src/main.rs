@@ -1,7 +1,8 @@
 //! Load generator: drives S concurrent sessions of T chained tasks through a running daemon
 //! with simulated executors on NATS, and reports task completions per second, the latency from
 //! an executor's result to the next dispatch (p50, p99), the daemon's peak RSS, and the raw
-//! JetStream publish-with-ack ceiling measured in the same run on the same server.
+//! JetStream publish-with-ack ceiling measured in the same run on the same server (512 writes in
+//! flight, and the median latency of one write at a time: one session's floor per task).
 //!
 //! ```text
 //! cargo build --release -p planner-svc -p planner-loadgen && target/release/loadgen --sessions 1000 --tasks 20
@@ -27,7 +28,7 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
 use planner_svc::executor::{run_pool, PoolObserver, PoolOptions, ReportPath};
-use planner_svc::protocol::{OwnershipReply, Subjects, TaskMessage};
+use planner_svc::protocol::{CommandReply, OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -251,7 +252,16 @@ fn cpu_of(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|pid| cpu_seconds(*pid)).sum()
 }
 
-async fn ceiling(client: &async_nats::Client, replicas: usize) -> anyhow::Result<f64> {
+/// The raw JetStream figures the run is read against: the throughput ceiling with 512 writes in
+/// flight, and the median latency of one write at a time.
+struct Raw {
+    msgs_per_s: f64,
+    /// One session's chain can go no faster than this per task: each task's result must be
+    /// durable before the next task is dispatched, so one write waits on the critical path.
+    one_in_flight_ms: f64,
+}
+
+async fn ceiling(client: &async_nats::Client, replicas: usize) -> anyhow::Result<Raw> {
     let js = jetstream::new(client.clone());
     js.get_or_create_stream(jetstream::stream::Config {
         name: "LOADGEN_RAW".into(),
@@ -275,9 +285,19 @@ async fn ceiling(client: &async_nats::Client, replicas: usize) -> anyhow::Result
     for ack in in_flight {
         ack.await?;
     }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let msgs_per_s = n as f64 / start.elapsed().as_secs_f64();
+    let mut one_at_a_time = Vec::with_capacity(500);
+    for _ in 0..500 {
+        let sent = Instant::now();
+        js.publish("loadgen.raw", payload.clone()).await?.await?;
+        one_at_a_time.push(sent.elapsed().as_micros() as u64);
+    }
+    one_at_a_time.sort_unstable();
     js.delete_stream("LOADGEN_RAW").await?;
-    Ok(rate)
+    Ok(Raw {
+        msgs_per_s,
+        one_in_flight_ms: percentile(&one_at_a_time, 0.5),
+    })
 }
 
 /// Messages written to each stream so far (its last sequence: work queues delete what they
@@ -498,8 +518,18 @@ async fn main() -> anyhow::Result<()> {
                 .await
         }));
     }
-    for r in requests {
-        r.await??;
+    for (s, r) in requests.into_iter().enumerate() {
+        let reply = r.await??;
+        // A refused plan (too large a message, too many tasks) would otherwise leave the run
+        // waiting for tasks that never come.
+        if let Ok(CommandReply::Error(error)) = serde_json::from_slice(&reply.payload) {
+            bail!(
+                "the daemon refused session load-{s}'s plan ({} tasks): {:?}: {}",
+                args.tasks,
+                error.kind,
+                error.message
+            );
+        }
     }
     // Done when every task was reported and the daemon has processed every report.
     let js = jetstream::new(client.clone());
@@ -621,7 +651,7 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
         rss.map_or("n/a".to_owned(), |r| format!("{r:.0} MiB")),
-        raw
+        raw.msgs_per_s
     );
     println!(
         "({completed} of {} sampled sessions completed; {total} tasks in {:.2} s)",
@@ -641,8 +671,9 @@ async fn main() -> anyhow::Result<()> {
     let durable: u64 = writes.iter().filter(|w| w.2).map(|w| w.1).sum();
     let per_task = durable as f64 / total.max(1) as f64;
     println!(
-        "ms per task (one session's chain): {:.3}; dispatch bytes: {:.0} per dispatch",
+        "ms per task (one session's chain): {:.3}; one raw durable write at a time (its floor): {:.3} ms median; dispatch bytes: {:.0} per dispatch",
         1000.0 * args.sessions as f64 / completions,
+        raw.one_in_flight_ms,
         observer.dispatch_bytes.load(Ordering::Relaxed) as f64 / dispatched as f64
     );
     println!(
@@ -658,7 +689,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "stream writes: {}; durable (file) writes per task: {per_task:.2}; completions ÷ (ceiling ÷ durable writes per task): {:.1}%",
         listed.join(", "),
-        100.0 * completions * per_task / raw
+        100.0 * completions * per_task / raw.msgs_per_s
     );
     let twice = observer
         .executed
