@@ -214,6 +214,24 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Context switches (voluntary and not) of every live thread of `pid`: each is a wake-up, the
+/// cost that dominates a task's latency when the machine is otherwise idle. Threads that ended
+/// are not counted.
+fn context_switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for thread in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(thread.ok()?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 /// The daemons started, killed when dropped: a run that fails leaves none behind.
 struct Daemons(Vec<std::process::Child>);
 
@@ -501,6 +519,13 @@ async fn main() -> anyhow::Result<()> {
         cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
+    let switches =
+        |pids: &mut dyn Iterator<Item = u32>| -> Option<u64> { pids.map(context_switches).sum() };
+    let switches_before = (
+        switches(&mut daemons.0.iter().map(std::process::Child::id)),
+        switches(&mut server_pids.iter().copied()),
+        context_switches(std::process::id()),
+    );
     let start = Instant::now();
     let mut killed_node = None;
     // Tasks done at each whole second of the run: where a node kill stalls it, and how long.
@@ -589,6 +614,16 @@ async fn main() -> anyhow::Result<()> {
         cpu_of(&server_pids),
         cpu_seconds(std::process::id()),
     );
+    let switches_after = (
+        switches(&mut daemons.0.iter().map(std::process::Child::id)),
+        switches(&mut server_pids.iter().copied()),
+        context_switches(std::process::id()),
+    );
+    let per_task_switches = |before: Option<u64>, after: Option<u64>| {
+        before.zip(after).map_or("n/a".to_owned(), |(b, a)| {
+            format!("{:.1}", a.saturating_sub(b) as f64 / total.max(1) as f64)
+        })
+    };
     let per_task_us = |before: Option<f64>, after: Option<f64>| {
         before.zip(after).map_or("n/a".to_owned(), |(b, a)| {
             format!("{:.0} µs", (a - b) * 1e6 / total.max(1) as f64)
@@ -681,6 +716,12 @@ async fn main() -> anyhow::Result<()> {
         per_task_us(cpu_before.0, cpu_after.0),
         per_task_us(cpu_before.1, cpu_after.1),
         per_task_us(cpu_before.2, cpu_after.2),
+    );
+    println!(
+        "context switches per task: daemon {}, nats-server {}, load generator and its executors {}",
+        per_task_switches(switches_before.0, switches_after.0),
+        per_task_switches(switches_before.1, switches_after.1),
+        per_task_switches(switches_before.2, switches_after.2),
     );
     let listed: Vec<String> = writes
         .iter()
