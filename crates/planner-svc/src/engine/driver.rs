@@ -399,6 +399,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             Some(_) => None,
             None => planner.dispatch_context(&task_id),
         };
+        // The reply compares the executor's context with the dispatch's reference, not with a
+        // hash of this context: the two must be the same.
+        debug_assert!(context
+            .as_ref()
+            .is_none_or(|context| context.reference() == task.assignment.context_ref));
         Some(Handover {
             task,
             lease,
