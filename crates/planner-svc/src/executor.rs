@@ -30,6 +30,15 @@ use crate::protocol::{
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
+/// How long the dispatch stream waits for the pool's ack before delivering a message again.
+/// The pool acks right after its claim, so this only bounds how long a delivery lost in flight
+/// (with a cluster node that died, say) stays lost: async-nats' default, 30 s, stalled the
+/// last tasks of a three-node cluster run with a node killed for about 30 s.
+const DELIVERY_ACK_WAIT: Duration = Duration::from_secs(10);
+/// How often a stream message waiting for a free slot says it is still wanted: well inside
+/// [`DELIVERY_ACK_WAIT`].
+const WAITING_PROGRESS: Duration = Duration::from_secs(3);
+
 /// What a pool has run: (session, task, attempt) and the final report it sent.
 type RunAttempts = HashMap<(String, String, u32), ReportMessage>;
 
@@ -122,6 +131,7 @@ pub async fn run_pool(
                 durable_name: Some(options.consumer.clone()),
                 filter_subject: options.filter.clone(),
                 max_ack_pending: i64::try_from(options.concurrency * 2).unwrap_or(i64::MAX),
+                ack_wait: DELIVERY_ACK_WAIT,
                 ..Default::default()
             },
         )
@@ -209,6 +219,12 @@ pub async fn run_pool(
             Delivery::Stream(_) => {
                 let acquired = Arc::clone(&slots).acquire_owned();
                 tokio::pin!(acquired);
+                // Still wanted, told to the server while it waits: with the short ack wait, a
+                // message waiting out a busy pool would otherwise be delivered again.
+                let mut waiting = tokio::time::interval_at(
+                    tokio::time::Instant::now() + WAITING_PROGRESS,
+                    WAITING_PROGRESS,
+                );
                 loop {
                     tokio::select! {
                         biased;
@@ -217,6 +233,7 @@ pub async fn run_pool(
                             Ok(permit) => break Slot::Held(permit),
                             Err(_) => return Ok(()),
                         },
+                        _ = waiting.tick() => delivery.in_progress().await,
                         Some(m) = next_offer(&mut offers) => {
                             let offer = Delivery::Offer { client: client.clone(), reply: m.reply };
                             let Some(task) = readable(&offer, &m.payload).await else {
@@ -394,6 +411,14 @@ impl Delivery {
                 let _ = message.ack().await;
             }
             Delivery::Offer { .. } => self.answer(OfferReply::Taken).await,
+        }
+    }
+
+    /// Still wanted: the server's ack wait starts again (a stream message; nothing for an
+    /// offer, which its planner's offer timeout bounds).
+    async fn in_progress(&self) {
+        if let Delivery::Stream(message) = self {
+            let _ = message.ack_with(AckKind::Progress).await;
         }
     }
 

@@ -642,6 +642,81 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_lost_with_a_pool_member_that_died_runs_within_seconds() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
+    let server = NatsServer::start().unwrap();
+    let mut cfg = config(&server);
+    // The dispatch goes to the stream, where a member of the pool takes it and dies.
+    cfg.dispatch.offers = false;
+    let daemon = Daemon::start(cfg).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let options = PoolOptions {
+        offers: false,
+        take_next: false,
+        stream: "PLANNER_TASKS".into(),
+        consumer: "lossy-pool".into(),
+        filter: "planner.task.>".into(),
+        concurrency: 2,
+        report_started: false,
+        behaviour: Default::default(),
+        reports: Default::default(),
+    };
+    let start_pool = |stop: tokio_util::sync::CancellationToken| {
+        tokio::spawn(run_pool(
+            client.clone(),
+            planner_svc::protocol::Subjects::new("planner"),
+            options.clone(),
+            std::sync::Arc::new(NoObserver),
+            stop,
+        ))
+    };
+    // The pool makes its consumer, then stops: the member that will die is not running yet.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = start_pool(stop.clone());
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream("PLANNER_TASKS").await.unwrap();
+    let mut consumer: Option<PullConsumer> = None;
+    for _ in 0..100 {
+        if let Ok(made) = stream.get_consumer("lossy-pool").await {
+            consumer = Some(made);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let consumer = consumer.expect("the pool made its consumer");
+    stop.cancel();
+    first.await.unwrap().unwrap();
+
+    command(&client, "s-lost", plan(&[("a", "tool", &[])])).await;
+    // A member takes the dispatch and dies before its claim: the message is delivered, and
+    // never acked.
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut batch))
+        .await
+        .expect("the dispatch is delivered")
+        .expect("a message")
+        .unwrap();
+    drop(lost);
+    let lost_at = std::time::Instant::now();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = start_pool(stop.clone());
+    let store = store(&server.url()).await;
+    let events = wait_for_end(&store, "s-lost").await;
+    assert!(ended_completed(&events));
+    // The consumer's ack wait (not async-nats' default 30 s) brings it back.
+    assert!(
+        lost_at.elapsed() < Duration::from_secs(16),
+        "the lost dispatch ran {:?} after it was lost",
+        lost_at.elapsed()
+    );
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_armed_by_a_dead_instance_is_fired_by_a_survivor() {
     let server = NatsServer::start().unwrap();
     let mut cfg = config(&server);
