@@ -126,3 +126,38 @@ async def test_an_executor_killed_mid_task_loses_the_attempt_to_another(
     assert done.data["attempt"] == 2 and done.data["output"] == "done the second time"
     # Found out by the heartbeat timeout, not by some slower path (the dispatch's AckWait, 30 s).
     assert took < HEARTBEAT_TIMEOUT_MS / 1000 + 10, f"attempt 2 done {took:.1f}s after the kill"
+
+
+async def test_a_dispatch_lost_with_an_executor_that_died_before_its_claim_runs_within_seconds(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    executor = Executor()
+    attempts: list[int] = []
+
+    @executor.tool("lossy")
+    async def lossy(task: TaskMessage, ctx: TaskContext) -> str:
+        attempts.append(task.attempt)
+        return "done"
+
+    # The executor makes its consumer, then stops: the member that dies is not running yet.
+    async with serving(executor, nc):
+        pass
+    plan = {"tasks": [{"id": "only", "description": "do it", "kind": "tool_call", "target": "lossy"}]}
+    await client.submit(session, "lossy", plan=plan)
+    # A member fetches the dispatch and dies before claiming it: delivered, never acked.
+    js = nc.jetstream()
+    durable = executor._durable(executor._handlers[next(iter(executor._handlers))])
+    sub = await js.pull_subscribe_bind(durable, stream=executor.subjects.tasks_stream)
+    lost = await sub.fetch(1, timeout=10)
+    assert len(lost) == 1
+    await sub.unsubscribe()
+    lost_at = time.monotonic()
+
+    async with serving(executor, nc):
+        events = await events_until_end(client, session)
+    took = time.monotonic() - lost_at
+
+    assert events[-1].type == "plan_completed"
+    assert attempts == [1]
+    # The consumer's ack wait brings it back, not the server's default 30 s.
+    assert took < 16, f"the lost dispatch ran {took:.1f}s after it was lost"

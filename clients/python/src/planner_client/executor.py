@@ -67,6 +67,12 @@ from .subjects import Subjects, TaskKind, check_token
 
 log = logging.getLogger(__name__)
 
+# How long the dispatch stream waits for an ack before delivering a message again. A fetch
+# loop takes a slot before it fetches and acks right after the claim, so this only bounds how
+# long a delivery lost in flight (its executor or a cluster node died) stays lost; the server's
+# default is 30 s. A consumer made earlier keeps the wait it was made with.
+DELIVERY_ACK_WAIT_S = 10.0
+
 
 class Executor:
     """A pool member serving registered handlers; see the module doc for how it behaves.
@@ -273,7 +279,9 @@ class Executor:
                 try:
                     sub = await js.pull_subscribe(
                         subject, durable=durable, stream=self.subjects.tasks_stream,
-                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+                        config=ConsumerConfig(
+                            ack_policy=AckPolicy.EXPLICIT, ack_wait=DELIVERY_ACK_WAIT_S
+                        ),
                     )
                     break
                 except nats.js.errors.NotFoundError:
