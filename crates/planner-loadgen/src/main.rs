@@ -220,7 +220,8 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 fn context_switches(pid: u32) -> Option<u64> {
     let mut total = 0;
     for thread in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let Ok(status) = std::fs::read_to_string(thread.ok()?.path().join("status")) else {
+        let Ok(thread) = thread else { continue };
+        let Ok(status) = std::fs::read_to_string(thread.path().join("status")) else {
             continue;
         };
         total += status

@@ -11,7 +11,7 @@
 //! cancellation stops a running attempt at once by its message on `{p}.cancel.<session>.<task>`
 //! (one wildcard subscription per pool), and within a heartbeat if that message is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -185,84 +185,60 @@ pub async fn run_pool(
         pool_id: uuid::Uuid::new_v4(),
     });
     let mut seed = 0u64;
+    // Stream messages delivered and waiting for a slot, oldest first: the consumer's
+    // max_ack_pending bounds how many. Each says it is still wanted every WAITING_PROGRESS,
+    // so the ack wait never delivers a waiting message again. Meanwhile offers are still
+    // taken: a loop that only awaited the slot left them unread until their timeout sent them
+    // to the stream. An offer takes a slot free now, or waits for one in its own task while
+    // fewer than `concurrency` offers wait (answered once claimed: the planner's offer timeout
+    // bounds the wait); past that it is declined, and the planner sends it to the stream at
+    // once. Declining whenever every slot was busy sent a fifth of the dispatches of a
+    // saturated load generator run to the stream after all.
+    let mut waiting: VecDeque<(Delivery, TaskMessage, Option<async_nats::HeaderMap>)> =
+        VecDeque::new();
+    let mut progress = tokio::time::interval(WAITING_PROGRESS);
     loop {
-        let (delivery, payload, headers) = tokio::select! {
+        tokio::select! {
+            biased;
             () = shutdown.cancelled() => return Ok(()),
+            permit = Arc::clone(&slots).acquire_owned(), if !waiting.is_empty() => {
+                let Ok(permit) = permit else { return Ok(()) };
+                let Some((delivery, task, headers)) = waiting.pop_front() else { continue };
+                seed += 1;
+                start(&pool, &slots, delivery, task, headers, Slot::Held(permit), seed, options.behaviour);
+            }
+            _ = progress.tick(), if !waiting.is_empty() => {
+                for (delivery, ..) in &waiting {
+                    delivery.in_progress().await;
+                }
+            }
             m = messages.next() => match m {
                 Some(Ok(m)) => {
                     let (payload, headers) = (m.payload.clone(), m.headers.clone());
-                    (Delivery::Stream(Box::new(m)), payload, headers)
+                    let delivery = Delivery::Stream(Box::new(m));
+                    let Some(task) = readable(&delivery, &payload).await else {
+                        continue;
+                    };
+                    if waiting.is_empty() {
+                        // The first progress a full period after the wait begins, not at once.
+                        progress.reset();
+                    }
+                    waiting.push_back((delivery, task, headers));
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "dispatch stream error");
-                    continue;
-                }
+                Some(Err(error)) => tracing::warn!(%error, "dispatch stream error"),
                 None => return Ok(()),
             },
             Some(m) = next_offer(&mut offers) => {
-                let delivery = Delivery::Offer { client: client.clone(), reply: m.reply };
-                (delivery, m.payload, m.headers)
-            }
-        };
-        let Some(task) = readable(&delivery, &payload).await else {
-            continue;
-        };
-        // A stream message waits for a slot here (the consumer's max_ack_pending bounds how
-        // many wait), still taking offers meanwhile: a loop that only awaited the slot left
-        // them unread until their timeout sent them to the stream. An offer takes a slot free
-        // now, or waits for one in its own task while fewer than `concurrency` offers wait
-        // (answered once claimed: the planner's offer timeout bounds the wait); past that it
-        // is declined, and the planner sends it to the stream at once. Declining whenever
-        // every slot was busy sent a fifth of the dispatches of a saturated load generator
-        // run to the stream after all.
-        let slot = match &delivery {
-            Delivery::Stream(_) => {
-                let acquired = Arc::clone(&slots).acquire_owned();
-                tokio::pin!(acquired);
-                // Still wanted, told to the server while it waits: with the short ack wait, a
-                // message waiting out a busy pool would otherwise be delivered again.
-                let mut waiting = tokio::time::interval_at(
-                    tokio::time::Instant::now() + WAITING_PROGRESS,
-                    WAITING_PROGRESS,
-                );
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => return Ok(()),
-                        permit = &mut acquired => match permit {
-                            Ok(permit) => break Slot::Held(permit),
-                            Err(_) => return Ok(()),
-                        },
-                        _ = waiting.tick() => delivery.in_progress().await,
-                        Some(m) = next_offer(&mut offers) => {
-                            let offer = Delivery::Offer { client: client.clone(), reply: m.reply };
-                            let Some(task) = readable(&offer, &m.payload).await else {
-                                continue;
-                            };
-                            if let Some(slot) = offer_slot(&offer, &slots, &backlog).await {
-                                seed += 1;
-                                start(&pool, &slots, offer, task, m.headers, slot, seed, options.behaviour);
-                            }
-                        }
-                    }
+                let offer = Delivery::Offer { client: client.clone(), reply: m.reply };
+                let Some(task) = readable(&offer, &m.payload).await else {
+                    continue;
+                };
+                if let Some(slot) = offer_slot(&offer, &slots, &backlog).await {
+                    seed += 1;
+                    start(&pool, &slots, offer, task, m.headers, slot, seed, options.behaviour);
                 }
             }
-            Delivery::Offer { .. } => match offer_slot(&delivery, &slots, &backlog).await {
-                Some(slot) => slot,
-                None => continue,
-            },
-        };
-        seed += 1;
-        start(
-            &pool,
-            &slots,
-            delivery,
-            task,
-            headers,
-            slot,
-            seed,
-            options.behaviour,
-        );
+        }
     }
 }
 

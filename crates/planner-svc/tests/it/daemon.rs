@@ -716,6 +716,77 @@ async fn a_dispatch_lost_with_a_pool_member_that_died_runs_within_seconds() {
     daemon.stop().await;
 }
 
+/// A dispatch waiting in the pool for a slot longer than the consumer's ack wait (10 s) is
+/// not delivered again: the pool tells the server it is still wanted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_waiting_for_a_busy_pool_past_the_ack_wait_is_delivered_once() {
+    use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+    use planner_svc::protocol::TaskMessage;
+    use planner_svc::sim::SimBehaviour;
+    #[derive(Default)]
+    struct Deliveries(std::sync::Mutex<Vec<String>>);
+    impl PoolObserver for Deliveries {
+        fn dispatched(&self, task: &TaskMessage, _at: std::time::Instant) {
+            let id = task.assignment.task_id.0.clone();
+            self.0.lock().unwrap().push(id);
+        }
+    }
+    let server = NatsServer::start().unwrap();
+    let mut cfg = config(&server);
+    cfg.dispatch.offers = false;
+    let daemon = Daemon::start(cfg).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let deliveries = std::sync::Arc::new(Deliveries::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pool = tokio::spawn(run_pool(
+        client.clone(),
+        planner_svc::protocol::Subjects::new("planner"),
+        PoolOptions {
+            offers: false,
+            take_next: false,
+            stream: "PLANNER_TASKS".into(),
+            consumer: "busy-pool".into(),
+            filter: "planner.task.>".into(),
+            // One slot: the second task waits for the first, 11 s, past the ack wait.
+            concurrency: 1,
+            report_started: false,
+            behaviour: SimBehaviour {
+                latency: Duration::from_secs(11),
+                jitter_percent: 0,
+                fail_percent: 0,
+                tokens: 1,
+            },
+            reports: Default::default(),
+        },
+        deliveries.clone(),
+        stop.clone(),
+    ));
+    command(
+        &client,
+        "s-busy",
+        plan(&[("a", "tool", &[]), ("b", "tool", &[])]),
+    )
+    .await;
+    let store = store(&server.url()).await;
+    let mut ended = false;
+    for _ in 0..700 {
+        let events = store.load_all("s-busy").await.unwrap_or_default();
+        if events.iter().any(Event::is_terminal) {
+            assert!(ended_completed(&events));
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ended, "s-busy did not end in 35 s");
+    let mut seen = deliveries.0.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["a", "b"], "each dispatch reached the pool once");
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_armed_by_a_dead_instance_is_fired_by_a_survivor() {
     let server = NatsServer::start().unwrap();
