@@ -644,36 +644,24 @@ async fn the_shipped_executor_pool_runs_plans_with_failures_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_lost_with_a_pool_member_that_died_runs_within_seconds() {
     use async_nats::jetstream::consumer::PullConsumer;
-    use planner_svc::executor::{run_pool, NoObserver, PoolOptions};
+    use planner_svc::executor::NoObserver;
     let server = NatsServer::start().unwrap();
     let mut cfg = config(&server);
     // The dispatch goes to the stream, where a member of the pool takes it and dies.
     cfg.dispatch.offers = false;
     let daemon = Daemon::start(cfg).await;
     let client = async_nats::connect(server.url()).await.unwrap();
-    let options = PoolOptions {
-        offers: false,
-        take_next: false,
-        stream: "PLANNER_TASKS".into(),
-        consumer: "lossy-pool".into(),
-        filter: "planner.task.>".into(),
-        concurrency: 2,
-        report_started: false,
-        behaviour: Default::default(),
-        reports: Default::default(),
-    };
-    let start_pool = |stop: tokio_util::sync::CancellationToken| {
-        tokio::spawn(run_pool(
-            client.clone(),
-            planner_svc::protocol::Subjects::new("planner"),
-            options.clone(),
+    let start_pool = || {
+        start_pool_with(
+            &client,
+            "lossy-pool",
+            2,
+            Duration::ZERO,
             std::sync::Arc::new(NoObserver),
-            stop,
-        ))
+        )
     };
     // The pool makes its consumer, then stops: the member that will die is not running yet.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let first = start_pool(stop.clone());
+    let (first, stop) = start_pool();
     let js = async_nats::jetstream::new(client.clone());
     let stream = js.get_stream("PLANNER_TASKS").await.unwrap();
     let mut consumer: Option<PullConsumer> = None;
@@ -700,8 +688,7 @@ async fn a_dispatch_lost_with_a_pool_member_that_died_runs_within_seconds() {
     drop(lost);
     let lost_at = std::time::Instant::now();
 
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = start_pool(stop.clone());
+    let (pool, stop) = start_pool();
     let store = store(&server.url()).await;
     let events = wait_for_end(&store, "s-lost").await;
     assert!(ended_completed(&events));
@@ -720,9 +707,8 @@ async fn a_dispatch_lost_with_a_pool_member_that_died_runs_within_seconds() {
 /// not delivered again: the pool tells the server it is still wanted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_waiting_for_a_busy_pool_past_the_ack_wait_is_delivered_once() {
-    use planner_svc::executor::{run_pool, PoolObserver, PoolOptions};
+    use planner_svc::executor::PoolObserver;
     use planner_svc::protocol::TaskMessage;
-    use planner_svc::sim::SimBehaviour;
     #[derive(Default)]
     struct Deliveries(std::sync::Mutex<Vec<String>>);
     impl PoolObserver for Deliveries {
@@ -737,30 +723,14 @@ async fn a_dispatch_waiting_for_a_busy_pool_past_the_ack_wait_is_delivered_once(
     let daemon = Daemon::start(cfg).await;
     let client = async_nats::connect(server.url()).await.unwrap();
     let deliveries = std::sync::Arc::new(Deliveries::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let pool = tokio::spawn(run_pool(
-        client.clone(),
-        planner_svc::protocol::Subjects::new("planner"),
-        PoolOptions {
-            offers: false,
-            take_next: false,
-            stream: "PLANNER_TASKS".into(),
-            consumer: "busy-pool".into(),
-            filter: "planner.task.>".into(),
-            // One slot: the second task waits for the first, 11 s, past the ack wait.
-            concurrency: 1,
-            report_started: false,
-            behaviour: SimBehaviour {
-                latency: Duration::from_secs(11),
-                jitter_percent: 0,
-                fail_percent: 0,
-                tokens: 1,
-            },
-            reports: Default::default(),
-        },
+    // One slot: the second task waits for the first, 11 s, past the ack wait.
+    let (pool, stop) = start_pool_with(
+        &client,
+        "busy-pool",
+        1,
+        Duration::from_secs(11),
         deliveries.clone(),
-        stop.clone(),
-    ));
+    );
     command(
         &client,
         "s-busy",
@@ -768,17 +738,8 @@ async fn a_dispatch_waiting_for_a_busy_pool_past_the_ack_wait_is_delivered_once(
     )
     .await;
     let store = store(&server.url()).await;
-    let mut ended = false;
-    for _ in 0..700 {
-        let events = store.load_all("s-busy").await.unwrap_or_default();
-        if events.iter().any(Event::is_terminal) {
-            assert!(ended_completed(&events));
-            ended = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ended, "s-busy did not end in 35 s");
+    let events = wait_for_end_within(&store, "s-busy", Duration::from_secs(35)).await;
+    assert!(ended_completed(&events));
     let mut seen = deliveries.0.lock().unwrap().clone();
     seen.sort();
     assert_eq!(seen, ["a", "b"], "each dispatch reached the pool once");

@@ -399,7 +399,17 @@ pub async fn store_on(client: async_nats::Client) -> JetStreamStore {
 
 /// Polls the session's log until the plan ends; returns every event.
 pub async fn wait_for_end(store: &JetStreamStore, session: &str) -> Vec<Event> {
-    for _ in 0..400 {
+    wait_for_end_within(store, session, Duration::from_secs(20)).await
+}
+
+/// [`wait_for_end`], for plans whose tasks take longer, waiting up to `limit`.
+pub async fn wait_for_end_within(
+    store: &JetStreamStore,
+    session: &str,
+    limit: Duration,
+) -> Vec<Event> {
+    let polls = limit.as_millis() / 50;
+    for _ in 0..polls {
         if let Ok(events) = store.load_all(session).await {
             if events.iter().any(Event::is_terminal) {
                 return events;
