@@ -2,8 +2,9 @@
 //! and the set of partitions this instance serves. Pure functions and an atomic set, free of
 //! NATS, so the rules are tested on their own (the leases that apply them are `ownership.rs`).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 /// FNV-1a, 32 bits: the hash nats-server's subject mapping `partition(n, ...)` applies to the
 /// bytes of the tokens it names (`subject_transform.go`, `getHashPartition`), so a session's
@@ -65,6 +66,10 @@ pub fn assigned_member(partition: u32, members: &[String]) -> Option<&str> {
 pub struct Partitions {
     count: u32,
     served: Vec<AtomicU8>,
+    /// Requests being answered here, per partition ([`Answering`]): a partition given away is
+    /// forgotten only once they are done, else one still waiting for its session's lock would
+    /// load the session again on the instance that just gave it away.
+    answering: Vec<AtomicU32>,
     owners: RwLock<Vec<Option<String>>>,
     members: RwLock<Vec<String>>,
 }
@@ -84,6 +89,7 @@ impl Partitions {
         Arc::new(Partitions {
             count,
             served: (0..count).map(|_| AtomicU8::new(NOT_SERVED)).collect(),
+            answering: (0..count).map(|_| AtomicU32::new(0)).collect(),
             owners: RwLock::new(vec![None; count as usize]),
             members: RwLock::new(Vec::new()),
         })
@@ -116,7 +122,8 @@ impl Partitions {
 
     fn set_state(&self, partition: u32, state: u8) {
         if let Some(flag) = self.served.get(partition as usize) {
-            flag.store(state, Ordering::Release);
+            // Sequentially consistent for `route` and `drain` (see there).
+            flag.store(state, Ordering::SeqCst);
         }
     }
 
@@ -203,6 +210,55 @@ impl Partitions {
         }
     }
 
+    /// Where instance `me` answers a request for a session of `partition`: here, holding the
+    /// partition's sessions in memory until it is done when this instance serves or hands it
+    /// over ([`Answering`]), here without holding anything ([`Partitions::forward_to`] found
+    /// no one else), or at another instance.
+    pub fn route(self: &Arc<Self>, partition: u32, me: &str) -> Route {
+        // Counted before the state is read, and `drain` reads the count after the state is
+        // written, both sequentially consistent: either this request sees the partition
+        // given away, or the drain sees this request.
+        let answering = self.answering.get(partition as usize).map(|count| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Answering {
+                partitions: Arc::clone(self),
+                partition,
+            }
+        });
+        let state = self
+            .served
+            .get(partition as usize)
+            .map_or(NOT_SERVED, |flag| flag.load(Ordering::SeqCst));
+        if state != NOT_SERVED {
+            return Route::Here(answering);
+        }
+        drop(answering);
+        match self.forward_to(partition, me) {
+            Some(owner) => Route::Forward(owner),
+            None => Route::Here(None),
+        }
+    }
+
+    /// Waits, up to `within`, until no request routed here for `partition` while it was served
+    /// or handed over ([`Partitions::route`]) is still being answered; call it after marking
+    /// the partition not served. Whether they all finished (past `within`, the caller goes on:
+    /// optimistic concurrency fences what is left).
+    pub async fn drain(&self, partition: u32, within: Duration) -> bool {
+        let Some(count) = self.answering.get(partition as usize) else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        // Polled: a handover waits here once per partition given away, for requests that
+        // take milliseconds, and a notification on every request's end would cost them all.
+        while count.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// Where instance `me` sends a request for a session of `partition`: `None` to answer it
     /// here (served here, or being handed over from here), else the instance to forward it to.
     /// That is the partition's owner; while it has none (in transit: released by its last
@@ -219,6 +275,31 @@ impl Partitions {
         assigned_member(partition, &members)
             .filter(|next| *next != me)
             .map(str::to_owned)
+    }
+}
+
+/// Where a request is answered ([`Partitions::route`]).
+#[derive(Debug)]
+pub enum Route {
+    /// Here; holding its partition's sessions in memory until dropped, when served here.
+    Here(Option<Answering>),
+    /// Forwarded to this instance.
+    Forward(String),
+}
+
+/// A request being answered here for a partition served or handed over here: until it is
+/// dropped, [`Partitions::drain`] waits before the partition's sessions are forgotten.
+#[derive(Debug)]
+pub struct Answering {
+    partitions: Arc<Partitions>,
+    partition: u32,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Some(count) = self.partitions.answering.get(self.partition as usize) {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -335,5 +416,41 @@ mod tests {
         partitions.set_member("instance-1", true);
         partitions.set_member("instance-1", true);
         assert_eq!(partitions.members.read().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_partition_given_away_drains_the_requests_answered_here_and_forwards_new_ones() {
+        let me = "instance-1";
+        let partitions = Partitions::new(4);
+        partitions.set_members(vec!["instance-1".into(), "instance-2".into()]);
+        partitions.set_owners(vec![Some("instance-2".into()); 4]);
+        partitions.set_owned(2, true);
+        let Route::Here(Some(served)) = partitions.route(2, me) else {
+            panic!("a served partition's request is answered here, holding it");
+        };
+        partitions.set_handing_over(2);
+        let Route::Here(Some(handing_over)) = partitions.route(2, me) else {
+            panic!("a partition handed over still answers here, holding it");
+        };
+        partitions.set_owned(2, false);
+        assert!(
+            matches!(partitions.route(2, me), Route::Forward(ref owner) if owner == "instance-2"),
+            "once given away, its requests go to the owner"
+        );
+        // The two requests answered here hold the drain, whatever the forwarded one did.
+        assert!(!partitions.drain(2, Duration::from_millis(50)).await);
+        drop(served);
+        assert!(!partitions.drain(2, Duration::from_millis(50)).await);
+        let drained = tokio::spawn({
+            let partitions = Arc::clone(&partitions);
+            async move { partitions.drain(2, Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(handing_over);
+        assert!(drained.await.unwrap(), "drained once the last one was done");
+        // Another partition's requests never held this one.
+        partitions.set_owned(1, true);
+        let _other = partitions.route(1, me);
+        assert!(partitions.drain(2, Duration::ZERO).await);
     }
 }

@@ -51,7 +51,7 @@ use crate::bus::NatsPublisher;
 use crate::config::{Config, FsyncSetting, StoreKind};
 use crate::engine::{Disposition, Engine, EngineConfig, EngineError, Llm};
 use crate::ownership::{Leases, Round};
-use crate::partition::Partitions;
+use crate::partition::{Answering, Partitions, Route};
 use crate::protocol::{
     ClaimRequest, ClientCommand, CommandReply, ErrorBody, ErrorKind, ErrorNotice, HeartbeatRequest,
     LeaseReply, OwnershipReply, QuarantineReply, QuarantineRequest, ReportMessage, ReportReply,
@@ -808,6 +808,13 @@ async fn run_with<S: EventStore>(
         Arc::clone(&report_pump),
         intake.clone(),
     ));
+    let site = Site {
+        admission: Arc::clone(&admission),
+        tracker: tracker.clone(),
+        engine: Arc::clone(&engine),
+        router: Arc::clone(&router),
+        max_bytes,
+    };
     let mut pump_ended = false;
     let mut failure = None;
     let mut leases_ended = false;
@@ -835,26 +842,26 @@ async fn run_with<S: EventStore>(
             }
             request = commands.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Command, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+                answer(Endpoint::Command, Incoming::from(request), &site);
             }
             request = claims.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Claim, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+                answer(Endpoint::Claim, Incoming::from(request), &site);
             }
             request = heartbeats.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Heartbeat, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+                answer(Endpoint::Heartbeat, Incoming::from(request), &site);
             }
             request = results.next() => {
                 let Some(request) = request else { break };
-                answer(Endpoint::Result, Incoming::from(request), &admission, &tracker, &engine, &router, max_bytes);
+                answer(Endpoint::Result, Incoming::from(request), &site);
             }
             message = forwarded.next() => {
                 let Some(message) = message else { break };
                 let Some(original) = subjects.unforward(&instance, &message.subject).map(str::to_owned) else { continue };
                 let Some(endpoint) = Endpoint::of(&subjects, &original) else { continue };
                 let incoming = Incoming { subject: original, payload: message.payload, reply: message.reply, headers: message.headers, forwarded: true };
-                answer(endpoint, incoming, &admission, &tracker, &engine, &router, max_bytes);
+                answer(endpoint, incoming, &site);
             }
             request = admin.next() => {
                 let Some(request) = request else { break };
@@ -979,15 +986,20 @@ impl Router {
     /// ([`FORWARDED_AGAIN`]); a marked one is handled where it lands, owner or not: at most
     /// two hops, never a loop, and optimistic concurrency keeps a request handled off its
     /// owner apart from the owner's work.
-    fn owner_elsewhere(&self, endpoint: Endpoint, incoming: &Incoming) -> Option<String> {
+    ///
+    /// A request answered here for a partition served or handed over here holds that partition's
+    /// sessions in memory until it is answered ([`crate::partition::Answering`]).
+    fn route(&self, endpoint: Endpoint, incoming: &Incoming) -> Route {
         if !self.enabled || incoming.reply.is_none() || incoming.forwarded_again() {
-            return None;
+            return Route::Here(None);
         }
-        let session = self
+        let Some(session) = self
             .subjects
-            .session_of(&incoming.subject, endpoint.token())?;
-        self.partitions
-            .forward_to(self.partitions.of(session), &self.me)
+            .session_of(&incoming.subject, endpoint.token())
+        else {
+            return Route::Here(None);
+        };
+        self.partitions.route(self.partitions.of(session), &self.me)
     }
 
     /// Sends `incoming` on to `owner` as a request of this instance's own (its inbox, waiting
@@ -1105,7 +1117,8 @@ struct PartitionPump {
     task: AbortOnDropHandle<()>,
 }
 
-/// How long a released partition's pump keeps handling reports already delivered to it.
+/// How long a released partition's pump keeps handling reports already delivered to it, and
+/// how long requests answered here for it have to finish before its sessions are forgotten.
 const HANDOVER_DRAIN: Duration = Duration::from_millis(500);
 
 impl<S: EventStore> Owned<S> {
@@ -1141,6 +1154,21 @@ impl<S: EventStore> Owned<S> {
             leases.release(&round.to_release).await;
             for partition in &round.to_release {
                 self.partitions.set_owned(*partition, false);
+            }
+            // Requests answered here until now finish on the sessions in memory; forgotten
+            // first, one still waiting for its session's lock would load it again here.
+            let drains = round
+                .to_release
+                .iter()
+                .map(|partition| self.partitions.drain(*partition, HANDOVER_DRAIN));
+            if !futures::future::join_all(drains)
+                .await
+                .into_iter()
+                .all(|done| done)
+            {
+                tracing::warn!(partitions = ?round.to_release, "requests still answered here after the handover's drain; the next owner's writes fence them");
+            }
+            for partition in &round.to_release {
                 self.engine.forget_partition(*partition, count);
             }
             tracing::info!(partitions = ?round.to_release, "partitions handed over");
@@ -1561,19 +1589,21 @@ async fn judge_report<S: EventStore>(
         .handle_chained(session, command, chain.map(|(chain, _)| chain))
         .await
     {
-        Ok(handled) => ReportOutcome::Done(handled.handover.map(|handover| {
-            Box::new(crate::protocol::NextTask {
-                heartbeat_interval_ms: heartbeat_interval(handover.lease_terms.as_ref()),
-                // The executor holds the context already, or gets it here. (The dispatch's
-                // reference is this context's: hashing it again cost a long chain 3% of the
-                // daemon's CPU.)
-                context: handover
-                    .context
-                    .filter(|_| held.as_deref() != Some(&handover.task.assignment.context_ref)),
-                task: handover.task,
-                lease: handover.lease,
-            })
-        })),
+        Ok(handled) => {
+            ReportOutcome::Done(handled.handover.map(|handover| {
+                Box::new(crate::protocol::NextTask {
+                    heartbeat_interval_ms: heartbeat_interval(handover.lease_terms.as_ref()),
+                    // The executor holds the context already, or gets it here. (The dispatch's
+                    // reference is this context's: hashing it again cost a long chain 3% of the
+                    // daemon's CPU.)
+                    context: handover
+                        .context
+                        .filter(|_| held.as_deref() != Some(&handover.task.assignment.context_ref)),
+                    task: handover.task,
+                    lease: handover.lease,
+                })
+            }))
+        }
         Err(e) => match e.disposition() {
             Disposition::Reject => {
                 tracing::warn!(session, task = %task, error = %e, "executor report refused");
@@ -1963,56 +1993,67 @@ impl Endpoint {
 
 /// Answers one request in a task of its own, within the admission limit (past it: `busy` at
 /// once, without queueing), or forwards it to the instance that owns its session.
-fn answer<S: EventStore>(
-    endpoint: Endpoint,
-    incoming: Incoming,
-    admission: &Arc<Semaphore>,
-    tracker: &TaskTracker,
-    engine: &Arc<Engine<S, NatsPublisher>>,
-    router: &Arc<Router>,
-    max_bytes: usize,
-) {
-    if let Some(owner) = router.owner_elsewhere(endpoint, &incoming) {
-        let (router, engine, admission) = (
-            Arc::clone(router),
-            Arc::clone(engine),
-            Arc::clone(admission),
-        );
-        let forwarder = tracker.clone();
-        tracker.spawn(async move {
-            if let Some(incoming) = router.forward(endpoint, &owner, incoming).await {
-                answer_here(
-                    endpoint, incoming, &admission, &forwarder, &engine, &router, max_bytes,
-                );
-            }
-        });
-        return;
-    }
-    answer_here(
-        endpoint, incoming, admission, tracker, engine, router, max_bytes,
-    );
+fn answer<S: EventStore>(endpoint: Endpoint, incoming: Incoming, site: &Site<S>) {
+    let answering = match site.router.route(endpoint, &incoming) {
+        Route::Here(answering) => answering,
+        Route::Forward(owner) => {
+            let site = site.clone();
+            site.tracker.clone().spawn(async move {
+                if let Some(incoming) = site.router.forward(endpoint, &owner, incoming).await {
+                    answer_here(endpoint, incoming, None, &site);
+                }
+            });
+            return;
+        }
+    };
+    answer_here(endpoint, incoming, answering, site);
 }
 
-/// Answers one request here, in a task of its own, within the admission limit.
+/// What answering a request needs: the daemon's parts, shared by every request's task.
+struct Site<S: EventStore> {
+    admission: Arc<Semaphore>,
+    tracker: TaskTracker,
+    engine: Arc<Engine<S, NatsPublisher>>,
+    router: Arc<Router>,
+    max_bytes: usize,
+}
+
+impl<S: EventStore> Clone for Site<S> {
+    fn clone(&self) -> Self {
+        Site {
+            admission: Arc::clone(&self.admission),
+            tracker: self.tracker.clone(),
+            engine: Arc::clone(&self.engine),
+            router: Arc::clone(&self.router),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// Answers one request here, in a task of its own, within the admission limit; `answering`
+/// (its partition's sessions held in memory) is let go once it is answered.
 fn answer_here<S: EventStore>(
     endpoint: Endpoint,
     incoming: Incoming,
-    admission: &Arc<Semaphore>,
-    tracker: &TaskTracker,
-    engine: &Arc<Engine<S, NatsPublisher>>,
-    router: &Arc<Router>,
-    max_bytes: usize,
+    answering: Option<Answering>,
+    site: &Site<S>,
 ) {
-    let (engine, router) = (Arc::clone(engine), Arc::clone(router));
+    let (engine, router, max_bytes) = (
+        Arc::clone(&site.engine),
+        Arc::clone(&site.router),
+        site.max_bytes,
+    );
+    let tracker = &site.tracker;
     let Some(reply_to) = incoming.reply.clone() else {
         // Nobody to answer: handled all the same (a command published without a reply).
         let context = endpoint.trace_context(incoming.headers.as_ref());
         tracker.spawn(crate::trace::scope(context, endpoint.edge(), async move {
             let _ = handle(endpoint, &engine, &router, &incoming, max_bytes).await;
+            drop(answering);
         }));
         return;
     };
-    let Ok(permit) = Arc::clone(admission).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&site.admission).try_acquire_owned() else {
         crate::metrics::busy(endpoint.name());
         tracing::warn!(
             request = endpoint.name(),
@@ -2031,7 +2072,7 @@ fn answer_here<S: EventStore>(
         // Boxed: the handling's state is large, and a spawned future is moved whole into its
         // task (that copy was 5% of the daemon's CPU at saturation, perf).
         let body = Box::pin(handle(endpoint, &engine, &router, &incoming, max_bytes)).await;
-        drop(permit);
+        drop((permit, answering));
         if let Err(error) = router.client.publish(reply_to, body).await {
             tracing::warn!(%error, endpoint = endpoint.name(), "could not send a reply");
         }
