@@ -1567,6 +1567,12 @@ async fn judge_report<S: EventStore>(
         Err(e) => return refuse(ErrorKind::Malformed, format!("not an executor report: {e}")),
     };
     let task = event.task_id.clone();
+    // A report asking for the next task that comes by the stream was not answered directly:
+    // a task its first sending was handed, if any, never reached its executor.
+    let unreceived = next
+        .as_ref()
+        .filter(|_| path == ReportVia::Stream)
+        .map(|next| next.claim_id.clone());
     // Only a direct report has a reply to hand a task over in; from the stream, `next` is
     // ignored (its executor may be long gone).
     let chain = match next {
@@ -1590,6 +1596,12 @@ async fn judge_report<S: EventStore>(
         .await
     {
         Ok(handled) => {
+            if let Some(lease) = unreceived {
+                if let Err(error) = engine.release_unreceived_handover(session, &lease).await {
+                    // The report is applied; the task waits out its heartbeat timeout instead.
+                    tracing::warn!(session, task = %task, %error, "could not release a task handed over in a lost reply");
+                }
+            }
             ReportOutcome::Done(handled.handover.map(|handover| {
                 Box::new(crate::protocol::NextTask {
                     heartbeat_interval_ms: heartbeat_interval(handover.lease_terms.as_ref()),

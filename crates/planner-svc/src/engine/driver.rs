@@ -380,6 +380,38 @@ struct HeldAttempt {
 }
 
 impl<S: EventStore, P: Publisher> Engine<S, P> {
+    /// A report that asked for the next task (`lease`: its claim id) came by the report
+    /// stream: its executor never got a direct reply (an executor publishes a report only
+    /// when the planner did not answer it in time), so a task claimed for it in that reply
+    /// would sit unrun until its heartbeat timeout. That attempt is abandoned now, retryable:
+    /// the retry policy dispatches the task again to anyone. Whether one was.
+    pub async fn release_unreceived_handover(
+        self: &Arc<Self>,
+        session: &str,
+        lease: &str,
+    ) -> Result<bool, EngineError> {
+        let planner = self.read(session).await?;
+        let Some(held) = held_by(&planner, lease) else {
+            return Ok(false);
+        };
+        let abandon = Command::AbandonAttempt {
+            task_id: held.task_id.clone(),
+            attempt: held.attempt,
+            error: "handed over in a reply its executor never received (its report came by the report stream)".to_owned(),
+            retryable: true,
+            now: self.now(),
+        };
+        match self.handle(session, abandon).await {
+            Ok(_) => {
+                tracing::warn!(session, task = %held.task_id, attempt = held.attempt, "a task handed over in a lost reply; retrying it now rather than at its heartbeat timeout");
+                Ok(true)
+            }
+            // It moved on meanwhile (the attempt ended or the plan did): nothing held any more.
+            Err(EngineError::Rejected(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The reply's account of an attempt handed over: its dispatch as published (rendered by
     /// [`hand_over`], or here for one handed over again), and its context unless inline.
     fn handover(&self, session: &str, planner: &Planner, held: HeldAttempt) -> Option<Handover> {

@@ -284,6 +284,71 @@ async fn a_task_handed_over_to_an_executor_that_dies_is_retried_after_its_heartb
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_handed_over_in_a_reply_its_executor_never_got_is_retried_when_the_report_comes_by_the_stream(
+) {
+    // The default heartbeat timeout (30 s): without the release, attempt 2 waits that long.
+    let server = NatsServer::start().unwrap();
+    let daemon = Daemon::start(config(&server)).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let store = store(&server.url()).await;
+    command(&client, "s-unheard", chain(&["a", "b"])).await;
+    let lease = lease_of(&client, "s-unheard", "a").await;
+    let report = completed_asking("a", &lease, "planner.task.>", "next-claim-never-received");
+    // Applied, b claimed for the executor in the reply; the executor timed out before it
+    // came (a NATS node died under the request, say) and publishes the report to the stream.
+    let next = handed_over(result(&client, "s-unheard", report.clone()).await);
+    assert_eq!(next.task.assignment.task_id.as_str(), "b");
+    let sent = Instant::now();
+    js.publish("planner.report.s-unheard", report.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let events = until_dispatched(&store, "s-unheard", "b", 2, Duration::from_secs(10)).await;
+    assert!(sent.elapsed() < Duration::from_secs(10));
+    let completions_of_a = events
+        .iter()
+        .filter(
+            |e| matches!(e, Event::TaskStatusUpdated { task_id, .. } if task_id.as_str() == "a"),
+        )
+        .count();
+    assert_eq!(completions_of_a, 1, "the report counted once: {events:?}");
+    // The lease handed over is void: the executor that never got it cannot heartbeat it.
+    let beat = json!({"task_id": "b", "attempt": 1, "lease": "next-claim-never-received"});
+    let reply = client
+        .request(
+            "planner.heartbeat.s-unheard",
+            serde_json::to_vec(&beat).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            serde_json::from_slice::<LeaseReply>(&reply.payload).unwrap(),
+            LeaseReply::Stop { .. }
+        ),
+        "attempt 1 of b still alive"
+    );
+    // Attempt 2 runs and the plan ends.
+    let lease = match claim(&client, "s-unheard", json!({"task_id": "b", "attempt": 2})).await {
+        LeaseReply::Granted { lease, .. } => lease,
+        other => panic!("attempt 2 of b was not granted: {other:?}"),
+    };
+    let body = serde_json::to_vec(&json!({
+        "task_id": "b", "attempt": 2, "status": "completed", "output": "b done", "lease": lease,
+    }))
+    .unwrap();
+    assert_eq!(
+        result(&client, "s-unheard", body).await,
+        ReportReply::Ok { next: None }
+    );
+    let events = wait_for_end(&store, "s-unheard").await;
+    assert!(events.iter().any(|e| e.event_type() == "plan_completed"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_that_asks_for_next_runs_a_chain_with_one_write_per_task() {
     let server = NatsServer::start().unwrap();
     let daemon = Daemon::start(config(&server)).await;
