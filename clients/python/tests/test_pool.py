@@ -128,6 +128,33 @@ async def test_an_executor_killed_mid_task_loses_the_attempt_to_another(
     assert took < HEARTBEAT_TIMEOUT_MS / 1000 + 10, f"attempt 2 done {took:.1f}s after the kill"
 
 
+async def test_a_consumer_an_older_version_made_takes_this_version_s_ack_wait(
+    nc: NatsClient, client: Client, session: str
+) -> None:
+    executor = Executor()
+
+    @executor.tool("upgraded")
+    async def upgraded(task: TaskMessage, ctx: TaskContext) -> str:
+        return "done"
+
+    subject, handler = next(iter(executor._handlers.items()))
+    durable = executor._durable(handler)
+    stream = executor.subjects.tasks_stream
+    js = nc.jetstream()
+    # As an older executor left it: the server's default wait of 30 s.
+    await js.add_consumer(stream, config=nats.js.api.ConsumerConfig(
+        name=durable, durable_name=durable, filter_subject=subject,
+        ack_policy=nats.js.api.AckPolicy.EXPLICIT, ack_wait=30.0,
+    ))
+    assert (await js.consumer_info(stream, durable)).config.ack_wait == 30.0
+    async with serving(executor, nc):
+        await client.submit(session, "upgraded", plan={"tasks": [
+            {"id": "only", "description": "do it", "kind": "tool_call", "target": "upgraded"}]})
+        events = await events_until_end(client, session)
+    assert events[-1].type == "plan_completed"
+    assert (await js.consumer_info(stream, durable)).config.ack_wait == 10.0
+
+
 async def test_a_dispatch_lost_with_an_executor_that_died_before_its_claim_runs_within_seconds(
     nc: NatsClient, client: Client, session: str
 ) -> None:

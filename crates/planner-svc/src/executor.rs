@@ -124,17 +124,16 @@ pub async fn run_pool(
             options.stream
         )
     })?;
+    // Created or updated: a consumer an older pool made keeps no older ack wait (async-nats'
+    // 30 s default, before [`DELIVERY_ACK_WAIT`]).
     let consumer = stream
-        .get_or_create_consumer(
-            &options.consumer,
-            pull::Config {
-                durable_name: Some(options.consumer.clone()),
-                filter_subject: options.filter.clone(),
-                max_ack_pending: i64::try_from(options.concurrency * 2).unwrap_or(i64::MAX),
-                ack_wait: DELIVERY_ACK_WAIT,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(options.consumer.clone()),
+            filter_subject: options.filter.clone(),
+            max_ack_pending: i64::try_from(options.concurrency * 2).unwrap_or(i64::MAX),
+            ack_wait: DELIVERY_ACK_WAIT,
+            ..Default::default()
+        })
         .await
         .context("creating the executor consumer")?;
     let mut messages = crate::bus::pull_messages(&consumer, 200)

@@ -442,19 +442,17 @@ async fn ensure_streams(
         }
         _ => {}
     }
+    // Created or updated: a consumer an older version made (or made with other settings)
+    // takes this configuration's `reports.ack_wait_s` and limits, rather than keeping its own.
     let consumer = reports
-        .get_or_create_consumer(
-            &config.reports.consumer,
-            pull::Config {
-                durable_name: Some(config.reports.consumer.clone()),
-                filter_subject: subjects.reports(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(config.reports.ack_wait_s),
-                max_ack_pending: i64::try_from(config.reports.max_in_flight * 4)
-                    .unwrap_or(i64::MAX),
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(config.reports.consumer.clone()),
+            filter_subject: subjects.reports(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(config.reports.ack_wait_s),
+            max_ack_pending: i64::try_from(config.reports.max_in_flight * 4).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
         .await
         .context("creating the reports consumer")?;
     let legacy = crate::bus::pull_messages(&consumer, 64)
@@ -1209,20 +1207,18 @@ impl<S: EventStore> Owned<S> {
     async fn open(&self, partition: u32) -> anyhow::Result<pull::Stream> {
         let name = format!("{}-{partition}", self.config.reports.consumer);
         let subjects = &self.report_pump.subjects;
+        // Created or updated, as the shared one is (`ensure_streams`).
         let consumer = self
             .reports
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: subjects.partition_reports(partition),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(self.config.reports.ack_wait_s),
-                    max_ack_pending: i64::try_from(self.config.reports.max_in_flight * 4)
-                        .unwrap_or(i64::MAX),
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subjects.partition_reports(partition),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(self.config.reports.ack_wait_s),
+                max_ack_pending: i64::try_from(self.config.reports.max_in_flight * 4)
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            })
             .await
             .with_context(|| format!("creating the report consumer {name}"))?;
         crate::bus::pull_messages(&consumer, 64)

@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 # How long the dispatch stream waits for an ack before delivering a message again. A fetch
 # loop takes a slot before it fetches and acks right after the claim, so this only bounds how
 # long a delivery lost in flight (its executor or a cluster node died) stays lost; the server's
-# default is 30 s. A consumer made earlier keeps the wait it was made with.
+# default is 30 s. A consumer made earlier, with another wait, is updated to this one.
 DELIVERY_ACK_WAIT_S = 10.0
 
 
@@ -277,11 +277,17 @@ class Executor:
             durable = self._durable(handler)
             while True:
                 try:
+                    # Created or updated first: `pull_subscribe` binds to a consumer that
+                    # exists as it is, so one an older version made would keep its wait.
+                    await js.add_consumer(
+                        self.subjects.tasks_stream,
+                        config=ConsumerConfig(
+                            name=durable, durable_name=durable, filter_subject=subject,
+                            ack_policy=AckPolicy.EXPLICIT, ack_wait=DELIVERY_ACK_WAIT_S,
+                        ),
+                    )
                     sub = await js.pull_subscribe(
                         subject, durable=durable, stream=self.subjects.tasks_stream,
-                        config=ConsumerConfig(
-                            ack_policy=AckPolicy.EXPLICIT, ack_wait=DELIVERY_ACK_WAIT_S
-                        ),
                     )
                     break
                 except nats.js.errors.NotFoundError:

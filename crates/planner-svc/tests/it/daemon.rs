@@ -1774,3 +1774,68 @@ async fn a_second_delivery_of_an_attempt_the_pool_is_running_does_not_run_it_aga
     stop.cancel();
     let _ = pool.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_made_before_take_the_ack_waits_of_the_version_and_configuration_that_start() {
+    use futures::TryStreamExt;
+    use planner_svc::executor::NoObserver;
+    let server = NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    // The report consumers, as a daemon with the default 30 s made them.
+    let daemon = Daemon::start(config(&server)).await;
+    daemon.stop().await;
+    let reports = js.get_stream("PLANNER_REPORTS").await.unwrap();
+    let waits = || async {
+        let consumers: Vec<_> = reports.consumers().try_collect().await.unwrap();
+        consumers
+            .into_iter()
+            .map(|c| (c.name, c.config.ack_wait))
+            .collect::<Vec<_>>()
+    };
+    let before = waits().await;
+    assert!(
+        before.len() > 1,
+        "the shared consumer and the partitions': {before:?}"
+    );
+    assert!(
+        before.iter().all(|(_, w)| *w == Duration::from_secs(30)),
+        "{before:?}"
+    );
+    // The operator sets another wait and restarts: every report consumer takes it.
+    let mut changed = config(&server);
+    changed.reports.ack_wait_s = 12;
+    let daemon = Daemon::start(changed).await;
+    let after = waits().await;
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    assert!(
+        after.iter().all(|(_, w)| *w == Duration::from_secs(12)),
+        "{after:?}"
+    );
+
+    // The pool's dispatch consumer, as a pool of an older version made it (30 s).
+    let tasks = js.get_stream("PLANNER_TASKS").await.unwrap();
+    tasks
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("older-pool".into()),
+            filter_subject: "planner.task.>".into(),
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (pool, stop) = start_pool(
+        &client,
+        "older-pool",
+        Duration::ZERO,
+        std::sync::Arc::new(NoObserver),
+    );
+    command(&client, "s-upgraded", plan(&[("a", "tool", &[])])).await;
+    let store = store(&server.url()).await;
+    assert!(ended_completed(&wait_for_end(&store, "s-upgraded").await));
+    let info = tasks.consumer_info("older-pool").await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(10));
+    stop.cancel();
+    pool.await.unwrap().unwrap();
+    daemon.stop().await;
+}
