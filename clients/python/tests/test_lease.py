@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from planner_client import Client, Executor, TaskContext, TaskMessage, attempt, wire
 from planner_client.lease import claim, claim_id
-from planner_client.models.lease_reply import LeaseReplyGranted, LeaseReplyStop
+from planner_client.models.lease_reply import LeaseReplyError, LeaseReplyGranted, LeaseReplyStop
 from planner_client.subjects import Subjects
 
 TASK = {
@@ -47,6 +47,39 @@ async def test_a_claim_whose_reply_is_lost_is_asked_again_with_the_same_id(nats_
     first, second = asked
     assert first == second, "the retry is the same claim"
     assert isinstance(reply, LeaseReplyGranted) and reply.lease == first["claim_id"]
+
+
+async def test_a_claim_refused_for_now_is_asked_again_and_a_refusal_for_good_is_not(
+    nats_url: str,
+) -> None:
+    nc = await nats.connect(nats_url)
+    asked: list[dict[str, object]] = []
+    refusals = ["busy", "unavailable"]
+
+    async def planner_at_its_limit(msg: Msg) -> None:
+        asked.append(json.loads(msg.data))
+        if refusals:
+            kind = refusals.pop(0)
+            await msg.respond(json.dumps({"status": "error", "kind": kind, "message": kind}).encode())
+        else:
+            lease = asked[-1]["claim_id"]
+            await msg.respond(json.dumps({"status": "granted", "lease": lease}).encode())
+
+    await nc.subscribe("planner.claim.s-lost", cb=planner_at_its_limit)
+    task = TaskMessage.model_validate(TASK)
+    try:
+        reply = await claim(nc, Subjects(), task, timeout=2, claim_id=claim_id(uuid.uuid4(), task))
+        assert len(asked) == 3, asked
+        assert asked[0] == asked[1] == asked[2], "the same claim each time"
+        assert isinstance(reply, LeaseReplyGranted) and reply.lease == asked[0]["claim_id"]
+        # A refusal retrying cannot help is the answer at once.
+        asked.clear()
+        refusals.extend(["rejected", "busy"])
+        reply = await claim(nc, Subjects(), task, timeout=2, claim_id=claim_id(uuid.uuid4(), task))
+        assert len(asked) == 1, asked
+        assert isinstance(reply, LeaseReplyError) and reply.kind == "rejected"
+    finally:
+        await nc.close()
 
 
 def test_claim_ids_are_one_per_executor_and_attempt_and_valid_lease_tokens() -> None:

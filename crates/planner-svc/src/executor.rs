@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, NextRequest, NextTask, OfferReply,
-    ReportMessage, ReportReply, Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, ErrorKind, HeartbeatRequest, LeaseReply, NextRequest, NextTask,
+    OfferReply, ReportMessage, ReportReply, Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
@@ -816,7 +816,20 @@ async fn claim(
             .context("no claim reply in time")
             .and_then(|reply| reply.context("claim request failed"));
         match reply {
-            Ok(reply) => return Ok(serde_json::from_slice(&reply.payload)?),
+            Ok(reply) => {
+                let answer: LeaseReply = serde_json::from_slice(&reply.payload)?;
+                // Refused for now (the planner at its request limit, its store failing, a
+                // lost race): asked again like an unanswered claim, not given up. After a
+                // grant whose reply was lost, giving up would decline an offer the grant
+                // settled, and the attempt would wait out its heartbeat timeout.
+                let retryable = matches!(&answer, LeaseReply::Error(body)
+                    if matches!(body.kind, ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Conflict));
+                if !retryable || tries >= max_tries {
+                    return Ok(answer);
+                }
+                tracing::debug!(tries, ?answer, "claim refused for now; asking again");
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
             Err(error) if tries >= max_tries => return Err(error),
             Err(error) => {
                 tracing::debug!(%error, tries, "claim not answered; asking again");

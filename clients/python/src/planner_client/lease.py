@@ -93,12 +93,25 @@ async def claim(
     subject = subjects.claim(task.session)
     for asked in range(1, tries):
         try:
-            return await _request(nc, subjects, route, subject, body, timeout, trace)
+            reply = await _request(nc, subjects, route, subject, body, timeout, trace)
         except NoAnswer as error:
             log.debug("claim of %s/%s attempt %s not answered (%s); asking again",
                       task.session, task.task_id, task.attempt, error)
-            await asyncio.sleep(0.2 * asked)
+        else:
+            # Refused for now (the planner at its request limit, its store failing, a lost
+            # race): asked again, not given up. After a grant whose reply was lost, giving up
+            # would decline an offer the grant settled, and the attempt would wait out its
+            # heartbeat timeout.
+            if not (isinstance(reply, LeaseReplyError) and reply.kind in RETRYABLE):
+                return reply
+            log.debug("claim of %s/%s attempt %s refused for now (%s); asking again",
+                      task.session, task.task_id, task.attempt, reply.kind)
+        await asyncio.sleep(0.2 * asked)
     return await _request(nc, subjects, route, subject, body, timeout, trace)
+
+
+# Refusals that may pass: the claim is asked again.
+RETRYABLE = frozenset({"busy", "unavailable", "conflict"})
 
 
 async def heartbeat(

@@ -378,3 +378,116 @@ async fn an_offers_claim_not_answered_is_asked_again_not_declined() {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), pool).await;
 }
+
+/// A claim the planner answers `busy` (at its request limit) is asked again, not declined:
+/// after a grant whose reply was lost, a decline reaches nobody (the grant settled the offer)
+/// and the attempt would wait out its heartbeat timeout. The planner here is scripted on a
+/// real server: busy twice, then granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_asks_a_claim_answered_busy_again_and_takes_the_offer() {
+    use async_nats::jetstream::stream;
+    use planner_svc::protocol::{
+        ClaimRequest, ErrorBody, ErrorKind, LeaseReply, OfferReply, ReportReply,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let server = NatsServer::start().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    async_nats::jetstream::new(client.clone())
+        .create_stream(stream::Config {
+            name: "PLANNER_TASKS".into(),
+            subjects: vec!["planner.task.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut claims = client.subscribe("planner.claim.>").await.unwrap();
+    let mut results = client.subscribe("planner.result.>").await.unwrap();
+    let planner = client.clone();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&asked);
+    tokio::spawn(async move {
+        while let Some(request) = claims.next().await {
+            let claim: ClaimRequest = serde_json::from_slice(&request.payload).unwrap();
+            let reply = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(claim.claim_id.clone());
+                if seen.len() <= 2 {
+                    LeaseReply::Error(ErrorBody::new(ErrorKind::Busy, "at the request limit"))
+                } else {
+                    LeaseReply::Granted {
+                        lease: claim.claim_id.unwrap(),
+                        heartbeat_interval_ms: None,
+                        context: None,
+                    }
+                }
+            };
+            let body = serde_json::to_vec(&reply).unwrap();
+            planner
+                .publish(request.reply.unwrap(), body.into())
+                .await
+                .unwrap();
+        }
+    });
+    let (pool, stop) = start_pool(
+        &client,
+        "busy-pool",
+        Duration::ZERO,
+        Arc::new(planner_svc::executor::NoObserver),
+    );
+    // The planner answers the report (its hand-over asks for nothing here).
+    let (reported_tx, mut reported) = tokio::sync::mpsc::unbounded_channel();
+    let answerer = client.clone();
+    tokio::spawn(async move {
+        while let Some(report) = results.next().await {
+            let ok = serde_json::to_vec(&ReportReply::Ok { next: None }).unwrap();
+            if let Some(reply) = report.reply {
+                answerer.publish(reply, ok.into()).await.unwrap();
+            }
+            let _ = reported_tx.send(report.subject.to_string());
+        }
+    });
+    let offer = json!({"session": "s-busy", "task_id": "t1", "attempt": 1, "kind": "tool_call",
+        "target": "tool", "description": "do t1", "attachments": [], "inputs": []});
+    let offer = serde_json::to_vec(&offer).unwrap();
+    // The grant settles the offer on the planner's side: the pool answers an offer only to
+    // decline it, which it must not do here.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = async_nats::Request::new()
+            .payload(offer.clone().into())
+            .timeout(Some(Duration::from_secs(2)));
+        match client
+            .send_request("planner.offer.tool_call.tool", request)
+            .await
+        {
+            Ok(answer) => panic!(
+                "the pool answered the offer: {:?}",
+                serde_json::from_slice::<OfferReply>(&answer.payload)
+            ),
+            Err(error) if error.kind() == async_nats::RequestErrorKind::TimedOut => break,
+            // The pool is not subscribed yet.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(error) => panic!("no pool took offers: {error}"),
+        }
+    }
+    let claim_ids = asked.lock().unwrap().clone();
+    assert_eq!(claim_ids.len(), 3, "{claim_ids:?}");
+    assert!(
+        claim_ids.windows(2).all(|w| w[0] == w[1]),
+        "asked again with the same claim id: {claim_ids:?}"
+    );
+    // The attempt ran: its report arrives.
+    let subject = tokio::time::timeout(Duration::from_secs(10), reported.recv())
+        .await
+        .expect("the attempt was reported")
+        .unwrap();
+    assert_eq!(subject, "planner.result.s-busy");
+    stop.cancel();
+    let _ = pool.await;
+}
