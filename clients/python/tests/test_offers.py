@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import nats
 import pytest
@@ -47,9 +48,8 @@ def executor_counting(runs: list[str], **options: object) -> Executor:
 async def test_offered_dispatches_never_reach_the_stream_and_with_offers_off_all_do(
     nc: NatsClient, client: Client, session: str, offers: bool, stored: int
 ) -> None:
-    # Three slots: one for the handler's fetch loop (it holds one while it waits for a stream
-    # message), one for the attempt whose report is being answered, one for the next offer.
-    # (No hand-over: each task is dispatched, offered or stored.)
+    # Three slots: one for the attempt whose report is being answered, one for the next offer,
+    # one to spare. (No hand-over: each task is dispatched, offered or stored.)
     runs: list[str] = []
     executor = executor_counting(runs, concurrency=3, offers=offers, take_next=False)
     async with serving(executor, nc):
@@ -58,6 +58,25 @@ async def test_offered_dispatches_never_reach_the_stream_and_with_offers_off_all
     assert events[-1].type == "plan_completed", [e.type for e in events]
     assert runs == ["a", "b", "c"]
     assert await stored_dispatches(nc) == stored
+
+
+async def test_a_one_slot_executor_waiting_on_the_stream_takes_offers(
+    nc: NatsClient, client: Client
+) -> None:
+    # Its fetch loop long-polls the stream (5 s here) without holding the one slot: each
+    # offer finds it free. (A fetch that held it declined them all: each one stored.)
+    runs: list[str] = []
+    executor = executor_counting(runs, concurrency=1, fetch_wait=5.0, take_next=False)
+    one = {"tasks": [{"id": "only", "description": "one", "kind": "tool_call",
+                      "target": "web_search"}]}
+    async with serving(executor, nc):
+        for i in range(3):
+            session = f"s-one-slot-{uuid.uuid4().hex[:8]}-{i}"
+            await client.submit(session, "one task", plan=one)
+            events = await events_until_end(client, session)
+            assert events[-1].type == "plan_completed", [e.type for e in events]
+    assert runs == ["only"] * 3
+    assert await stored_dispatches(nc) == 0
 
 
 async def test_an_unreadable_offer_is_declined_at_once(nc: NatsClient) -> None:

@@ -14,11 +14,12 @@ consumer per subject and no overlaps, so naming the consumer after the subject m
 executor (in any process, in any language using the same name) that serves a target share
 that target's queue, instead of failing to create a second consumer.
 
-Concurrency. A semaphore of `concurrency` slots bounds the dispatches this executor holds:
-a handler's fetch loop takes a slot before it fetches one message, and the slot goes back when
-the attempt is over (or the fetch found nothing). Never holding more dispatches than it can run
-leaves the rest in the stream for the other executors of the pool. With more handlers than
-slots, the idle fetches take turns, every `fetch_wait` seconds.
+Concurrency. A semaphore of `concurrency` slots bounds the attempts this executor runs. A
+handler's fetch loop fetches one message while a slot is free, without holding the slot while
+the fetch waits (offers take free slots meanwhile), then takes one for the attempt; the slot
+goes back when the attempt is over. A message that arrives to find every slot taken (an offer
+took the last one) waits for one, with a progress ack every 3 s: a handler holds at most one
+dispatch beyond what it runs, and the rest stay in the stream for the other executors.
 
 Offers. Each handler also takes the dispatches the planner offers on
 `planner.offer.<kind>.<target>` before the stream (docs/protocol.md, "Offers"), in a queue group
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 # long a delivery lost in flight (its executor or a cluster node died) stays lost; the server's
 # default is 30 s. A consumer made earlier, with another wait, is updated to this one.
 DELIVERY_ACK_WAIT_S = 10.0
+# How often a fetched dispatch waiting for a slot says it is still wanted (`+WPI`).
+WAITING_PROGRESS_S = 3.0
 
 
 class Executor:
@@ -347,32 +350,30 @@ class Executor:
         attempts: set[asyncio.Task[None]],
         shutdown: asyncio.Event,
     ) -> None:
-        """Fetches one dispatch per free slot until shutdown; each becomes an attempt task."""
+        """Fetches one dispatch while a slot is free, until shutdown; each becomes an attempt
+        task. The slot is not held while the fetch waits: offers take free slots meanwhile (a
+        fetch that held it made a one-slot executor decline every offer). A message that finds
+        every slot taken when it arrives waits for one, kept alive (`_hold_for_slot`)."""
         while not shutdown.is_set():
             if not await _acquire(slots, shutdown):
                 return
-            handed_over = False
+            slots.release()
             try:
-                try:
-                    msgs = await sub.fetch(1, timeout=self.fetch_wait)
-                except nats.errors.TimeoutError:
+                msgs = await sub.fetch(1, timeout=self.fetch_wait)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as error:
+                log.warning("fetching %s failed: %s", handler.target, error)
+                await asyncio.sleep(self.fetch_wait)
+                continue
+            for msg in msgs:
+                if shutdown.is_set() or not await _hold_for_slot(msg, slots, shutdown):
+                    await _nak(msg)
                     continue
-                except nats.errors.Error as error:
-                    log.warning("fetching %s failed: %s", handler.target, error)
-                    await asyncio.sleep(self.fetch_wait)
-                    continue
-                for msg in msgs:
-                    if shutdown.is_set():
-                        await _nak(msg)
-                        continue
-                    task = asyncio.create_task(attempt.run(msg, handler, rt))
-                    attempts.add(task)
-                    task.add_done_callback(attempts.discard)
-                    task.add_done_callback(lambda _: slots.release())
-                    handed_over = True
-            finally:
-                if not handed_over:
-                    slots.release()
+                task = asyncio.create_task(attempt.run(msg, handler, rt))
+                attempts.add(task)
+                task.add_done_callback(attempts.discard)
+                task.add_done_callback(lambda _: slots.release())
 
     async def _drain(
         self, rt: attempt.Runtime, loops: list[asyncio.Task[None]], attempts: set[asyncio.Task[None]]
@@ -413,6 +414,38 @@ class Executor:
         control = rt.running.get((cancel.session, cancel.task_id, cancel.attempt))
         if control is not None:
             control.stop("cancelled")
+
+
+async def _hold_for_slot(msg: Msg, slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
+    """Takes a slot for `msg`, telling the stream it is still wanted every `WAITING_PROGRESS_S`
+    (well inside its ack wait) while every slot is taken; False (and no slot) on shutdown."""
+    if not slots.locked():
+        await slots.acquire()  # free: returns at once
+        return True
+    acquire = asyncio.ensure_future(slots.acquire())
+    stop = asyncio.ensure_future(shutdown.wait())
+    taken = False
+    try:
+        while True:
+            await asyncio.wait([acquire, stop], timeout=WAITING_PROGRESS_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if acquire.done():
+                taken = not shutdown.is_set()
+                return taken
+            if stop.done():
+                return False
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as error:
+                log.debug("could not keep a waiting dispatch alive: %s", error)
+    finally:
+        # Whatever ends the wait (shutdown, this task cancelled), a slot taken and not kept
+        # goes back, and a pending take is withdrawn.
+        stop.cancel()
+        if not acquire.done():
+            acquire.cancel()
+        elif not acquire.cancelled() and not taken:
+            slots.release()
 
 
 async def _acquire(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
