@@ -28,7 +28,7 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
 use planner_svc::executor::{run_pool, PoolObserver, PoolOptions, ReportPath};
-use planner_svc::protocol::{CommandReply, OwnershipReply, Subjects, TaskMessage};
+use planner_svc::protocol::{CommandReply, ErrorKind, OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -534,20 +534,37 @@ async fn main() -> anyhow::Result<()> {
     let mut requests = Vec::new();
     for s in 0..args.sessions {
         let client = client.clone();
-        let body = serde_json::to_vec(&plan(s))?;
+        let body = bytes::Bytes::from(serde_json::to_vec(&plan(s))?);
         let offset = Duration::from_millis(args.ramp_ms) * u32::try_from(s).unwrap_or(u32::MAX)
             / u32::try_from(args.sessions.max(1)).unwrap_or(1);
         requests.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(start) + offset).await;
-            client
-                .request(format!("planner.cmd.load-{s}"), body.into())
-                .await
+            // A refusal that may pass (the daemon at its request limit, its store failing, a
+            // lost race) applied nothing: asked again, as a client would, a few times.
+            let mut tries = 0u64;
+            loop {
+                tries += 1;
+                let reply = client
+                    .request(format!("planner.cmd.load-{s}"), body.clone())
+                    .await?;
+                let passing = matches!(
+                    serde_json::from_slice(&reply.payload),
+                    Ok(CommandReply::Error(error))
+                        if matches!(error.kind, ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Conflict)
+                );
+                if !passing || tries >= 60 {
+                    return Ok::<_, async_nats::RequestError>(reply);
+                }
+                // Spread by session, so that a thousand refused at once do not come back at once.
+                let spread = u64::try_from(s % 97).unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis((50 * tries).min(1_000) + spread)).await;
+            }
         }));
     }
     for (s, r) in requests.into_iter().enumerate() {
         let reply = r.await??;
-        // A refused plan (too large a message, too many tasks) would otherwise leave the run
-        // waiting for tasks that never come.
+        // A refused plan (too large a message, too many tasks, or refused for now 60 times)
+        // would otherwise leave the run waiting for tasks that never come.
         if let Ok(CommandReply::Error(error)) = serde_json::from_slice(&reply.payload) {
             bail!(
                 "the daemon refused session load-{s}'s plan ({} tasks): {:?}: {}",
