@@ -124,8 +124,22 @@ pub async fn run_pool(
             options.stream
         )
     })?;
+    // A consumer of this name serving other subjects is another pool's: updating it would
+    // move that pool onto this one's subjects.
+    if let Ok(existing) = stream.consumer_info(&options.consumer).await {
+        let serves = &existing.config.filter_subject;
+        if !serves.is_empty() && *serves != options.filter {
+            anyhow::bail!(
+                "the consumer {} exists for the subjects {serves}, not {}: another pool's; give \
+                 this one its own --consumer (or the same --filter)",
+                options.consumer,
+                options.filter
+            );
+        }
+    }
     // Created or updated: a consumer an older pool made keeps no older ack wait (async-nats'
-    // 30 s default, before [`DELIVERY_ACK_WAIT`]).
+    // 30 s default, before [`DELIVERY_ACK_WAIT`]). Every member of one pool runs with the same
+    // options: the last to start sets the consumer's `max_ack_pending`.
     let consumer = stream
         .create_consumer(pull::Config {
             durable_name: Some(options.consumer.clone()),
@@ -605,7 +619,10 @@ impl Shared {
         // The context named is kept here: another task of the session may replace the pool's
         // copy before the reply comes.
         let mut held = None;
-        if self.take_next && !self.shutdown.is_cancelled() {
+        // Only a direct report can be answered with a task: one bound for the stream (direct
+        // reports off or paused) does not ask, as the planner would take its `next` for a reply
+        // that never came.
+        if self.take_next && self.direct.on() && !self.shutdown.is_cancelled() {
             held = self
                 .contexts
                 .lock()

@@ -215,6 +215,18 @@ impl Partitions {
     /// over ([`Answering`]), here without holding anything ([`Partitions::forward_to`] found
     /// no one else), or at another instance.
     pub fn route(self: &Arc<Self>, partition: u32, me: &str) -> Route {
+        if let Some(answering) = self.hold(partition) {
+            return Route::Here(Some(answering));
+        }
+        match self.forward_to(partition, me) {
+            Some(owner) => Route::Forward(owner),
+            None => Route::Here(None),
+        }
+    }
+
+    /// Holds `partition`'s sessions in memory for a request answered here, when it is served
+    /// or handed over here; `None` (nothing held) when it is not.
+    pub fn hold(self: &Arc<Self>, partition: u32) -> Option<Answering> {
         // Counted before the state is read, and `drain` reads the count after the state is
         // written, both sequentially consistent: either this request sees the partition
         // given away, or the drain sees this request.
@@ -224,19 +236,12 @@ impl Partitions {
                 partitions: Arc::clone(self),
                 partition,
             }
-        });
+        })?;
         let state = self
             .served
             .get(partition as usize)
             .map_or(NOT_SERVED, |flag| flag.load(Ordering::SeqCst));
-        if state != NOT_SERVED {
-            return Route::Here(answering);
-        }
-        drop(answering);
-        match self.forward_to(partition, me) {
-            Some(owner) => Route::Forward(owner),
-            None => Route::Here(None),
-        }
+        (state != NOT_SERVED).then_some(answering)
     }
 
     /// Waits, up to `within`, until no request routed here for `partition` while it was served
@@ -451,6 +456,13 @@ mod tests {
         // Another partition's requests never held this one.
         partitions.set_owned(1, true);
         let _other = partitions.route(1, me);
+        assert!(partitions.drain(2, Duration::ZERO).await);
+        // A request handled here whoever owns it (no reply subject, or forwarded twice) holds
+        // a partition served here, and nothing otherwise.
+        let held = partitions.hold(1);
+        assert!(held.is_some());
+        assert!(!partitions.drain(1, Duration::ZERO).await);
+        assert!(partitions.hold(2).is_none());
         assert!(partitions.drain(2, Duration::ZERO).await);
     }
 }

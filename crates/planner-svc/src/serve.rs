@@ -988,7 +988,7 @@ impl Router {
     /// A request answered here for a partition served or handed over here holds that partition's
     /// sessions in memory until it is answered ([`crate::partition::Answering`]).
     fn route(&self, endpoint: Endpoint, incoming: &Incoming) -> Route {
-        if !self.enabled || incoming.reply.is_none() || incoming.forwarded_again() {
+        if !self.enabled {
             return Route::Here(None);
         }
         let Some(session) = self
@@ -997,7 +997,13 @@ impl Router {
         else {
             return Route::Here(None);
         };
-        self.partitions.route(self.partitions.of(session), &self.me)
+        let partition = self.partitions.of(session);
+        // Handled here whatever the owner (nobody to relay an answer to, or forwarded twice
+        // already), and held like any request answered here while its partition is.
+        if incoming.reply.is_none() || incoming.forwarded_again() {
+            return Route::Here(self.partitions.hold(partition));
+        }
+        self.partitions.route(partition, &self.me)
     }
 
     /// Sends `incoming` on to `owner` as a request of this instance's own (its inbox, waiting
@@ -1074,7 +1080,7 @@ struct Incoming {
 }
 
 impl Incoming {
-    /// Whether it was forwarded twice already (see [`Router::owner_elsewhere`]).
+    /// Whether it was forwarded twice already (see [`Router::route`]).
     fn forwarded_again(&self) -> bool {
         self.forwarded
             && self

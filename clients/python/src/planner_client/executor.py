@@ -18,8 +18,8 @@ Concurrency. A semaphore of `concurrency` slots bounds the attempts this executo
 handler's fetch loop fetches one message while a slot is free, without holding the slot while
 the fetch waits (offers take free slots meanwhile), then takes one for the attempt; the slot
 goes back when the attempt is over. A message that arrives to find every slot taken (an offer
-took the last one) waits for one, with a progress ack every 3 s: a handler holds at most one
-dispatch beyond what it runs, and the rest stay in the stream for the other executors.
+took the last one) waits up to 3 s for one, then goes back to the stream: the dispatches this
+executor cannot run stay available to the other executors.
 
 Offers. Each handler also takes the dispatches the planner offers on
 `planner.offer.<kind>.<target>` before the stream (docs/protocol.md, "Offers"), in a queue group
@@ -69,12 +69,13 @@ from .subjects import Subjects, TaskKind, check_token
 log = logging.getLogger(__name__)
 
 # How long the dispatch stream waits for an ack before delivering a message again. A fetch
-# loop takes a slot before it fetches and acks right after the claim, so this only bounds how
+# loop fetches only while a slot is free and acks right after the claim, so this only bounds how
 # long a delivery lost in flight (its executor or a cluster node died) stays lost; the server's
 # default is 30 s. A consumer made earlier, with another wait, is updated to this one.
 DELIVERY_ACK_WAIT_S = 10.0
-# How often a fetched dispatch waiting for a slot says it is still wanted (`+WPI`).
-WAITING_PROGRESS_S = 3.0
+# How long a fetched dispatch that finds every slot taken waits for one before it goes back to
+# the stream: well inside the ack wait, so it needs no progress acks.
+SLOT_WAIT_S = 3.0
 
 
 class Executor:
@@ -324,9 +325,9 @@ class Executor:
         """What takes `handler`'s offers: with a slot free now, an attempt task (the claim
         answers the offer); without one, or shutting down, `declined` at once, and the
         dispatch comes through the stream. An offer never waits for a slot: it would wait
-        behind the fetch loops (each holds a slot while it waits for a stream message), and
-        fetch loops that gave way to waiting offers starved the stream while offers kept
-        coming (a planner instance killed mid-run left sessions waiting on the stream)."""
+        behind the attempts running, and offers that waited for slots starved the stream's
+        fetch loops while offers kept coming (a planner instance killed mid-run left sessions
+        waiting on the stream)."""
 
         async def take(msg: Msg) -> None:
             offer = attempt.Offer(msg)
@@ -353,7 +354,8 @@ class Executor:
         """Fetches one dispatch while a slot is free, until shutdown; each becomes an attempt
         task. The slot is not held while the fetch waits: offers take free slots meanwhile (a
         fetch that held it made a one-slot executor decline every offer). A message that finds
-        every slot taken when it arrives waits for one, kept alive (`_hold_for_slot`)."""
+        every slot taken when it arrives waits a little for one, then goes back to the stream
+        (`_hold_for_slot`)."""
         while not shutdown.is_set():
             if not await _acquire(slots, shutdown):
                 return
@@ -367,7 +369,7 @@ class Executor:
                 await asyncio.sleep(self.fetch_wait)
                 continue
             for msg in msgs:
-                if shutdown.is_set() or not await _hold_for_slot(msg, slots, shutdown):
+                if shutdown.is_set() or not await _hold_for_slot(slots, shutdown):
                     await _nak(msg)
                     continue
                 task = asyncio.create_task(attempt.run(msg, handler, rt))
@@ -416,9 +418,11 @@ class Executor:
             control.stop("cancelled")
 
 
-async def _hold_for_slot(msg: Msg, slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
-    """Takes a slot for `msg`, telling the stream it is still wanted every `WAITING_PROGRESS_S`
-    (well inside its ack wait) while every slot is taken; False (and no slot) on shutdown."""
+async def _hold_for_slot(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
+    """Takes a slot for a fetched dispatch, waiting at most `SLOT_WAIT_S` when every slot is
+    taken (an offer took the last one during the fetch); False (and no slot) past that or on
+    shutdown: the caller hands the dispatch back to the stream, for another executor or for
+    this one once a slot frees, rather than keep it from them for a whole attempt."""
     if not slots.locked():
         await slots.acquire()  # free: returns at once
         return True
@@ -426,21 +430,13 @@ async def _hold_for_slot(msg: Msg, slots: asyncio.Semaphore, shutdown: asyncio.E
     stop = asyncio.ensure_future(shutdown.wait())
     taken = False
     try:
-        while True:
-            await asyncio.wait([acquire, stop], timeout=WAITING_PROGRESS_S,
-                               return_when=asyncio.FIRST_COMPLETED)
-            if acquire.done():
-                taken = not shutdown.is_set()
-                return taken
-            if stop.done():
-                return False
-            try:
-                await msg.in_progress()
-            except nats.errors.Error as error:
-                log.debug("could not keep a waiting dispatch alive: %s", error)
+        await asyncio.wait([acquire, stop], timeout=SLOT_WAIT_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+        taken = acquire.done() and not acquire.cancelled() and not shutdown.is_set()
+        return taken
     finally:
-        # Whatever ends the wait (shutdown, this task cancelled), a slot taken and not kept
-        # goes back, and a pending take is withdrawn.
+        # Whatever ends the wait (its bound, shutdown, this task cancelled), a slot taken and
+        # not kept goes back, and a pending take is withdrawn.
         stop.cancel()
         if not acquire.done():
             acquire.cancel()

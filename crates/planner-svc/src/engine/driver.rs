@@ -390,8 +390,23 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         session: &str,
         lease: &str,
     ) -> Result<bool, EngineError> {
-        let planner = self.read(session).await?;
-        let Some(held) = held_by(&planner, lease) else {
+        // The report was just handled, so its session is in memory: looked up there, under
+        // its lock, without a read of the store for every report that comes by the stream.
+        let in_memory = match self.registry.get(session) {
+            Some(slot) => slot
+                .state
+                .lock()
+                .await
+                .planner
+                .as_ref()
+                .map(|planner| held_by(planner, lease)),
+            None => None,
+        };
+        let held = match in_memory {
+            Some(held) => held,
+            None => held_by(&self.read(session).await?, lease),
+        };
+        let Some(held) = held else {
             return Ok(false);
         };
         let abandon = Command::AbandonAttempt {

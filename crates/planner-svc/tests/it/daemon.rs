@@ -1837,5 +1837,34 @@ async fn consumers_made_before_take_the_ack_waits_of_the_version_and_configurati
     assert_eq!(info.config.ack_wait, Duration::from_secs(10));
     stop.cancel();
     pool.await.unwrap().unwrap();
+
+    // A consumer of that name serving other subjects is another pool's: refused, not moved.
+    // (A work-queue stream takes no overlapping filters: the first pool's goes first.)
+    tasks.delete_consumer("older-pool").await.unwrap();
+    tasks
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("processing-pool".into()),
+            filter_subject: "planner.task.processing.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (pool, _stop) = start_pool(
+        &client,
+        "processing-pool",
+        Duration::ZERO,
+        std::sync::Arc::new(NoObserver),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(10), pool)
+        .await
+        .expect("the pool stops at once")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("another pool's"),
+        "{refused:#}"
+    );
+    let info = tasks.consumer_info("processing-pool").await.unwrap();
+    assert_eq!(info.config.filter_subject, "planner.task.processing.>");
     daemon.stop().await;
 }
