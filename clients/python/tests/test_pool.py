@@ -230,3 +230,22 @@ async def test_a_fetched_dispatch_waits_a_little_for_a_slot_and_never_leaks_one(
         await waiting
     slots.release()
     assert not slots.locked(), "no slot leaked to the cancelled wait"
+
+
+async def test_a_fetch_loop_lends_its_slot_to_one_offer_while_it_waits() -> None:
+    from planner_client.executor import _Slots
+
+    slots = _Slots(1)
+    await slots.free.acquire()  # the fetch loop takes the one slot, then waits on the stream
+    slots.polling += 1
+    assert await slots.take_for_offer() is True, "an offer borrows the waiting fetch's slot"
+    assert await slots.take_for_offer() is False, "one slot lent once"
+    assert slots.end_poll() is False, "the fetch comes back without a slot"
+    slots.free.release()  # the offer's attempt ends
+    assert not slots.free.locked(), "one slot in all, free again"
+    # No offer meanwhile: the fetch keeps its slot.
+    await slots.free.acquire()
+    slots.polling += 1
+    assert slots.end_poll() is True
+    slots.free.release()
+    assert not slots.free.locked()

@@ -14,12 +14,13 @@ consumer per subject and no overlaps, so naming the consumer after the subject m
 executor (in any process, in any language using the same name) that serves a target share
 that target's queue, instead of failing to create a second consumer.
 
-Concurrency. A semaphore of `concurrency` slots bounds the attempts this executor runs. A
-handler's fetch loop fetches one message while a slot is free, without holding the slot while
-the fetch waits (offers take free slots meanwhile), then takes one for the attempt; the slot
-goes back when the attempt is over. A message that arrives to find every slot taken (an offer
-took the last one) waits up to 3 s for one, then goes back to the stream: the dispatches this
-executor cannot run stay available to the other executors.
+Concurrency. A semaphore of `concurrency` slots bounds the dispatches this executor holds:
+a handler's fetch loop takes a slot before it fetches one message, and the slot goes back when
+the attempt is over (or the fetch found nothing). Never holding more dispatches than it can run
+leaves the rest in the stream for the other executors of the pool. With more handlers than
+slots, the idle fetches take turns, every `fetch_wait` seconds. While a fetch waits, its slot
+is lent to offers: one that finds no slot free takes it, and a message the fetch then brings
+waits up to 3 s for another slot before it goes back to the stream.
 
 Offers. Each handler also takes the dispatches the planner offers on
 `planner.offer.<kind>.<target>` before the stream (docs/protocol.md, "Offers"), in a queue group
@@ -69,7 +70,7 @@ from .subjects import Subjects, TaskKind, check_token
 log = logging.getLogger(__name__)
 
 # How long the dispatch stream waits for an ack before delivering a message again. A fetch
-# loop fetches only while a slot is free and acks right after the claim, so this only bounds how
+# loop takes a slot before it fetches and acks right after the claim, so this only bounds how
 # long a delivery lost in flight (its executor or a cluster node died) stays lost; the server's
 # default is 30 s. A consumer made earlier, with another wait, is updated to this one.
 DELIVERY_ACK_WAIT_S = 10.0
@@ -221,7 +222,7 @@ class Executor:
             serves=[self.subjects.task(h.kind, h.target) for h in self._handlers.values()],
         )
         self._runtime = rt
-        slots = asyncio.Semaphore(self.concurrency)
+        slots = _Slots(self.concurrency)
         attempts: set[asyncio.Task[None]] = set()
         cancel_sub = None
         offer_subs: list[Any] = []
@@ -318,12 +319,13 @@ class Executor:
         self,
         handler: Handler,
         rt: attempt.Runtime,
-        slots: asyncio.Semaphore,
+        slots: _Slots,
         attempts: set[asyncio.Task[None]],
         shutdown: asyncio.Event,
     ) -> Callable[[Msg], Awaitable[None]]:
-        """What takes `handler`'s offers: with a slot free now, an attempt task (the claim
-        answers the offer); without one, or shutting down, `declined` at once, and the
+        """What takes `handler`'s offers: with a slot free now (or one a fetch loop holds
+        while it long-polls, `_Slots.take_for_offer`), an attempt task (the claim answers
+        the offer); without one, or shutting down, `declined` at once, and the
         dispatch comes through the stream. An offer never waits for a slot: it would wait
         behind the attempts running, and offers that waited for slots starved the stream's
         fetch loops while offers kept coming (a planner instance killed mid-run left sessions
@@ -331,14 +333,13 @@ class Executor:
 
         async def take(msg: Msg) -> None:
             offer = attempt.Offer(msg)
-            if shutdown.is_set() or slots.locked():
+            if shutdown.is_set() or not await slots.take_for_offer():
                 await _settle_offer(offer.decline())
                 return
-            await slots.acquire()  # free: returns at once
             task = asyncio.create_task(attempt.run(offer, handler, rt))
             attempts.add(task)
             task.add_done_callback(attempts.discard)
-            task.add_done_callback(lambda _: slots.release())
+            task.add_done_callback(lambda _: slots.free.release())
 
         return take
 
@@ -347,35 +348,48 @@ class Executor:
         sub: JetStreamContext.PullSubscription,
         handler: Handler,
         rt: attempt.Runtime,
-        slots: asyncio.Semaphore,
+        slots: _Slots,
         attempts: set[asyncio.Task[None]],
         shutdown: asyncio.Event,
     ) -> None:
-        """Fetches one dispatch while a slot is free, until shutdown; each becomes an attempt
-        task. The slot is not held while the fetch waits: offers take free slots meanwhile (a
-        fetch that held it made a one-slot executor decline every offer). A message that finds
-        every slot taken when it arrives waits a little for one, then goes back to the stream
+        """Fetches one dispatch per slot it takes, until shutdown; each becomes an attempt task.
+        While the fetch waits, an offer may take the loop's slot (`_Slots`): a one-slot
+        executor whose loop held it declined every offer. A message that arrives after its
+        slot was taken waits a little for another, then goes back to the stream
         (`_hold_for_slot`)."""
         while not shutdown.is_set():
-            if not await _acquire(slots, shutdown):
+            if not await _acquire(slots.free, shutdown):
                 return
-            slots.release()
+            slots.polling += 1
+            msgs: list[Msg] = []
+            failed = False
             try:
                 msgs = await sub.fetch(1, timeout=self.fetch_wait)
             except nats.errors.TimeoutError:
-                continue
+                pass
             except nats.errors.Error as error:
                 log.warning("fetching %s failed: %s", handler.target, error)
-                await asyncio.sleep(self.fetch_wait)
-                continue
+                failed = True
+            except BaseException:
+                if slots.end_poll():
+                    slots.free.release()
+                raise
+            has_slot = slots.end_poll()
             for msg in msgs:
-                if shutdown.is_set() or not await _hold_for_slot(slots, shutdown):
+                if not has_slot and not shutdown.is_set():
+                    has_slot = await _hold_for_slot(slots.free, shutdown)
+                if shutdown.is_set() or not has_slot:
                     await _nak(msg)
                     continue
                 task = asyncio.create_task(attempt.run(msg, handler, rt))
                 attempts.add(task)
                 task.add_done_callback(attempts.discard)
-                task.add_done_callback(lambda _: slots.release())
+                task.add_done_callback(lambda _: slots.free.release())
+                has_slot = False
+            if has_slot:
+                slots.free.release()
+            if failed:
+                await asyncio.sleep(self.fetch_wait)
 
     async def _drain(
         self, rt: attempt.Runtime, loops: list[asyncio.Task[None]], attempts: set[asyncio.Task[None]]
@@ -416,6 +430,38 @@ class Executor:
         control = rt.running.get((cancel.session, cancel.task_id, cancel.attempt))
         if control is not None:
             control.stop("cancelled")
+
+
+class _Slots:
+    """The executor's `concurrency` slots (`free`). A fetch loop takes one before it fetches,
+    so it never fetches more than the executor can run, and lends it while the fetch waits:
+    an offer that finds no slot free takes a lent one (`take_for_offer`), and the loop whose
+    fetch then returns learns it holds none (`end_poll`). Slots are alike, so which loop
+    gives its slot up does not matter. (Single-threaded: asyncio runs no two of these at
+    once.)"""
+
+    def __init__(self, concurrency: int) -> None:
+        self.free = asyncio.Semaphore(concurrency)
+        self.polling = 0  # fetch loops waiting on the stream with a slot taken
+        self.lent = 0  # of those slots, taken by offers meanwhile
+
+    async def take_for_offer(self) -> bool:
+        """A slot for an offer, now or never: a free one, else one a fetch loop lends."""
+        if not self.free.locked():
+            await self.free.acquire()  # free: returns at once
+            return True
+        if self.polling > self.lent:
+            self.lent += 1
+            return True
+        return False
+
+    def end_poll(self) -> bool:
+        """A fetch loop's wait on the stream ended: whether it still holds its slot."""
+        self.polling -= 1
+        if self.lent > 0:
+            self.lent -= 1
+            return False
+        return True
 
 
 async def _hold_for_slot(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
