@@ -360,7 +360,9 @@ function sessionView(id) {
   });
 
   let travelTimer = null;
-  scrubber.addEventListener('input', () => { clearTimeout(travelTimer); travelTimer = setTimeout(() => travelTo(Number(scrubber.value)), 150); });
+  // The version is read when the person moves the scrubber: a live event within the debounce
+  // moves the scrubber back to the latest version, and reading it later travelled there.
+  scrubber.addEventListener('input', () => { clearTimeout(travelTimer); const wanted = Number(scrubber.value); travelTimer = setTimeout(() => travelTo(wanted), 150); });
   async function forkHere() {
     const at = s.at === null ? s.latest : s.at;
     try {
