@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import nats
-import pytest
 from conftest import HEARTBEAT_TIMEOUT_MS, events_until_end, serving
 from nats.aio.client import Client as NatsClient
 
@@ -192,13 +193,12 @@ async def test_a_dispatch_lost_with_an_executor_that_died_before_its_claim_runs_
     assert took < 16, f"the lost dispatch ran {took:.1f}s after it was lost"
 
 
-async def test_a_fetched_dispatch_waits_a_little_for_a_slot_and_never_leaks_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from planner_client import executor as executor_module
+async def test_a_fetched_dispatch_waits_a_little_for_a_slot_and_never_leaks_one() -> None:
+    from planner_client.executor import _acquire
 
-    monkeypatch.setattr(executor_module, "SLOT_WAIT_S", 0.5)
-    hold = executor_module._hold_for_slot
+    def hold(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> Coroutine[Any, Any, bool]:
+        return _acquire(slots, shutdown, within=0.5)
+
     slots, shutdown = asyncio.Semaphore(1), asyncio.Event()
     await slots.acquire()  # an offer took the only slot while the fetch waited
     # The offer's attempt ends within the wait: the slot is the dispatch's.

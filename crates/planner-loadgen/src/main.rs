@@ -28,7 +28,7 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use planner_store::{EventStore, JetStreamConfig, JetStreamStore};
 use planner_svc::executor::{run_pool, PoolObserver, PoolOptions, ReportPath};
-use planner_svc::protocol::{CommandReply, ErrorKind, OwnershipReply, Subjects, TaskMessage};
+use planner_svc::protocol::{CommandReply, OwnershipReply, Subjects, TaskMessage};
 use planner_svc::sim::SimBehaviour;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -549,8 +549,7 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
                 let passing = matches!(
                     serde_json::from_slice(&reply.payload),
-                    Ok(CommandReply::Error(error))
-                        if matches!(error.kind, ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Conflict)
+                    Ok(CommandReply::Error(error)) if error.kind.may_pass()
                 );
                 if !passing || tries >= 60 {
                     return Ok::<_, async_nats::RequestError>(reply);

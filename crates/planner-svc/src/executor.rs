@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{
-    CancelMessage, ClaimRequest, ErrorKind, HeartbeatRequest, LeaseReply, NextRequest, NextTask,
-    OfferReply, ReportMessage, ReportReply, Subjects, TaskMessage,
+    CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, NextRequest, NextTask, OfferReply,
+    ReportMessage, ReportReply, Subjects, TaskMessage,
 };
 use crate::sim::{SimBehaviour, SimExecutor};
 
@@ -839,8 +839,7 @@ async fn claim(
                 // lost race): asked again like an unanswered claim, not given up. After a
                 // grant whose reply was lost, giving up would decline an offer the grant
                 // settled, and the attempt would wait out its heartbeat timeout.
-                let retryable = matches!(&answer, LeaseReply::Error(body)
-                    if matches!(body.kind, ErrorKind::Busy | ErrorKind::Unavailable | ErrorKind::Conflict));
+                let retryable = matches!(&answer, LeaseReply::Error(body) if body.kind.may_pass());
                 if !retryable || tries >= max_tries {
                     return Ok(answer);
                 }

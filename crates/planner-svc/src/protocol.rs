@@ -469,6 +469,20 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
         }
     }
+
+    /// Whether the refusal may pass (the store down, a lost race, an instance at its request
+    /// limit): nothing was applied, and the same message sent again later can succeed.
+    pub fn may_pass(self) -> bool {
+        match self {
+            ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Busy => true,
+            ErrorKind::Malformed
+            | ErrorKind::TooLarge
+            | ErrorKind::BadSession
+            | ErrorKind::Forbidden
+            | ErrorKind::Rejected
+            | ErrorKind::Corrupt => false,
+        }
+    }
 }
 
 impl std::fmt::Display for ErrorKind {

@@ -1994,11 +1994,10 @@ impl Endpoint {
             Endpoint::Command => serde_json::to_vec(&CommandReply::Error(body)),
             Endpoint::Claim | Endpoint::Heartbeat => serde_json::to_vec(&LeaseReply::Error(body)),
             // `busy` (the one refusal made here): the executor publishes it to the stream.
-            Endpoint::Result => serde_json::to_vec(&match body.kind {
-                ErrorKind::Busy | ErrorKind::Conflict | ErrorKind::Unavailable => {
-                    ReportReply::Retry(body)
-                }
-                _ => ReportReply::Refused(body),
+            Endpoint::Result => serde_json::to_vec(&if body.kind.may_pass() {
+                ReportReply::Retry(body)
+            } else {
+                ReportReply::Refused(body)
             }),
         };
         Bytes::from(json.unwrap_or_default())

@@ -356,7 +356,7 @@ class Executor:
         While the fetch waits, an offer may take the loop's slot (`_Slots`): a one-slot
         executor whose loop held it declined every offer. A message that arrives after its
         slot was taken waits a little for another, then goes back to the stream
-        (`_hold_for_slot`)."""
+        (`_acquire`)."""
         while not shutdown.is_set():
             if not await _acquire(slots.free, shutdown):
                 return
@@ -377,7 +377,7 @@ class Executor:
             has_slot = slots.end_poll()
             for msg in msgs:
                 if not has_slot and not shutdown.is_set():
-                    has_slot = await _hold_for_slot(slots.free, shutdown)
+                    has_slot = await _acquire(slots.free, shutdown, within=SLOT_WAIT_S)
                 if shutdown.is_set() or not has_slot:
                     await _nak(msg)
                     continue
@@ -464,11 +464,15 @@ class _Slots:
         return True
 
 
-async def _hold_for_slot(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
-    """Takes a slot for a fetched dispatch, waiting at most `SLOT_WAIT_S` when every slot is
-    taken (an offer took the last one during the fetch); False (and no slot) past that or on
-    shutdown: the caller hands the dispatch back to the stream, for another executor or for
-    this one once a slot frees, rather than keep it from them for a whole attempt."""
+async def _acquire(
+    slots: asyncio.Semaphore, shutdown: asyncio.Event, within: float | None = None
+) -> bool:
+    """Takes a slot, waiting at most `within` seconds (`None`: as long as it takes); False,
+    and no slot, when shutdown comes first or the wait ends without one. A fetched dispatch
+    waits `SLOT_WAIT_S` when an offer took its loop's slot, then goes back to the stream, for
+    another executor or for this one once a slot frees, rather than be kept from them."""
+    if shutdown.is_set():
+        return False
     if not slots.locked():
         await slots.acquire()  # free: returns at once
         return True
@@ -476,8 +480,7 @@ async def _hold_for_slot(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> b
     stop = asyncio.ensure_future(shutdown.wait())
     taken = False
     try:
-        await asyncio.wait([acquire, stop], timeout=SLOT_WAIT_S,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([acquire, stop], timeout=within, return_when=asyncio.FIRST_COMPLETED)
         taken = acquire.done() and not acquire.cancelled() and not shutdown.is_set()
         return taken
     finally:
@@ -488,28 +491,6 @@ async def _hold_for_slot(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> b
             acquire.cancel()
         elif not acquire.cancelled() and not taken:
             slots.release()
-
-
-async def _acquire(slots: asyncio.Semaphore, shutdown: asyncio.Event) -> bool:
-    """Takes a slot; False (and no slot) if shutdown comes first."""
-    if shutdown.is_set():
-        return False
-    acquire = asyncio.ensure_future(slots.acquire())
-    stop = asyncio.ensure_future(shutdown.wait())
-    await asyncio.wait([acquire, stop], return_when=asyncio.FIRST_COMPLETED)
-    stop.cancel()
-    if not acquire.done():
-        acquire.cancel()
-        try:
-            await acquire
-        except asyncio.CancelledError:
-            return False
-    if acquire.cancelled():
-        return False
-    if shutdown.is_set():
-        slots.release()
-        return False
-    return True
 
 
 async def _unsubscribe(subscriptions: list[Any]) -> None:

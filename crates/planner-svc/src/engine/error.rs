@@ -58,14 +58,10 @@ impl EngineError {
 
     /// Whether trying again can help.
     pub fn disposition(&self) -> Disposition {
-        match self.kind() {
-            ErrorKind::Conflict | ErrorKind::Unavailable | ErrorKind::Busy => Disposition::Retry,
-            ErrorKind::Malformed
-            | ErrorKind::TooLarge
-            | ErrorKind::BadSession
-            | ErrorKind::Forbidden
-            | ErrorKind::Rejected
-            | ErrorKind::Corrupt => Disposition::Reject,
+        if self.kind().may_pass() {
+            Disposition::Retry
+        } else {
+            Disposition::Reject
         }
     }
 }
