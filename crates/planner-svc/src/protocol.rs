@@ -7,6 +7,8 @@ use planner_core::{
 };
 use serde::{Deserialize, Serialize};
 
+mod decode;
+
 /// The header of a dispatch naming the planner instance that owns its session (with
 /// `ownership.enabled`): an executor may send the attempt's claim, heartbeats and direct report
 /// to it, on [`Subjects::forward`], instead of the planner's subjects (docs/protocol.md).
@@ -527,7 +529,8 @@ pub struct ErrorNotice {
 
 /// An executor's report on `{p}.result.{session}` (request/reply) or `{p}.report.{session}`
 /// (JetStream): what happened to an attempt, with the lease of the executor's claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+// Read by `decode.rs`, not by a derived `Deserialize` (see there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct ReportMessage {
     /// The report.
     #[serde(flatten)]
@@ -541,28 +544,21 @@ pub struct ReportMessage {
     /// executor serves, the planner claims it for the executor in the same write as the
     /// report's events and hands it over in the reply ([`ReportReply::Ok`]'s `next`) instead
     /// of offering it or publishing it to the dispatch stream.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient_next"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<NextRequest>,
 }
 
 /// A `next` that does not parse reads as none: it is a request on the side of a report, and a
 /// report refused for it would be dropped by its executor, its result lost with it.
-fn lenient_next<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<NextRequest>, D::Error> {
-    let value = serde_json::Value::deserialize(deserializer)?;
+fn lenient_next_value(value: serde_json::Value) -> Option<NextRequest> {
     if value.is_null() {
-        return Ok(None);
+        return None;
     }
     match NextRequest::deserialize(value) {
-        Ok(next) => Ok(Some(next)),
+        Ok(next) => Some(next),
         Err(error) => {
             tracing::warn!(%error, "a report's `next` does not parse; ignored, the report is applied");
-            Ok(None)
+            None
         }
     }
 }
@@ -661,7 +657,8 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
 
 /// The reply to a report sent directly on `{p}.result.{session}` (the body is a
 /// [`ReportMessage`], as on the report stream).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+// Read by `decode.rs`, not by a derived `Deserialize` (see there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ReportReply {
     /// Done: the events the report caused are persisted (or it changed nothing: a duplicate,
@@ -786,7 +783,8 @@ pub enum OfferReply {
 }
 
 /// A dispatch on `{p}.task.{kind}.{target}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+// Read by `decode.rs`, not by a derived `Deserialize` (see there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct TaskMessage {
     /// The session: report back on `{p}.result.{session}` or `{p}.report.{session}`.
     pub session: String,
