@@ -98,6 +98,10 @@ struct Args {
     /// an offer or the stream and is claimed, as before the planner handed tasks over.
     #[arg(long)]
     no_next: bool,
+    /// Writes every result → next dispatch latency to this file, one `seconds_into_run,micros`
+    /// line each, to see when in a run its tail happens.
+    #[arg(long, value_name = "FILE")]
+    latencies: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -107,7 +111,8 @@ struct Observer {
     dispatch_bytes: AtomicU64,
     reported: AtomicU64,
     last_report: Mutex<HashMap<String, Instant>>,
-    latencies_us: Mutex<Vec<u64>>,
+    /// Each result → next dispatch latency, with when the dispatch arrived.
+    latencies_us: Mutex<Vec<(Instant, u64)>>,
     /// Attempts run to a report more than once (by any executor of the pool): the planner
     /// promises none.
     executed: Mutex<HashMap<(String, String, u32), u32>>,
@@ -130,7 +135,7 @@ impl PoolObserver for Observer {
         if let Some(previous) = previous {
             let micros = u64::try_from(at.duration_since(previous).as_micros()).unwrap_or(u64::MAX);
             if let Ok(mut l) = self.latencies_us.lock() {
-                l.push(micros);
+                l.push((at, micros));
             }
         }
     }
@@ -182,6 +187,35 @@ async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
         }
     }
     all
+}
+
+/// The latencies in consecutive windows from the first: where in a run its tail lies (a ramp,
+/// a stall, or spread evenly).
+fn by_window(timed: &[(Instant, u64)], window: Duration) -> String {
+    let Some(start) = timed.iter().map(|(at, _)| *at).min() else {
+        return "none".to_owned();
+    };
+    let mut windows: Vec<Vec<u64>> = Vec::new();
+    for (at, micros) in timed {
+        let index = (at.duration_since(start).as_micros() / window.as_micros().max(1)) as usize;
+        if windows.len() <= index {
+            windows.resize_with(index + 1, Vec::new);
+        }
+        windows[index].push(*micros);
+    }
+    windows
+        .iter_mut()
+        .map(|w| {
+            w.sort_unstable();
+            format!(
+                "{} {:.1}/{:.1}",
+                w.len(),
+                percentile(w, 0.50),
+                percentile(w, 0.99)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -683,11 +717,24 @@ async fn main() -> anyhow::Result<()> {
         let _ = daemon.wait();
     }
 
-    let mut latencies = observer
+    let timed = observer
         .latencies_us
         .lock()
         .map(|l| l.clone())
         .unwrap_or_default();
+    if let Some(path) = &args.latencies {
+        let start = timed.iter().map(|(at, _)| *at).min();
+        let lines: String = timed
+            .iter()
+            .map(|(at, micros)| {
+                let offset = start.map_or(0.0, |s| at.duration_since(s).as_secs_f64());
+                format!("{offset:.6},{micros}\n")
+            })
+            .collect();
+        std::fs::write(path, lines)
+            .with_context(|| format!("writing the latencies to {}", path.display()))?;
+    }
+    let mut latencies: Vec<u64> = timed.iter().map(|(_, micros)| *micros).collect();
     latencies.sort_unstable();
     println!("| instances | sessions | tasks each | ramp | executor latency (± jitter) | task completions/s | result → next dispatch p50 / p99 | daemon peak RSS (largest) | raw JetStream ceiling (512 in flight) |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -717,6 +764,10 @@ async fn main() -> anyhow::Result<()> {
         sum(|o| o.conflicts),
         sum(|o| o.forwarded),
         owners.len()
+    );
+    println!(
+        "result → next dispatch by half second of the run (count, p50 / p99 ms): {}",
+        by_window(&timed, Duration::from_millis(500))
     );
     let dispatched = observer.dispatched.load(Ordering::Relaxed).max(1);
     let completions = total as f64 / elapsed.as_secs_f64();
