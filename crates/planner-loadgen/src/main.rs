@@ -98,8 +98,9 @@ struct Args {
     /// an offer or the stream and is claimed, as before the planner handed tasks over.
     #[arg(long)]
     no_next: bool,
-    /// Writes every result → next dispatch latency to this file, one `seconds_into_run,micros`
-    /// line each, to see when in a run its tail happens.
+    /// Writes every result → next dispatch latency to this file, one `unix_seconds,micros` line
+    /// each (when the dispatch arrived), to see when in a run its tail happens and line it up
+    /// with other logs.
     #[arg(long, value_name = "FILE")]
     latencies: Option<PathBuf>,
 }
@@ -723,12 +724,18 @@ async fn main() -> anyhow::Result<()> {
         .map(|l| l.clone())
         .unwrap_or_default();
     if let Some(path) = &args.latencies {
-        let start = timed.iter().map(|(at, _)| *at).min();
+        // Wall-clock times, to line the samples up with other processes' logs (a GC trace, a
+        // CPU's steal time): an `Instant` has no epoch, so each is placed from one reading of
+        // both clocks.
+        let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
+        let epoch = wall_now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let lines: String = timed
             .iter()
             .map(|(at, micros)| {
-                let offset = start.map_or(0.0, |s| at.duration_since(s).as_secs_f64());
-                format!("{offset:.6},{micros}\n")
+                let wall = epoch - now.duration_since(*at).as_secs_f64();
+                format!("{wall:.6},{micros}\n")
             })
             .collect();
         std::fs::write(path, lines)
