@@ -31,8 +31,10 @@
 //! Its one promise: it never omits an unfinished session. A batch that opens a plan
 //! ([`planner_core::open_after`]) writes the marker *before* the batch is appended, with
 //! header `Planner-Version` = the version the batch is appended at; a batch that ends it purges
-//! the marker *after* it is appended. A crash between the two leaves a marker for an ended
-//! session, which recovery loads once and drops ([`EventStore::forget_open`]). A purge removes
+//! the marker *after* it is appended, in a task of its own (the append returns once the events
+//! are durable, not after the bookkeeping). A crash between the two, or a purge that fails,
+//! leaves a marker for an ended session, which recovery loads once and drops
+//! ([`EventStore::forget_open`]). A purge removes
 //! only a marker written for an earlier version than the end it saw (a purge up to the marker's
 //! sequence), so it never removes the marker of a follow-up that reopened the session
 //! meanwhile. A store written before the index is backfilled once at connect: every session
@@ -482,16 +484,57 @@ impl JetStreamStore {
 }
 
 impl JetStreamStore {
-    /// After a batch that ended the plan landed at `version`: drops the session's marker. A
-    /// failure only leaves a marker too many (recovery drops it), so it is logged, not
-    /// returned: the append itself succeeded.
-    async fn after_end(&self, stream: &str, version: u64, opens: Option<bool>) {
-        if opens == Some(false) {
-            if let Err(error) = self.forget_open(stream, version).await {
+    /// After a batch that ended the plan landed at `version`: drops the session's marker, in a
+    /// task of its own, so the append returns once its events are durable. The drop is
+    /// bookkeeping: a failed or unfinished one leaves a marker too many, which recovery drops
+    /// ([`EventStore::list_open`] may name an ended stream). Awaited here, one request lost with
+    /// a cluster node held the append, and the report whose reply waited on it, for the whole
+    /// request timeout (10 s by default).
+    fn after_end(&self, stream: &str, version: u64, opens: Option<bool>) {
+        if opens != Some(false) {
+            return;
+        }
+        let (open, subject, stream) = (
+            self.open.clone(),
+            self.open_subject(stream),
+            stream.to_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = drop_open_marker(&open, &subject, version).await {
                 tracing::warn!(stream, %error, "could not drop an ended session from the open index; recovery will");
             }
-        }
+        });
     }
+}
+
+/// Drops the open marker on `subject` if it was written before `version`: one written since,
+/// by a follow-up that reopened the session, stays.
+async fn drop_open_marker(
+    open: &stream::Stream,
+    subject: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    let marker = match open.get_last_raw_message_by_subject(subject).await {
+        Ok(marker) => marker,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+        Err(e) => return Err(nats("reading a session's open marker")(&e)),
+    };
+    // The version the marking batch was appended at; a marker without one (not written by
+    // this store) is kept: dropping a marker wrongly loses a session, keeping one costs a load.
+    let marked_at = marker
+        .headers
+        .get(VERSION)
+        .and_then(|v| v.as_str().parse::<u64>().ok());
+    if marked_at.is_some_and(|at| at < version) {
+        // Up to (not including) the next sequence: a newer marker, written by a follow-up
+        // since, survives.
+        open.purge()
+            .filter(subject)
+            .sequence(marker.sequence + 1)
+            .await
+            .map_err(|e| nats("dropping a session's open marker")(&e))?;
+    }
+    Ok(())
 }
 
 /// A replay in progress: the events at or after `version`, until the message at
@@ -602,7 +645,7 @@ impl EventStore for JetStreamStore {
             Ok(ack) => {
                 // A duplicate ack means this very batch was stored by an earlier try.
                 self.remember(stream, new_version, ack.sequence);
-                self.after_end(stream, new_version, opens).await;
+                self.after_end(stream, new_version, opens);
                 Ok(new_version)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -619,7 +662,7 @@ impl EventStore for JetStreamStore {
                     let same = last.headers.get(BATCH_ID).is_some_and(|v| v.as_str() == id);
                     if same {
                         self.remember(stream, new_version, last.sequence);
-                        self.after_end(stream, new_version, opens).await;
+                        self.after_end(stream, new_version, opens);
                         return Ok(new_version);
                     }
                 }
@@ -769,29 +812,7 @@ impl EventStore for JetStreamStore {
 
     async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
         check_stream(stream)?;
-        let subject = self.open_subject(stream);
-        let marker = match self.open.get_last_raw_message_by_subject(&subject).await {
-            Ok(marker) => marker,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-            Err(e) => return Err(nats("reading a session's open marker")(&e)),
-        };
-        // The version the marking batch was appended at; a marker without one (not written by
-        // this store) is kept: dropping a marker wrongly loses a session, keeping one costs a load.
-        let marked_at = marker
-            .headers
-            .get(VERSION)
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        if marked_at.is_some_and(|at| at < version) {
-            // Up to (not including) the next sequence: a newer marker, written by a follow-up
-            // since, survives.
-            self.open
-                .purge()
-                .filter(subject)
-                .sequence(marker.sequence + 1)
-                .await
-                .map_err(|e| nats("dropping a session's open marker")(&e))?;
-        }
-        Ok(())
+        drop_open_marker(&self.open, &self.open_subject(stream), version).await
     }
 
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {

@@ -195,7 +195,11 @@ async fn a_store_from_before_the_index_is_backfilled_once() {
     let open: Vec<String> = (0..20).step_by(4).map(|i| format!("s{i}")).collect();
     let mut open_sorted = open.clone();
     open_sorted.sort();
-    assert_eq!(store.list_open().await.unwrap(), open_sorted);
+    let expected: Vec<&str> = open_sorted.iter().map(String::as_str).collect();
+    assert_eq!(
+        crate::support::open_streams_settled(&store, &expected).await,
+        open_sorted
+    );
     drop(store);
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -230,7 +234,11 @@ async fn a_marker_left_by_a_crash_is_dropped_and_a_newer_one_survives() {
         .append("x", 1, &[lifecycle::completed()])
         .await
         .unwrap();
-    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+    // Dropped after the append returned: waited for, or it could purge the marker below.
+    assert_eq!(
+        crate::support::open_streams_settled(&store, &[]).await,
+        Vec::<String>::new()
+    );
     // The crash: the marker of the opening batch is there, the purge after the end is not.
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -256,7 +264,10 @@ async fn a_marker_left_by_a_crash_is_dropped_and_a_newer_one_survives() {
         .append("x", 3, &[lifecycle::completed()])
         .await
         .unwrap();
-    assert_eq!(store.list_open().await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        crate::support::open_streams_settled(&store, &[]).await,
+        Vec::<String>::new()
+    );
     // The leftover marker case: ended at 4, a marker for version 0 written late is dropped.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Planner-Version", "0");
@@ -310,4 +321,59 @@ async fn an_appends_trace_context_is_kept_on_its_message_and_read_back() {
     );
     // Loading ignores it.
     assert_eq!(store.load_all("traced").await.unwrap().len(), 4);
+}
+
+/// The append that ends a plan returns once its events are durable. Dropping the session's
+/// open marker is bookkeeping, done after it; a request for it that nobody answers (here denied
+/// by the server, as a request to a stream whose leader just died goes unanswered) must not
+/// hold the append, and with it the reply to the executor's last report, for the JetStream
+/// request timeout. The marker it could not drop is left for recovery, as after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_that_ends_a_plan_does_not_wait_for_its_open_marker_to_be_dropped() {
+    use crate::support::lifecycle;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        r#"authorization {
+  users: [
+    { user: "store", password: "store-pass", permissions: {
+        publish: { allow: [">"], deny: ["$JS.API.STREAM.MSG.GET.PLANNER_EVENTS_OPEN"] },
+        subscribe: { allow: [">"] } } }
+  ]
+}
+"#,
+    )
+    .unwrap();
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]).unwrap();
+    let client = async_nats::ConnectOptions::with_user_and_password(
+        "store".to_owned(),
+        "store-pass".to_owned(),
+    )
+    .connect(server.url())
+    .await
+    .unwrap();
+    let store = JetStreamStore::connect(client, JetStreamConfig::default())
+        .await
+        .unwrap();
+    store
+        .append("slow-index", 0, &[lifecycle::started()])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let version = store
+        .append("slow-index", 1, &[lifecycle::completed()])
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(version, 2);
+    assert!(
+        took < Duration::from_secs(2),
+        "the ending append took {took:?}: it waited for the marker's drop"
+    );
+    assert_eq!(store.load_all("slow-index").await.unwrap().len(), 2);
+    // The drop failed (its request timed out): the ended session stays listed, for recovery.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(store.list_open().await.unwrap(), ["slow-index"]);
 }

@@ -94,6 +94,23 @@ pub fn real_session() -> Vec<Vec<Event>> {
 }
 
 /// Single events that open or end a plan, for the index of unfinished sessions.
+/// `list_open` once it equals `expected`, or as it is after 5 s: a store may drop an ended
+/// session's marker after the append that ended it returned (the JetStream store does, in a
+/// task of its own), never before.
+pub async fn open_streams_settled<S: planner_store::EventStore>(
+    store: &S,
+    expected: &[&str],
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let open = store.list_open().await.unwrap();
+        if open == expected || std::time::Instant::now() > deadline {
+            return open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 pub mod lifecycle {
     use planner_core::*;
 
