@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use planner_core::{Command, NodeKind, Planner, PlannerCmd, Timestamp};
-use planner_store::{load_planner, AppendMeta, EventStore, StoreError};
+use planner_store::{load_planner, AppendMeta, EventStore, Snapshot, StoreError};
 use tracing::Instrument as _;
 
 use super::render::{deliverable, outgoing, Undeliverable};
@@ -294,10 +294,16 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     let handover =
                         handed_over.and_then(|held| self.handover(session, planner, held));
                     let deadline = planner.next_deadline();
-                    self.config
+                    // Taken under the lock (a copy of the state), saved after it: a save is
+                    // a few JetStream requests (every `snapshot.every` events, more for a
+                    // large state), and neither this command's dispatches nor its reply
+                    // need it. One that fails or is lost leaves the older snapshot, which a
+                    // load replays further from.
+                    let snapshot = self
+                        .config
                         .snapshot
-                        .after_append(self.store.as_ref(), session, before, planner)
-                        .await;
+                        .is_due(before, planner.version())
+                        .then(|| Snapshot::of(planner.state()));
                     let mut confirmation = None;
                     if !outgoing.is_empty() {
                         let span = tracing::debug_span!("publish", session = %session, messages = outgoing.len());
@@ -319,6 +325,15 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // append, and an offered dispatch is confirmed only once an executor
                     // claimed it (a claim this instance may have to serve meanwhile).
                     drop(guard);
+                    if let Some(snapshot) = snapshot {
+                        let (store, session) = (Arc::clone(&self.store), session.to_owned());
+                        let saved = async move {
+                            if let Err(error) = store.save_snapshot(&session, &snapshot).await {
+                                tracing::warn!(stream = %session, %error, "could not save a snapshot; will try at the next point");
+                            }
+                        };
+                        self.confirmations.spawn(saved.in_current_span());
+                    }
                     if let Some(confirmation) = confirmation {
                         let (slot, unpublished) =
                             (Arc::clone(&slot), Arc::clone(&self.unpublished));

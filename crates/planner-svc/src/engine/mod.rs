@@ -165,7 +165,7 @@ pub struct Engine<S, P> {
     /// `unpublished` set, which keeps it in memory until then).
     unpublished: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// The tasks awaiting the bus's confirmation of what was sent (JetStream acks, offers'
-    /// answers), for a stop to wait for ([`Engine::confirmations`]).
+    /// answers), and the snapshot saves, for a stop to wait for ([`Engine::confirmations`]).
     confirmations: tokio_util::task::TaskTracker,
 }
 
@@ -214,9 +214,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         (engine, TimerLoop::new(rx))
     }
 
-    /// The tasks awaiting confirmations of what was sent: a daemon that stops waits for them
-    /// (after it stopped offering, so none waits for a claim no longer served), else a
-    /// dispatch offered just before the stop waited for the next owner's recovery.
+    /// The tasks awaiting confirmations of what was sent, and the snapshot saves: a daemon
+    /// that stops waits for them (after it stopped offering, so none waits for a claim no
+    /// longer served), else a dispatch offered just before the stop waited for the next
+    /// owner's recovery.
     pub fn confirmations(&self) -> &tokio_util::task::TaskTracker {
         &self.confirmations
     }

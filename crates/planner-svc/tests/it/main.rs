@@ -24,4 +24,5 @@ mod recovery;
 mod reports;
 mod roles;
 mod sim;
+mod snapshots;
 mod support;
