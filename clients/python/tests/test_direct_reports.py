@@ -4,6 +4,7 @@ the fallback when no planner answers (docs/protocol.md, "Reports")."""
 from __future__ import annotations
 
 import logging
+import time
 
 import nats
 import pytest
@@ -79,3 +80,26 @@ async def test_with_no_planner_running_a_report_goes_to_the_stream(
         assert direct.on()
     finally:
         await nc.close()
+
+
+def test_direct_reports_pause_longer_each_time_until_one_is_answered() -> None:
+    direct = reporting.DirectReports(first=0.05, longest=0.2)
+    assert direct.on()
+    direct.timed_out()
+    assert not direct.on()
+    assert direct.pause == 0.1  # the next one
+    # Reports sent before the pause that time out during it are the same trouble.
+    direct.timed_out()
+    assert direct.pause == 0.1
+    time.sleep(0.07)  # the first pause, 0.05 s, is over
+    assert direct.on()
+    direct.timed_out()
+    assert not direct.on()
+    assert direct.pause == 0.2
+    time.sleep(0.12)  # the second, 0.1 s, is over
+    direct.timed_out()
+    assert direct.pause == 0.2  # the longest
+    # An answer: the next trouble is new, and paused for as short as the first.
+    direct.answered()
+    assert direct.pause == 0.05
+    assert not reporting.DirectReports(enabled=False).on()

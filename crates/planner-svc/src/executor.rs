@@ -934,6 +934,11 @@ struct DirectReports {
     /// unreachable (or a server's permissions drop the request: an executor user without
     /// `{p}.result.*`), and waiting that long for each report would stall every one of them.
     paused: Pause,
+    /// How long the next pause lasts: [`DIRECT_PAUSE_FIRST`], doubled by each pause up to
+    /// [`DIRECT_PAUSE_MAX`], and back to the first once a direct report is answered. One lost
+    /// reply (a NATS node killed under an append) costs a second of direct reports, not 30;
+    /// a path that stays dead (permissions) is soon left alone for the longest pause.
+    next_pause: Mutex<Duration>,
 }
 
 impl DirectReports {
@@ -941,6 +946,7 @@ impl DirectReports {
         DirectReports {
             path,
             paused: Pause::default(),
+            next_pause: Mutex::new(DIRECT_PAUSE_FIRST),
         }
     }
 
@@ -948,8 +954,28 @@ impl DirectReports {
         self.path == ReportPath::Direct && self.paused.on()
     }
 
-    fn pause(&self) {
-        self.paused.pause(DIRECT_PAUSE);
+    /// A direct report went unanswered: pauses the path, for longer than last time unless
+    /// a report was answered since. Reports sent before the pause that time out during it
+    /// are the same trouble, and add nothing. Returns the pause, if this started one.
+    fn timed_out(&self) -> Option<Duration> {
+        if !self.paused.on() {
+            return None;
+        }
+        let Ok(mut next) = self.next_pause.lock() else {
+            self.paused.pause(DIRECT_PAUSE_MAX);
+            return Some(DIRECT_PAUSE_MAX);
+        };
+        let pause = *next;
+        *next = (pause * 2).min(DIRECT_PAUSE_MAX);
+        self.paused.pause(pause);
+        Some(pause)
+    }
+
+    /// A direct report was answered: the next pause, if any, is the first again.
+    fn answered(&self) {
+        if let Ok(mut next) = self.next_pause.lock() {
+            *next = DIRECT_PAUSE_FIRST;
+        }
     }
 }
 
@@ -1024,7 +1050,10 @@ async fn ask(
 }
 
 /// How long reports go to the stream only after a direct report was not answered in time.
-const DIRECT_PAUSE: Duration = Duration::from_secs(30);
+/// The first pause of direct reports after one went unanswered ([`DirectReports`]).
+const DIRECT_PAUSE_FIRST: Duration = Duration::from_secs(1);
+/// The longest, reached after about a minute of direct reports unanswered.
+const DIRECT_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Sends a report: directly when the pool does and the planner answered in time lately, with
 /// the stream as the fallback; else to the stream.
@@ -1041,16 +1070,23 @@ async fn send_report(
     if path.on() {
         let (task, attempt) = (&report.event.task_id, report.event.attempt);
         match direct(route, session, &headers, body.clone()).await {
-            Direct::Done(next) => return next,
+            Direct::Done(next) => {
+                path.answered();
+                return next;
+            }
             Direct::Refused(error) => {
                 // The stream would refuse it the same way: nothing more to do with it.
                 tracing::warn!(session, task = %task, attempt, kind = %error.kind, error = %error.message, "report refused by the planner; dropped");
                 return None;
             }
-            Direct::TimedOut => {
-                tracing::warn!(session, task = %task, attempt, pause = ?DIRECT_PAUSE, "report not answered in time; publishing it and the next reports to the report stream");
-                path.pause();
-            }
+            Direct::TimedOut => match path.timed_out() {
+                Some(pause) => {
+                    tracing::warn!(session, task = %task, attempt, ?pause, "report not answered in time; publishing it and the next reports to the report stream");
+                }
+                None => {
+                    tracing::warn!(session, task = %task, attempt, "report not answered in time; publishing it to the report stream");
+                }
+            },
             Direct::Fallback(why) => {
                 tracing::debug!(session, task = %task, attempt, why, "report not taken directly; publishing it to the report stream");
             }
@@ -1127,6 +1163,32 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_reports_pause_longer_each_time_until_one_is_answered() {
+        let direct = DirectReports::new(ReportPath::Direct);
+        let secs = Duration::from_secs;
+        // A pause ended: as if its time had passed.
+        let pause_ends = || direct.paused.pause(Duration::ZERO);
+        assert!(direct.on());
+        assert_eq!(direct.timed_out(), Some(secs(1)));
+        assert!(!direct.on());
+        // Reports sent before the pause that time out during it are the same trouble.
+        assert_eq!(direct.timed_out(), None);
+        let mut pauses = Vec::new();
+        for _ in 0..6 {
+            pause_ends();
+            assert!(direct.on());
+            pauses.extend(direct.timed_out());
+        }
+        assert_eq!(pauses, [2, 4, 8, 16, 30, 30].map(secs));
+        // An answer: the next trouble is new, and paused for as short as the first.
+        direct.answered();
+        pause_ends();
+        assert_eq!(direct.timed_out(), Some(secs(1)));
+        // A pool that reports to the stream only never sends directly.
+        assert!(!DirectReports::new(ReportPath::Stream).on());
+    }
 
     #[test]
     fn a_dispatch_names_an_owner_only_with_a_valid_instance_name() {

@@ -44,8 +44,12 @@ Report = (
 MAX_REPORT_BYTES = 256 * 1024
 """The daemon's `limits.max_message_bytes`: a larger report is refused by the report stream."""
 
+DIRECT_PAUSE_FIRST = 1.0
+"""Seconds reports go to the stream only after a direct report got no reply in time: the
+first pause; each further one doubles, up to `DIRECT_PAUSE`, until a direct report is answered."""
+
 DIRECT_PAUSE = 30.0
-"""Seconds reports go to the stream only after a direct report got no reply in time."""
+"""The longest pause of direct reports."""
 
 ERROR_CHARS = 8000
 """Errors are cut to this many characters (the planner keeps even fewer: `error_char_limit`)."""
@@ -105,15 +109,32 @@ class DirectReports(Pause):
 
     After a direct report got no reply in time (an overloaded or unreachable planner, or an
     executor user whose permissions do not allow `planner.result.*`), the next reports go
-    to the stream without asking for `pause` seconds, instead of each waiting as long.
+    to the stream without asking for `pause` seconds, instead of each waiting as long. The
+    pause starts at `first` and doubles with each one, up to `longest`, until a direct report is
+    answered: one lost reply (a NATS node killed under an append) costs a second of direct
+    reports, a path that stays dead is soon left alone for the longest pause. Reports sent
+    before a pause that time out during it are the same trouble, and add nothing.
     """
 
-    def __init__(self, enabled: bool = True, pause: float = DIRECT_PAUSE) -> None:
-        super().__init__(pause)
+    def __init__(self, enabled: bool = True, first: float = DIRECT_PAUSE_FIRST,
+                 longest: float = DIRECT_PAUSE) -> None:
+        super().__init__(first)
         self.enabled = enabled
+        self.first = first
+        self.longest = longest
 
     def on(self) -> bool:
         return self.enabled and super().on()
+
+    def timed_out(self) -> None:
+        if not super().on():
+            return
+        super().timed_out()
+        self.pause = min(self.pause * 2, self.longest)
+
+    def answered(self) -> None:
+        """A direct report was answered: the next pause, if any, is the first again."""
+        self.pause = self.first
 
 
 async def send(
@@ -166,7 +187,7 @@ async def send_taking_next(
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             log.warning("report %s of %s/%s attempt %s not answered in %.1fs; publishing it (and "
                         "the next %.0fs of reports) to the report stream", status, session,
-                        task_id, attempt, timeout, direct.pause)
+                        task_id, attempt, timeout, direct.pause if direct.on() else 0)
             direct.timed_out()
         except nats.errors.Error as error:
             # No responders (no planner running), or the connection failed: the stream keeps it.
@@ -180,6 +201,7 @@ async def send_taking_next(
                             reply.data[:200])
             else:
                 if isinstance(answer, ReportReplyOk):
+                    direct.answered()
                     return True, answer.next
                 if isinstance(answer, ReportReplyRefused):
                     log.error("report %s of %s/%s attempt %s refused by the planner (%s: %s); "
