@@ -97,7 +97,9 @@ def test_direct_reports_pause_longer_each_time_until_one_is_answered() -> None:
     assert not direct.on()
     assert direct.pause == 0.2
     time.sleep(0.12)  # the second, 0.1 s, is over
+    assert direct.on()
     direct.timed_out()
+    assert not direct.on()
     assert direct.pause == 0.2  # the longest
     # An answer: the next trouble is new, and paused for as short as the first.
     direct.answered()

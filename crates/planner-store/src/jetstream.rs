@@ -158,6 +158,9 @@ pub struct JetStreamStore {
     /// This writer's id (see [`JetStreamConfig::writer_id`]).
     writer: String,
     positions: Mutex<Positions>,
+    /// The runtime the store was connected on: work an append leaves behind (an ended
+    /// session's marker drop) runs there, whoever polls the append.
+    runtime: tokio::runtime::Handle,
 }
 
 /// A writer id unlikely to repeat: std's per-process random hash keys, mixed with the clock.
@@ -177,8 +180,16 @@ fn random_writer_id() -> String {
 #[derive(Debug, Default)]
 struct Positions {
     latest: HashMap<String, (u64, u64)>,
+    /// The positions before the latest, newest first, at most [`EARLIER_POSITIONS`] per
+    /// stream: a snapshot saved after its session appended again (the daemon saves off the
+    /// session's lock) still finds where its version ends, instead of recording none and
+    /// making every load replay the whole subject.
+    earlier: HashMap<String, Vec<(u64, u64)>>,
     snapshot: HashMap<String, (u64, u64)>,
 }
+
+/// Positions kept per stream besides the latest (see [`Positions::earlier`]).
+const EARLIER_POSITIONS: usize = 3;
 
 impl std::fmt::Debug for JetStreamStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,6 +279,7 @@ impl JetStreamStore {
             snapshots,
             config,
             positions: Mutex::new(Positions::default()),
+            runtime: tokio::runtime::Handle::current(),
         };
         let complete = store
             .open
@@ -365,10 +377,17 @@ impl JetStreamStore {
         // it, so memory does not grow with every session ever touched.
         if positions.latest.len() >= MAX_CACHED_POSITIONS {
             positions.latest.clear();
+            positions.earlier.clear();
         }
-        positions
+        if let Some(previous) = positions
             .latest
-            .insert(stream.to_owned(), (version, sequence));
+            .insert(stream.to_owned(), (version, sequence))
+            .filter(|&(v, _)| v < version)
+        {
+            let earlier = positions.earlier.entry(stream.to_owned()).or_default();
+            earlier.insert(0, previous);
+            earlier.truncate(EARLIER_POSITIONS);
+        }
     }
 
     /// The session's current version and the stream sequence of its last message, read from
@@ -499,7 +518,7 @@ impl JetStreamStore {
             self.open_subject(stream),
             stream.to_owned(),
         );
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             if let Err(error) = drop_open_marker(&open, &subject, version).await {
                 tracing::warn!(stream, %error, "could not drop an ended session from the open index; recovery will");
             }
@@ -649,7 +668,11 @@ impl EventStore for JetStreamStore {
                 Ok(new_version)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                self.positions().latest.remove(stream);
+                {
+                    let mut positions = self.positions();
+                    positions.latest.remove(stream);
+                    positions.earlier.remove(stream);
+                }
                 // The server checks the sequence before the duplicate window, so a retry of an
                 // append that landed (its ack lost) arrives here: if the session's last message
                 // is this very batch, the append succeeded.
@@ -817,9 +840,14 @@ impl EventStore for JetStreamStore {
 
     async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
         check_stream(stream)?;
-        let sequence = match self.positions().latest.get(stream) {
-            Some(&(v, seq)) if v == snapshot.version => seq,
-            _ => 0,
+        let sequence = {
+            let positions = self.positions();
+            let latest = positions.latest.get(stream).into_iter();
+            let earlier = positions.earlier.get(stream).into_iter().flatten();
+            latest
+                .chain(earlier)
+                .find(|&&(v, _)| v == snapshot.version)
+                .map_or(0, |&(_, seq)| seq)
         };
         // "lz4 <stream sequence>\n" then the LZ4-compressed snapshot JSON: a large session's
         // state is many MiB of repetitive JSON, and compressing it cuts the transfer that

@@ -958,13 +958,15 @@ impl DirectReports {
     /// a report was answered since. Reports sent before the pause that time out during it
     /// are the same trouble, and add nothing. Returns the pause, if this started one.
     fn timed_out(&self) -> Option<Duration> {
-        if !self.paused.on() {
-            return None;
-        }
+        // Checked under the lock: two reports timing out together on two threads are one
+        // pause, not two.
         let Ok(mut next) = self.next_pause.lock() else {
             self.paused.pause(DIRECT_PAUSE_MAX);
             return Some(DIRECT_PAUSE_MAX);
         };
+        if !self.paused.on() {
+            return None;
+        }
         let pause = *next;
         *next = (pause * 2).min(DIRECT_PAUSE_MAX);
         self.paused.pause(pause);

@@ -373,7 +373,67 @@ async fn an_append_that_ends_a_plan_does_not_wait_for_its_open_marker_to_be_drop
         "the ending append took {took:?}: it waited for the marker's drop"
     );
     assert_eq!(store.load_all("slow-index").await.unwrap().len(), 2);
-    // The drop failed (its request timed out): the ended session stays listed, for recovery.
+    // The drop has not happened (its request waits for a reply that never comes, then fails):
+    // the ended session stays listed, for recovery to drop.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(store.list_open().await.unwrap(), ["slow-index"]);
+}
+
+/// A snapshot saved after its session appended again (the daemon saves off the session's lock)
+/// still records the stream sequence its version ends at, so a load replays only what follows
+/// it, rather than recording none and replaying the whole subject every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_saved_after_later_appends_records_where_its_version_ends() {
+    let server = NatsServer::start().unwrap();
+    let store = connect(&server).await;
+    let batches = crate::support::real_session();
+    let mut version = 0;
+    let mut live = planner_core::Planner::new();
+    let mut at_snapshot = None;
+    for (i, batch) in batches.iter().enumerate() {
+        version = store.append("late-snap", version, batch).await.unwrap();
+        for e in batch {
+            live.apply(e);
+        }
+        // The daemon's case: the session appends again before the save runs.
+        if i + 2 == batches.len() {
+            at_snapshot = Some(Snapshot::of(live.state()));
+        }
+    }
+    let at_snapshot = at_snapshot.unwrap();
+    assert!(
+        at_snapshot.version < version,
+        "later appends came after the snapshot's point"
+    );
+    store
+        .save_snapshot("late-snap", &at_snapshot)
+        .await
+        .unwrap();
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let bucket = js.get_object_store("planner_snapshots").await.unwrap();
+    let mut object = bucket.get("late-snap").await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+        .await
+        .unwrap();
+    let (sequence, saved) = planner_store::jetstream::decode_snapshot(&bytes).unwrap();
+    assert_eq!(saved.version, at_snapshot.version);
+    // The message the snapshot's version ends at: the last append but one.
+    let events = js.get_stream("PLANNER_EVENTS").await.unwrap();
+    let second = events
+        .get_raw_message(sequence)
+        .await
+        .expect("the recorded sequence names a message");
+    assert_eq!(
+        second
+            .headers
+            .get("Planner-Version")
+            .map(|v| v.as_str().to_owned()),
+        Some(at_snapshot.version.to_string())
+    );
+    // And a load from it is the live state.
+    let loaded = load_planner(&store, "late-snap").await.unwrap();
+    assert_eq!(loaded.state(), live.state());
 }

@@ -93,7 +93,6 @@ pub fn real_session() -> Vec<Vec<Event>> {
     batches
 }
 
-/// Single events that open or end a plan, for the index of unfinished sessions.
 /// `list_open` once it equals `expected`, or as it is after 5 s: a store may drop an ended
 /// session's marker after the append that ended it returned (the JetStream store does, in a
 /// task of its own), never before.
@@ -111,6 +110,7 @@ pub async fn open_streams_settled<S: planner_store::EventStore>(
     }
 }
 
+/// Single events that open or end a plan, for the index of unfinished sessions.
 pub mod lifecycle {
     use planner_core::*;
 

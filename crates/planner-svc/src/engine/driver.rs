@@ -298,12 +298,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // a few JetStream requests (every `snapshot.every` events, more for a
                     // large state), and neither this command's dispatches nor its reply
                     // need it. One that fails or is lost leaves the older snapshot, which a
-                    // load replays further from.
-                    let snapshot = self
-                        .config
-                        .snapshot
-                        .is_due(before, planner.version())
-                        .then(|| Snapshot::of(planner.state()));
+                    // load replays further from; one at a time per session.
+                    let saving = &state.snapshot_saving;
+                    let snapshot = (self.config.snapshot.is_due(before, planner.version())
+                        && !saving.swap(true, std::sync::atomic::Ordering::SeqCst))
+                    .then(|| (Snapshot::of(planner.state()), Arc::clone(saving)));
                     let mut confirmation = None;
                     if !outgoing.is_empty() {
                         let span = tracing::debug_span!("publish", session = %session, messages = outgoing.len());
@@ -325,12 +324,13 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // append, and an offered dispatch is confirmed only once an executor
                     // claimed it (a claim this instance may have to serve meanwhile).
                     drop(guard);
-                    if let Some(snapshot) = snapshot {
+                    if let Some((snapshot, saving)) = snapshot {
                         let (store, session) = (Arc::clone(&self.store), session.to_owned());
                         let saved = async move {
                             if let Err(error) = store.save_snapshot(&session, &snapshot).await {
                                 tracing::warn!(stream = %session, %error, "could not save a snapshot; will try at the next point");
                             }
+                            saving.store(false, std::sync::atomic::Ordering::SeqCst);
                         };
                         self.confirmations.spawn(saved.in_current_span());
                     }

@@ -52,6 +52,10 @@ pub(super) struct SlotState {
     /// attempt's dispatch), so there are at most as many as running tasks: a list, searched
     /// under the session's lock.
     pub(super) attempt_traces: Vec<(TaskId, u32, crate::trace::TraceParent)>,
+    /// A snapshot of the session is being saved (after its lock was released): a snapshot
+    /// point reached meanwhile is skipped, so saves of one session never overlap (a store
+    /// may write each through one temporary file, or replace the older object's chunks).
+    pub(super) snapshot_saving: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SlotState {

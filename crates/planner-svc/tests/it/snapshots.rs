@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use planner_core::{Command, Event, Timestamp};
+use planner_core::{CancelTarget, Command, Event, Timestamp};
 use planner_store::{EventStore, MemoryStore, Snapshot, SnapshotPolicy, StoreError};
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
@@ -90,6 +90,18 @@ async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
     assert!(sent.is_some());
     assert_eq!(store.saved.load(Ordering::SeqCst), 0);
     assert!(store.inner.load_snapshot("held").await.unwrap().is_none());
+    // The next command is answered too; its snapshot point is skipped while the first save
+    // runs (saves of one session never overlap).
+    let cancel = Command::Cancel {
+        target: CancelTarget::Plan,
+        reason: None,
+        now: Timestamp(2),
+    };
+    let cancelled = tokio::time::timeout(Duration::from_secs(5), engine.handle("held", cancel))
+        .await
+        .expect("the second command waited for the first one's snapshot")
+        .unwrap();
+    assert!(cancelled.version > handled.version);
 
     // Released, the save lands, and a stop waits for it like for any confirmation.
     release.send(true).unwrap();
@@ -100,4 +112,21 @@ async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
     assert_eq!(store.saved.load(Ordering::SeqCst), 1);
     let snapshot = store.inner.load_snapshot("held").await.unwrap().unwrap();
     assert_eq!(snapshot.version, handled.version);
+
+    // The next snapshot point saves again.
+    let follow_up = Command::Initialize {
+        request_id: None,
+        planning: None,
+        input: "1. fetch it again".into(),
+        attachments: vec![],
+        plan: None,
+        now: Timestamp(3),
+    };
+    let reopened = engine.handle("held", follow_up).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), engine.confirmations().wait())
+        .await
+        .expect("the second snapshot save never finished");
+    assert_eq!(store.saved.load(Ordering::SeqCst), 2);
+    let snapshot = store.inner.load_snapshot("held").await.unwrap().unwrap();
+    assert_eq!(snapshot.version, reopened.version);
 }
