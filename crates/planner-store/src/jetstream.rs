@@ -384,9 +384,17 @@ impl JetStreamStore {
             .insert(stream.to_owned(), (version, sequence))
             .filter(|&(v, _)| v < version)
         {
-            let earlier = positions.earlier.entry(stream.to_owned()).or_default();
-            earlier.insert(0, previous);
-            earlier.truncate(EARLIER_POSITIONS);
+            // Looked up first: an append is the hot path, and the key's copy is made once per
+            // stream, not once per append.
+            match positions.earlier.get_mut(stream) {
+                Some(earlier) => {
+                    earlier.insert(0, previous);
+                    earlier.truncate(EARLIER_POSITIONS);
+                }
+                None => {
+                    positions.earlier.insert(stream.to_owned(), vec![previous]);
+                }
+            }
         }
     }
 
