@@ -28,6 +28,7 @@ use crate::protocol::{
     CancelMessage, ClaimRequest, HeartbeatRequest, LeaseReply, NextRequest, NextTask, OfferReply,
     ReportMessage, ReportReply, Subjects, TaskMessage,
 };
+use crate::recent::Recent;
 use crate::sim::{SimBehaviour, SimExecutor};
 
 /// How long the dispatch stream waits for the pool's ack before delivering a message again.
@@ -39,15 +40,21 @@ const DELIVERY_ACK_WAIT: Duration = Duration::from_secs(10);
 /// [`DELIVERY_ACK_WAIT`].
 const WAITING_PROGRESS: Duration = Duration::from_secs(3);
 
-/// What a pool has run: (session, task, attempt) and the final report it sent.
-type RunAttempts = HashMap<(String, String, u32), ReportMessage>;
+/// What a pool has run: (session, task, attempt) and the final report it sent, for at least
+/// the latest [`REMEMBERED`] attempts (a repeat older than that is run again, which
+/// at-least-once executors tolerate; the planner refuses a claim for an attempt it has
+/// settled).
+type RunAttempts = Recent<(String, String, u32), ReportMessage>;
+
+/// How many of its latest attempts, and sessions' contexts, a pool remembers at least.
+const REMEMBERED: usize = 50_000;
 
 /// The attempts running in a pool, each with the token that stops it.
 type Running = Arc<Mutex<HashMap<(String, String, u32), CancellationToken>>>;
 
 /// The latest context this pool was handed per session, by reference: a claim names it, so
 /// the planner sends a large context once per change, not once per task.
-type Contexts = Arc<Mutex<HashMap<String, (String, DispatchContext)>>>;
+type Contexts = Arc<Mutex<Recent<String, (String, DispatchContext)>>>;
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -177,12 +184,9 @@ pub async fn run_pool(
         js,
         subjects,
         observer,
-        // What this pool has run: (session, task, attempt) -> its final report. Bounded:
-        // cleared when large (a repeat older than that is re-run, which at-least-once
-        // executors tolerate).
-        done: Arc::default(),
+        done: Arc::new(Mutex::new(Recent::new(REMEMBERED))),
         running,
-        contexts: Arc::default(),
+        contexts: Arc::new(Mutex::new(Recent::new(REMEMBERED))),
         direct: DirectReports::new(options.reports),
         addressing: Pause::default(),
         report_started: options.report_started,
@@ -610,12 +614,12 @@ impl Shared {
             task.assignment.task_id.0.clone(),
             task.assignment.attempt,
         );
-        if let Ok(mut done) = self.done.lock() {
-            if done.len() > 100_000 {
-                done.clear();
-            }
-            done.insert(key, report.clone());
-        }
+        let retired = self
+            .done
+            .lock()
+            .ok()
+            .and_then(|mut done| done.insert(key, report.clone()));
+        drop(retired);
         // The context named is kept here: another task of the session may replace the pool's
         // copy before the reply comes.
         let mut held = None;
@@ -779,13 +783,11 @@ fn hold_context(contexts: &Contexts, task: &mut TaskMessage) -> Option<String> {
 }
 
 fn remember_context(contexts: &Contexts, session: &str, context: &DispatchContext) {
-    if let Ok(mut contexts) = contexts.lock() {
-        // Bounded like `done`: past it, contexts are sent again.
-        if contexts.len() > 100_000 {
-            contexts.clear();
-        }
-        contexts.insert(session.to_owned(), (context.reference(), context.clone()));
-    }
+    // Bounded like `done`: a session's context forgotten is sent again.
+    let retired = contexts.lock().ok().and_then(|mut contexts| {
+        contexts.insert(session.to_owned(), (context.reference(), context.clone()))
+    });
+    drop(retired);
 }
 
 /// This pool's claim id for the attempt `key` (session, task, attempt): the same for every

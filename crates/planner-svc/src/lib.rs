@@ -44,6 +44,7 @@ pub mod ownership;
 pub mod partition;
 pub mod progress;
 pub mod protocol;
+pub mod recent;
 pub mod serve;
 pub mod sim;
 pub mod startup;
