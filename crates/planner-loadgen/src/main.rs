@@ -210,7 +210,8 @@ async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
 }
 
 /// The latencies in consecutive windows from the first: where in a run its tail lies (a ramp,
-/// a stall, or spread evenly).
+/// a stall, or spread evenly). Each window is `count p50/p99` in ms, or `0 -` when nothing
+/// arrived in it.
 fn by_window(timed: &[(Instant, u64)], window: Duration) -> String {
     let Some(start) = timed.iter().map(|(at, _)| *at).min() else {
         return "none".to_owned();
@@ -226,6 +227,10 @@ fn by_window(timed: &[(Instant, u64)], window: Duration) -> String {
     windows
         .iter_mut()
         .map(|w| {
+            // A window with no dispatch at all is a stall: said so, not printed as NaN.
+            if w.is_empty() {
+                return "0 -".to_owned();
+            }
             w.sort_unstable();
             format!(
                 "{} {:.1}/{:.1}",
@@ -870,4 +875,23 @@ async fn wait_for_offers(client: &async_nats::Client, subjects: &Subjects) -> an
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     bail!("the executor pool did not take offers within 10 s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_without_dispatches_reads_as_a_stall_not_a_number() {
+        let start = Instant::now();
+        let timed = [
+            (start, 1_000),
+            (start + Duration::from_millis(1_200), 3_000),
+        ];
+        assert_eq!(
+            by_window(&timed, Duration::from_millis(500)),
+            "1 1.0/1.0; 0 -; 1 3.0/3.0"
+        );
+        assert_eq!(by_window(&[], Duration::from_millis(500)), "none");
+    }
 }
