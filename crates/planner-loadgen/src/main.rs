@@ -560,14 +560,15 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let total = (args.sessions * args.tasks) as u64;
-    let plan = |_: usize| {
+    let plan = |s: usize| {
         let tasks: Vec<_> = (0..args.tasks)
             .map(|i| {
                 let deps: Vec<String> = if i == 0 { vec![] } else { vec![format!("t{}", i - 1)] };
                 json!({"id": format!("t{i}"), "description": format!("step {i}"), "kind": "tool_call", "target": "load", "dependencies": deps})
             })
             .collect();
-        json!({"type": "initialize", "input": "load test", "plan": {"tasks": tasks}})
+        // A request id makes a submit asked again after a timeout a retry, not a second plan.
+        json!({"type": "initialize", "request_id": format!("load-{s}"), "input": "load test", "plan": {"tasks": tasks}})
     };
     let server_pids = nats_server_pids();
     // Every instance's CPU together: what the deployment spent.
@@ -599,19 +600,34 @@ async fn main() -> anyhow::Result<()> {
         requests.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(start) + offset).await;
             // A refusal that may pass (the daemon at its request limit, its store failing, a
-            // lost race) applied nothing: asked again, as a client would, a few times.
+            // lost race) applied nothing, and a request that timed out or found no daemon
+            // (a cluster electing leaders, partitions moving) may not have been applied: asked
+            // again, as a client would, a few times. The plan's request id makes a repeat of
+            // one that was applied change nothing.
             let mut tries = 0u64;
             loop {
                 tries += 1;
-                let reply = client
+                match client
                     .request(format!("planner.cmd.load-{s}"), body.clone())
-                    .await?;
-                let passing = matches!(
-                    serde_json::from_slice(&reply.payload),
-                    Ok(CommandReply::Error(error)) if error.kind.may_pass()
-                );
-                if !passing || tries >= 60 {
-                    return Ok::<_, async_nats::RequestError>(reply);
+                    .await
+                {
+                    Ok(reply) => {
+                        let passing = matches!(
+                            serde_json::from_slice(&reply.payload),
+                            Ok(CommandReply::Error(error)) if error.kind.may_pass()
+                        );
+                        if !passing || tries >= 60 {
+                            return Ok::<_, async_nats::RequestError>(reply);
+                        }
+                    }
+                    Err(error)
+                        if tries < 60
+                            && matches!(
+                                error.kind(),
+                                async_nats::RequestErrorKind::TimedOut
+                                    | async_nats::RequestErrorKind::NoResponders
+                            ) => {}
+                    Err(error) => return Err(error),
                 }
                 // Spread by session, so that a thousand refused at once do not come back at once.
                 let spread = u64::try_from(s % 97).unwrap_or(0);
