@@ -637,7 +637,15 @@ impl EventStore for JetStreamStore {
                 limit,
             });
         }
-        let sequence = self.sequence_for(stream, expected_version).await?;
+        // A session started here (none of its positions known) expects an empty subject,
+        // which the server checks: no read first. One that exists makes the append conflict,
+        // as a read would have.
+        let unknown = !self.positions().latest.contains_key(stream);
+        let sequence = if expected_version == 0 && unknown {
+            0
+        } else {
+            self.sequence_for(stream, expected_version).await?
+        };
         let new_version = expected_version + events.len() as u64;
         let opens = planner_core::open_after(events);
         if opens == Some(true) {

@@ -49,6 +49,59 @@ async fn no_acknowledged_event_is_lost_when_the_server_is_killed_and_restarted()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_session_that_exists_conflicts_without_a_read_first() {
+    use futures::StreamExt as _;
+    let server = NatsServer::start().unwrap();
+    let first = connect_as(&server, "writer-1").await;
+    // Every read of a message the stores ask the server for, seen on the API's subjects.
+    let watcher = async_nats::connect(server.url()).await.unwrap();
+    let mut api = watcher.subscribe("$JS.API.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let batch = events(3, "a");
+    assert_eq!(first.append("taken", 0, &batch).await.unwrap(), 3);
+    let mut reads = Vec::new();
+    while let Ok(Some(request)) =
+        tokio::time::timeout(std::time::Duration::from_millis(300), api.next()).await
+    {
+        // `$JS.API.STREAM.MSG.GET.<stream>` and `$JS.API.DIRECT.GET.<stream>[.<subject>]`.
+        if request.subject.contains(".GET.") {
+            reads.push(request.subject.to_string());
+        }
+    }
+    assert!(
+        reads.is_empty(),
+        "creating a session read the store first: {reads:?}"
+    );
+    // Stores that never read the session: a new session's append sends the empty subject's
+    // sequence (0) without reading it first, and the server's check alone refuses it.
+    let unaware = connect_as(&server, "writer-2").await;
+    let err = unaware
+        .append("taken", 0, &events(1, "b"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 0,
+                actual: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The writer itself after a reconnect, sending its landed batch again: still recognised.
+    let retrying = connect_as(&server, "writer-1").await;
+    assert_eq!(retrying.append("taken", 0, &batch).await.unwrap(), 3);
+    assert_eq!(first.load_all("taken").await.unwrap(), batch);
+    // And once refused, the store knows where the session is: the next append goes on.
+    assert_eq!(
+        unaware.append("taken", 3, &events(1, "c")).await.unwrap(),
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_append_is_deduplicated_and_a_different_one_conflicts() {
     let server = NatsServer::start().unwrap();
     let first = connect_as(&server, "writer-1").await;

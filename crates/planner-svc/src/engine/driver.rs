@@ -137,10 +137,28 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         let planner = load_planner(self.store.as_ref(), session).await?;
         crate::metrics::session_loaded();
         if planner.version() == 0 {
-            // From its first event on, the settings a session started with are in its log.
-            return Ok(Planner::with_config(self.config.planner.clone()).unwrap_or_default());
+            return Ok(self.new_planner());
         }
         Ok(planner)
+    }
+
+    /// A new session's planner, with this instance's settings: from its first event on, the
+    /// settings a session started with are in its log.
+    fn new_planner(&self) -> Planner {
+        Planner::with_config(self.config.planner.clone()).unwrap_or_default()
+    }
+
+    /// Whether `command`, for a session not in memory, is taken to start a new session, with
+    /// no read of the store: a request (`initialize`) for a session this instance has not
+    /// seen end or quarantined. Almost every one starts a session, and the append proves it:
+    /// it expects the session's subject to be empty, so a session that exists after all (a
+    /// follow-up for one this instance evicted, or served by another) makes it conflict, and
+    /// the session is then loaded like any other. A load for every new session was two reads
+    /// of the store (its snapshot and its last message), most of what starting one cost.
+    fn presumed_new(&self, session: &str, command: &Command) -> bool {
+        matches!(command, Command::Initialize { .. })
+            && self.registry.ended_at(session).is_none()
+            && self.registry.quarantined_at(session).is_none()
     }
 
     /// Decide, persist, publish, arm: see the module docs.
@@ -154,12 +172,24 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
         chain: Option<&Chain>,
     ) -> Result<(Handled, Vec<Undeliverable>), EngineError> {
         let retries = self.config.conflict_retries;
-        for attempt in 0..=retries {
+        // Set while the planner is a presumed-new session's, until its append proves it.
+        let mut presumed_new = false;
+        // A presumed-new session that existed after all lost no race: it gets a round more.
+        let mut extra_round = false;
+        for attempt in 0..=retries.saturating_add(1) {
+            if attempt > retries && !extra_round {
+                break;
+            }
             let slot = self.slot(session);
             let mut guard = slot.state.lock().await;
             // Split borrows: the planner and the slot's other fields side by side.
             let state = &mut *guard;
+            if state.planner.is_none() && attempt == 0 && self.presumed_new(session, &command) {
+                state.planner = Some(self.new_planner());
+                presumed_new = true;
+            }
             if state.planner.is_none() {
+                presumed_new = false;
                 let loaded = self.load(session).await?;
                 // Loaded for this command, not by recovery: whether the attempts it has in
                 // flight were ever published is unknown (the instance that appended them may
@@ -198,6 +228,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     // dispatched, say): judge the command against the latest state, not ours.
                     if self.store.version(session).await? != before {
                         state.planner = None;
+                        extra_round |= presumed_new;
                         continue;
                     }
                     return Err(refused.into());
@@ -363,6 +394,12 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 Err(error) => {
                     // The planner applied events that are not in the store: drop it.
                     state.planner = None;
+                    if error.is_conflict() && presumed_new {
+                        // Not a race: the session existed; now it is loaded.
+                        tracing::debug!(%error, "a request for a session not in memory found it in the store; loading it");
+                        extra_round = true;
+                        continue;
+                    }
                     if error.is_conflict() {
                         self.stats
                             .conflicts

@@ -1,4 +1,5 @@
-//! Recovery's cost: it visits the store's index of unfinished sessions, not every session.
+//! What loading sessions costs: recovery visits the store's index of unfinished sessions, not
+//! every session, and a new session is started without reading the store.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -100,4 +101,66 @@ async fn recovery_reads_only_the_unfinished_sessions() {
         reads <= 10 * 4,
         "recovery read {reads} sessions' logs for 10 unfinished of 1,010"
     );
+}
+
+fn request(input: &str) -> Command {
+    Command::Initialize {
+        request_id: None,
+        planning: None,
+        input: input.into(),
+        attachments: vec![],
+        plan: None,
+        now: Timestamp(10),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_is_started_without_reading_the_store() {
+    let store = Arc::new(CountingStore::default());
+    let (publisher, _bus) = ChannelPublisher::new();
+    let (engine, _timers) = Engine::new(
+        Arc::clone(&store),
+        Arc::new(publisher),
+        EngineConfig::default(),
+    );
+    let handled = engine
+        .handle("brand-new", request("fetch the weather"))
+        .await
+        .unwrap();
+    assert!(handled.version > 0);
+    assert_eq!(store.reads.load(Ordering::SeqCst), 0, "the store was read");
+    assert_eq!(engine.stats().loads, 0);
+    assert_eq!(
+        store.inner.version("brand-new").await.unwrap(),
+        handled.version
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_stored_session_not_in_memory_is_its_follow_up() {
+    // No retries at all: finding the session in the store is not a lost race.
+    for end in [false, true] {
+        let store = Arc::new(CountingStore::default());
+        write_session(&store, "known", end).await;
+        let stored = store.inner.load_all("known").await.unwrap();
+        let (publisher, _bus) = ChannelPublisher::new();
+        let config = EngineConfig {
+            conflict_retries: 0,
+            ..EngineConfig::default()
+        };
+        let (engine, _timers) = Engine::new(Arc::clone(&store), Arc::new(publisher), config);
+        let handled = engine
+            .handle("known", request("and then summarize it"))
+            .await
+            .unwrap();
+        // Appended after the stored events, which are untouched: a follow-up, not a new plan.
+        let after = store.inner.load_all("known").await.unwrap();
+        assert_eq!(&after[..stored.len()], &stored[..], "ended: {end}");
+        assert_eq!(handled.version, after.len() as u64, "ended: {end}");
+        assert!(after.len() > stored.len(), "ended: {end}");
+        let folded = Planner::fold(&after);
+        assert_eq!(folded.state().requests.len(), 2, "ended: {end}");
+        let stats = engine.stats();
+        assert_eq!((stats.loads, stats.conflicts), (1, 0), "ended: {end}");
+    }
 }
