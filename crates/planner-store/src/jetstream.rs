@@ -48,7 +48,8 @@
 //! server refuses it (`WrongLastSequence`) and the append fails with [`StoreError::Conflict`].
 //! The sequence for a version is remembered after each append and load, and read from the
 //! subject's last message otherwise. A new session sends 0 ("the subject must be empty"), so two
-//! concurrent creates cannot both win.
+//! concurrent creates cannot both win; it reads nothing first, as the server's check is the
+//! read's answer.
 //!
 //! `Planner-Batch-Id` is `{session}:{expected version}:{crc32 of the batch}:{writer}`. A retried
 //! append whose first try landed (its ack lost) is refused by the sequence check; the store then
