@@ -185,6 +185,18 @@ impl PoolObserver for Observer {
     }
 }
 
+/// Whether any report consumer (one per partition, and the shared one) still has reports
+/// pending or unacknowledged.
+async fn reports_pending(js: &jetstream::Context) -> anyhow::Result<bool> {
+    let stream = js.get_stream("PLANNER_REPORTS").await?;
+    let mut consumers = stream.consumers();
+    let mut busy = false;
+    while let Some(info) = consumers.try_next().await? {
+        busy |= info.num_pending > 0 || info.num_ack_pending > 0;
+    }
+    Ok(busy)
+}
+
 /// Every daemon's answer on `planner.admin.ownership`, gathered for a quarter second.
 async fn ownership(client: &async_nats::Client) -> Vec<OwnershipReply> {
     let inbox = client.new_inbox();
@@ -381,6 +393,21 @@ async fn ceiling(client: &async_nats::Client, replicas: usize) -> anyhow::Result
 /// Messages written to each stream so far (its last sequence: work queues delete what they
 /// deliver, so the count of stored messages would not do), and whether it is on file.
 async fn stream_writes(js: &jetstream::Context) -> anyhow::Result<Vec<(String, u64, bool)>> {
+    // A cluster that lost a node may not answer every stream's info at once.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match stream_writes_once(js).await {
+            Err(error) if tries < 10 => {
+                eprintln!("loadgen: reading the streams' writes: {error}; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn stream_writes_once(js: &jetstream::Context) -> anyhow::Result<Vec<(String, u64, bool)>> {
     use futures::TryStreamExt as _;
     let mut names: Vec<String> = js.stream_names().try_collect().await?;
     names.sort();
@@ -672,15 +699,14 @@ async fn main() -> anyhow::Result<()> {
             progress.push(observer.tasks_done.load(Ordering::Relaxed));
         }
         if observer.tasks_done.load(Ordering::Relaxed) >= total {
-            // Every report consumer (one per partition, and the shared one) is empty.
-            let stream = js.get_stream("PLANNER_REPORTS").await?;
-            let mut consumers = stream.consumers();
-            let mut busy = false;
-            while let Some(info) = consumers.try_next().await? {
-                busy |= info.num_pending > 0 || info.num_ack_pending > 0;
-            }
-            if !busy {
-                break;
+            // Every report consumer (one per partition, and the shared one) is empty. A cluster
+            // electing a leader may not answer for a while: asked again, not given up.
+            match reports_pending(&js).await {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(error) => {
+                    eprintln!("loadgen: reading the report consumers: {error}; asking again")
+                }
             }
         }
         if Instant::now() > deadline {
