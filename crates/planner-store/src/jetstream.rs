@@ -349,7 +349,14 @@ impl JetStreamStore {
 
     /// Writes the marker saying `stream` may be unfinished, for a batch appended at `version`.
     async fn mark_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
-        let publish = PublishMessage::build().header(VERSION, version.to_string().as_str());
+        let mut publish = PublishMessage::build().header(VERSION, version.to_string().as_str());
+        if version == 0 {
+            // A session started here is appended without a read first, so it may exist after
+            // all (a follow-up for one not in memory): its marker, if it has one, is kept. A
+            // marker's version must never go down: a drop of the session's older end would
+            // purge a lowered one while the session is open again.
+            publish = publish.expected_last_subject_sequence(0);
+        }
         let ack = match self
             .context
             .send_publish(self.open_subject(stream), publish)
@@ -358,8 +365,11 @@ impl JetStreamStore {
             Ok(pending) => pending.await,
             Err(e) => Err(e),
         };
-        ack.map(|_| ())
-            .map_err(|e| nats("marking a session unfinished")(&e))
+        match ack {
+            Ok(_) => Ok(()),
+            Err(e) if version == 0 && e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) => Err(nats("marking a session unfinished")(&e)),
+        }
     }
 
     fn subject(&self, stream: &str) -> String {

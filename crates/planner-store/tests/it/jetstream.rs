@@ -102,6 +102,30 @@ async fn creating_a_session_that_exists_conflicts_without_a_read_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_started_again_elsewhere_keeps_its_open_marker() {
+    use crate::support::lifecycle;
+    let server = NatsServer::start().unwrap();
+    let store = connect_as(&server, "writer-1").await;
+    // Ended at 2, then reopened by a follow-up: its marker says 2.
+    store.append("s", 0, &[lifecycle::started()]).await.unwrap();
+    store.append("s", 1, &[lifecycle::completed()]).await.unwrap();
+    store.append("s", 2, &[lifecycle::planned()]).await.unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["s"]);
+    // An instance that does not hold the session takes a request for it to start it: the
+    // append is refused, and the session's marker must not have been lowered to 0 meanwhile.
+    let elsewhere = connect_as(&server, "writer-2").await;
+    let err = elsewhere
+        .append("s", 0, &[lifecycle::started()])
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    // A drop of the session's end at 2 (recovery's, or the one its ending append spawned)
+    // arriving now keeps the marker: the session is open again.
+    store.forget_open("s", 2).await.unwrap();
+    assert_eq!(store.list_open().await.unwrap(), ["s"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_append_is_deduplicated_and_a_different_one_conflicts() {
     let server = NatsServer::start().unwrap();
     let first = connect_as(&server, "writer-1").await;
