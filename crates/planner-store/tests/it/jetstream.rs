@@ -108,7 +108,10 @@ async fn a_session_started_again_elsewhere_keeps_its_open_marker() {
     let store = connect_as(&server, "writer-1").await;
     // Ended at 2, then reopened by a follow-up: its marker says 2.
     store.append("s", 0, &[lifecycle::started()]).await.unwrap();
-    store.append("s", 1, &[lifecycle::completed()]).await.unwrap();
+    store
+        .append("s", 1, &[lifecycle::completed()])
+        .await
+        .unwrap();
     store.append("s", 2, &[lifecycle::planned()]).await.unwrap();
     assert_eq!(store.list_open().await.unwrap(), ["s"]);
     // An instance that does not hold the session takes a request for it to start it: the

@@ -184,6 +184,10 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let mut guard = slot.state.lock().await;
             // Split borrows: the planner and the slot's other fields side by side.
             let state = &mut *guard;
+            if std::mem::take(&mut state.deciding) {
+                tracing::debug!("the session's last command was abandoned half way; reloading");
+                state.planner = None;
+            }
             if state.planner.is_none() && attempt == 0 && self.presumed_new(session, &command) {
                 state.planner = Some(self.new_planner());
                 presumed_new = true;
@@ -221,9 +225,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
             let before = planner.version();
             let observed = crate::metrics::Before::of(planner.state());
             let now = self.clock.now();
+            state.deciding = true;
             let mut events = match planner.process(stamp(command.clone(), now)) {
                 Ok(events) => events,
                 Err(refused) => {
+                    state.deciding = false;
                     // Another instance may have moved the session on (a report for a task it
                     // dispatched, say): judge the command against the latest state, not ours.
                     if self.store.version(session).await? != before {
@@ -254,6 +260,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 _ => (None, None),
             };
             if events.is_empty() {
+                state.deciding = false;
                 let handover = handed_over.and_then(|held| self.handover(session, planner, held));
                 let handled = Handled {
                     version: before,
@@ -347,6 +354,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                             }
                         }
                     }
+                    state.deciding = false;
                     self.arm(session, deadline);
                     // The bus's acknowledgements guard no order (the messages left in order
                     // above), so they are awaited without the session's lock: the session's
@@ -394,6 +402,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                 Err(error) => {
                     // The planner applied events that are not in the store: drop it.
                     state.planner = None;
+                    state.deciding = false;
                     if error.is_conflict() && presumed_new {
                         // Not a race: the session existed; now it is loaded.
                         tracing::debug!(%error, "a request for a session not in memory found it in the store; loading it");

@@ -43,6 +43,11 @@ pub(super) struct SlotState {
     pub(super) planner: Option<Planner>,
     /// A publish failed after its events were persisted: the outbox sweep re-publishes.
     pub(super) unpublished: bool,
+    /// Set from deciding a command until its append and publish returned. Found set, the
+    /// command was abandoned half way (its caller gave up: an HTTP request past its time
+    /// limit, a client gone), so the planner may hold events the store does not, or
+    /// dispatches never published: it is reloaded, and the load re-publishes.
+    pub(super) deciding: bool,
     /// The trace id this instance last stored with one of the session's appends: an append
     /// in the same trace stores none (see `Engine::drive`).
     pub(super) appended_trace: Option<[u8; 16]>,

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod abandoned;
 mod auth;
 mod cli;
 mod client;
@@ -12,6 +13,7 @@ mod daemon;
 mod deploy;
 mod handover;
 mod harness;
+mod held;
 mod http;
 mod llm;
 mod observability;

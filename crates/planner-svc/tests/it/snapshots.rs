@@ -1,68 +1,23 @@
 //! Snapshots are kept off a command's path: its events, dispatches and reply never wait for
 //! one to be saved.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use planner_core::{CancelTarget, Command, Event, Timestamp};
-use planner_store::{EventStore, MemoryStore, Snapshot, SnapshotPolicy, StoreError};
+use planner_core::{CancelTarget, Command, Timestamp};
+use planner_store::{EventStore, SnapshotPolicy};
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
-use tokio::sync::watch;
 
-/// A memory store whose snapshot saves wait until released: a save that takes long, or whose
-/// request was lost with a cluster node.
-struct HeldSnapshots {
-    inner: MemoryStore,
-    release: watch::Receiver<bool>,
-    saved: AtomicUsize,
-}
-
-impl EventStore for HeldSnapshots {
-    async fn append(
-        &self,
-        stream: &str,
-        expected: u64,
-        events: &[Event],
-    ) -> Result<u64, StoreError> {
-        self.inner.append(stream, expected, events).await
-    }
-    async fn load_from(&self, stream: &str, version: u64) -> Result<Vec<Event>, StoreError> {
-        self.inner.load_from(stream, version).await
-    }
-    async fn version(&self, stream: &str) -> Result<u64, StoreError> {
-        self.inner.version(stream).await
-    }
-    async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_streams().await
-    }
-    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_open().await
-    }
-    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
-        self.inner.forget_open(stream, version).await
-    }
-    async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let mut release = self.release.clone();
-        let _ = release.wait_for(|released| *released).await;
-        self.inner.save_snapshot(stream, snapshot).await?;
-        self.saved.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.inner.load_snapshot(stream).await
-    }
-}
+use crate::held::{Gate, HeldStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
-    let (release, held) = watch::channel(false);
-    let store = Arc::new(HeldSnapshots {
-        inner: MemoryStore::default(),
-        release: held,
-        saved: AtomicUsize::new(0),
-    });
+    // Snapshot saves wait until released: a save that takes long, or whose request was lost
+    // with a cluster node.
+    let (release, held) = Gate::closed();
+    let store = Arc::new(HeldStore::new(Gate::open(), held));
     let (publisher, mut bus) = ChannelPublisher::new();
     let config = EngineConfig {
         // Every append crosses a snapshot point.
