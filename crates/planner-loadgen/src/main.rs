@@ -130,8 +130,9 @@ impl Observer {
     /// the daemon's result → next dispatch tail (the dips at 0.9, 1.8 and 3.2 s of a half-load
     /// run, doubling like the tables).
     fn for_run(sessions: usize, tasks: usize) -> Self {
-        // Capped, so that a huge run does not reserve gigabytes before it starts.
-        let attempts = sessions.saturating_mul(tasks).min(1 << 22);
+        // Capped (about 250 MB of address space at the cap, touched only as used), so that a
+        // huge run does not reserve gigabytes before it starts.
+        let attempts = sessions.saturating_mul(tasks).min(1 << 20);
         Self {
             last_report: Mutex::new(HashMap::with_capacity(sessions)),
             latencies_us: Mutex::new(Vec::with_capacity(attempts)),
@@ -587,6 +588,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let total = (args.sessions * args.tasks) as u64;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_nanos());
     let plan = |s: usize| {
         let tasks: Vec<_> = (0..args.tasks)
             .map(|i| {
@@ -594,8 +598,10 @@ async fn main() -> anyhow::Result<()> {
                 json!({"id": format!("t{i}"), "description": format!("step {i}"), "kind": "tool_call", "target": "load", "dependencies": deps})
             })
             .collect();
-        // A request id makes a submit asked again after a timeout a retry, not a second plan.
-        json!({"type": "initialize", "request_id": format!("load-{s}"), "input": "load test", "plan": {"tasks": tasks}})
+        // A request id makes a submit asked again after a timeout a retry, not a second plan;
+        // one per run, so that a run against a server that kept an earlier run's sessions is
+        // not taken for a repeat of it.
+        json!({"type": "initialize", "request_id": format!("load-{s}-{run}"), "input": "load test", "plan": {"tasks": tasks}})
     };
     let server_pids = nats_server_pids();
     // Every instance's CPU together: what the deployment spent.

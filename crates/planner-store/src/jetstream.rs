@@ -708,7 +708,7 @@ impl EventStore for JetStreamStore {
                     .get_last_raw_message_by_subject(&self.subject(stream))
                     .await
                     .ok();
-                if let Some(last) = last {
+                if let Some(last) = &last {
                     let same = last.headers.get(BATCH_ID).is_some_and(|v| v.as_str() == id);
                     if same {
                         self.remember(stream, new_version, last.sequence);
@@ -716,7 +716,19 @@ impl EventStore for JetStreamStore {
                         return Ok(new_version);
                     }
                 }
-                let (actual, _) = self.read_position(stream).await?;
+                // The message just read says where the session is: read again only without it.
+                let known = last.as_ref().and_then(|last| {
+                    let version = last
+                        .headers
+                        .get(VERSION)
+                        .and_then(|v| v.as_str().parse::<u64>().ok())?;
+                    self.remember(stream, version, last.sequence);
+                    Some(version)
+                });
+                let actual = match known {
+                    Some(version) => version,
+                    None => self.read_position(stream).await?.0,
+                };
                 Err(StoreError::Conflict {
                     stream: stream.to_owned(),
                     expected: expected_version,

@@ -7,7 +7,7 @@
 //! report with the lease, sent directly to the planner (a request answered once the report is
 //! applied) and, when that gets no `ok` or `refused`, through JetStream (retried until
 //! acknowledged); and no second run of a (session, task, attempt) it has already run (a
-//! redelivery gets the same report again). A
+//! redelivery gets the same report again; the pool remembers at least its latest 50,000). A
 //! cancellation stops a running attempt at once by its message on `{p}.cancel.<session>.<task>`
 //! (one wildcard subscription per pool), and within a heartbeat if that message is lost.
 
@@ -619,7 +619,7 @@ impl Shared {
             .lock()
             .ok()
             .and_then(|mut done| done.insert(key, report.clone()));
-        drop(retired);
+        retire(retired);
         // The context named is kept here: another task of the session may replace the pool's
         // copy before the reply comes.
         let mut held = None;
@@ -787,7 +787,15 @@ fn remember_context(contexts: &Contexts, session: &str, context: &DispatchContex
     let retired = contexts.lock().ok().and_then(|mut contexts| {
         contexts.insert(session.to_owned(), (context.reference(), context.clone()))
     });
-    drop(retired);
+    retire(retired);
+}
+
+/// Frees a generation a [`Recent`] retired (50,000 entries) on the blocking pool: on a
+/// runtime worker it would hold up the attempts that worker serves.
+fn retire<K: Send + 'static, V: Send + 'static>(retired: Option<HashMap<K, V>>) {
+    if let Some(retired) = retired {
+        tokio::task::spawn_blocking(move || drop(retired));
+    }
 }
 
 /// This pool's claim id for the attempt `key` (session, task, attempt): the same for every

@@ -3,7 +3,7 @@
 //! A pool remembers each attempt it ran, to answer a redelivery with the same report. A
 //! `HashMap` grown on demand rehashes every entry at each doubling, under the pool's lock: at
 //! 28,672 entries that pause was long enough to show as the tail of a half-load run. Cleared
-//! when full, it also forgot the attempt it had just run. Here entries live in two
+//! when full, it forgot every attempt but the one it had just run. Here entries live in two
 //! generations, each allocated once at its full size: when the current one is full it becomes
 //! the previous one, and the previous one is handed back to be dropped outside the lock. So
 //! the newest `generation` entries are always remembered, at most twice that are held, and an

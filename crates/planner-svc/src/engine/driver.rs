@@ -150,7 +150,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
 
     /// Whether `command`, for a session not in memory, is taken to start a new session, with
     /// no read of the store: a request (`initialize`) for a session this instance has not
-    /// seen end or quarantined. Almost every one starts a session, and the append proves it:
+    /// recorded as ended (recovery records those) or quarantined. Almost every one starts a session, and the append proves it:
     /// it expects the session's subject to be empty, so a session that exists after all (a
     /// follow-up for one this instance evicted, or served by another) makes it conflict, and
     /// the session is then loaded like any other. A load for every new session was two reads
