@@ -5,23 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use planner_core::{Command, Planner, PlannerConfig, Timestamp};
+use planner_core::{Planner, PlannerConfig};
 use planner_store::EventStore;
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
 
-use crate::held::{Gate, HeldStore};
-
-fn request(input: &str) -> Command {
-    Command::Initialize {
-        request_id: None,
-        planning: None,
-        input: input.into(),
-        attachments: vec![],
-        plan: None,
-        now: Timestamp(10),
-    }
-}
+use crate::engine_support::{request, Gate, HeldStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_abandoned_during_its_append_leaves_no_planner_ahead_of_the_store() {

@@ -1,57 +1,18 @@
 //! What loading sessions costs: recovery visits the store's index of unfinished sessions, not
 //! every session, and a new session is started without reading the store.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use planner_core::{CancelTarget, Command, Event, Planner, PlannerConfig, Timestamp};
-use planner_store::{EventStore, MemoryStore, Snapshot, StoreError};
+use planner_core::{CancelTarget, Command, Planner, PlannerConfig, Timestamp};
+use planner_store::EventStore;
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
 
-/// A memory store that counts the sessions read (loads and snapshot reads).
-#[derive(Default)]
-struct CountingStore {
-    inner: MemoryStore,
-    reads: AtomicUsize,
-}
-
-impl EventStore for CountingStore {
-    async fn append(
-        &self,
-        stream: &str,
-        expected: u64,
-        events: &[Event],
-    ) -> Result<u64, StoreError> {
-        self.inner.append(stream, expected, events).await
-    }
-    async fn load_from(&self, stream: &str, version: u64) -> Result<Vec<Event>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load_from(stream, version).await
-    }
-    async fn version(&self, stream: &str) -> Result<u64, StoreError> {
-        self.inner.version(stream).await
-    }
-    async fn list_streams(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_streams().await
-    }
-    async fn list_open(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.list_open().await
-    }
-    async fn forget_open(&self, stream: &str, version: u64) -> Result<(), StoreError> {
-        self.inner.forget_open(stream, version).await
-    }
-    async fn save_snapshot(&self, stream: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
-        self.inner.save_snapshot(stream, snapshot).await
-    }
-    async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load_snapshot(stream).await
-    }
-}
+use crate::engine_support::{request, HeldStore};
 
 /// Appends a session started from a one-task plan, and cancels it when `end`.
-async fn write_session(store: &CountingStore, session: &str, end: bool) {
+async fn write_session(store: &HeldStore, session: &str, end: bool) {
     let mut planner = Planner::with_config(PlannerConfig::default()).unwrap();
     let started = planner
         .process(Command::Initialize {
@@ -79,7 +40,7 @@ async fn write_session(store: &CountingStore, session: &str, end: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_reads_only_the_unfinished_sessions() {
-    let store = Arc::new(CountingStore::default());
+    let store = Arc::new(HeldStore::open());
     for i in 0..1_000 {
         write_session(&store, &format!("ended{i}"), true).await;
     }
@@ -103,20 +64,9 @@ async fn recovery_reads_only_the_unfinished_sessions() {
     );
 }
 
-fn request(input: &str) -> Command {
-    Command::Initialize {
-        request_id: None,
-        planning: None,
-        input: input.into(),
-        attachments: vec![],
-        plan: None,
-        now: Timestamp(10),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_session_is_started_without_reading_the_store() {
-    let store = Arc::new(CountingStore::default());
+    let store = Arc::new(HeldStore::open());
     let (publisher, _bus) = ChannelPublisher::new();
     let (engine, _timers) = Engine::new(
         Arc::clone(&store),
@@ -140,7 +90,7 @@ async fn a_new_session_is_started_without_reading_the_store() {
 async fn a_request_for_a_stored_session_not_in_memory_is_its_follow_up() {
     // No retries at all: finding the session in the store is not a lost race.
     for end in [false, true] {
-        let store = Arc::new(CountingStore::default());
+        let store = Arc::new(HeldStore::open());
         write_session(&store, "known", end).await;
         let stored = store.inner.load_all("known").await.unwrap();
         let (publisher, _bus) = ChannelPublisher::new();

@@ -10,7 +10,7 @@ use planner_store::{EventStore, SnapshotPolicy};
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
 
-use crate::held::{Gate, HeldStore};
+use crate::engine_support::{Gate, HeldStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {

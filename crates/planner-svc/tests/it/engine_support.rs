@@ -1,12 +1,24 @@
-//! A memory store whose appends and snapshot saves can be held until released, for the engine
-//! tests that need a slow or lost store request: one wrapper, so each test names only the gate
-//! it closes.
+//! What the tests that drive the engine directly share: a memory store that counts the
+//! sessions it reads and can hold appends or snapshot saves until released (a slow or lost
+//! store request), so each test names only what it watches; and a user's request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use planner_core::Event;
+use planner_core::{Command, Event, Timestamp};
 use planner_store::{EventStore, MemoryStore, Snapshot, StoreError};
 use tokio::sync::watch;
+
+/// A user's request (`initialize`) with the rule parser's plan.
+pub fn request(input: &str) -> Command {
+    Command::Initialize {
+        request_id: None,
+        planning: None,
+        input: input.into(),
+        attachments: vec![],
+        plan: None,
+        now: Timestamp(10),
+    }
+}
 
 /// A gate: closed until `open` is sent `true`.
 pub struct Gate(watch::Receiver<bool>);
@@ -37,6 +49,8 @@ pub struct HeldStore {
     pub snapshots: Gate,
     /// Snapshots saved.
     pub saved: AtomicUsize,
+    /// Sessions read: loads and snapshot reads.
+    pub reads: AtomicUsize,
 }
 
 impl HeldStore {
@@ -46,7 +60,13 @@ impl HeldStore {
             appends,
             snapshots,
             saved: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
         }
+    }
+
+    /// A store that holds nothing: it only counts.
+    pub fn open() -> HeldStore {
+        HeldStore::new(Gate::open(), Gate::open())
     }
 }
 
@@ -61,6 +81,7 @@ impl EventStore for HeldStore {
         self.inner.append(stream, expected, events).await
     }
     async fn load_from(&self, stream: &str, version: u64) -> Result<Vec<Event>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.load_from(stream, version).await
     }
     async fn version(&self, stream: &str) -> Result<u64, StoreError> {
@@ -82,6 +103,7 @@ impl EventStore for HeldStore {
         Ok(())
     }
     async fn load_snapshot(&self, stream: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.load_snapshot(stream).await
     }
 }
