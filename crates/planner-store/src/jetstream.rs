@@ -441,6 +441,19 @@ impl JetStreamStore {
         }
     }
 
+    /// The stream sequence an append of events at `version` sends: the remembered one, or 0
+    /// for a session started here whose position is unknown. That one expects an empty
+    /// subject, which the server checks, so nothing is read first; a session that exists
+    /// makes the append conflict, as a read would have.
+    async fn append_sequence(&self, stream: &str, version: u64) -> Result<u64, StoreError> {
+        let remembered = self.positions().latest.get(stream).copied();
+        match remembered {
+            Some((v, sequence)) if v == version => Ok(sequence),
+            None if version == 0 => Ok(0),
+            _ => self.sequence_for(stream, version).await,
+        }
+    }
+
     /// The stream sequence to expect when appending at `version`, or a conflict.
     async fn sequence_for(&self, stream: &str, version: u64) -> Result<u64, StoreError> {
         if let Some(&(v, seq)) = self.positions().latest.get(stream) {
@@ -648,15 +661,7 @@ impl EventStore for JetStreamStore {
                 limit,
             });
         }
-        // A session started here (none of its positions known) expects an empty subject,
-        // which the server checks: no read first. One that exists makes the append conflict,
-        // as a read would have.
-        let unknown = !self.positions().latest.contains_key(stream);
-        let sequence = if expected_version == 0 && unknown {
-            0
-        } else {
-            self.sequence_for(stream, expected_version).await?
-        };
+        let sequence = self.append_sequence(stream, expected_version).await?;
         let new_version = expected_version + events.len() as u64;
         let opens = planner_core::open_after(events);
         if opens == Some(true) {

@@ -26,5 +26,5 @@ pub use contract::{
 };
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
 pub use jetstream::{JetStreamConfig, JetStreamStore};
-pub use loader::{load_planner, SnapshotPolicy};
+pub use loader::{load_planner, save_snapshot_logged, SnapshotPolicy};
 pub use memory::MemoryStore;

@@ -67,14 +67,16 @@ impl SnapshotPolicy {
         before: u64,
         planner: &Planner,
     ) {
-        if !self.is_due(before, planner.version()) {
-            return;
+        if self.is_due(before, planner.version()) {
+            save_snapshot_logged(store, stream, &Snapshot::of(planner.state())).await;
         }
-        if let Err(error) = store
-            .save_snapshot(stream, &Snapshot::of(planner.state()))
-            .await
-        {
-            tracing::warn!(stream, %error, "could not save a snapshot; will try at the next point");
-        }
+    }
+}
+
+/// Saves `snapshot`, logging a failure rather than returning it: the events are already safe,
+/// and the next snapshot point tries again.
+pub async fn save_snapshot_logged<S: EventStore>(store: &S, stream: &str, snapshot: &Snapshot) {
+    if let Err(error) = store.save_snapshot(stream, snapshot).await {
+        tracing::warn!(stream, %error, "could not save a snapshot; will try at the next point");
     }
 }

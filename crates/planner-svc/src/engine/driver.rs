@@ -13,7 +13,9 @@
 use std::sync::Arc;
 
 use planner_core::{Command, NodeKind, Planner, PlannerCmd, Timestamp};
-use planner_store::{load_planner, AppendMeta, EventStore, Snapshot, StoreError};
+use planner_store::{
+    load_planner, save_snapshot_logged, AppendMeta, EventStore, Snapshot, StoreError,
+};
 use tracing::Instrument as _;
 
 use super::render::{deliverable, outgoing, Undeliverable};
@@ -150,11 +152,11 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
 
     /// Whether `command`, for a session not in memory, is taken to start a new session, with
     /// no read of the store: a request (`initialize`) for a session this instance has not
-    /// recorded as ended (recovery records those) or quarantined. Almost every one starts a session, and the append proves it:
-    /// it expects the session's subject to be empty, so a session that exists after all (a
-    /// follow-up for one this instance evicted, or served by another) makes it conflict, and
-    /// the session is then loaded like any other. A load for every new session was two reads
-    /// of the store (its snapshot and its last message), most of what starting one cost.
+    /// recorded as ended (recovery records those) or quarantined. Almost every one starts a
+    /// session, and the append proves it: it expects the session's subject to be empty, so a
+    /// session that exists after all (a follow-up for one this instance evicted, or served by
+    /// another) makes it conflict, and the session is then loaded like any other. A load for
+    /// every new session was two reads of the store (its snapshot and its last message).
     fn presumed_new(&self, session: &str, command: &Command) -> bool {
         matches!(command, Command::Initialize { .. })
             && self.registry.ended_at(session).is_none()
@@ -366,9 +368,7 @@ impl<S: EventStore, P: Publisher> Engine<S, P> {
                     if let Some((snapshot, saving)) = snapshot {
                         let (store, session) = (Arc::clone(&self.store), session.to_owned());
                         let saved = async move {
-                            if let Err(error) = store.save_snapshot(&session, &snapshot).await {
-                                tracing::warn!(stream = %session, %error, "could not save a snapshot; will try at the next point");
-                            }
+                            save_snapshot_logged(store.as_ref(), &session, &snapshot).await;
                             saving.store(false, std::sync::atomic::Ordering::SeqCst);
                         };
                         self.confirmations.spawn(saved.in_current_span());

@@ -10,7 +10,7 @@ use planner_store::{EventStore, SnapshotPolicy};
 use planner_svc::bus::ChannelPublisher;
 use planner_svc::engine::{Engine, EngineConfig};
 
-use crate::engine_support::{Gate, HeldStore};
+use crate::engine_support::{request, Gate, HeldStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
@@ -25,14 +25,7 @@ async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
         ..EngineConfig::default()
     };
     let (engine, _timers) = Engine::new(Arc::clone(&store), Arc::new(publisher), config);
-    let initialize = Command::Initialize {
-        request_id: None,
-        planning: None,
-        input: "1. fetch the weather\n2. summarize it".into(),
-        attachments: vec![],
-        plan: None,
-        now: Timestamp(1),
-    };
+    let initialize = request("1. fetch the weather\n2. summarize it");
     let handled = tokio::time::timeout(Duration::from_secs(5), engine.handle("held", initialize))
         .await
         .expect("the command waited for its snapshot to be saved")
@@ -69,14 +62,7 @@ async fn a_command_is_answered_while_its_snapshot_is_still_being_saved() {
     assert_eq!(snapshot.version, handled.version);
 
     // The next snapshot point saves again.
-    let follow_up = Command::Initialize {
-        request_id: None,
-        planning: None,
-        input: "1. fetch it again".into(),
-        attachments: vec![],
-        plan: None,
-        now: Timestamp(3),
-    };
+    let follow_up = request("1. fetch it again");
     let reopened = engine.handle("held", follow_up).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), engine.confirmations().wait())
         .await
